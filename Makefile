@@ -52,10 +52,21 @@ test: setup ## the test suite, against the real control plane and a local S3 (wh
 test-gpu: setup ## the checks that need a CUDA GPU
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
 
-demo: cluster-up ## the main job: bring the cluster up and show the simulated GPU nodegroup
-	@$(BIN)/kubectl get nodes -L eks.amazonaws.com/nodegroup,node.kubernetes.io/instance-type \
+demo: cluster-up ## the main job: the simulated GPU nodegroup, then an AlpacaFineTune run end to end by the operator
+	@$(BIN)/kubectl get nodes \
 	  -o custom-columns='NAME:.metadata.name,NODEGROUP:.metadata.labels.eks\.amazonaws\.com/nodegroup,INSTANCE:.metadata.labels.node\.kubernetes\.io/instance-type,GPU:.status.allocatable.nvidia\.com/gpu,EFA:.status.allocatable.vpc\.amazonaws\.com/efa,TAINTS:.spec.taints[*].key'
+	@echo
+	@hack/demo.sh
 	@echo; echo "export KUBECONFIG=$(KUBECONFIG)"
+
+run-operator: setup ## run the operator locally against $$KUBECONFIG (kopf, standalone)
+	$(PY) -m alpaca_operator --verbose
+
+bench-operator: setup ## N = 100 and 500 AlpacaFineTunes at once on their own simulated nodegroup; writes docs/benchmarks.md
+	$(PY) bench/operator_bench.py --runs 100 --runs 500 --write-docs
+
+bench-train: setup ## our training script against Stanford Alpaca's, on CPU; writes docs/benchmarks.md
+	$(PY) bench/bench_train.py --write-docs
 
 lock: ## re-pin requirements.lock from requirements.in
 	$(UV) pip compile --python $(PY) requirements.in -o requirements.lock

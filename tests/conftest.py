@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+# The training-image tests' fixtures (tiny model, training environment).
+pytest_plugins = ["fixtures_train"]
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".bin"
 VENV_BIN = Path(sys.executable).parent

@@ -1,0 +1,396 @@
+#!/usr/bin/env python3
+"""Operator benchmark (make bench-operator): N AlpacaFineTunes applied at once.
+
+Brings up its own control plane (hack/cluster.py, in .cache/bench-cluster on its own
+port, so it never touches the test cluster) with one simulated p4d node per run, starts
+the operator as a subprocess, creates N runs from a thread pool as fast as the API server
+takes them, and reports:
+
+- apply -> all of the run's pods Running: p50 / p95 / max, and the last one relative to
+  the last apply (target: 500 runs all Running within 60 s of the last apply);
+- first apply -> every run Succeeded (pods run `--run-for` seconds, kwok's clock);
+- the operator's peak RSS (target < 200 MiB) and CPU seconds (from /proc);
+- the operator's own API requests per run (its client counts them; kopf's few watch
+  streams come on top).
+
+Each run is one pod of one GPU by default, packed eight to a simulated p4d node (63 nodes
+for 500 runs): kwok renews a Lease per node, and 500 simulated nodes on a 2-core machine
+load the API server more than the operator does. `--full-nodes N` adds a round of N runs of
+one whole 8-GPU node each (N nodes), the realistic shape.
+
+    python bench/operator_bench.py --runs 100 --runs 500 [--full-nodes 500] [--write-docs]
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime as dt
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("hack_cluster", ROOT / "hack" / "cluster.py")
+hack_cluster = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(hack_cluster)
+
+NAMESPACE = "bench"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def finetune(i: int, run_for: str, nodes: int, gpus: int) -> dict:
+    return {
+        "apiVersion": "alpaca.dev/v1alpha1", "kind": "AlpacaFineTune",
+        "metadata": {"name": f"bench-{i:04d}", "namespace": NAMESPACE},
+        "spec": {
+            "model": {"uri": "s3://alpaca-bench/models/llama-7b/"},
+            "data": {"uri": "s3://alpaca-bench/data/alpaca_data.json"},
+            "output": {"uri": f"s3://alpaca-bench/runs/bench-{i:04d}/"},
+            "resources": {"nodes": nodes, "gpusPerNode": gpus, "instanceType": "p4d.24xlarge"},
+            "podMetadata": {"annotations": {"kwok.alpaca.dev/complete-after": run_for}},
+        },
+    }
+
+
+class Proc:
+    """/proc readings of the operator process."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def rss(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def hwm(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK   # utime + stime
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak_rss = max(self.peak_rss, self.rss())
+            except (FileNotFoundError, ProcessLookupError):
+                return
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+
+class Observer:
+    """Watches jobs, pods and runs in the namespace through `kubectl get --watch` (cheap Go
+    decoding, so the observer does not steal the operator's CPU), and records when each
+    run's Job appeared, when all its pods ran, and when it finished."""
+
+    def __init__(self, env: dict, nodes: int):
+        self.nodes = nodes
+        self._stopped = threading.Event()
+        self.job_seen: dict[str, float] = {}
+        self.running_pods: dict[str, set[str]] = {}
+        self.all_running: dict[str, float] = {}
+        self.succeeded: dict[str, float] = {}
+        self.failed: dict[str, float] = {}
+        label = "{.metadata.labels.alpaca\\.dev/finetune}"
+        self.procs = [
+            self._watch(env, "jobs", "{.metadata.name} " + label + "{'\\n'}", self._job),
+            self._watch(env, "pods", "{.metadata.name} " + label + " {.status.phase}{'\\n'}", self._pod),
+            self._watch(env, "alpacafinetunes", "{.metadata.name} {.status.phase}{'\\n'}", self._run),
+        ]
+
+    def _watch(self, env, kind, template, handle):
+        """kubectl's watch ends when the server closes it; start it again (the new initial
+        listing repeats what is known, which setdefault ignores)."""
+        holder = {}
+
+        def read():
+            while not self._stopped.is_set():
+                proc = holder["proc"] = subprocess.Popen(
+                    [str(ROOT / ".bin" / "kubectl"), "get", kind, "-n", NAMESPACE, "--watch",
+                     "-o", f"jsonpath={template}"], env=env, stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL, text=True)
+                for line in proc.stdout:
+                    parts = line.split()
+                    if parts:
+                        handle(time.monotonic(), *parts)
+                proc.wait()
+        threading.Thread(target=read, daemon=True).start()
+        return holder
+
+    def _job(self, now, name, run=None, *_):
+        if run:
+            self.job_seen.setdefault(run, now)
+
+    def _pod(self, now, name, run=None, phase=None, *_):
+        if run and phase == "Running":
+            pods = self.running_pods.setdefault(run, set())
+            pods.add(name)
+            if len(pods) >= self.nodes:
+                self.all_running.setdefault(run, now)
+
+    def _run(self, now, name, phase=None, *_):
+        if phase == "Succeeded":
+            self.succeeded.setdefault(name, now)
+        elif phase == "Failed":
+            self.failed.setdefault(name, now)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        for holder in self.procs:
+            if "proc" in holder:
+                holder["proc"].terminate()
+                holder["proc"].wait(5)
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    k = (len(values) - 1) * p
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def bench(n: int, gpus: int, args) -> dict:
+    from kubernetes import client, config
+
+    directory = ROOT / ".cache" / "bench-cluster"
+    cluster = hack_cluster.Cluster(directory, args.port)
+    # Enough 8-GPU nodes for every pod at once (pods pack when --gpus < 8).
+    gpu_nodes = -(-n * args.nodes // (8 // gpus))
+    log(f"control plane with {gpu_nodes} GPU nodes in {directory}")
+    t0 = time.monotonic()
+    cluster.down()
+    cluster.up(gpu_nodes=gpu_nodes, system_nodes=2)
+    log(f"  up in {time.monotonic() - t0:.0f}s")
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+    op_log = directory / f"operator-{n}.log"
+    stats = directory / f"operator-{n}.stats.json"
+    op = None
+    try:
+        cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "manifests" / "crd"))
+        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/alpacafinetunes.alpaca.dev")
+        cluster.kubectl("create", "namespace", NAMESPACE)
+        api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+        api.configuration.connection_pool_maxsize = args.parallel + 4
+        observer = Observer(env, args.nodes)
+        time.sleep(1)
+
+        with open(op_log, "wb") as out:
+            op = subprocess.Popen([sys.executable, "-m", "alpaca_operator", "--liveness",
+                                   f"http://127.0.0.1:{args.port + 10}/healthz"],
+                                  env={**env, "ALPACA_OPERATOR_STATS": str(stats)}, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+        _wait_healthy(args.port + 10, op)
+        proc = Proc(op.pid)
+        cpu_before = proc.cpu_seconds()
+        plane = {name: Proc(pid) for name, pid in cluster.running().items() if pid}
+        plane_before = {name: p.cpu_seconds() for name, p in plane.items()}
+        time.sleep(2)
+
+        custom = client.CustomObjectsApi(api)
+        docs = [finetune(i, args.run_for, args.nodes, gpus) for i in range(n)]
+        applied: dict[str, float] = {}
+
+        def create(doc):
+            custom.create_namespaced_custom_object("alpaca.dev", "v1alpha1", NAMESPACE, "alpacafinetunes", doc)
+            applied[doc["metadata"]["name"]] = time.monotonic()
+
+        log(f"creating {n} runs ({args.nodes} pod(s) x {gpus} GPUs each, running {args.run_for})")
+        first = time.monotonic()
+        with cf.ThreadPoolExecutor(args.parallel) as pool:
+            list(pool.map(create, docs))
+        last_apply = max(applied.values())
+        log(f"  created in {last_apply - first:.1f}s")
+
+        deadline = time.monotonic() + args.timeout
+        while len(observer.succeeded) + len(observer.failed) < n and time.monotonic() < deadline:
+            time.sleep(0.5)
+        done = time.monotonic()
+        cpu = proc.cpu_seconds() - cpu_before
+        plane_cpu = {name: round(p.cpu_seconds() - plane_before[name], 1) for name, p in plane.items()}
+        for p in plane.values():
+            p.stop()
+        peak = max(proc.peak_rss, proc.hwm())
+        proc.stop()
+        observer.stop()
+        counted = json.loads(stats.read_text()) if stats.exists() else {}
+
+        latencies = [observer.all_running[k] - applied[k] for k in applied if k in observer.all_running]
+        to_job = [observer.job_seen[k] - applied[k] for k in applied if k in observer.job_seen]
+        missing = n - len(latencies)
+        result = {
+            "runs": n,
+            "pods": n * args.nodes,
+            "gpus_per_pod": gpus,
+            "gpu_nodes": gpu_nodes,
+            "all_running": len(latencies),
+            "succeeded": len(observer.succeeded),
+            "failed": len(observer.failed),
+            "apply_seconds": round(last_apply - first, 2),
+            "running_p50_s": round(pct(latencies, 0.5), 2) if latencies else None,
+            "running_p95_s": round(pct(latencies, 0.95), 2) if latencies else None,
+            "running_max_s": round(max(latencies), 2) if latencies else None,
+            "job_created_p50_s": round(pct(to_job, 0.5), 2) if to_job else None,
+            "job_created_max_s": round(max(to_job), 2) if to_job else None,
+            "all_running_after_last_apply_s": round(max(observer.all_running.values()) - last_apply, 2)
+            if latencies else None,
+            "all_succeeded_s": round(max(observer.succeeded.values()) - first, 2)
+            if len(observer.succeeded) == n else None,
+            "operator_peak_rss_mib": round(peak / 2**20, 1),
+            "operator_cpu_s": round(cpu, 1),
+            "operator_requests": counted.get("requests_total"),
+            "operator_requests_per_run": round(counted.get("requests_total", 0) / n, 1),
+            "operator_requests_by_kind": counted.get("requests"),
+            "reconciles": counted.get("reconciles"),
+            "run_for": args.run_for,
+            "control_plane_cpu_s": plane_cpu,
+        }
+        if missing or result["all_succeeded_s"] is None:
+            log(f"  WARNING: {missing} runs never had all pods Running, "
+                f"{n - len(observer.succeeded)} did not succeed in {args.timeout}s; see {op_log}")
+        return result
+    finally:
+        if op is not None and op.poll() is None:
+            op.send_signal(signal.SIGTERM)
+            try:
+                op.wait(15)
+            except subprocess.TimeoutExpired:
+                op.kill()
+        if not args.keep:
+            cluster.down()
+
+
+def _wait_healthy(port: int, op: subprocess.Popen) -> None:
+    import urllib.request
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if op.poll() is not None:
+            raise SystemExit(f"the operator exited with {op.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit("the operator did not become healthy")
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) // 2**20
+    return f"{os.cpu_count()} vCPU ({cpu}), {mem} GiB RAM, {platform.system()} {platform.release()}, " \
+           f"Python {platform.python_version()}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, action="append", help="N (repeatable); default 100 and 500")
+    p.add_argument("--nodes", type=int, default=1, help="pods (nodes) per run")
+    p.add_argument("--gpus", type=int, default=1, choices=[1, 2, 4, 8], help="GPUs per pod")
+    p.add_argument("--full-nodes", type=int, action="append", default=[],
+                   help="also N runs of one whole 8-GPU node each (repeatable)")
+    p.add_argument("--write-docs", action="store_true",
+                   help="write the results into docs/benchmarks.md, section Operator")
+    p.add_argument("--run-for", default="30s", help="how long each pod runs (kwok)")
+    p.add_argument("--parallel", type=int, default=16, help="client threads creating the runs")
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--port", type=int, default=int(os.environ.get("BENCH_PORT", "38443")))
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--keep", action="store_true", help="leave the control plane up")
+    args = p.parse_args()
+    if shutil.which("openssl") is None:
+        raise SystemExit("openssl is needed for the control plane's certificates")
+
+    results = []
+    load_before = os.getloadavg()[0]
+    for n, gpus in [(n, args.gpus) for n in args.runs or [100, 500]] + [(n, 8) for n in args.full_nodes]:
+        results.append(bench(n, gpus, args))
+        log(json.dumps(results[-1]))
+    report = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+              "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)], "results": results}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    text = markdown(report)
+    print(text)
+    if args.write_docs:
+        write_docs(text)
+    return 0
+
+
+def write_docs(section: str) -> None:
+    """Replace (or add) the "## Operator" section of docs/benchmarks.md; leave the rest."""
+    path = ROOT / "docs" / "benchmarks.md"
+    doc = path.read_text() if path.exists() else "# Benchmarks\n"
+    lines = doc.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == "## Operator"), None)
+    if start is None:
+        out = lines + ["", section.rstrip()]
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        out = lines[:start] + section.rstrip().splitlines() + ([""] if end < len(lines) else []) + lines[end:]
+    path.write_text("\n".join(out).rstrip() + "\n")
+    log(f"wrote the Operator section of {path}")
+
+
+def markdown(report: dict) -> str:
+    rows = ["| runs | pods x GPUs (GPU nodes) | apply -> all pods Running p50 / p95 / max | "
+            "last run Running, after the last apply | all Succeeded, after the first apply | "
+            "operator peak RSS | operator CPU | operator API requests per run |",
+            "|---:|---|---|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        rows.append(
+            f"| {r['runs']} | {r['pods']} x {r['gpus_per_pod']} ({r['gpu_nodes']}) | "
+            f"{r['running_p50_s']} / {r['running_p95_s']} / {r['running_max_s']} s | "
+            f"{r['all_running_after_last_apply_s']} s | {r['all_succeeded_s']} s | "
+            f"{r['operator_peak_rss_mib']} MiB | {r['operator_cpu_s']} s | {r['operator_requests_per_run']} |")
+    detail = "\n".join(
+        f"- {r['runs']} runs: created in {r['apply_seconds']} s; Jobs created "
+        f"{r['job_created_p50_s']} s (p50) / {r['job_created_max_s']} s (max) after each apply; "
+        f"control plane CPU seconds {r['control_plane_cpu_s']}; requests {r['operator_requests_by_kind']}."
+        for r in report["results"])
+    load = report["load_average"]
+    return (
+        "## Operator\n\n"
+        "`make bench-operator` (`bench/operator_bench.py`): N AlpacaFineTunes created at once "
+        "(16 client threads) on a control plane of its own whose simulated nodegroup fits every "
+        f"pod; each pod runs {report['results'][0]['run_for']} (kwok). Times are from each run's create call to all its pods "
+        "Running (seen by a watch), and to every run Succeeded. The operator's memory and CPU "
+        "come from /proc; its requests are counted by its own client (kopf's few watch streams "
+        "come on top).\n\n"
+        f"Measured {report['date']} on {report['machine']}; load average {load[0]} before, "
+        f"{load[1]} after (a machine shared with other builds: the control plane and the "
+        "operator share its 2 cores).\n\n"
+        + "\n".join(rows) + "\n\n"
+        "Targets: 500 runs all Running within 60 s of the last apply; operator under 200 MiB.\n\n"
+        + detail + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,458 @@
+"""Stanford Alpaca supervised fine-tuning, on transformers 5 and DeepSpeed ZeRO-2/3.
+
+The training recipe is Stanford Alpaca's train.py (tatsu-lab/stanford_alpaca): the same
+prompts, the prompt tokens masked out of the loss, EOS trained, a `[PAD]` token added
+with mean-initialised embeddings, dynamic padding. Around it: inputs from S3, a local
+path or the Hugging Face Hub; checkpoints synced to S3 as they are saved and resumed
+from there; a consolidated model and a manifest uploaded at the end; progress reported
+to the AlpacaFineTune. Old (transformers 4) command lines keep working.
+
+    torchrun --nproc_per_node 8 -m alpaca_train.train --model_name_or_path s3://b/llama-7b/ \\
+        --data_path s3://b/alpaca_data.json --output_dir /workspace/out --output_uri s3://b/run/ \\
+        --deepspeed ds_config.json --bf16 True --num_train_epochs 3 ...
+
+The file also runs as a script (`deepspeed train.py ...`), so it imports its siblings
+by absolute name.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer
+
+from alpaca_train import __version__
+from alpaca_train import compat, data, outputs, progress, s3io
+from alpaca_train.data import DataError
+from alpaca_train.outputs import Topology
+from alpaca_train.s3io import S3Error, S5cmd, is_s3
+
+log = logging.getLogger("alpaca_train")
+
+
+class InputError(ValueError):
+    """A model, data or configuration input cannot be used."""
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Base model: an s3:// prefix, a local directory, or a Hugging Face id."}
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Dtype the weights are loaded in. float32 like the reference (transformers 5 would otherwise "
+            "keep the checkpoint's dtype); --bf16/--fp16 still train in mixed precision.",
+            "choices": ["float32", "bfloat16", "float16", "auto"],
+        },
+    )
+    attn_implementation: str = field(
+        default="auto",
+        metadata={"help": "auto: flash_attention_2 on a GPU when installed, else sdpa; or any transformers value."},
+    )
+
+
+@dataclass
+class DataArguments:
+    data_path: str | None = field(
+        default=None, metadata={"help": "Alpaca data: an s3:// object or a local file (JSON list or JSON Lines)."}
+    )
+    prompt_template: str = field(
+        default="alpaca",
+        metadata={"help": "alpaca, or JSON (inline or a file) with keys with_input and without_input."},
+    )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Pack examples into rows of up to model_max_length tokens (fewer, fuller steps; "
+                          "examples never attend to each other)."},
+    )
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "Same batches as the reference, without padding where the attention allows it "
+                          "(FlashAttention: one row per micro-batch); same loss."},
+    )
+
+
+@dataclass
+class OutputArguments:
+    output_uri: str | None = field(
+        default=None,
+        metadata={"help": "s3:// URI for checkpoints, the model and manifest.json (default: $ALPACA_OUTPUT_URI)."},
+    )
+    final_model_dir: str | None = field(
+        default=None, metadata={"help": "Where the final model is saved (default: output_dir)."}
+    )
+    inputs_dir: str | None = field(
+        default=None, metadata={"help": "Where inputs fetched from S3 go (default: $ALPACA_WORKDIR/inputs)."}
+    )
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    # The three fields Stanford Alpaca adds to the Trainer's arguments, same defaults.
+    cache_dir: str | None = field(default=None)
+    optim: str = field(default="adamw_torch")
+    model_max_length: int = field(
+        default=512,
+        metadata={"help": "Maximum sequence length. Sequences will be right padded (and possibly truncated)."},
+    )
+
+
+PARSER_TYPES = (ModelArguments, DataArguments, OutputArguments, TrainingArguments)
+
+
+def workdir() -> Path:
+    return Path(os.environ.get("ALPACA_WORKDIR") or "/tmp/alpaca")
+
+
+def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
+    """Values of every argument, after the legacy renames and the CPU fallbacks."""
+    argv = compat.translate_legacy_args(argv)
+    parser = HfArgumentParser(PARSER_TYPES)
+    ns, rest = parser.parse_known_args(argv)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    values = vars(ns)
+    have_cuda = torch.cuda.is_available()
+    compat.cpu_fallback(values, have_cuda)
+    if values.get("deepspeed") is not None:
+        try:
+            values["deepspeed"] = compat.adapt_deepspeed_config(compat.load_deepspeed_config(values["deepspeed"]), have_cuda)
+        except (OSError, ValueError) as e:
+            raise InputError(str(e)) from None
+    if not have_cuda:
+        # Accelerate counts one process without a GPU unless told to use the CPU.
+        values["use_cpu"] = True
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or values.get("deepspeed") is not None:
+            values["ddp_backend"] = values.get("ddp_backend") or "gloo"
+    # Our examples carry their prompt length for the collator; the Trainer would drop that
+    # field as unknown to the model.
+    values["remove_unused_columns"] = False
+    if values.get("output_dir") is None:
+        values["output_dir"] = str(workdir() / "output")
+    if not any(a.split("=")[0] == "--include_num_input_tokens_seen" for a in argv):
+        # The progress report's tokens per second come from this count.
+        values["include_num_input_tokens_seen"] = "non_padding"
+    if values.get("output_uri") is None and os.environ.get("ALPACA_OUTPUT_URI"):
+        values["output_uri"] = os.environ["ALPACA_OUTPUT_URI"]
+    return values, argv
+
+
+def build(cls, values: dict):
+    return cls(**{f.name: values[f.name] for f in fields(cls) if f.init and f.name in values})
+
+
+def check_local_inputs(model_args: ModelArguments, data_args: DataArguments, out_args: OutputArguments) -> None:
+    """Fail in seconds, before any process group or model load, on inputs that cannot work."""
+    if not model_args.model_name_or_path:
+        raise InputError("--model_name_or_path is required")
+    if not data_args.data_path:
+        raise InputError("--data_path is required")
+    spec = model_args.model_name_or_path
+    if not is_s3(spec) and _looks_like_path(spec):
+        p = Path(spec).expanduser()
+        if not p.exists():
+            raise InputError(f"model path {spec} does not exist")
+        if not (p / "config.json").is_file():
+            raise InputError(f"model path {spec} has no config.json: not a Hugging Face model directory")
+    if not is_s3(data_args.data_path) and _data_is_local(data_args.data_path):
+        data.load_records(data_args.data_path)  # raises DataError with the file, line and reason
+    if out_args.output_uri and not is_s3(out_args.output_uri):
+        raise InputError(f"output URI {out_args.output_uri} is not an s3:// URI")
+    data.PromptTemplate.parse(data_args.prompt_template)
+
+
+def _looks_like_path(spec: str) -> bool:
+    # A Hub id is "name" or "org/name"; anything else that is not on disk is a typo'd path.
+    return Path(spec).expanduser().exists() or spec.startswith(("/", ".", "~")) or spec.count("/") > 1
+
+
+def _from_hub(spec: str, cache_dir: str | None, repo_type: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec, repo_type=repo_type, cache_dir=cache_dir))
+    except Exception as e:  # noqa: BLE001 - any Hub failure means the same to the user
+        what = "model" if repo_type == "model" else "data set"
+        raise InputError(f"{what} {spec!r} is not a local path and could not be fetched from the Hugging Face Hub: "
+                         f"{str(e).splitlines()[0]}") from None
+
+
+def _data_is_local(spec: str) -> bool:
+    return _looks_like_path(spec) or spec.endswith((".json", ".jsonl"))
+
+
+def resolve_model(spec: str, inputs: Path, cache_dir: str | None, s5: S5cmd) -> str:
+    if is_s3(spec):
+        return str(s3io.fetch(spec, inputs / "model", s5, is_dir=True))
+    if _looks_like_path(spec):
+        return str(Path(spec).expanduser())
+    return str(_from_hub(spec, cache_dir, "model"))
+
+
+def resolve_data(spec: str, inputs: Path, cache_dir: str | None, s5: S5cmd) -> Path:
+    if is_s3(spec):
+        name = spec.rstrip("/").rsplit("/", 1)[-1] or "data.json"
+        return s3io.fetch(spec, inputs / "data" / name, s5, is_dir=False)
+    if _data_is_local(spec):
+        return Path(spec).expanduser()
+    snapshot = _from_hub(spec, cache_dir, "dataset")
+    files = sorted(p for p in snapshot.rglob("*") if p.suffix in (".json", ".jsonl") and p.is_file())
+    if len(files) != 1:
+        found = ", ".join(str(p.relative_to(snapshot)) for p in files) or "none"
+        raise InputError(f"data set {spec!r} must hold exactly one .json or .jsonl file of Alpaca records "
+                         f"(found: {found}); give the file's s3:// URI or path instead")
+    return files[0]
+
+
+def init_cpu_distributed(values: dict) -> None:
+    """DeepSpeed on CPU: the process group must exist (gloo) before ZeRO-3 partitions the model."""
+    if torch.cuda.is_available() or values.get("deepspeed") is None:
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def attention_implementation(requested: str, values: dict) -> str:
+    if requested != "auto":
+        return requested
+    from transformers.utils import is_flash_attn_2_available
+
+    if torch.cuda.is_available() and (values.get("bf16") or values.get("fp16")) and is_flash_attn_2_available():
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def smart_tokenizer_and_embedding_resize(special_tokens_dict: dict, tokenizer, model) -> int:
+    """Alpaca's resize: new embedding rows (input and output) set to the mean of the old ones.
+
+    Under ZeRO-3 each rank holds a shard of the weights, so they are gathered first and
+    the change made on rank 0 is scattered back.
+    """
+    num_new_tokens = tokenizer.add_special_tokens(special_tokens_dict)
+    # mean_resizing=False: transformers 5 would sample around the mean; Alpaca uses the mean itself.
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if num_new_tokens > 0:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        weights = [model.get_input_embeddings().weight, model.get_output_embeddings().weight]
+        if is_deepspeed_zero3_enabled():
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(weights, modifier_rank=0)
+        else:
+            gathered = nullcontext()
+        with gathered, torch.no_grad():
+            for w in weights:
+                w.data[-num_new_tokens:] = w.data[:-num_new_tokens].mean(dim=0, keepdim=True)
+    return num_new_tokens
+
+
+def write_failure(message: str) -> None:
+    """One line for the platform (SageMaker's failure file, Kubernetes' termination log)."""
+    path = os.environ.get("ALPACA_FAILURE_FILE")
+    if not path:
+        return
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(" ".join(message.split())[:1000] + "\n")
+    except OSError as e:
+        log.warning("could not write the failure reason to %s: %s", path, e)
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        stream=sys.stderr,
+    )
+    # Every rank sees the same arguments: one copy of each warning about them is enough.
+    if rank != 0:
+        logging.getLogger("alpaca_train.compat").setLevel(logging.ERROR)
+    transformers.utils.logging.set_verbosity_warning()
+
+
+def run(argv: list[str]) -> int:
+    original_argv = list(argv)
+    values, argv = parse_args(argv)
+    model_args, data_args, out_args = (build(c, values) for c in PARSER_TYPES[:3])
+    check_local_inputs(model_args, data_args, out_args)
+    topo = Topology.from_env()
+    reporter = progress.ProgressReporter.from_env() if topo.is_global_main else None
+    try:
+        return _train(values, original_argv, model_args, data_args, out_args, topo, reporter)
+    finally:
+        if reporter:
+            reporter.close()
+
+
+def load_model_and_tokenizer(model_path: str, model_args: ModelArguments, training_args: TrainingArguments, values: dict):
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_path,
+        cache_dir=training_args.cache_dir,
+        model_max_length=training_args.model_max_length,
+        padding_side="right",
+    )
+    dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path,
+        cache_dir=training_args.cache_dir,
+        dtype=dtype,
+        attn_implementation=attention_implementation(model_args.attn_implementation, values),
+    )
+    special_tokens_dict = {}
+    if tokenizer.pad_token is None:
+        special_tokens_dict["pad_token"] = data.DEFAULT_PAD_TOKEN
+    if tokenizer.eos_token is None:
+        special_tokens_dict["eos_token"] = data.DEFAULT_EOS_TOKEN
+    if tokenizer.bos_token is None:
+        special_tokens_dict["bos_token"] = data.DEFAULT_BOS_TOKEN
+    if tokenizer.unk_token is None:
+        special_tokens_dict["unk_token"] = data.DEFAULT_UNK_TOKEN
+    smart_tokenizer_and_embedding_resize(special_tokens_dict, tokenizer, model)
+    # So that the saved model generates without being told the pad token.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def make_data_module(records, tokenizer, model, data_args: DataArguments, training_args: TrainingArguments) -> dict:
+    dataset = data.SupervisedDataset.from_records(
+        records, tokenizer, training_args.model_max_length, data.PromptTemplate.parse(data_args.prompt_template),
+        packing=data_args.packing, pack_seed=training_args.seed,
+    )
+    log.info("%d records, %d training examples, %d tokens", len(records), len(dataset), dataset.num_tokens)
+    if data_args.packing or data_args.padding_free:
+        flatten = model.config._attn_implementation.startswith("flash_attention")
+        collator = data.PackedCollator(pad_token_id=tokenizer.pad_token_id, flatten=flatten)
+    else:
+        collator = data.DataCollatorForSupervisedDataset(pad_token_id=tokenizer.pad_token_id)
+    return {"train_dataset": dataset, "data_collator": collator}
+
+
+def _train(values, original_argv, model_args, data_args, out_args, topo, reporter) -> int:
+    if reporter:
+        reporter.report(force=True, stage="loading")
+    s5 = S5cmd()
+    output_uri = out_args.output_uri
+    output_dir = Path(values["output_dir"])
+    inputs = Path(out_args.inputs_dir) if out_args.inputs_dir else workdir() / "inputs"
+    run_id = outputs.fingerprint({"argv": [a for a in original_argv if not a.startswith("--local_rank")]})
+
+    if output_uri:
+        done = outputs.finished_run(output_uri, s5, Path(os.environ.get("TMPDIR", "/tmp")))
+        if done is not None:
+            if done.get("run_id") == run_id:
+                log.warning("%s already holds this run's manifest.json: nothing to do", output_uri)
+                if reporter:
+                    reporter.report(force=True, stage="done")
+                return 0
+            raise InputError(f"{output_uri} already holds the manifest.json of a different finished run; "
+                             "choose another output URI (nothing was overwritten)")
+
+    init_cpu_distributed(values)
+    training_args = build(TrainingArguments, values)
+
+    resume = training_args.resume_from_checkpoint
+    with training_args.main_process_first(local=True, desc="fetching inputs"):
+        inputs.mkdir(parents=True, exist_ok=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        model_path = resolve_model(model_args.model_name_or_path, inputs, training_args.cache_dir, s5)
+        data_path = resolve_data(data_args.data_path, inputs, training_args.cache_dir, s5)
+        if resume is None and output_uri:
+            restored = outputs.restore_latest_checkpoint(output_uri, output_dir, s5)
+            resume = str(restored) if restored else None
+    if resume is None and not output_uri:
+        # SageMaker restores /opt/ml/checkpoints; a local rerun finds its own.
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(str(output_dir))
+        if resume:
+            log.warning("resuming from %s", resume)
+
+    records = data.load_records(data_path)
+    model, tokenizer = load_model_and_tokenizer(model_path, model_args, training_args, values)
+    data_module = make_data_module(records, tokenizer, model, data_args, training_args)
+    callbacks = [progress.ProgressCallback(reporter)]
+    if output_uri:
+        callbacks.append(outputs.CheckpointSyncCallback(output_uri, s5, topo))
+    trainer = Trainer(model=model, args=training_args, processing_class=tokenizer, callbacks=callbacks, **data_module)
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_state()
+    final_dir = Path(out_args.final_model_dir or training_args.output_dir)
+    trainer.save_model(str(final_dir))
+    if not topo.is_global_main:
+        return 0
+
+    state = trainer.state
+    steps = {"step": state.global_step, "totalSteps": state.max_steps, "display": f"{state.global_step}/{state.max_steps}"}
+    if reporter:
+        reporter.report(force=True, stage="uploading", **steps)
+    manifest = outputs.build_manifest(final_dir, output_uri, {
+        "run_id": run_id,
+        "base_model": {"uri": model_args.model_name_or_path,
+                       "config_sha256": data.file_sha256(Path(model_path) / "config.json")},
+        "data": {"uri": data_args.data_path, "sha256": data.file_sha256(data_path), "records": len(records),
+                 "examples": len(data_module["train_dataset"])},
+        "training_arguments": {
+            "argv": original_argv,
+            "model": asdict(model_args),
+            "data": asdict(data_args),
+            "trainer": json.loads(training_args.to_json_string()),
+        },
+        "result": {"global_step": state.global_step, "max_steps": state.max_steps,
+                   "train_loss": result.training_loss, "resumed_from": resume},
+        "world_size": topo.world_size,
+        "versions": {"alpaca_train": __version__, "transformers": transformers.__version__, "torch": torch.__version__},
+    })
+    if output_uri:
+        outputs.upload_final(final_dir, output_uri, s5, manifest)
+        log.info("model and manifest.json uploaded to %s", output_uri)
+    else:
+        (final_dir / outputs.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if reporter:
+        reporter.report(force=True, stage="done", **steps)
+    return 0
+
+
+KNOWN_ERRORS = (InputError, DataError, S3Error)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    setup_logging(int(os.environ.get("RANK", "0")))
+    try:
+        return run(argv)
+    except KNOWN_ERRORS as e:
+        log.error("%s", e)
+        write_failure(str(e))
+        return 1
+    except Exception as e:
+        write_failure(f"{type(e).__name__}: {e}")
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""What a backend is: the place a run's workload lives (EKS pods now, SageMaker next).
+
+The state machine in status.py is backend-neutral: it reads an Observation and asks for
+Actions; a backend turns those into API calls. A backend must be idempotent in every
+method (the operator may be killed between any two calls and call it again), and must
+name what it creates from (run name, attempt) alone, so a restarted operator finds it.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol
+
+from ..spec import FineTuneSpec
+
+
+class WorkloadState(str, enum.Enum):
+    ABSENT = "Absent"          # nothing exists for the current attempt
+    STARTING = "Starting"      # created, not every worker running yet
+    RUNNING = "Running"        # every worker running
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+@dataclass(frozen=True)
+class Run:
+    """The AlpacaFineTune as the backend needs it: identity, parsed spec, current status."""
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    spec: FineTuneSpec
+    status: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def attempt(self) -> int:
+        return int(self.status.get("attempts") or 0)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """The current attempt's workload, as seen now."""
+    state: WorkloadState
+    attempt: int = 0
+    ready: int = 0                        # workers running
+    total: int = 0                        # workers wanted
+    created_at: str | None = None         # when this attempt's workload was created
+    finished_at: str | None = None        # when it succeeded or failed
+    reason: str = ""                      # the backend's reason for FAILED (e.g. DeadlineExceeded)
+    message: str = ""
+    exit_code: int | None = None          # of the first worker that failed
+    failed_worker: str | None = None      # its name (a pod, an instance)
+    stale_attempts: tuple[int, ...] = ()  # older attempts whose workload still exists
+    workload: Mapping[str, str] = field(default_factory=dict)  # status.workload names
+
+
+class LaunchError(Exception):
+    """The workload cannot be created yet (e.g. a referenced ConfigMap is missing).
+
+    The run stays Pending with `reason` and `message`; the operator retries later.
+    """
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class NotYet(Exception):
+    """Something the launch needs to replace is still going away; look again shortly."""
+
+
+class Backend(Protocol):
+    name: str
+
+    async def observe(self, run: Run) -> Observation:
+        """The workload of attempt `run.attempt` (and any older attempt still present)."""
+
+    async def launch(self, run: Run, attempt: int, *, deadline_seconds: int | None) -> Observation | None:
+        """Make attempt `attempt` exist and nothing of older attempts remain. Idempotent:
+        whatever already exists is kept. Also how a suspended run resumes. Returns the new
+        workload's Observation if it was created just now, else None (observe it)."""
+
+    async def suspend(self, run: Run, attempt: int) -> None:
+        """Stop the workers and free what they hold; launch() resumes the attempt. A backend
+        whose workload names cannot be reused (SageMaker) names the resumed one anew."""
+
+    async def delete(self, run: Run) -> None:
+        """Delete everything the run created (ttlSecondsAfterFinished). Idempotent."""

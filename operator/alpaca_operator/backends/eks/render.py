@@ -1,0 +1,251 @@
+"""(run, attempt) -> the Kubernetes objects of the EKS backend, as plain dicts. Pure.
+
+docs/contract.md is the specification of every field here; tests/test_render.py pins it.
+Objects come in creation order: the Job last, so that a Job existing means the rest of
+the attempt exists too (the crash-safety argument in backend.py relies on it).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+from ... import api
+from ...deepspeed_config import render_deepspeed_config
+from ...training_args import render_training_args
+from ..base import Run
+
+GPU_RESOURCE = "nvidia.com/gpu"
+EFA_RESOURCE = "vpc.amazonaws.com/efa"
+INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
+# EFA devices per instance (all of them: NCCL spreads rings across the adapters).
+EFA_PER_INSTANCE = {
+    "p4d.24xlarge": 4, "p4de.24xlarge": 4,
+    "p5.48xlarge": 32, "p5e.48xlarge": 32, "p5en.48xlarge": 16,
+    "trn1.32xlarge": 8, "trn1n.32xlarge": 16,
+    "g5.48xlarge": 1, "g6.48xlarge": 1,
+}
+# Tells libfabric/NCCL to use the adapters; spec.env comes after and may override.
+EFA_ENV = [
+    {"name": "FI_PROVIDER", "value": "efa"},
+    {"name": "FI_EFA_USE_DEVICE_RDMA", "value": "1"},
+]
+
+
+def owner_reference(run: Run) -> dict[str, Any]:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "name": run.name,
+        "uid": run.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _meta(run: Run, name: str, extra_labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": run.namespace,
+        "labels": {api.LABEL_FINETUNE: run.name, api.LABEL_MANAGED_BY: api.MANAGED_BY,
+                   **(extra_labels or {})},
+        "ownerReferences": [owner_reference(run)],
+    }
+
+
+def pod_service_account(run: Run) -> str:
+    return run.spec.service_account_name or api.trainer_account_name(run.name)
+
+
+def render_config_map(run: Run, ds_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """ds_config: a user's complete DeepSpeed JSON (deepspeed.configMapRef), else generated."""
+    config = ds_config if ds_config is not None else render_deepspeed_config(run.spec)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(run, api.config_map_name(run.name)),
+        "data": {
+            "ds_config.json": json.dumps(config, indent=2, sort_keys=True) + "\n",
+            "train_args.json": json.dumps(render_training_args(run.spec)) + "\n",
+        },
+    }
+
+
+def render_service(run: Run) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(run, api.service_name(run.name)),
+        "spec": {
+            "clusterIP": "None",
+            # Rank 0's name must resolve before it is Ready, or the other ranks' rendezvous
+            # races DNS (kubeflow/trainer#3783).
+            "publishNotReadyAddresses": True,
+            "selector": {api.LABEL_FINETUNE: run.name},
+            "ports": [{"name": "rendezvous", "port": api.RENDEZVOUS_PORT,
+                       "targetPort": api.RENDEZVOUS_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+def render_service_account(run: Run) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _meta(run, api.trainer_account_name(run.name)),
+    }
+
+
+def render_role(run: Run) -> dict[str, Any]:
+    # All that rank 0 may do: report progress on its own AlpacaFineTune.
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _meta(run, api.progress_role_name(run.name)),
+        "rules": [{
+            "apiGroups": [api.GROUP],
+            "resources": [f"{api.PLURAL}/status"],
+            "resourceNames": [run.name],
+            "verbs": ["get", "patch"],
+        }],
+    }
+
+
+def render_role_binding(run: Run) -> dict[str, Any]:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _meta(run, api.progress_role_name(run.name)),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                    "name": api.progress_role_name(run.name)},
+        "subjects": [{"kind": "ServiceAccount", "name": pod_service_account(run),
+                      "namespace": run.namespace}],
+    }
+
+
+def _env(run: Run, attempt: int) -> list[dict[str, Any]]:
+    r = run.spec.resources
+    env: list[dict[str, Any]] = [
+        {"name": "PET_NNODES", "value": str(r.nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(r.gpus_per_node)},
+        {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {
+            "fieldPath": f"metadata.annotations['{api.ANNOTATION_COMPLETION_INDEX}']"}}},
+        {"name": "PET_MASTER_ADDR", "value": api.master_addr(run.name, attempt)},
+        {"name": "PET_MASTER_PORT", "value": str(api.RENDEZVOUS_PORT)},
+        {"name": "ALPACA_CONFIG_DIR", "value": api.CONFIG_DIR},
+        {"name": "ALPACA_WORKDIR", "value": api.WORKDIR},
+        {"name": "ALPACA_OUTPUT_URI", "value": run.spec.output_uri},
+        {"name": "ALPACA_FINETUNE_NAME", "value": run.name},
+        {"name": "ALPACA_FINETUNE_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "ALPACA_ATTEMPT", "value": str(attempt)},
+    ]
+    if r.efa:
+        env += [dict(e) for e in EFA_ENV]
+    return env + [dict(e) for e in run.spec.env]
+
+
+def _resources(run: Run) -> dict[str, Any]:
+    r = run.spec.resources
+    amounts: dict[str, str] = {GPU_RESOURCE: str(r.gpus_per_node)}
+    if r.efa:
+        amounts[EFA_RESOURCE] = str(EFA_PER_INSTANCE.get(r.instance_type or "", 1))
+    if r.cpu:
+        amounts["cpu"] = r.cpu
+    if r.memory:
+        amounts["memory"] = r.memory
+    # Requests == limits: extended resources require it, and Guaranteed QoS keeps the
+    # kubelet from evicting a training pod first under memory pressure.
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None) -> dict[str, Any]:
+    spec, r = run.spec, run.spec.resources
+    name = api.job_name(run.name, attempt)
+    labels = {api.LABEL_ATTEMPT: str(attempt)}
+    node_selector = {INSTANCE_TYPE_LABEL: r.instance_type} if r.instance_type else {}
+    node_selector.update(r.node_selector)
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "subdomain": api.service_name(run.name),
+        "serviceAccountName": pod_service_account(run),
+        "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
+                        *[dict(t) for t in r.tolerations]],
+        "containers": [{
+            "name": api.TRAINER_CONTAINER,
+            "image": spec.image,
+            "imagePullPolicy": spec.image_pull_policy,
+            "command": ["alpaca-launch"],
+            "env": _env(run, attempt),
+            "ports": [{"name": "rendezvous", "containerPort": api.RENDEZVOUS_PORT, "protocol": "TCP"}],
+            "resources": _resources(run),
+            "volumeMounts": [
+                {"name": "config", "mountPath": api.CONFIG_DIR, "readOnly": True},
+                {"name": "shm", "mountPath": "/dev/shm"},
+                {"name": "workspace", "mountPath": api.WORKDIR},
+            ],
+        }],
+        "volumes": [
+            {"name": "config", "configMap": {"name": api.config_map_name(run.name)}},
+            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": r.shared_memory}},
+            {"name": "workspace", "emptyDir": {}},
+        ],
+    }
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+
+    job_spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": r.nodes,
+        "parallelism": r.nodes,
+        # The operator, not the Job, restarts: the whole gang, as a new Job (docs/contract.md).
+        "backoffLimit": 0,
+        # Fail the Job at the first non-zero exit, with the exit code in its condition message,
+        # and keep the failed pod for `kubectl logs`.
+        "podFailurePolicy": {"rules": [{
+            "action": "FailJob",
+            "onExitCodes": {"containerName": api.TRAINER_CONTAINER, "operator": "NotIn", "values": [0]},
+        }]},
+        "template": {
+            "metadata": {
+                "labels": {**spec.pod_labels, api.LABEL_FINETUNE: run.name,
+                           api.LABEL_MANAGED_BY: api.MANAGED_BY, **labels},
+                **({"annotations": dict(spec.pod_annotations)} if spec.pod_annotations else {}),
+            },
+            "spec": pod_spec,
+        },
+    }
+    # No ttlSecondsAfterFinished on the Job: were the TTL controller to delete it before the
+    # operator saw it finish, the operator could not tell a finished attempt from a missing
+    # one. The operator deletes all children itself (status.py, TTL).
+    if deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = max(1, int(deadline_seconds))
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(run, name, labels),
+        "spec": job_spec,
+    }
+
+
+def render_children(run: Run, attempt: int, *, deadline_seconds: int | None = None,
+                    ds_config: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Everything attempt `attempt` needs, in creation order (the Job last)."""
+    objs = []
+    if not run.spec.service_account_name:
+        objs.append(render_service_account(run))
+    objs += [
+        render_role(run),
+        render_role_binding(run),
+        render_config_map(run, ds_config),
+        render_service(run),
+        render_job(run, attempt, deadline_seconds=deadline_seconds),
+    ]
+    return objs
+
+
+def workload_names(run: Run, attempt: int) -> dict[str, str]:
+    return {
+        "job": api.job_name(run.name, attempt),
+        "service": api.service_name(run.name),
+        "configMap": api.config_map_name(run.name),
+        "serviceAccount": pod_service_account(run),
+    }

@@ -1,0 +1,136 @@
+"""The kopf handlers: thin. Each one only says "look at this run again" (reconciler.py).
+
+Why watching handlers (`on.event`) and not kopf's create/update/resume with their stored
+progress: the reconcile is level-triggered and idempotent, so it needs no per-handler
+progress, and skipping kopf's bookkeeping saves two PATCHes per object and change (the
+last-handled-configuration and progress annotations), which the 500-run benchmark feels.
+The initial listing at startup (and whenever a watch must start over) delivers every run and Job
+again, which is what "resume" means here. No finalizers are added: the EKS children are
+deleted by the garbage collector through their owner references, even with the operator
+down.
+
+    kopf run --standalone --all-namespaces -m alpaca_operator.handlers
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import kopf
+
+from . import api, kube
+from .backends import make_backends
+from .cache import Cache
+from .reconciler import Reconciler
+
+log = logging.getLogger(__name__)
+
+
+@kopf.on.login()
+def login(settings: kopf.OperatorSettings, logger: Any, **_: Any) -> kopf.ConnectionInfo | None:
+    # kopf's and our own requests use the same credentials (kube.login).
+    return kube.login(settings, logger)
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # The API server ends each watch after server_timeout and the client gives up shortly
+    # after: a silently dead watch then lasts minutes, not forever (dask-kubernetes#620).
+    settings.watching.server_timeout = int(os.environ.get("ALPACA_WATCH_SERVER_TIMEOUT", "300"))
+    settings.watching.client_timeout = settings.watching.server_timeout + 30
+    settings.watching.connect_timeout = 30
+    settings.networking.request_timeout = 60
+    # kopf waits this long after an event for more of the same object; the reconciler folds
+    # bursts itself, so a short window only adds latency.
+    settings.batching.batch_window = 0.02
+    # Our own Events describe transitions (reconciler.py); kopf's only its own trouble.
+    settings.posting.level = logging.WARNING
+    # With --peering: how long a silent replica is still taken to be alive (failover time).
+    settings.peering.lifetime = int(os.environ.get("ALPACA_PEERING_LIFETIME", "60"))
+    settings.persistence.finalizer = f"{api.GROUP}/operator"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=api.GROUP)
+
+    client = kube.Kube(lambda: kube.login(settings))
+    memo.kube = client
+    memo.cache = Cache()
+    memo.reconciler = Reconciler(client, make_backends(client, memo.cache), memo.cache,
+                                 concurrency=int(os.environ.get("ALPACA_WORKERS", "32")))
+    memo.job_seen = {}
+    stats = os.environ.get("ALPACA_OPERATOR_STATS")
+    if stats:
+        memo.stats_task = asyncio.get_running_loop().create_task(_write_stats(stats, memo))
+
+
+@kopf.on.cleanup()
+async def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    if getattr(memo, "reconciler", None):
+        memo.reconciler.stop()
+    if getattr(memo, "kube", None):
+        await memo.kube.close()
+
+
+@kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
+async def finetune_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    ns, name = body.metadata.namespace, body.metadata.name
+    if event["type"] == "DELETED":
+        memo.cache.drop_run(ns, name)
+        memo.reconciler.forget(ns, name)
+        return
+    memo.cache.put_run(event["object"])
+    if memo.reconciler.is_own_write(ns, name, body.metadata.get("resourceVersion")):
+        return      # the echo of our own status write: nothing new in it
+    await memo.reconciler.trigger(ns, name)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={api.LABEL_FINETUNE: kopf.PRESENT})
+async def job_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    owners = [r for r in body.metadata.get("ownerReferences") or ()
+              if r.get("kind") == api.KIND and r.get("apiVersion", "").startswith(api.GROUP + "/")]
+    if not owners:
+        return
+    # Job status changes often in ways that do not matter here (counters, uncounted pods,
+    # interim conditions); look again only when something the state machine reads changed.
+    uid = body.metadata.uid
+    if event["type"] == "DELETED":
+        memo.job_seen.pop(uid, None)
+        memo.cache.drop_job(body.metadata.namespace, owners[0]["name"], body.metadata.name)
+    else:
+        memo.cache.put_job(event["object"])
+        seen = memo.job_seen.get(uid)
+        summary = _job_summary(body, seen)
+        memo.job_seen[uid] = summary
+        # A new Job was seen by the reconcile that created it, and at startup every run is
+        # listed and reconciled anyway (event type None).
+        if seen == summary or (seen is None and event["type"] in (None, "ADDED")):
+            return
+    await memo.reconciler.trigger(body.metadata.namespace, owners[0]["name"])
+
+
+JOB_TERMINAL = ("Complete", "Failed")
+
+
+def _job_summary(body: kopf.Body, seen: tuple | None) -> tuple:
+    """What status.py can tell apart: every pod ready (once: pods finishing one by one do
+    not make a run less Running), finished how."""
+    spec, status = body.get("spec") or {}, body.get("status") or {}
+    conds = tuple(sorted(c.get("type", "") for c in status.get("conditions") or ()
+                         if c.get("status") == "True" and c.get("type") in JOB_TERMINAL))
+    all_ready = (status.get("ready") or 0) >= (spec.get("parallelism") or 1)
+    return (all_ready or bool(seen and seen[0]), conds)
+
+
+async def _write_stats(path: str, memo: kopf.Memo) -> None:
+    """For the benchmark: the operator's own API requests, every second."""
+    while True:
+        data = {"requests": dict(memo.kube.requests), "requests_total": sum(memo.kube.requests.values()),
+                "reconciles": memo.reconciler.reconciles, "time": time.time()}
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+        await asyncio.sleep(1)

@@ -1,0 +1,310 @@
+"""Reconcile one AlpacaFineTune: read it fresh, observe its backend, decide, write, act.
+
+Every trigger (a watch event of the run or of its Jobs, a timer) ends here, and all of them
+do the same thing, so it does not matter which event was missed or came twice:
+
+- one reconcile per run at a time (a lock per key); triggers arriving while one waits are
+  folded into it, since it reads everything fresh anyway;
+- the status is written with the resourceVersion it was computed from (optimistic
+  concurrency), so a stale decision, e.g. counting the same failed attempt twice, is
+  rejected by the API server with 409 and recomputed;
+- names are deterministic and creation is create-if-absent (backends/), so a second
+  Job can never appear, whatever the operator was doing when it was killed.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from . import api, status
+from .cache import Cache
+from .backends.base import Backend, LaunchError, NotYet, Observation, Run, WorkloadState
+from .kube import ApiError, Kube
+from .spec import SpecError, parse_spec
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]   # (namespace, name)
+MAX_ROUNDS = 6          # decide/act rounds per trigger (a fresh launch takes two)
+MAX_BACKOFF = 60.0
+LAUNCH_RETRY = 10.0     # a missing ConfigMap: nothing announces its arrival, so look again
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+@dataclass
+class _KeyState:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    waiting: bool = False
+    failures: int = 0
+    # resourceVersions of our own recent status writes: their watch echoes carry no news.
+    written: deque = field(default_factory=lambda: deque(maxlen=8))
+    timer: asyncio.TimerHandle | None = None
+    due: float = 0.0
+    events: asyncio.Task | None = None      # the last Event posted: the next one waits for it
+
+
+class Conflict(Exception):
+    pass
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, backends: Mapping[str, Backend], cache: Cache | None = None, *,
+                 clock: Callable[[], dt.datetime] = utcnow, concurrency: int = 32):
+        self.kube = kube
+        self.cache = cache or Cache()
+        self.backends = backends
+        self.clock = clock
+        self._keys: dict[Key, _KeyState] = {}
+        # Bounds the requests in flight when hundreds of runs arrive at once.
+        self._slots = asyncio.Semaphore(concurrency)
+        self._background: set[asyncio.Task] = set()
+        self.reconciles = 0
+        self.instance = os.environ.get("POD_NAME") or socket.gethostname()
+
+    # ---- triggering ----------------------------------------------------------------
+
+    def _state(self, key: Key) -> _KeyState:
+        st = self._keys.get(key)
+        if st is None:
+            st = self._keys[key] = _KeyState()
+        return st
+
+    def forget(self, namespace: str, name: str) -> None:
+        st = self._keys.pop((namespace, name), None)
+        if st is not None and st.timer is not None:
+            st.timer.cancel()
+
+    def stop(self) -> None:
+        for st in self._keys.values():
+            if st.timer is not None:
+                st.timer.cancel()
+        for task in list(self._background):
+            task.cancel()
+
+    def is_own_write(self, namespace: str, name: str, resource_version: str | None) -> bool:
+        st = self._keys.get((namespace, name))
+        return st is not None and resource_version is not None and resource_version in st.written
+
+    async def trigger(self, namespace: str, name: str) -> None:
+        """Reconcile now, unless a reconcile of this run is already queued behind the lock
+        (it will read everything fresh, this trigger's news included)."""
+        key = (namespace, name)
+        st = self._state(key)
+        if st.waiting:
+            return
+        st.waiting = True
+        async with st.lock:
+            st.waiting = False
+            try:
+                async with self._slots:
+                    requeue = await self.reconcile(namespace, name)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure is retried with backoff
+                st.failures += 1
+                delay = min(MAX_BACKOFF, 2.0 ** (st.failures - 1))
+                if isinstance(e, ApiError) and "being terminated" in e.message:
+                    # Its namespace is going away (pods first, then the run): nothing to do.
+                    log.debug("reconcile %s/%s: namespace terminating", namespace, name)
+                elif isinstance(e, (ApiError, OSError, asyncio.TimeoutError)):
+                    log.warning("reconcile %s/%s: %s; retrying in %.0fs", namespace, name,
+                                f"API error {e.status} {e.message}" if isinstance(e, ApiError) else repr(e),
+                                delay)
+                else:
+                    log.exception("reconcile %s/%s failed; retrying in %.0fs", namespace, name, delay)
+                self._requeue(key, delay)
+                return
+            st.failures = 0
+            if requeue is not None:
+                self._requeue(key, requeue)
+
+    def _requeue(self, key: Key, delay: float) -> None:
+        st = self._keys.get(key)
+        if st is None:
+            return
+        loop = asyncio.get_running_loop()
+        due = loop.time() + max(0.0, delay)
+        if st.timer is not None and not st.timer.cancelled() and st.due <= due:
+            return      # an earlier wake-up is already set
+        if st.timer is not None:
+            st.timer.cancel()
+        st.due = due
+        st.timer = loop.call_at(due, lambda: self._spawn(self.trigger(*key)))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ---- one reconcile -------------------------------------------------------------
+
+    async def reconcile(self, namespace: str, name: str) -> float | None:
+        """Returns seconds after which to look again, or None."""
+        self.reconciles += 1
+        body = self.cache.run(namespace, name)
+        fresh = body is None
+        if fresh:
+            body = await self._get(namespace, name)
+        known: Observation | None = None
+        requeue: float | None = None
+        for _ in range(MAX_ROUNDS):
+            if body is None:
+                self.forget(namespace, name)
+                return None
+            if body["metadata"].get("deletionTimestamp"):
+                return None     # the garbage collector removes the children with it
+            run, plan, backend = await self._plan(body, known)
+            known = None
+            requeue = plan.requeue_after
+            if plan.empty:
+                return requeue
+            if plan.actions and not fresh and not (plan.patch and plan.status_first):
+                # Acting without a status write first: nothing would catch a stale body
+                # (a resume already undone, an attempt already counted). Read it afresh.
+                body, fresh = await self._get(namespace, name), True
+                continue
+            try:
+                if plan.status_first:
+                    body = await self._write(body, plan)
+                    known = await self._act(run, backend, plan)
+                else:
+                    known = await self._act(run, backend, plan)
+                    body = await self._write(body, plan)
+            except Conflict:
+                body, fresh = await self._get(namespace, name), True
+                continue
+            except NotYet as e:
+                log.debug("%s/%s: %s", namespace, name, e)
+                return 1.0
+            except LaunchError as e:
+                body = await self._get(namespace, name)
+                if body is not None:
+                    run = _run(body, parse_spec(body.get("spec")))
+                    blocked = status.invalid(run, self.clock(), e.reason, e.message)
+                    if not blocked.empty:
+                        await self._write(body, blocked)
+                return LAUNCH_RETRY
+            if not plan.actions:
+                return requeue
+            # Acted: look again at what the actions made (a new Job, a deleted one).
+        return requeue if requeue is not None else 1.0
+
+    async def _get(self, namespace: str, name: str) -> dict | None:
+        body = await self.kube.get(api.PLURAL, namespace, name)
+        if body is not None:
+            self.cache.put_run(body)
+        return body
+
+    async def _plan(self, body: Mapping[str, Any], known: Observation | None
+                    ) -> tuple[Run, status.Plan, Backend | None]:
+        now = self.clock()
+        try:
+            spec = parse_spec(body.get("spec"))
+        except SpecError as e:
+            meta = body["metadata"]
+            run = Run(meta["name"], meta["namespace"], meta["uid"], int(meta.get("generation") or 0),
+                      None, body.get("status") or {})  # type: ignore[arg-type]
+            return run, status.invalid(run, now, "InvalidSpec", str(e)), None
+        run = _run(body, spec)
+        backend = self.backends.get(spec.backend)
+        if backend is None:
+            return run, status.decide(run, Observation(WorkloadState.ABSENT), now,
+                                      backend_available=False), None
+        if known is None or known.attempt != run.attempt:
+            # Before the first launch there is nothing to observe: save the request.
+            known = await backend.observe(run) if run.attempt else Observation(WorkloadState.ABSENT)
+        return run, status.decide(run, known, now), backend
+
+    async def _write(self, body: Mapping[str, Any], plan: status.Plan) -> dict:
+        meta = body["metadata"]
+        new = body
+        if plan.patch:
+            try:
+                new = await self.kube.patch(api.PLURAL, meta["namespace"], meta["name"],
+                                            {"metadata": {"resourceVersion": meta["resourceVersion"]},
+                                             "status": plan.patch}, subresource="status")
+            except ApiError as e:
+                if e.status == 409:
+                    raise Conflict() from None
+                raise
+            if new is None:
+                raise Conflict()    # deleted meanwhile: the next round sees it gone
+            self._state((meta["namespace"], meta["name"])).written.append(new["metadata"]["resourceVersion"])
+            self.cache.put_run(new)
+        if plan.events:
+            # Off the critical path (Events are best effort; the status holds the facts), but
+            # in order, so `kubectl describe` tells the story as it happened.
+            st = self._state((meta["namespace"], meta["name"]))
+            task = asyncio.get_running_loop().create_task(self._post_events(st.events, new, plan.events))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            st.events = task
+        return new
+
+    async def _post_events(self, previous: asyncio.Task | None, body: Mapping[str, Any],
+                           events: list[status.Event]) -> None:
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])
+        for ev in events:
+            await self._post_event(body, ev)
+
+    async def _act(self, run: Run, backend: Backend | None, plan: status.Plan) -> Observation | None:
+        """Runs the plan's actions; returns what a launch already knows about its new
+        workload, so the next round need not observe it."""
+        known = None
+        if backend is None:
+            return None
+        for a in plan.actions:
+            log.info("%s/%s: %s attempt %s", run.namespace, run.name, a.kind, a.attempt)
+            if a.kind == "launch":
+                known = await backend.launch(run, a.attempt, deadline_seconds=a.deadline_seconds)
+            elif a.kind == "suspend":
+                await backend.suspend(run, a.attempt)
+            elif a.kind == "delete":
+                await backend.delete(run)
+            else:
+                raise ValueError(a.kind)
+        return known
+
+    async def _post_event(self, body: Mapping[str, Any], ev: status.Event) -> None:
+        meta = body["metadata"]
+        now = status.fmt_time(self.clock())
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            # Named like kubelet's (object.hex-nanoseconds): listed, hence described, in order.
+            "metadata": {"name": f"{meta['name']}.{time.time_ns():x}", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta["uid"],
+                               "resourceVersion": meta.get("resourceVersion")},
+            "reason": ev.reason,
+            "message": ev.message[:1024],
+            "type": ev.type,
+            "source": {"component": api.COMPONENT},
+            "reportingComponent": f"{api.GROUP}/operator",
+            "reportingInstance": self.instance,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self.kube.create(event)
+        except (ApiError, OSError, asyncio.TimeoutError) as e:
+            log.warning("could not post event %s for %s/%s: %s", ev.reason, meta["namespace"],
+                        meta["name"], e)
+
+
+def _run(body: Mapping[str, Any], spec: Any) -> Run:
+    meta = body["metadata"]
+    return Run(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"],
+               generation=int(meta.get("generation") or 0), spec=spec, status=body.get("status") or {})

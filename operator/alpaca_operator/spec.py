@@ -1,0 +1,191 @@
+"""A typed, defaulted view of an AlpacaFineTune's spec (docs/contract.md).
+
+The API server applies the CRD's defaults, but the operator does not rely on that alone:
+objects stored before a default was added, and unit tests, come without them. The
+defaults here are the CRD's; tests/test_render.py checks a few of them against it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+BACKENDS = ("eks", "sagemaker")
+
+
+class SpecError(ValueError):
+    """The spec cannot be run as it is (the CRD should have refused it)."""
+
+
+def _get(d: Mapping[str, Any] | None, key: str, default: Any) -> Any:
+    if not d:
+        return default
+    value = d.get(key)
+    return default if value is None else value
+
+
+@dataclass(frozen=True)
+class Training:
+    epochs: float = 3
+    learning_rate: float = 2.0e-5
+    per_device_batch_size: int = 4
+    gradient_accumulation_steps: int = 8
+    max_seq_length: int = 512
+    warmup_ratio: float = 0.03
+    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    save_steps: int = 500
+    save_total_limit: int = 3
+    logging_steps: int = 1
+    precision: str = "bf16"
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ConfigMapRef:
+    name: str
+    key: str = "ds_config.json"
+
+
+@dataclass(frozen=True)
+class DeepSpeed:
+    zero_stage: int = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    config_map_ref: ConfigMapRef | None = None
+
+
+@dataclass(frozen=True)
+class Resources:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    instance_type: str | None = None
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+    efa: bool = False
+    cpu: str | None = None
+    memory: str | None = None
+    shared_memory: str = "64Gi"
+
+
+@dataclass(frozen=True)
+class RunPolicy:
+    backoff_limit: int = 3
+    active_deadline_seconds: int | None = None
+    ttl_seconds_after_finished: int | None = None
+    suspend: bool = False
+
+
+@dataclass(frozen=True)
+class FineTuneSpec:
+    model_uri: str
+    data_uri: str
+    output_uri: str
+    backend: str = "eks"
+    prompt_template: str = "alpaca"
+    training: Training = Training()
+    deepspeed: DeepSpeed = DeepSpeed()
+    resources: Resources = Resources()
+    image: str = "ghcr.io/alpaca-operator/train:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    service_account_name: str = ""
+    env: tuple[Mapping[str, Any], ...] = ()
+    pod_labels: Mapping[str, str] = field(default_factory=dict)
+    pod_annotations: Mapping[str, str] = field(default_factory=dict)
+    run_policy: RunPolicy = RunPolicy()
+    sagemaker: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def gpus(self) -> int:
+        return self.resources.nodes * self.resources.gpus_per_node
+
+
+def _quantity(value: Any) -> str | None:
+    return None if value is None or value == "" else str(value)
+
+
+def parse_spec(spec: Mapping[str, Any] | None) -> FineTuneSpec:
+    spec = spec or {}
+    try:
+        model_uri = spec["model"]["uri"]
+        data_uri = spec["data"]["uri"]
+        output_uri = spec["output"]["uri"]
+    except (KeyError, TypeError) as e:
+        raise SpecError(f"spec.model.uri, spec.data.uri and spec.output.uri are required (missing {e})") from None
+
+    backend = _get(spec, "backend", "eks")
+    if backend not in BACKENDS:
+        raise SpecError(f"spec.backend {backend!r} is not one of {', '.join(BACKENDS)}")
+
+    t = spec.get("training") or {}
+    d = Training()
+    training = Training(
+        epochs=_get(t, "epochs", d.epochs),
+        learning_rate=_get(t, "learningRate", d.learning_rate),
+        per_device_batch_size=int(_get(t, "perDeviceBatchSize", d.per_device_batch_size)),
+        gradient_accumulation_steps=int(_get(t, "gradientAccumulationSteps", d.gradient_accumulation_steps)),
+        max_seq_length=int(_get(t, "maxSeqLength", d.max_seq_length)),
+        warmup_ratio=_get(t, "warmupRatio", d.warmup_ratio),
+        lr_scheduler=_get(t, "lrScheduler", d.lr_scheduler),
+        weight_decay=_get(t, "weightDecay", d.weight_decay),
+        save_steps=int(_get(t, "saveSteps", d.save_steps)),
+        save_total_limit=int(_get(t, "saveTotalLimit", d.save_total_limit)),
+        logging_steps=int(_get(t, "loggingSteps", d.logging_steps)),
+        precision=_get(t, "precision", d.precision),
+        extra_args=tuple(str(a) for a in _get(t, "extraArgs", ())),
+    )
+
+    ds = spec.get("deepspeed") or {}
+    ref = ds.get("configMapRef")
+    deepspeed = DeepSpeed(
+        zero_stage=int(_get(ds, "zeroStage", 3)),
+        offload_optimizer=bool(_get(ds, "offloadOptimizer", False)),
+        offload_params=bool(_get(ds, "offloadParams", False)),
+        config_map_ref=ConfigMapRef(ref["name"], _get(ref, "key", "ds_config.json")) if ref else None,
+    )
+    if deepspeed.zero_stage not in (2, 3):
+        raise SpecError(f"spec.deepspeed.zeroStage must be 2 or 3, not {deepspeed.zero_stage}")
+    if deepspeed.offload_params and deepspeed.zero_stage != 3:
+        raise SpecError("spec.deepspeed.offloadParams requires zeroStage 3")
+
+    r = spec.get("resources") or {}
+    resources = Resources(
+        nodes=int(_get(r, "nodes", 1)),
+        gpus_per_node=int(_get(r, "gpusPerNode", 8)),
+        instance_type=r.get("instanceType") or None,
+        node_selector=dict(_get(r, "nodeSelector", {})),
+        tolerations=tuple(dict(x) for x in _get(r, "tolerations", ())),
+        efa=bool(_get(r, "efa", False)),
+        cpu=_quantity(r.get("cpu")),
+        memory=_quantity(r.get("memory")),
+        shared_memory=_quantity(r.get("sharedMemory")) or "64Gi",
+    )
+    if resources.nodes < 1 or resources.gpus_per_node < 1:
+        raise SpecError("spec.resources.nodes and gpusPerNode must be at least 1")
+
+    rp = spec.get("runPolicy") or {}
+    run_policy = RunPolicy(
+        backoff_limit=int(_get(rp, "backoffLimit", 3)),
+        active_deadline_seconds=rp.get("activeDeadlineSeconds"),
+        ttl_seconds_after_finished=rp.get("ttlSecondsAfterFinished"),
+        suspend=bool(_get(rp, "suspend", False)),
+    )
+
+    pm = spec.get("podMetadata") or {}
+    return FineTuneSpec(
+        model_uri=model_uri,
+        data_uri=data_uri,
+        output_uri=output_uri,
+        backend=backend,
+        prompt_template=_get(spec.get("data"), "promptTemplate", "alpaca"),
+        training=training,
+        deepspeed=deepspeed,
+        resources=resources,
+        image=_get(spec, "image", FineTuneSpec.image),
+        image_pull_policy=_get(spec, "imagePullPolicy", FineTuneSpec.image_pull_policy),
+        service_account_name=_get(spec, "serviceAccountName", ""),
+        env=tuple(dict(e) for e in _get(spec, "env", ())),
+        pod_labels=dict(_get(pm, "labels", {})),
+        pod_annotations=dict(_get(pm, "annotations", {})),
+        run_policy=run_policy,
+        sagemaker=dict(_get(spec, "sagemaker", {})),
+    )

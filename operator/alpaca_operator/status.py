@@ -1,0 +1,358 @@
+"""The run's state machine: (run, observation, now) -> what status to write, what Events to
+post and what to ask of the backend. Pure; the reconciler does the I/O.
+
+Level-triggered: the plan depends only on the stored status and what is observed now,
+never on which event woke the operator, so a restarted operator recomputes the same plan.
+
+Phases: Pending (accepted, nothing created) -> Launching (workload created, not every pod
+running) -> Running -> Uploading (rank 0 reports stage uploading) -> Succeeded | Failed;
+Suspended while spec.runPolicy.suspend. Stopping/Stopped are the SageMaker backend's.
+The phase field is written explicitly on every transition: it is what the Phase column
+shows, never derived from the last condition (kubeflow/trainer#3666).
+"""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .backends.base import Observation, Run, WorkloadState
+
+TERMINAL = frozenset({"Succeeded", "Failed", "Stopped"})
+# The keys of .status the operator writes; progress belongs to rank 0 except `display`.
+OWNED = ("phase", "conditions", "observedGeneration", "startTime", "completionTime",
+         "attempts", "workload", "output", "message")
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str       # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str                           # launch | suspend | delete
+    attempt: int = 0
+    deadline_seconds: int | None = None  # launch only: what is left of activeDeadlineSeconds
+
+
+@dataclass
+class Plan:
+    patch: dict[str, Any] = field(default_factory=dict)   # merge patch for .status
+    events: list[Event] = field(default_factory=list)
+    actions: list[Action] = field(default_factory=list)
+    # True: write the status before acting (a new attempt number must be durable before its
+    # Job exists). False: act first (the TTL deletion must happen before it is recorded).
+    status_first: bool = True
+    requeue_after: float | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not (self.patch or self.events or self.actions)
+
+
+# ---- time --------------------------------------------------------------------------
+
+def fmt_time(t: dt.datetime) -> str:
+    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(s: str | None) -> dt.datetime | None:
+    if not s:
+        return None
+    try:
+        return dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+# ---- conditions --------------------------------------------------------------------
+
+def set_condition(conditions: list[dict[str, Any]], type_: str, status: bool, reason: str,
+                  message: str, now: dt.datetime, generation: int) -> list[dict[str, Any]]:
+    """metav1.Condition semantics: lastTransitionTime moves only when status flips."""
+    value = "True" if status else "False"
+    out = []
+    found = False
+    for c in conditions:
+        if c.get("type") != type_:
+            out.append(c)
+            continue
+        found = True
+        if (c.get("status"), c.get("reason"), c.get("message"), c.get("observedGeneration")) == \
+                (value, reason, message, generation):
+            out.append(c)
+        else:
+            out.append({
+                "type": type_, "status": value, "reason": reason, "message": message,
+                "lastTransitionTime": c.get("lastTransitionTime") if c.get("status") == value
+                else fmt_time(now),
+                "observedGeneration": generation,
+            })
+    if not found:
+        out.append({"type": type_, "status": value, "reason": reason, "message": message,
+                    "lastTransitionTime": fmt_time(now), "observedGeneration": generation})
+    return out
+
+
+def get_condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
+    for c in status.get("conditions") or ():
+        if c.get("type") == type_:
+            return c
+    return None
+
+
+def progress_display(status: Mapping[str, Any]) -> str | None:
+    p = status.get("progress") or {}
+    if p.get("step") is None or p.get("totalSteps") is None:
+        return None
+    return f"{p['step']}/{p['totalSteps']}"
+
+
+# ---- the machine -------------------------------------------------------------------
+
+class _Draft:
+    """The operator-owned status being rewritten, and the Events the rewrite implies."""
+
+    def __init__(self, run: Run, now: dt.datetime):
+        self.run, self.now = run, now
+        self.old = run.status
+        self.new: dict[str, Any] = {k: copy.deepcopy(self.old[k]) for k in OWNED if k in self.old}
+        self.new.setdefault("conditions", [])
+        self.events: list[Event] = []
+
+    @property
+    def phase(self) -> str | None:
+        return self.new.get("phase")
+
+    def condition(self, type_: str, status: bool, reason: str, message: str = "") -> None:
+        self.new["conditions"] = set_condition(self.new["conditions"], type_, status, reason,
+                                               message, self.now, self.run.generation)
+
+    def clear_condition(self, type_: str, reason: str, message: str = "") -> None:
+        """Set False only if it is there: absent and False mean the same to readers."""
+        if any(c.get("type") == type_ and c.get("status") == "True" for c in self.new["conditions"]):
+            self.condition(type_, False, reason, message)
+
+    def to(self, phase: str, reason: str, message: str, warning: bool = False) -> None:
+        if phase != self.new.get("phase"):
+            self.events.append(Event("Warning" if warning else "Normal", reason, message))
+        self.new["phase"] = phase
+        self.new["message"] = message
+
+    def event(self, reason: str, message: str, warning: bool = False) -> None:
+        self.events.append(Event("Warning" if warning else "Normal", reason, message))
+
+    def plan(self, **kw: Any) -> Plan:
+        patch = {k: v for k, v in self.new.items() if self.old.get(k) != v
+                 and not (k == "conditions" and not v and not self.old.get(k))}
+        if self.old.get("observedGeneration") != self.run.generation:
+            patch["observedGeneration"] = self.run.generation
+        display = progress_display(self.old)
+        if display is not None and (self.old.get("progress") or {}).get("display") != display:
+            patch["progress"] = {"display": display}
+        return Plan(patch=patch, events=self.events, **kw)
+
+
+def _failure_detail(obs: Observation) -> str:
+    if obs.exit_code is not None:
+        who = f"pod {obs.failed_worker}" if obs.failed_worker else "a worker"
+        return f"{who} exited with code {obs.exit_code}"
+    return obs.message or obs.reason or "the workload failed"
+
+
+def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: bool = True) -> Plan:
+    d = _Draft(run, now)
+    spec, rp = run.spec, run.spec.run_policy
+    phase = d.phase
+
+    if phase in TERMINAL:
+        return _finished(d, obs)
+
+    if not backend_available:
+        d.to("Pending", "UnsupportedBackend",
+             f"backend {spec.backend} is not available in this operator version")
+        d.condition("Created", False, "UnsupportedBackend", d.new["message"])
+        return d.plan()
+
+    attempt = run.attempt
+    start = parse_time(run.status.get("startTime"))
+    remaining: int | None = None
+    if rp.active_deadline_seconds is not None and start is not None:
+        remaining = int(rp.active_deadline_seconds - (now - start).total_seconds())
+
+    if attempt == 0:
+        if rp.suspend:
+            d.to("Suspended", "Suspended", "suspended before it started (spec.runPolicy.suspend)")
+            d.condition("Suspended", True, "Suspended", d.new["message"])
+            return d.plan()
+        d.new["attempts"] = 1
+        d.new.setdefault("startTime", fmt_time(now))
+        d.to("Pending", "Accepted", f"accepted; creating the {spec.backend} workload (attempt 1)")
+        d.condition("Created", False, "Creating", d.new["message"])
+        return d.plan(actions=[Action("launch", 1, rp.active_deadline_seconds)])
+
+    if obs.state is not WorkloadState.ABSENT and obs.attempt != attempt:
+        # Not this attempt's workload (the backend looks up the current one; be safe).
+        obs = Observation(WorkloadState.ABSENT, attempt=attempt, stale_attempts=obs.stale_attempts)
+    state = obs.state
+    actions: list[Action] = []
+    if state is not WorkloadState.ABSENT:
+        d.condition("Created", True, "Created", f"attempt {attempt}: " + ", ".join(
+            f"{k} {v}" for k, v in sorted(obs.workload.items())))
+
+    if state is WorkloadState.SUCCEEDED:
+        return _succeed(d, obs)
+
+    if state is WorkloadState.FAILED:
+        detail = _failure_detail(obs)
+        if obs.reason == "DeadlineExceeded" or (remaining is not None and remaining <= 0):
+            return _fail(d, obs, "DeadlineExceeded",
+                         f"activeDeadlineSeconds {rp.active_deadline_seconds} exceeded in attempt {attempt}")
+        restarts = attempt - 1
+        if restarts < rp.backoff_limit:
+            new = attempt + 1
+            msg = (f"attempt {attempt} failed: {detail}; restarting all {spec.resources.nodes} "
+                   f"pods as attempt {new} (restart {restarts + 1} of {rp.backoff_limit})")
+            d.new["attempts"] = new
+            d.to("Launching", "Restarting", msg, warning=True)
+            if phase == "Launching":       # a restart straight from Launching: still say so
+                d.event("Restarting", msg, warning=True)
+            d.condition("Restarting", True, "WorkerFailed", msg)
+            d.condition("Running", False, "Restarting", msg)
+            return d.plan(actions=[Action("launch", new, remaining)])
+        return _fail(d, obs, "BackoffLimitExceeded",
+                     f"attempt {attempt} failed: {detail}; no restarts left "
+                     f"(backoffLimit {rp.backoff_limit})")
+
+    if rp.suspend:
+        # Like Kubeflow's run policy: the workers go away, the attempt stays; resuming
+        # creates its workload again, and training continues from the newest checkpoint.
+        if state is not WorkloadState.ABSENT or obs.stale_attempts:
+            actions.append(Action("suspend", attempt))
+        d.to("Suspended", "Suspended", f"suspended (spec.runPolicy.suspend); attempt {attempt} "
+             f"resumes from the newest checkpoint in {spec.output_uri}")
+        d.condition("Suspended", True, "Suspended", d.new["message"])
+        d.clear_condition("Running", "Suspended", d.new["message"])
+        return d.plan(actions=actions)
+
+    if state is WorkloadState.ABSENT or obs.stale_attempts:
+        if remaining is not None and remaining <= 0:
+            return _fail(d, obs, "DeadlineExceeded",
+                         f"activeDeadlineSeconds {rp.active_deadline_seconds} passed before "
+                         f"attempt {attempt} could {'resume' if phase == 'Suspended' else 'start'}")
+        # The attempt's workload is missing (resumed; a crash between writing attempts and
+        # creating it; someone deleted it), or an older attempt lingers: launch is
+        # idempotent for all of them.
+        actions.append(Action("launch", attempt, remaining))
+        if phase == "Suspended":
+            msg = f"resumed attempt {attempt}; it continues from the newest checkpoint"
+            d.to("Launching", "Resumed", msg)
+            d.condition("Suspended", False, "Resumed", msg)
+        if state is WorkloadState.ABSENT:
+            return d.plan(actions=actions)
+
+    # Starting or running, not suspended.
+    d.clear_condition("Suspended", "Resumed", f"resumed attempt {attempt}")
+    d.new["workload"] = dict(obs.workload) or d.new.get("workload")
+    pods = f"{obs.ready}/{obs.total} pods of {obs.workload.get('job', 'the workload')} running"
+    was_running = phase in ("Running", "Uploading")
+    if state is WorkloadState.RUNNING or was_running:
+        # Pods of an Indexed Job finish one by one: once running, an attempt stays Running
+        # until the Job itself says Complete or Failed.
+        progress = run.status.get("progress") or {}
+        updated = parse_time(progress.get("updatedAt"))
+        created = parse_time(obs.created_at)
+        uploading = progress.get("stage") == "uploading" and (
+            created is None or updated is None or updated >= created)
+        if uploading:
+            d.to("Uploading", "Uploading", f"training done; uploading the model to {spec.output_uri}")
+        else:
+            d.to("Running", "Running", f"all {obs.total} pods running "
+                 f"({spec.resources.nodes} x {spec.resources.gpus_per_node} GPUs), attempt {attempt}")
+        d.condition("Running", True, "Uploading" if uploading else "AllPodsRunning", d.new["message"])
+        d.clear_condition("Restarting", "Running", d.new["message"])
+    else:
+        d.to("Launching", "Launching", f"created {obs.workload.get('job', 'the workload')}; {pods}")
+        d.new["message"] = pods
+    return d.plan(actions=actions)
+
+
+def _succeed(d: _Draft, obs: Observation) -> Plan:
+    spec = d.run.spec
+    d.new["completionTime"] = obs.finished_at or fmt_time(d.now)
+    d.new["output"] = spec.output_uri
+    d.new["workload"] = dict(obs.workload) or d.new.get("workload")
+    start = parse_time(d.new.get("startTime"))
+    took = f" in {_duration((parse_time(d.new['completionTime']) - start).total_seconds())}" if start else ""
+    msg = f"{obs.workload.get('job', 'the workload')} completed{took}; model at {spec.output_uri}"
+    d.to("Succeeded", "Succeeded", msg)
+    d.condition("Succeeded", True, "Completed", msg)
+    d.clear_condition("Running", "Succeeded", msg)
+    d.clear_condition("Restarting", "Succeeded", msg)
+    return _then_ttl(d, d.plan())
+
+
+def _fail(d: _Draft, obs: Observation, reason: str, msg: str) -> Plan:
+    d.new["completionTime"] = obs.finished_at or fmt_time(d.now)
+    d.to("Failed", reason, msg, warning=True)
+    d.condition("Failed", True, reason, msg)
+    d.clear_condition("Running", "Failed", msg)
+    d.clear_condition("Restarting", "Failed", msg)
+    plan = d.plan()
+    # The operator itself failed a run whose pods may still run.
+    if obs.state in (WorkloadState.STARTING, WorkloadState.RUNNING):
+        plan.actions.append(Action("suspend", d.run.attempt))
+    return _then_ttl(d, plan)
+
+
+def _then_ttl(d: _Draft, plan: Plan) -> Plan:
+    ttl = d.run.spec.run_policy.ttl_seconds_after_finished
+    if ttl is not None:
+        done = parse_time(d.new.get("completionTime")) or d.now
+        plan.requeue_after = max(0.0, (done + dt.timedelta(seconds=ttl) - d.now).total_seconds())
+    return plan
+
+
+def _finished(d: _Draft, obs: Observation) -> Plan:
+    actions: list[Action] = []
+    if d.phase == "Failed" and obs.state in (WorkloadState.STARTING, WorkloadState.RUNNING):
+        actions.append(Action("suspend", d.run.attempt))
+    ttl = d.run.spec.run_policy.ttl_seconds_after_finished
+    deleted = get_condition(d.new, "ChildrenDeleted")
+    if ttl is None or (deleted and deleted.get("status") == "True"):
+        return d.plan(actions=actions)
+    done = parse_time(d.new.get("completionTime")) or d.now
+    due = done + dt.timedelta(seconds=ttl)
+    if d.now < due:
+        return d.plan(actions=actions, requeue_after=(due - d.now).total_seconds())
+    msg = f"ttlSecondsAfterFinished {ttl} passed: deleted the Job, pods, Service and ConfigMap; status kept"
+    d.condition("ChildrenDeleted", True, "TTLExpired", msg)
+    d.event("ChildrenDeleted", msg)
+    return d.plan(actions=[Action("delete", d.run.attempt)], status_first=False)
+
+
+def invalid(run: Run, now: dt.datetime, reason: str, message: str) -> Plan:
+    """The run cannot start as specified (a bad spec, a missing ConfigMap): Pending, and say why."""
+    d = _Draft(run, now)
+    if d.phase in TERMINAL:
+        return d.plan()
+    if d.phase not in (None, "Pending"):
+        # Already running: a relaunch hit the problem; keep the phase, say why in the message.
+        d.new["message"] = f"{reason}: {message}"
+        return d.plan()
+    if d.phase == "Pending" and d.new.get("message") != message:
+        d.event(reason, message, warning=True)
+    d.to("Pending", reason, message, warning=True)
+    d.condition("Created", False, reason, message)
+    return d.plan()

@@ -1,0 +1,42 @@
+"""spec -> the command-line arguments of `python -m alpaca_train.train` (train_args.json). Pure.
+
+Names are those of Stanford Alpaca's train.py (model_name_or_path, data_path,
+model_max_length) plus Hugging Face TrainingArguments as transformers 5 spells them
+(warm-up as a fractional --warmup_steps; --warmup_ratio is gone). The output directory is
+the image's business (under ALPACA_WORKDIR, synced to ALPACA_OUTPUT_URI), and --deepspeed
+is added by alpaca-launch. docs/contract.md lists them.
+"""
+from __future__ import annotations
+
+from .spec import FineTuneSpec
+
+
+def _num(x: float | int) -> str:
+    # repr keeps 2e-05 exact and round-trips through float(); ints stay ints.
+    return str(x) if isinstance(x, int) and not isinstance(x, bool) else repr(float(x))
+
+
+def render_training_args(spec: FineTuneSpec) -> list[str]:
+    t = spec.training
+    args = [
+        "--model_name_or_path", spec.model_uri,
+        "--data_path", spec.data_uri,
+        "--prompt_template", spec.prompt_template,
+        "--num_train_epochs", _num(t.epochs),
+        "--learning_rate", _num(t.learning_rate),
+        "--per_device_train_batch_size", str(t.per_device_batch_size),
+        "--gradient_accumulation_steps", str(t.gradient_accumulation_steps),
+        "--model_max_length", str(t.max_seq_length),
+        "--warmup_steps", _num(float(t.warmup_ratio)),
+        "--lr_scheduler_type", t.lr_scheduler,
+        "--weight_decay", _num(t.weight_decay),
+        "--save_strategy", "steps",
+        "--save_steps", str(t.save_steps),
+        "--save_total_limit", str(t.save_total_limit),
+        "--logging_steps", str(t.logging_steps),
+    ]
+    if t.precision == "bf16":
+        args += ["--bf16", "true"]
+    elif t.precision == "fp16":
+        args += ["--fp16", "true"]
+    return args + list(t.extra_args)

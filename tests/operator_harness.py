@@ -1,0 +1,152 @@
+"""Helpers for the operator's tests against the real control plane (test_operator_*.py):
+the operator as a subprocess (so it can be SIGKILLed), waiting, and phase watching."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+KUBECTL = str(ROOT / ".bin" / "kubectl")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class OperatorProcess:
+    """`python -m alpaca_operator` (standalone unless args say --peering), cluster-wide."""
+
+    def __init__(self, env: dict, log_path: Path, stats_path: Path | None = None,
+                 extra_env: dict | None = None, args: tuple[str, ...] = ()):
+        self.env = {**env, **(extra_env or {})}
+        self.args = tuple(args)
+        if stats_path is not None:
+            self.env["ALPACA_OPERATOR_STATS"] = str(stats_path)
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.starts = 0
+
+    def start(self, wait: bool = True) -> None:
+        self.port = _free_port()
+        log = open(self.log_path, "ab")
+        log.write(f"\n===== start #{self.starts + 1} at {time.time():.3f} =====\n".encode())
+        log.flush()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "alpaca_operator", "--liveness", f"http://127.0.0.1:{self.port}/healthz",
+             *self.args],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, cwd=ROOT)
+        log.close()
+        self.starts += 1
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the operator exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError(f"the operator did not become ready in {timeout}s:\n{self.tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup handlers, no goodbye, like an OOM kill or a node loss."""
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60, interval: float = 0.3,
+             on_timeout: Callable[[], str] | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    extra = on_timeout() if on_timeout else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})\n{extra}")
+
+
+class PhaseRecorder:
+    """Every phase an AlpacaFineTune goes through, from a watch (polling would miss the
+    short ones: Pending lasts milliseconds)."""
+
+    def __init__(self, env: dict, namespace: str, name: str):
+        self.phases: list[str] = []
+        self.proc = subprocess.Popen(
+            # A list-watch narrowed to the name: unlike `get NAME --watch`, it does not give
+            # up when the object does not exist yet.
+            [KUBECTL, "get", "alpacafinetunes", "-n", namespace, "--watch",
+             "--field-selector", f"metadata.name={name}", "-o", "jsonpath={.status.phase}{'\\n'}"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.listed = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+        # The initial (empty) listing prints an empty line: from then on nothing is missed.
+        self.listed.wait(15)
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.listed.set()
+            phase = line.strip()
+            if phase and (not self.phases or self.phases[-1] != phase):
+                self.phases.append(phase)
+
+    def stop(self) -> list[str]:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.thread.join(5)
+        return self.phases
+
+
+def get_json(cluster, *args: str) -> Any:
+    return json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)
+
+
+def assert_subset(expected: Any, actual: Any, path: str = "") -> None:
+    """Every field we rendered is in the live object with that value (the API server adds
+    defaults, which are not ours to pin)."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict), f"{path}: expected an object, got {actual!r}"
+        for k, v in expected.items():
+            assert k in actual, f"{path}.{k} is missing in the live object"
+            assert_subset(v, actual[k], f"{path}.{k}")
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), \
+            f"{path}: expected {len(expected)} items, got {actual!r}"
+        for i, (e, a) in enumerate(zip(expected, actual)):
+            assert_subset(e, a, f"{path}[{i}]")
+    else:
+        assert expected == actual, f"{path}: expected {expected!r}, got {actual!r}"

@@ -1,0 +1,89 @@
+"""Crash safety: the operator is SIGKILLed at random moments, 20 times, while 10 runs go
+through their lives (some restart their gang and fail). In the end every run has exactly
+one Job, the one of its last attempt, and the terminal status it would have had anyway."""
+from __future__ import annotations
+
+import json
+import random
+import time
+
+from operator_harness import OperatorProcess, get_json, wait_for
+
+KILLS = 20
+OK, FLAKY = 7, 3
+
+
+def run(name: str, *, fail: bool, seconds: int) -> dict:
+    annotations = {"kwok.alpaca.dev/complete-after": f"{seconds}s"}
+    if fail:
+        annotations["kwok.alpaca.dev/fail-exit-code"] = "3"
+    return {
+        "apiVersion": "alpaca.dev/v1alpha1", "kind": "AlpacaFineTune",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": "s3://alpaca-test/models/tiny/"},
+            "data": {"uri": "s3://alpaca-test/data/alpaca_data.json"},
+            "output": {"uri": f"s3://alpaca-test/runs/{name}/"},
+            "resources": {"nodes": 2, "gpusPerNode": 1},
+            "podMetadata": {"annotations": annotations},
+            "runPolicy": {"backoffLimit": 1},
+        },
+    }
+
+
+def test_sigkill_at_random_points(cluster, crd, namespace, tmp_path):
+    rng = random.Random(int(time.time()))
+    op = OperatorProcess(cluster.env, tmp_path / "operator.log")
+    names = [f"ok-{i}" for i in range(OK)] + [f"flaky-{i}" for i in range(FLAKY)]
+    rng.shuffle(names)
+    # Lives of 5 to 30 s (flaky ones: two attempts of 4 s), created one per kill cycle, so
+    # the kills land on creation, launch, restart and completion alike.
+    docs = [run(n, fail=n.startswith("flaky"), seconds=4 if n.startswith("flaky") else rng.randint(5, 30))
+            for n in names]
+    op.start(wait=False)
+    try:
+        for i in range(KILLS):
+            if i < len(docs):
+                cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(docs[i]))
+            if rng.random() < 0.2:
+                time.sleep(rng.uniform(0.2, 2.0))       # killed while starting up
+            else:
+                op.wait_ready()
+                time.sleep(rng.uniform(0.0, 2.5))       # killed while handling
+            op.kill()
+            op.start(wait=False)
+        op.wait_ready()
+
+        def all_done():
+            items = get_json(cluster, "alpacafinetunes", "-n", namespace)["items"]
+            done = [i for i in items if i.get("status", {}).get("phase") in ("Succeeded", "Failed")]
+            return items if len(done) == len(names) else None
+        items = wait_for("every run to finish", all_done, timeout=180, interval=1,
+                         on_timeout=lambda: cluster.kubectl("get", "aft,jobs", "-n", namespace).stdout
+                         + "\n" + op.tail())
+    finally:
+        op.stop()
+
+    problems = []
+    for item in items:
+        name, st = item["metadata"]["name"], item["status"]
+        job_names = sorted(j["metadata"]["name"] for j in get_json(
+            cluster, "jobs", "-n", namespace, "-l", f"alpaca.dev/finetune={name}")["items"])
+        want_attempts = 2 if name.startswith("flaky") else 1
+        want_phase = "Failed" if name.startswith("flaky") else "Succeeded"
+        if job_names != [f"{name}-a{want_attempts}"]:
+            problems.append(f"{name}: Jobs {job_names}")
+        if (st["phase"], st.get("attempts")) != (want_phase, want_attempts):
+            problems.append(f"{name}: phase {st['phase']} attempts {st.get('attempts')}")
+        if want_phase == "Succeeded" and (st.get("output") != item["spec"]["output"]["uri"]
+                                          or not st.get("completionTime")):
+            problems.append(f"{name}: incomplete success status {st}")
+        if want_phase == "Failed":
+            failed = [c for c in st["conditions"] if c["type"] == "Failed" and c["status"] == "True"]
+            if not failed or failed[0]["reason"] != "BackoffLimitExceeded" or "code 3" not in failed[0]["message"]:
+                problems.append(f"{name}: failure not recorded right: {st.get('conditions')}")
+        terminal = [c["type"] for c in st["conditions"] if c["type"] in ("Succeeded", "Failed") and c["status"] == "True"]
+        if terminal != [want_phase]:
+            problems.append(f"{name}: terminal conditions {terminal}")
+    assert not problems, "\n".join(problems) + f"\n(operator started {op.starts} times)\n" + op.tail(30)
+    assert op.starts == KILLS + 1

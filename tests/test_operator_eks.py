@@ -1,0 +1,302 @@
+"""The operator with backend eks, against the real control plane (kwok plays the GPU nodes).
+
+The kwok stages (hack/kwok-stages.yaml) read pod annotations, which the runs set through
+spec.podMetadata: `kwok.alpaca.dev/complete-after` (how long a pod runs) and
+`kwok.alpaca.dev/fail-exit-code` (it then fails with that code).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alpaca_operator.backends.base import Run
+from alpaca_operator.backends.eks import render
+from alpaca_operator.spec import parse_spec
+from operator_harness import OperatorProcess, PhaseRecorder, assert_subset, get_json, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "manifests" / "samples"
+
+
+@pytest.fixture(scope="module")
+def operator(cluster, crd, tmp_path_factory):
+    op = OperatorProcess(cluster.env, tmp_path_factory.mktemp("operator") / "operator.log")
+    op.start()
+    yield op
+    op.stop()
+
+
+def finetune(name: str, *, nodes: int = 1, gpus: int = 8, run_for: str = "3s", fail: int | None = None,
+             run_policy: dict | None = None, **spec: object) -> dict:
+    annotations = {"kwok.alpaca.dev/complete-after": run_for}
+    if fail is not None:
+        annotations["kwok.alpaca.dev/fail-exit-code"] = str(fail)
+    return {
+        "apiVersion": "alpaca.dev/v1alpha1", "kind": "AlpacaFineTune",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": "s3://alpaca-test/models/tiny/"},
+            "data": {"uri": "s3://alpaca-test/data/alpaca_data.json"},
+            "output": {"uri": f"s3://alpaca-test/runs/{name}/"},
+            "resources": {"nodes": nodes, "gpusPerNode": gpus, "instanceType": "p4d.24xlarge"},
+            "podMetadata": {"annotations": annotations},
+            "runPolicy": run_policy or {},
+            **spec,
+        },
+    }
+
+
+def apply(cluster, namespace: str, *docs: dict) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input="\n---\n".join(json.dumps(d) for d in docs))
+
+
+def aft(cluster, namespace: str, name: str) -> dict:
+    return get_json(cluster, "alpacafinetune", name, "-n", namespace)
+
+
+def phase_is(cluster, namespace, name, *phases):
+    def check():
+        body = aft(cluster, namespace, name)
+        return body if body.get("status", {}).get("phase") in phases else None
+    return check
+
+
+def jobs(cluster, namespace: str, name: str) -> list[dict]:
+    return get_json(cluster, "jobs", "-n", namespace, "-l", f"alpaca.dev/finetune={name}")["items"]
+
+
+def pods(cluster, namespace: str, name: str) -> list[dict]:
+    return get_json(cluster, "pods", "-n", namespace, "-l", f"alpaca.dev/finetune={name}")["items"]
+
+
+def event_reasons(cluster, namespace: str, name: str) -> list[str]:
+    events = get_json(cluster, "events", "-n", namespace,
+                      "--field-selector", f"involvedObject.name={name},involvedObject.kind=AlpacaFineTune")["items"]
+    events.sort(key=lambda e: int(e["metadata"]["resourceVersion"]))
+    return [e["reason"] for e in events]
+
+
+def gpu_nodes(cluster) -> dict[str, dict]:
+    nodes = get_json(cluster, "nodes", "-l", "nvidia.com/gpu.present=true")["items"]
+    return {n["metadata"]["name"]: n["metadata"]["labels"] for n in nodes}
+
+
+def dump(cluster, namespace: str, op: OperatorProcess):
+    def text() -> str:
+        out = cluster.kubectl("get", "aft,jobs,pods", "-n", namespace, "-o", "wide", check=False).stdout
+        return f"{out}\n--- operator log ---\n{op.tail(40)}"
+    return text
+
+
+def expected_children(cluster, namespace: str, body: dict, attempt: int) -> list[dict]:
+    spec = parse_spec(body["spec"])
+    run = Run(body["metadata"]["name"], namespace, body["metadata"]["uid"], 1, spec)
+    ds = None
+    if spec.deepspeed.config_map_ref:
+        cm = get_json(cluster, "configmap", spec.deepspeed.config_map_ref.name, "-n", namespace)
+        ds = json.loads(cm["data"][spec.deepspeed.config_map_ref.key])
+    deadline = spec.run_policy.active_deadline_seconds
+    return render.render_children(run, attempt, deadline_seconds=deadline, ds_config=ds)
+
+
+# ---- samples -----------------------------------------------------------------------------
+
+EKS_SAMPLES = [p for p in sorted(SAMPLES.glob("*.yaml"))
+               if any(d and d.get("kind") == "AlpacaFineTune" and d["spec"].get("backend", "eks") == "eks"
+                      for d in yaml.safe_load_all(p.read_text()))]
+
+
+@pytest.mark.parametrize("sample", EKS_SAMPLES, ids=lambda p: p.name)
+def test_sample_lifecycle(cluster, operator, namespace, sample):
+    docs = [d for d in yaml.safe_load_all(sample.read_text()) if d]
+    runs = [d for d in docs if d["kind"] == "AlpacaFineTune"]
+    # What a user of the sample must have beforehand: its IRSA service account.
+    for d in runs:
+        if d["spec"].get("serviceAccountName"):
+            cluster.kubectl("create", "serviceaccount", d["spec"]["serviceAccountName"], "-n", namespace)
+    for d in docs:
+        if d["kind"] != "AlpacaFineTune":
+            apply(cluster, namespace, d)
+    recorders = {d["metadata"]["name"]: PhaseRecorder(cluster.env, namespace, d["metadata"]["name"]) for d in runs}
+    for d in runs:
+        apply(cluster, namespace, d)
+
+    nodes = gpu_nodes(cluster)
+    for d in runs:
+        name = d["metadata"]["name"]
+        body = wait_for(f"{name} Launching", phase_is(cluster, namespace, name, "Launching", "Running", "Succeeded"),
+                        on_timeout=dump(cluster, namespace, operator))
+        # Every child, exactly as rendered (the API server's defaults aside), owned by the run.
+        for want in expected_children(cluster, namespace, body, attempt=1):
+            kind, child = want["kind"].lower(), want["metadata"]["name"]
+            live = get_json(cluster, kind, child, "-n", namespace)
+            assert_subset(want, live, f"{want['kind']}/{child}")
+            assert live["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"]
+
+        job = get_json(cluster, "job", f"{name}-a1", "-n", namespace)
+        selector = job["spec"]["template"]["spec"].get("nodeSelector") or {}
+        fits = [n for n, labels in nodes.items() if all(labels.get(k) == v for k, v in selector.items())]
+        nodes_wanted = job["spec"]["parallelism"]
+        if len(fits) < nodes_wanted:
+            pytest.fail(f"{sample.name}: {name} selects {selector}, which {len(fits)} simulated GPU nodes match "
+                        f"(it needs {nodes_wanted}); the samples must fit the demo nodegroup")
+
+        final = wait_for(f"{name} Succeeded", phase_is(cluster, namespace, name, "Succeeded", "Failed"),
+                         timeout=90, on_timeout=dump(cluster, namespace, operator))
+        assert final["status"]["phase"] == "Succeeded", final["status"]
+        landed = {p["spec"].get("nodeName") for p in pods(cluster, namespace, name)}
+        assert landed and landed <= set(fits), landed
+        st = final["status"]
+        assert st["output"] == d["spec"]["output"]["uri"] and st["attempts"] == 1
+        assert st["startTime"] and st["completionTime"] and st["observedGeneration"] == body["metadata"]["generation"]
+        assert st["workload"] == {"job": f"{name}-a1", "service": name, "configMap": f"{name}-config",
+                                  "serviceAccount": d["spec"].get("serviceAccountName") or f"{name}-trainer"}
+        assert recorders[name].stop() == ["Pending", "Launching", "Running", "Succeeded"]
+        assert event_reasons(cluster, namespace, name) == ["Accepted", "Launching", "Running", "Succeeded"]
+
+
+def test_kubectl_get_columns_and_progress_from_rank0(cluster, operator, namespace):
+    apply(cluster, namespace, finetune("cols", nodes=2, run_for="30s"))
+    wait_for("Running", phase_is(cluster, namespace, "cols", "Running"), on_timeout=dump(cluster, namespace, operator))
+
+    # Rank 0 reports progress as the pod's service account (docs/contract.md): that is all it may do.
+    as_pod = f"--as=system:serviceaccount:{namespace}:cols-trainer"
+    progress = {"status": {"progress": {"stage": "training", "step": 120, "totalSteps": 400, "epoch": 0.9,
+                                        "loss": 1.234, "learningRate": 1.9e-5, "tokensPerSecond": 5231.5,
+                                        "eta": "00:42:10", "updatedAt": "2026-11-28T04:00:00Z"}}}
+    cluster.kubectl(as_pod, "patch", "alpacafinetune", "cols", "-n", namespace, "--subresource=status",
+                    "--type=merge", "-p", json.dumps(progress))
+    for verb_args in (["patch", "alpacafinetune", "cols", "--type=merge", "-p", '{"spec":{"image":"x"}}'],
+                      ["get", "pods"], ["delete", "alpacafinetune", "cols"], ["get", "secrets"]):
+        denied = cluster.kubectl(as_pod, *verb_args, "-n", namespace, check=False)
+        assert denied.returncode != 0 and "forbidden" in denied.stderr.lower(), (verb_args, denied.stderr)
+    apply(cluster, namespace, finetune("other", run_for="30s"))
+    other = cluster.kubectl(as_pod, "patch", "alpacafinetune", "other", "-n", namespace, "--subresource=status",
+                            "--type=merge", "-p", json.dumps(progress), check=False)
+    assert other.returncode != 0 and "forbidden" in other.stderr.lower()
+
+    wait_for("the Progress column", lambda: aft(cluster, namespace, "cols")["status"]["progress"].get("display") == "120/400",
+             on_timeout=dump(cluster, namespace, operator))
+    out = cluster.kubectl("get", "aft", "cols", "-n", namespace).stdout.splitlines()
+    header, row = out[0].split(), out[1].split()
+    assert header == ["NAME", "PHASE", "BACKEND", "NODES", "GPUS/NODE", "PROGRESS", "LOSS", "AGE"], header
+    assert row[:7] == ["cols", "Running", "eks", "2", "8", "120/400", "1.234"], row
+    # rank 0 says it is uploading: the phase follows
+    cluster.kubectl(as_pod, "patch", "alpacafinetune", "cols", "-n", namespace, "--subresource=status",
+                    "--type=merge", "-p", json.dumps({"status": {"progress": {
+                        "stage": "uploading", "step": 400, "updatedAt": "2099-01-01T00:00:00Z"}}}))
+    wait_for("Uploading", phase_is(cluster, namespace, "cols", "Uploading"), on_timeout=dump(cluster, namespace, operator))
+    assert aft(cluster, namespace, "cols")["status"]["progress"]["display"] == "400/400"
+
+
+def test_worker_failure_restarts_the_gang_then_fails(cluster, operator, namespace):
+    apply(cluster, namespace, finetune("flaky", nodes=2, run_for="2s", fail=3, run_policy={"backoffLimit": 2}))
+    body = wait_for("Failed", phase_is(cluster, namespace, "flaky", "Failed", "Succeeded"), timeout=90,
+                    on_timeout=dump(cluster, namespace, operator))
+    st = body["status"]
+    assert st["phase"] == "Failed" and st["attempts"] == 3
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "BackoffLimitExceeded"
+    assert "exited with code 3" in failed["message"] and "flaky-a3-" in failed["message"]
+    assert "exited with code 3" in st["message"]
+    # Earlier attempts' Jobs are gone; the last one stays for `kubectl logs`.
+    assert [j["metadata"]["name"] for j in jobs(cluster, namespace, "flaky")] == ["flaky-a3"]
+    assert {p["metadata"]["labels"]["alpaca.dev/attempt"] for p in pods(cluster, namespace, "flaky")} == {"3"}
+    reasons = event_reasons(cluster, namespace, "flaky")
+    assert reasons.count("Restarting") == 2 and reasons[-1] == "BackoffLimitExceeded", reasons
+
+
+def test_delete_while_running_removes_everything(cluster, operator, namespace):
+    apply(cluster, namespace, finetune("doomed", nodes=2, run_for="120s"))
+    wait_for("Running", phase_is(cluster, namespace, "doomed", "Running"), on_timeout=dump(cluster, namespace, operator))
+    cluster.kubectl("delete", "alpacafinetune", "doomed", "-n", namespace, "--wait=true", timeout=60)
+
+    def leftovers():
+        out = cluster.kubectl("get", "jobs,pods,services,configmaps,serviceaccounts,roles,rolebindings",
+                              "-n", namespace, "-l", "alpaca.dev/finetune=doomed", "-o", "name").stdout.split()
+        return out or None
+    wait_for("the children to be garbage-collected", lambda: not leftovers(), timeout=60,
+             on_timeout=lambda: str(leftovers()))
+
+
+def test_suspend_and_resume(cluster, operator, namespace):
+    apply(cluster, namespace, finetune("pause", nodes=2, run_for="8s", run_policy={"activeDeadlineSeconds": 600}))
+    wait_for("Running", phase_is(cluster, namespace, "pause", "Running"), on_timeout=dump(cluster, namespace, operator))
+    cluster.kubectl("patch", "alpacafinetune", "pause", "-n", namespace, "--type=merge",
+                    "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
+    wait_for("Suspended", phase_is(cluster, namespace, "pause", "Suspended"), on_timeout=dump(cluster, namespace, operator))
+    # The attempt's Job goes, and its pods with it; its ConfigMap, Service and RBAC stay.
+    wait_for("the pods to go away", lambda: not pods(cluster, namespace, "pause") and not jobs(
+        cluster, namespace, "pause"), timeout=30, on_timeout=dump(cluster, namespace, operator))
+    cluster.kubectl("get", "configmap/pause-config", "service/pause", "-n", namespace)
+
+    cluster.kubectl("patch", "alpacafinetune", "pause", "-n", namespace, "--type=merge",
+                    "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
+    wait_for("Running again", phase_is(cluster, namespace, "pause", "Running"), on_timeout=dump(cluster, namespace, operator))
+    job = get_json(cluster, "job", "pause-a1", "-n", namespace)   # the same attempt, created again
+    assert job["spec"]["activeDeadlineSeconds"] < 600                # what is left of the deadline
+    body = wait_for("Succeeded", phase_is(cluster, namespace, "pause", "Succeeded"), timeout=60,
+                    on_timeout=dump(cluster, namespace, operator))
+    assert body["status"]["attempts"] == 1      # a resume is not a restart
+    reasons = event_reasons(cluster, namespace, "pause")
+    assert reasons == ["Accepted", "Launching", "Running", "Suspended", "Resumed", "Running", "Succeeded"], reasons
+
+
+def test_deadline_exceeded(cluster, operator, namespace):
+    apply(cluster, namespace, finetune("slow", nodes=1, run_for="300s",
+                                       run_policy={"activeDeadlineSeconds": 5, "backoffLimit": 3}))
+    body = wait_for("Failed", phase_is(cluster, namespace, "slow", "Failed"), timeout=60,
+                    on_timeout=dump(cluster, namespace, operator))
+    failed = next(c for c in body["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "DeadlineExceeded" and body["status"]["attempts"] == 1
+    wait_for("the pods to be stopped", lambda: all(p["status"]["phase"] != "Running"
+                                                    for p in pods(cluster, namespace, "slow")), timeout=30)
+
+
+def test_ttl_deletes_children_but_keeps_the_run(cluster, operator, namespace):
+    apply(cluster, namespace, finetune("brief", run_for="1s", run_policy={"ttlSecondsAfterFinished": 3}))
+    wait_for("Succeeded", phase_is(cluster, namespace, "brief", "Succeeded"), timeout=60,
+             on_timeout=dump(cluster, namespace, operator))
+
+    def cleaned():
+        st = aft(cluster, namespace, "brief")["status"]
+        return any(c["type"] == "ChildrenDeleted" and c["status"] == "True" for c in st["conditions"])
+    wait_for("ChildrenDeleted", cleaned, timeout=30, on_timeout=dump(cluster, namespace, operator))
+    left = cluster.kubectl("get", "jobs,services,configmaps,roles,rolebindings", "-n", namespace,
+                           "-l", "alpaca.dev/finetune=brief", "-o", "name").stdout.split()
+    assert left == [] and cluster.kubectl("get", "sa", "brief-trainer", "-n", namespace, check=False).returncode != 0
+    assert aft(cluster, namespace, "brief")["status"]["phase"] == "Succeeded"
+
+
+def test_missing_deepspeed_configmap_waits_in_pending(cluster, operator, namespace):
+    run = finetune("byo-ds", deepspeed={"configMapRef": {"name": "later", "key": "ds.json"}})
+    apply(cluster, namespace, run)
+
+    def blocked():
+        st = aft(cluster, namespace, "byo-ds").get("status", {})
+        return st.get("phase") == "Pending" and any(c["reason"] == "ConfigMapNotFound" for c in st.get("conditions", []))
+    wait_for("Pending with ConfigMapNotFound", blocked, on_timeout=dump(cluster, namespace, operator))
+    assert jobs(cluster, namespace, "byo-ds") == []
+    ds = {"zero_optimization": {"stage": 2}, "train_batch_size": "auto"}
+    cluster.kubectl("create", "configmap", "later", "-n", namespace, f"--from-literal=ds.json={json.dumps(ds)}")
+    wait_for("Succeeded once the ConfigMap exists", phase_is(cluster, namespace, "byo-ds", "Succeeded"), timeout=90,
+             on_timeout=dump(cluster, namespace, operator))
+    cm = get_json(cluster, "configmap", "byo-ds-config", "-n", namespace)
+    assert json.loads(cm["data"]["ds_config.json"]) == ds
+
+
+def test_sagemaker_backend_waits_in_pending(cluster, operator, namespace):
+    """Until the SageMaker backend exists, such a run is accepted and says why it waits."""
+    docs = [d for d in yaml.safe_load_all((SAMPLES / "sagemaker.yaml").read_text()) if d]
+    apply(cluster, namespace, *docs)
+    name = docs[0]["metadata"]["name"]
+
+    def waiting():
+        st = aft(cluster, namespace, name).get("status", {})
+        return st.get("phase") == "Pending" and any(
+            c["reason"] == "UnsupportedBackend" for c in st.get("conditions", []))
+    wait_for("Pending with UnsupportedBackend", waiting, on_timeout=dump(cluster, namespace, operator))
+    assert jobs(cluster, namespace, name) == []

@@ -1,0 +1,282 @@
+"""The run's state machine (status.py): observations in, status/events/actions out. No cluster."""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+
+import pytest
+
+from alpaca_operator.backends.base import Observation, Run, WorkloadState as W
+from alpaca_operator.spec import parse_spec
+from alpaca_operator.status import Action, decide, invalid
+
+T0 = dt.datetime(2026, 11, 28, 4, 0, 0, tzinfo=dt.timezone.utc)
+SPEC = {"model": {"uri": "s3://b/m/"}, "data": {"uri": "s3://b/d.json"}, "output": {"uri": "s3://b/out/"},
+        "resources": {"nodes": 2, "gpusPerNode": 8}}
+WORKLOAD = {"job": "ft-a1", "service": "ft", "configMap": "ft-config", "serviceAccount": "ft-trainer"}
+
+
+def at(seconds: float) -> dt.datetime:
+    return T0 + dt.timedelta(seconds=seconds)
+
+
+def iso(seconds: float) -> str:
+    return at(seconds).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def merge(status: dict, patch: dict) -> dict:
+    out = copy.deepcopy(status)
+    for k, v in patch.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        elif v is None:
+            out.pop(k, None)
+        else:
+            out[k] = v
+    return out
+
+
+def run(status: dict | None = None, generation: int = 1, **spec_over) -> Run:
+    spec = copy.deepcopy(SPEC)
+    for k, v in spec_over.items():
+        spec[k] = v
+    return Run("ft", "team", "uid", generation, parse_spec(spec), status or {})
+
+
+def obs(state: W, attempt: int = 1, **kw) -> Observation:
+    job = f"ft-a{attempt}"
+    defaults = dict(attempt=attempt, total=2, ready=0, created_at=iso(1),
+                    workload={**WORKLOAD, "job": job})
+    defaults.update(kw)
+    return Observation(state, **defaults)
+
+
+def step(r: Run, o: Observation, t: float):
+    """Decide, apply the status patch, and check that deciding again changes nothing."""
+    plan = decide(r, o, at(t))
+    new = merge(dict(r.status), plan.patch)
+    again = decide(Run(r.name, r.namespace, r.uid, r.generation, r.spec, new), o, at(t))
+    assert again.patch == {} and again.events == [], f"not a fixed point: {again}"
+    return plan, new
+
+
+def cond(status: dict, type_: str) -> dict:
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+def test_happy_path_pending_launching_running_uploading_succeeded():
+    plan, st = step(run(), obs(W.ABSENT, attempt=0), 0)
+    assert st["phase"] == "Pending" and st["attempts"] == 1 and st["startTime"] == iso(0)
+    assert plan.actions == [Action("launch", 1, None)] and plan.status_first
+    assert [e.reason for e in plan.events] == ["Accepted"]
+    assert cond(st, "Created")["status"] == "False"
+    assert st["observedGeneration"] == 1
+
+    plan, st = step(run(st), obs(W.STARTING, ready=1), 1)
+    assert st["phase"] == "Launching" and st["workload"] == WORKLOAD
+    assert cond(st, "Created")["status"] == "True" and plan.actions == []
+    assert [e.reason for e in plan.events] == ["Launching"]
+    assert st["message"] == "1/2 pods of ft-a1 running"
+
+    plan, st = step(run(st), obs(W.RUNNING, ready=2), 2)
+    assert st["phase"] == "Running" and cond(st, "Running")["status"] == "True"
+    assert [(e.type, e.reason) for e in plan.events] == [("Normal", "Running")]
+
+    # rank 0 reports progress: the Progress column is fed from progress.display
+    st["progress"] = {"stage": "training", "step": 120, "totalSteps": 400, "loss": 1.2,
+                      "updatedAt": iso(30)}
+    plan, st = step(run(st), obs(W.RUNNING, ready=2), 30)
+    assert plan.patch == {"progress": {"display": "120/400"}} and plan.events == []
+
+    # one rank finished first: still Running
+    plan, st = step(run(st), obs(W.STARTING, ready=1), 40)
+    assert st["phase"] == "Running" and plan.patch == {}
+
+    st["progress"].update(stage="uploading", step=400, updatedAt=iso(50))
+    plan, st = step(run(st), obs(W.RUNNING, ready=2), 50)
+    assert st["phase"] == "Uploading" and [e.reason for e in plan.events] == ["Uploading"]
+    assert st["progress"]["display"] == "400/400"
+
+    plan, st = step(run(st), obs(W.SUCCEEDED, ready=0, finished_at=iso(60)), 61)
+    assert st["phase"] == "Succeeded" and st["output"] == "s3://b/out/"
+    assert st["completionTime"] == iso(60)
+    assert cond(st, "Succeeded")["status"] == "True" and cond(st, "Running")["status"] == "False"
+    assert [e.reason for e in plan.events] == ["Succeeded"] and plan.requeue_after is None
+    assert "1m00s" in st["message"]
+
+    # terminal: nothing more, whatever is observed
+    assert decide(run(st), obs(W.ABSENT), at(500)).empty
+
+
+def test_gang_restart_then_backoff_limit():
+    st = {"phase": "Running", "attempts": 1, "startTime": iso(0), "observedGeneration": 1,
+          "conditions": [], "workload": WORKLOAD}
+    r = run(st, runPolicy={"backoffLimit": 1})
+    failed = obs(W.FAILED, reason="PodFailurePolicy", exit_code=3, failed_worker="ft-a1-1-abcde",
+                 finished_at=iso(10))
+    plan, st = step(r, failed, 11)
+    assert st["attempts"] == 2 and st["phase"] == "Launching"
+    assert plan.status_first and plan.actions == [Action("launch", 2, None)]
+    assert [(e.type, e.reason) for e in plan.events] == [("Warning", "Restarting")]
+    assert "pod ft-a1-1-abcde exited with code 3" in st["message"]
+    assert cond(st, "Restarting")["status"] == "True"
+
+    # the new attempt's Job does not exist yet: launch again (idempotent), no status change
+    plan, st2 = step(run(st, runPolicy={"backoffLimit": 1}), obs(W.ABSENT, attempt=2, stale_attempts=(1,)), 12)
+    assert plan.actions == [Action("launch", 2, None)] and plan.patch == {}
+
+    plan, st = step(run(st, runPolicy={"backoffLimit": 1}), obs(W.RUNNING, attempt=2, ready=2), 13)
+    assert st["phase"] == "Running" and cond(st, "Restarting")["status"] == "False"
+
+    plan, st = step(run(st, runPolicy={"backoffLimit": 1}),
+                    obs(W.FAILED, attempt=2, reason="PodFailurePolicy", exit_code=7,
+                        failed_worker="ft-a2-0-xyz", finished_at=iso(20)), 21)
+    assert st["phase"] == "Failed" and st["attempts"] == 2 and st["completionTime"] == iso(20)
+    c = cond(st, "Failed")
+    assert c["reason"] == "BackoffLimitExceeded" and "exited with code 7" in c["message"]
+    assert "pod ft-a2-0-xyz" in st["message"] and plan.actions == []
+    assert [(e.type, e.reason) for e in plan.events] == [("Warning", "BackoffLimitExceeded")]
+
+
+def test_restart_straight_from_launching_still_posts_an_event():
+    st = {"phase": "Launching", "attempts": 1, "startTime": iso(0), "conditions": [], "observedGeneration": 1}
+    plan, st = step(run(st), obs(W.FAILED, exit_code=1, failed_worker="p"), 5)
+    assert st["attempts"] == 2 and [e.reason for e in plan.events] == ["Restarting"]
+
+
+def test_failure_without_exit_code_uses_the_job_message():
+    st = {"phase": "Running", "attempts": 4, "startTime": iso(0), "conditions": [], "observedGeneration": 1}
+    plan, st = step(run(st), obs(W.FAILED, attempt=4, reason="BackoffLimitExceeded",
+                                 message="Job has reached the specified backoff limit"), 5)
+    assert st["phase"] == "Failed" and "reached the specified backoff limit" in st["message"]
+
+
+def test_deadline_exceeded_is_not_retried():
+    st = {"phase": "Running", "attempts": 1, "startTime": iso(0), "conditions": [], "observedGeneration": 1}
+    r = run(st, runPolicy={"activeDeadlineSeconds": 30, "backoffLimit": 3})
+    plan, st = step(r, obs(W.FAILED, reason="DeadlineExceeded", message="Job was active longer than specified deadline"), 31)
+    assert st["phase"] == "Failed" and cond(st, "Failed")["reason"] == "DeadlineExceeded"
+    assert st["attempts"] == 1 and plan.actions == []
+
+
+def test_restart_gets_the_remaining_deadline_and_no_restart_after_it():
+    st = {"phase": "Running", "attempts": 1, "startTime": iso(0), "conditions": [], "observedGeneration": 1}
+    rp = {"activeDeadlineSeconds": 100, "backoffLimit": 3}
+    plan, _ = step(run(st, runPolicy=rp), obs(W.FAILED, exit_code=1), 40)
+    assert plan.actions == [Action("launch", 2, 60)]
+    plan, st2 = step(run(st, runPolicy=rp), obs(W.FAILED, exit_code=1), 100)
+    assert st2["phase"] == "Failed" and cond(st2, "Failed")["reason"] == "DeadlineExceeded"
+
+
+def test_first_launch_passes_the_whole_deadline():
+    plan = decide(run(runPolicy={"activeDeadlineSeconds": 600}), obs(W.ABSENT, attempt=0), at(0))
+    assert plan.actions == [Action("launch", 1, 600)]
+
+
+def test_suspend_and_resume():
+    st = {"phase": "Running", "attempts": 1, "startTime": iso(0), "conditions": [], "observedGeneration": 1}
+    rp = {"suspend": True, "activeDeadlineSeconds": 1000}
+    plan, st = step(run(st, generation=2, runPolicy=rp), obs(W.RUNNING, ready=2), 10)
+    assert plan.actions == [Action("suspend", 1)] and st["phase"] == "Suspended"
+    assert cond(st, "Suspended")["status"] == "True" and st["observedGeneration"] == 2
+    assert [e.reason for e in plan.events] == ["Suspended"]
+    # the workload is gone now: nothing more to do, and no relaunch while suspended
+    plan, st = step(run(st, generation=2, runPolicy=rp), obs(W.ABSENT), 11)
+    assert plan.empty
+
+    rp["suspend"] = False
+    plan, st = step(run(st, generation=3, runPolicy=rp), obs(W.ABSENT), 100)
+    assert plan.actions == [Action("launch", 1, 900)] and st["phase"] == "Launching"
+    assert [e.reason for e in plan.events] == ["Resumed"] and cond(st, "Suspended")["status"] == "False"
+    assert st["attempts"] == 1      # a resume is not a restart
+    plan, st = step(run(st, generation=3, runPolicy=rp), obs(W.RUNNING, ready=2), 101)
+    assert st["phase"] == "Running" and [e.reason for e in plan.events] == ["Running"]
+
+
+def test_suspend_while_launching_and_after_a_crash_mid_suspend():
+    st = {"phase": "Launching", "attempts": 2, "startTime": iso(0), "conditions": [], "observedGeneration": 1}
+    plan = decide(run(st, runPolicy={"suspend": True}), obs(W.STARTING, attempt=2), at(3))
+    assert plan.actions == [Action("suspend", 2)] and plan.patch["phase"] == "Suspended"
+    # suspended in the status, but the Job still there (killed before deleting it): again
+    st = {**st, "phase": "Suspended"}
+    plan = decide(run(st, runPolicy={"suspend": True}), obs(W.RUNNING, attempt=2, ready=2), at(4))
+    assert plan.actions == [Action("suspend", 2)]
+
+
+def test_resume_after_the_deadline_fails():
+    st = {"phase": "Suspended", "attempts": 1, "startTime": iso(0), "conditions": [], "observedGeneration": 1}
+    plan, st = step(run(st, runPolicy={"activeDeadlineSeconds": 60}), obs(W.ABSENT), 61)
+    assert st["phase"] == "Failed" and cond(st, "Failed")["reason"] == "DeadlineExceeded"
+    assert plan.actions == [] and "could resume" in st["message"]
+
+
+def test_suspended_before_start_creates_nothing():
+    plan, st = step(run(runPolicy={"suspend": True}), obs(W.ABSENT, attempt=0), 0)
+    assert st["phase"] == "Suspended" and plan.actions == [] and "attempts" not in st
+    assert "startTime" not in st
+    plan, st = step(run(st, generation=2), obs(W.ABSENT, attempt=0), 5)
+    assert st["phase"] == "Pending" and plan.actions == [Action("launch", 1, None)]
+
+
+def test_suspend_before_the_job_exists_creates_none():
+    st = {"phase": "Pending", "attempts": 1, "startTime": iso(0), "conditions": [], "observedGeneration": 1}
+    plan = decide(run(st, runPolicy={"suspend": True}), obs(W.ABSENT), at(1))
+    assert plan.actions == [] and plan.patch["phase"] == "Suspended"
+
+
+def test_ttl_deletes_children_once_and_keeps_status():
+    st = {"phase": "Succeeded", "attempts": 1, "startTime": iso(0), "completionTime": iso(10),
+          "conditions": [], "output": "s3://b/out/", "observedGeneration": 1}
+    r = run(st, runPolicy={"ttlSecondsAfterFinished": 30})
+    plan = decide(r, obs(W.SUCCEEDED), at(20))
+    assert plan.empty and plan.requeue_after == pytest.approx(20)
+    plan, st = step(r, obs(W.SUCCEEDED), 40)
+    assert plan.actions == [Action("delete", 1)] and not plan.status_first
+    assert cond(st, "ChildrenDeleted")["status"] == "True" and st["phase"] == "Succeeded"
+    assert decide(run(st, runPolicy={"ttlSecondsAfterFinished": 30}), obs(W.ABSENT), at(50)).empty
+
+
+def test_success_plan_asks_to_come_back_for_the_ttl():
+    st = {"phase": "Running", "attempts": 1, "startTime": iso(0), "conditions": [], "observedGeneration": 1}
+    plan = decide(run(st, runPolicy={"ttlSecondsAfterFinished": 30}), obs(W.SUCCEEDED, finished_at=iso(10)), at(12))
+    assert plan.requeue_after == pytest.approx(28)
+
+
+def test_missing_workload_is_relaunched_for_the_same_attempt():
+    st = {"phase": "Running", "attempts": 2, "startTime": iso(0), "conditions": [], "observedGeneration": 1}
+    plan = decide(run(st), obs(W.ABSENT, attempt=2), at(5))
+    assert plan.actions == [Action("launch", 2, None)] and plan.patch == {}
+
+
+def test_stale_attempt_is_pruned_while_the_current_runs():
+    st = {"phase": "Running", "attempts": 2, "startTime": iso(0), "conditions": [], "observedGeneration": 1,
+          "workload": {**WORKLOAD, "job": "ft-a2"}, "observedGeneration": 1}
+    plan = decide(run(st), obs(W.RUNNING, attempt=2, ready=2, stale_attempts=(1,)), at(5))
+    assert plan.actions == [Action("launch", 2, None)]
+
+
+def test_unsupported_backend_stays_pending():
+    plan = decide(run(backend="sagemaker"), Observation(W.ABSENT), at(0), backend_available=False)
+    assert plan.patch["phase"] == "Pending" and plan.actions == []
+    assert "sagemaker" in plan.patch["message"]
+
+
+def test_invalid_keeps_a_running_phase():
+    p = invalid(run({"phase": "Pending", "attempts": 1}), at(0), "ConfigMapNotFound", "no my-ds")
+    assert p.patch["message"] == "no my-ds" and [(e.type, e.reason) for e in p.events] == \
+        [("Warning", "ConfigMapNotFound")]
+    assert cond(merge({"phase": "Pending"}, p.patch), "Created")["reason"] == "ConfigMapNotFound"
+    p = invalid(run({"attempts": 1}), at(0), "InvalidSpec", "bad")
+    assert p.patch["phase"] == "Pending" and len(p.events) == 1
+    p = invalid(run({"phase": "Launching", "attempts": 2}), at(0), "ConfigMapNotFound", "no my-ds")
+    assert "phase" not in p.patch and "ConfigMapNotFound" in p.patch["message"]
+
+
+def test_condition_transition_time_moves_only_on_flips():
+    _, st = step(run(), obs(W.ABSENT, attempt=0), 0)
+    _, st = step(run(st), obs(W.STARTING), 1)
+    created = cond(st, "Created")["lastTransitionTime"]
+    _, st = step(run(st), obs(W.STARTING, ready=1), 5)
+    assert cond(st, "Created")["lastTransitionTime"] == created
+    for c in st["conditions"]:
+        assert set(c) == {"type", "status", "reason", "message", "lastTransitionTime", "observedGeneration"}

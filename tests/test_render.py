@@ -1,0 +1,310 @@
+"""The EKS backend's pure rendering: spec in, plain dicts out (docs/contract.md). No cluster."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alpaca_operator import api
+from alpaca_operator.backends.base import Run
+from alpaca_operator.backends.eks import render
+from alpaca_operator.deepspeed_config import render_deepspeed_config
+from alpaca_operator.spec import SpecError, parse_spec
+from alpaca_operator.training_args import render_training_args
+
+ROOT = Path(__file__).resolve().parent.parent
+MINIMAL = {"model": {"uri": "s3://b/llama-7b/"}, "data": {"uri": "s3://b/alpaca_data.json"},
+           "output": {"uri": "s3://b/out/"}}
+OWNER = {"apiVersion": "alpaca.dev/v1alpha1", "kind": "AlpacaFineTune", "name": "ft",
+         "uid": "0000-uid", "controller": True, "blockOwnerDeletion": True}
+LABELS = {"alpaca.dev/finetune": "ft", "app.kubernetes.io/managed-by": "alpaca-operator"}
+
+
+def run_of(spec: dict, name: str = "ft") -> Run:
+    return Run(name=name, namespace="team", uid="0000-uid", generation=1, spec=parse_spec(spec))
+
+
+def meta(name: str, **extra_labels: str) -> dict:
+    return {"name": name, "namespace": "team", "labels": {**LABELS, **extra_labels},
+            "ownerReferences": [OWNER]}
+
+
+# ---- spec defaults ---------------------------------------------------------------------
+
+def test_defaults_match_contract():
+    s = parse_spec(MINIMAL)
+    assert s.backend == "eks"
+    assert s.prompt_template == "alpaca"
+    assert (s.training.epochs, s.training.learning_rate, s.training.per_device_batch_size,
+            s.training.gradient_accumulation_steps, s.training.max_seq_length) == (3, 2e-5, 4, 8, 512)
+    assert (s.training.warmup_ratio, s.training.lr_scheduler, s.training.precision) == (0.03, "cosine", "bf16")
+    assert (s.deepspeed.zero_stage, s.deepspeed.offload_optimizer, s.deepspeed.offload_params) == (3, False, False)
+    assert (s.resources.nodes, s.resources.gpus_per_node, s.resources.shared_memory) == (1, 8, "64Gi")
+    assert (s.run_policy.backoff_limit, s.run_policy.active_deadline_seconds,
+            s.run_policy.ttl_seconds_after_finished, s.run_policy.suspend) == (3, None, None, False)
+    assert s.image == "ghcr.io/alpaca-operator/train:0.1.0" and s.image_pull_policy == "IfNotPresent"
+
+
+def test_defaults_agree_with_the_crd():
+    crd = yaml.safe_load((ROOT / "manifests/crd/alpacafinetunes.alpaca.dev.yaml").read_text())
+    props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    s = parse_spec(MINIMAL)
+    t = props["training"]["properties"]
+    assert t["epochs"]["default"] == s.training.epochs
+    assert t["learningRate"]["default"] == s.training.learning_rate
+    assert t["gradientAccumulationSteps"]["default"] == s.training.gradient_accumulation_steps
+    assert t["precision"]["default"] == s.training.precision
+    r = props["resources"]["properties"]
+    assert (r["nodes"]["default"], r["gpusPerNode"]["default"], r["sharedMemory"]["default"]) == (1, 8, "64Gi")
+    assert props["runPolicy"]["properties"]["backoffLimit"]["default"] == s.run_policy.backoff_limit
+    assert props["image"]["default"] == s.image
+    assert props["deepspeed"]["default"]["zeroStage"] == s.deepspeed.zero_stage
+
+
+@pytest.mark.parametrize("bad", [
+    {},
+    {**MINIMAL, "backend": "slurm"},
+    {**MINIMAL, "deepspeed": {"zeroStage": 1}},
+    {**MINIMAL, "deepspeed": {"zeroStage": 2, "offloadParams": True}},
+])
+def test_unrunnable_specs_are_refused(bad):
+    with pytest.raises(SpecError):
+        parse_spec(bad)
+
+
+# ---- DeepSpeed config and training arguments ---------------------------------------------
+
+def test_deepspeed_zero3_leaves_batch_and_optimizer_to_the_trainer():
+    ds = render_deepspeed_config(parse_spec(MINIMAL))
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping"):
+        assert ds[key] == "auto"
+    assert ds["bf16"] == {"enabled": "auto"} and ds["fp16"]["enabled"] == "auto"
+    assert ds["optimizer"]["params"] == {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}
+    assert "scheduler" not in ds      # the Trainer's --lr_scheduler_type (cosine) applies
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["stage3_gather_16bit_weights_on_model_save"] is True
+    assert "offload_optimizer" not in z and "offload_param" not in z
+    json.dumps(ds)    # serialisable as is
+
+
+def test_deepspeed_zero2_and_offload():
+    z2 = render_deepspeed_config(parse_spec({**MINIMAL, "deepspeed": {"zeroStage": 2, "offloadOptimizer": True}}))
+    z = z2["zero_optimization"]
+    assert z["stage"] == 2 and z["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert not any(k.startswith("stage3_") for k in z) and "offload_param" not in z
+    z3 = render_deepspeed_config(parse_spec({**MINIMAL, "deepspeed": {
+        "zeroStage": 3, "offloadOptimizer": True, "offloadParams": True}}))["zero_optimization"]
+    assert z3["offload_param"] == {"device": "cpu", "pin_memory": True}
+
+
+def test_training_args_alpaca_recipe():
+    spec = parse_spec({**MINIMAL, "training": {"epochs": 3, "gradientAccumulationSteps": 4,
+                                               "extraArgs": ["--gradient_checkpointing", "true"]}})
+    assert render_training_args(spec) == [
+        "--model_name_or_path", "s3://b/llama-7b/",
+        "--data_path", "s3://b/alpaca_data.json",
+        "--prompt_template", "alpaca",
+        "--num_train_epochs", "3",
+        "--learning_rate", "2e-05",
+        "--per_device_train_batch_size", "4",
+        "--gradient_accumulation_steps", "4",
+        "--model_max_length", "512",
+        "--warmup_steps", "0.03",
+        "--lr_scheduler_type", "cosine",
+        "--weight_decay", "0.0",
+        "--save_strategy", "steps",
+        "--save_steps", "500",
+        "--save_total_limit", "3",
+        "--logging_steps", "1",
+        "--bf16", "true",
+        "--gradient_checkpointing", "true",
+    ]
+
+
+@pytest.mark.parametrize("precision,flags", [("bf16", ["--bf16", "true"]), ("fp16", ["--fp16", "true"]), ("fp32", [])])
+def test_training_args_precision(precision, flags):
+    args = render_training_args(parse_spec({**MINIMAL, "training": {"precision": precision}}))
+    assert [a for a in args if a in ("--bf16", "--fp16")] == flags[:1]
+    assert "--deepspeed" not in args   # alpaca-launch adds it
+
+
+# ---- the children ------------------------------------------------------------------------
+
+def test_children_in_creation_order_job_last():
+    kinds = [o["kind"] for o in render.render_children(run_of(MINIMAL), 1)]
+    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Job"]
+    with_sa = run_of({**MINIMAL, "serviceAccountName": "irsa"})
+    assert [o["kind"] for o in render.render_children(with_sa, 1)] == \
+        ["Role", "RoleBinding", "ConfigMap", "Service", "Job"]
+
+
+def test_service_is_headless_and_publishes_not_ready_pods():
+    assert render.render_service(run_of(MINIMAL)) == {
+        "apiVersion": "v1", "kind": "Service", "metadata": meta("ft"),
+        "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                 "selector": {"alpaca.dev/finetune": "ft"},
+                 "ports": [{"name": "rendezvous", "port": 29500, "targetPort": 29500, "protocol": "TCP"}]},
+    }
+
+
+def test_progress_rbac_is_only_its_own_status():
+    r = run_of(MINIMAL)
+    assert render.render_service_account(r) == {"apiVersion": "v1", "kind": "ServiceAccount",
+                                                "metadata": meta("ft-trainer")}
+    assert render.render_role(r) == {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta("ft-progress"),
+        "rules": [{"apiGroups": ["alpaca.dev"], "resources": ["alpacafinetunes/status"],
+                   "resourceNames": ["ft"], "verbs": ["get", "patch"]}],
+    }
+    assert render.render_role_binding(r) == {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta("ft-progress"),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ft-progress"},
+        "subjects": [{"kind": "ServiceAccount", "name": "ft-trainer", "namespace": "team"}],
+    }
+    irsa = render.render_role_binding(run_of({**MINIMAL, "serviceAccountName": "irsa"}))
+    assert irsa["subjects"] == [{"kind": "ServiceAccount", "name": "irsa", "namespace": "team"}]
+
+
+def test_config_map_holds_ds_config_and_train_args():
+    r = run_of(MINIMAL)
+    cm = render.render_config_map(r)
+    assert cm["metadata"] == meta("ft-config")
+    assert set(cm["data"]) == {"ds_config.json", "train_args.json"}
+    assert json.loads(cm["data"]["ds_config.json"]) == render_deepspeed_config(r.spec)
+    assert json.loads(cm["data"]["train_args.json"]) == render_training_args(r.spec)
+    user = {"zero_optimization": {"stage": 2}, "train_batch_size": "auto"}
+    assert json.loads(render.render_config_map(r, user)["data"]["ds_config.json"]) == user
+
+
+FULL = {
+    **MINIMAL,
+    "resources": {"nodes": 2, "gpusPerNode": 8, "instanceType": "p4d.24xlarge", "efa": True,
+                  "nodeSelector": {"eks.amazonaws.com/nodegroup": "gpu-p4d"},
+                  "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "training",
+                                   "effect": "NoSchedule"}],
+                  "cpu": "90", "memory": "1000Gi", "sharedMemory": "128Gi"},
+    "image": "registry.local/train:dev",
+    "imagePullPolicy": "Always",
+    "env": [{"name": "AWS_REGION", "value": "us-west-2"}],
+    "podMetadata": {"labels": {"team": "llm"}, "annotations": {"kwok.alpaca.dev/complete-after": "5s"}},
+    "runPolicy": {"backoffLimit": 5, "activeDeadlineSeconds": 3600, "ttlSecondsAfterFinished": 60},
+}
+
+
+def test_job_exactly():
+    job = render.render_job(run_of(FULL), 3, deadline_seconds=1234)
+    resources = {"nvidia.com/gpu": "8", "vpc.amazonaws.com/efa": "4", "cpu": "90", "memory": "1000Gi"}
+    assert job == {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta("ft-a3", **{"alpaca.dev/attempt": "3"}),
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": 2,
+            "parallelism": 2,
+            "backoffLimit": 0,
+            "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
+                "containerName": "trainer", "operator": "NotIn", "values": [0]}}]},
+            "activeDeadlineSeconds": 1234,
+            "template": {
+                "metadata": {
+                    "labels": {"team": "llm", **LABELS, "alpaca.dev/attempt": "3"},
+                    "annotations": {"kwok.alpaca.dev/complete-after": "5s"},
+                },
+                "spec": {
+                    "restartPolicy": "Never",
+                    "subdomain": "ft",
+                    "serviceAccountName": "ft-trainer",
+                    "nodeSelector": {"node.kubernetes.io/instance-type": "p4d.24xlarge",
+                                     "eks.amazonaws.com/nodegroup": "gpu-p4d"},
+                    "tolerations": [
+                        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                        {"key": "dedicated", "operator": "Equal", "value": "training", "effect": "NoSchedule"},
+                    ],
+                    "containers": [{
+                        "name": "trainer",
+                        "image": "registry.local/train:dev",
+                        "imagePullPolicy": "Always",
+                        "command": ["alpaca-launch"],
+                        "env": [
+                            {"name": "PET_NNODES", "value": "2"},
+                            {"name": "PET_NPROC_PER_NODE", "value": "8"},
+                            {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {
+                                "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+                            {"name": "PET_MASTER_ADDR", "value": "ft-a3-0.ft"},
+                            {"name": "PET_MASTER_PORT", "value": "29500"},
+                            {"name": "ALPACA_CONFIG_DIR", "value": "/etc/alpaca"},
+                            {"name": "ALPACA_WORKDIR", "value": "/workspace"},
+                            {"name": "ALPACA_OUTPUT_URI", "value": "s3://b/out/"},
+                            {"name": "ALPACA_FINETUNE_NAME", "value": "ft"},
+                            {"name": "ALPACA_FINETUNE_NAMESPACE", "valueFrom": {"fieldRef": {
+                                "fieldPath": "metadata.namespace"}}},
+                            {"name": "ALPACA_ATTEMPT", "value": "3"},
+                            {"name": "FI_PROVIDER", "value": "efa"},
+                            {"name": "FI_EFA_USE_DEVICE_RDMA", "value": "1"},
+                            {"name": "AWS_REGION", "value": "us-west-2"},
+                        ],
+                        "ports": [{"name": "rendezvous", "containerPort": 29500, "protocol": "TCP"}],
+                        "resources": {"requests": resources, "limits": resources},
+                        "volumeMounts": [
+                            {"name": "config", "mountPath": "/etc/alpaca", "readOnly": True},
+                            {"name": "shm", "mountPath": "/dev/shm"},
+                            {"name": "workspace", "mountPath": "/workspace"},
+                        ],
+                    }],
+                    "volumes": [
+                        {"name": "config", "configMap": {"name": "ft-config"}},
+                        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "128Gi"}},
+                        {"name": "workspace", "emptyDir": {}},
+                    ],
+                },
+            },
+        },
+    }
+
+
+def test_minimal_job_has_no_optional_fields():
+    job = render.render_job(run_of(MINIMAL), 1)
+    pod = job["spec"]["template"]["spec"]
+    assert "activeDeadlineSeconds" not in job["spec"] and "ttlSecondsAfterFinished" not in job["spec"]
+    assert "nodeSelector" not in pod and "annotations" not in job["spec"]["template"]["metadata"]
+    assert pod["containers"][0]["resources"] == {"requests": {"nvidia.com/gpu": "8"},
+                                                 "limits": {"nvidia.com/gpu": "8"}}
+    assert [e["name"] for e in pod["containers"][0]["env"]] == [
+        "PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT",
+        "ALPACA_CONFIG_DIR", "ALPACA_WORKDIR", "ALPACA_OUTPUT_URI", "ALPACA_FINETUNE_NAME",
+        "ALPACA_FINETUNE_NAMESPACE", "ALPACA_ATTEMPT"]
+
+
+def test_names():
+    r = run_of(MINIMAL, name="alpaca-7b")
+    assert "suspend" not in render.render_job(r, 2)["spec"]   # suspending deletes the Job
+    assert render.workload_names(r, 2) == {"job": "alpaca-7b-a2", "service": "alpaca-7b",
+                                           "configMap": "alpaca-7b-config", "serviceAccount": "alpaca-7b-trainer"}
+    assert api.master_addr("alpaca-7b", 2) == "alpaca-7b-a2-0.alpaca-7b"
+
+
+def test_rendering_is_pure():
+    r = run_of(FULL)
+    assert render.render_children(r, 1) == render.render_children(r, 1)
+    a = render.render_job(r, 1)
+    a["spec"]["template"]["spec"]["containers"][0]["env"].append({"name": "X", "value": "y"})
+    a["spec"]["template"]["metadata"]["labels"]["x"] = "y"
+    assert render.render_job(r, 1) != a and r.spec.pod_labels == {"team": "llm"}
+
+
+@pytest.mark.parametrize("sample", sorted((ROOT / "manifests/samples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_sample_renders(sample):
+    for doc in yaml.safe_load_all(sample.read_text()):
+        if not doc or doc.get("kind") != "AlpacaFineTune":
+            continue
+        spec = parse_spec(doc["spec"])
+        if spec.backend != "eks":
+            continue
+        objs = render.render_children(Run(doc["metadata"]["name"], "default", "u", 1, spec), 1)
+        job = objs[-1]
+        assert job["spec"]["completions"] == job["spec"]["parallelism"] == spec.resources.nodes
+        assert all(len(o["metadata"]["name"]) <= 63 for o in objs)

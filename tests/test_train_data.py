@@ -1,0 +1,238 @@
+"""Alpaca's data recipe, checked token for token against Stanford Alpaca's own code."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from fixtures_train import ALPACA_DS_CONFIG, load_reference
+
+from alpaca_train import compat, data
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return load_reference()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model, model_max_length=512, padding_side="right")
+    assert tok.pad_token is None, "the tiny tokenizer must lack a pad token, like LLaMA's"
+    tok.add_special_tokens({"pad_token": data.DEFAULT_PAD_TOKEN})
+    return tok
+
+
+def test_prompts_are_alpacas(ref, seed_records):
+    assert data.PROMPT_INPUT == ref.PROMPT_DICT["prompt_input"]
+    assert data.PROMPT_NO_INPUT == ref.PROMPT_DICT["prompt_no_input"]
+    with_input = next(r for r in seed_records if r["input"])
+    without = next(r for r in seed_records if not r["input"])
+    sources, targets = data.build_texts([with_input, without], "</s>")
+    assert sources[0].endswith(f"### Input:\n{with_input['input']}\n\n### Response:")
+    assert "### Input:" not in sources[1]
+    assert targets == [with_input["output"] + "</s>", without["output"] + "</s>"]
+
+
+@pytest.mark.parametrize("boundary", ["read off the full text", "prompts tokenized alone"])
+@pytest.mark.parametrize("max_length", [512, 48])
+def test_labels_match_reference_token_for_token(ref, tokenizer, seed_records, max_length, boundary, monkeypatch):
+    if boundary == "prompts tokenized alone":
+        monkeypatch.setattr(data._PromptBoundary, "for_tokenizer", classmethod(lambda cls, tok: None))
+    else:
+        assert data._PromptBoundary.for_tokenizer(tokenizer) is not None
+    tokenizer.model_max_length = max_length
+    try:
+        sources, targets = data.build_texts(seed_records, tokenizer.eos_token)
+        expected = ref.preprocess(sources, targets, tokenizer)
+        ds = data.SupervisedDataset.from_records(seed_records, tokenizer, max_length)
+        ids = [ds.example(i).tolist() for i in range(len(ds))]
+        labels = [ds.labels(i) for i in range(len(ds))]
+    finally:
+        tokenizer.model_max_length = 512
+    assert ids == [t.tolist() for t in expected["input_ids"]]
+    assert labels == [t.tolist() for t in expected["labels"]]
+    kinds = {bool(r["input"]) for r in seed_records}
+    assert kinds == {True, False}, "the seed tasks have records with and without input"
+    if max_length == 512:
+        for rec, lab, seq in zip(seed_records, labels, ids):
+            assert seq[0] == tokenizer.bos_token_id and lab[0] == data.IGNORE_INDEX
+            if len(seq) == max_length:
+                continue  # truncated, as in the reference: no EOS
+            n_masked = next(i for i, t in enumerate(lab) if t != data.IGNORE_INDEX)
+            assert lab[n_masked:] == seq[n_masked:], "response tokens are trained"
+            assert seq[-1] == tokenizer.eos_token_id and lab[-1] == tokenizer.eos_token_id, "EOS is trained"
+            response = tokenizer.decode(seq[n_masked:-1])
+            assert response.strip()[:20] == rec["output"].strip()[:20]
+    else:
+        assert max(map(len, ids)) == 48
+        assert any(all(t == data.IGNORE_INDEX for t in lab) for lab in labels), "long prompts fully masked"
+
+
+def test_collator_matches_reference(ref, tokenizer, seed_records):
+    ds = data.SupervisedDataset.from_records(seed_records[:5], tokenizer, 512)
+    ours = data.DataCollatorForSupervisedDataset(tokenizer.pad_token_id)([ds[i] for i in range(5)])
+    theirs = ref.DataCollatorForSupervisedDataset(tokenizer)(
+        [{"input_ids": torch.tensor(ds.example(i).tolist()), "labels": torch.tensor(ds.labels(i))} for i in range(5)]
+    )
+    for key in ("input_ids", "labels", "attention_mask"):
+        assert torch.equal(ours[key], theirs[key]), key
+    lengths = [len(ds[i]["input_ids"]) for i in range(5)]
+    assert ours["input_ids"].shape == (5, max(lengths)), "padded to the longest in the batch"
+
+
+def test_packing_keeps_every_example_once_within_capacity(tokenizer, seed_records):
+    ds = data.SupervisedDataset.from_records(seed_records, tokenizer, 512, packing=True)
+    members = sorted(i for pack in ds.packs for i in pack)
+    assert members == list(range(len(seed_records)))
+    sizes = [sum(len(ds.example(i)) for i in pack) for pack in ds.packs]
+    assert max(sizes) <= 512
+    assert len(ds) < len(seed_records) / 2
+    assert sum(sizes) / (512 * len(sizes)) > 0.85, "packs are mostly full"
+
+
+@pytest.mark.parametrize("flatten", [False, True], ids=["rows", "one-row"])
+def test_packed_and_padded_batches_give_the_same_loss(tiny_model, tokenizer, seed_records, flatten):
+    """Examples sharing a row must not attend to each other: same loss as one padded batch."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.eval()
+    ds = data.SupervisedDataset.from_records(seed_records[:6], tokenizer, 512)
+    lengths = [len(ds.example(i)) for i in range(6)]
+    padded = data.DataCollatorForSupervisedDataset(tokenizer.pad_token_id)([ds[i] for i in range(6)])
+    # Two packs of three examples each, as --packing makes them.
+    packs = [{"input_ids": [ds.example(i) for i in (a, a + 1, a + 2)],
+              "prompt_len": [int(ds.prompt_lens[i]) for i in (a, a + 1, a + 2)]} for a in (0, 3)]
+    packed = data.PackedCollator(tokenizer.pad_token_id, flatten=flatten)(packs)
+    assert packed["input_ids"].shape[0] == (1 if flatten else 2)
+    assert "attention_mask" not in packed
+    with torch.no_grad():
+        # use_cache=False as in training (the Trainer sets it): with a cache, transformers
+        # does not look for packed sequences.
+        out_padded = model(**padded, use_cache=False)
+        out_packed = model(**packed, use_cache=False)
+        # Without the restart of position ids the examples would see each other.
+        leaky = model(input_ids=packed["input_ids"], use_cache=False).logits
+    assert torch.allclose(out_padded.loss, out_packed.loss, atol=1e-5), (out_padded.loss, out_packed.loss)
+    expected = torch.cat([out_padded.logits[i, :n] for i, n in enumerate(lengths)])
+    rows = [(0, range(6))] if flatten else [(0, range(3)), (1, range(3, 6))]
+    got = torch.cat([out_packed.logits[r, : sum(lengths[i] for i in members)] for r, members in rows])
+    got_leaky = torch.cat([leaky[r, : sum(lengths[i] for i in members)] for r, members in rows])
+    assert torch.allclose(expected, got, atol=1e-4)
+    assert (expected - got_leaky).abs().max() > 1e-2
+
+
+def test_pad_token_added_with_mean_embeddings(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alpaca_train.train import smart_tokenizer_and_embedding_resize
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    before = model.get_input_embeddings().weight.detach().clone()
+    before_out = model.get_output_embeddings().weight.detach().clone()
+    assert smart_tokenizer_and_embedding_resize({"pad_token": "[PAD]"}, tok, model) == 1
+    emb, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert emb.shape[0] == len(tok) == before.shape[0] + 1
+    assert torch.equal(emb[:-1], before)
+    assert torch.allclose(emb[-1], before.mean(0), atol=1e-6)
+    assert torch.allclose(out[-1], before_out.mean(0), atol=1e-6)
+    assert tok.pad_token_id == len(tok) - 1
+
+
+def test_records_from_json_list_jsonl_and_seed_tasks(tmp_path, seed_records):
+    assert len(seed_records) == 175 and all(set(r) == {"instruction", "input", "output"} for r in seed_records)
+    lst = tmp_path / "a.json"
+    lst.write_text(json.dumps([{"instruction": "i", "output": "o"}, {"instruction": "j", "input": "x", "output": "p"}]))
+    assert data.load_records(lst) == [
+        {"instruction": "i", "input": "", "output": "o"},
+        {"instruction": "j", "input": "x", "output": "p"},
+    ]
+    jl = tmp_path / "a.jsonl"
+    jl.write_text('{"instruction": "i", "input": "", "output": "o"}\n\n{"instruction": "k", "output": "q"}\n')
+    assert [r["instruction"] for r in data.load_records(jl)] == ["i", "k"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n', "line 2: malformed JSON record"),
+        ('[{"instruction": "a", "output": "b"},\n {"instruction": ]', "malformed JSON at line 2"),
+        ('[{"instruction": "a"}]', "record 0: field 'output' is missing or not a string"),
+        ('[{"instruction": "a", "output": "b", "input": 3}]', "field 'input' is not a string"),
+        ('["just a string"]', "expected an object"),
+        ("[]", "no records"),
+    ],
+)
+def test_bad_records_are_reported_with_place_and_reason(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(data.DataError, match=message):
+        data.load_records(path)
+
+
+def test_missing_data_file(tmp_path):
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.load_records(tmp_path / "nope.json")
+
+
+def test_custom_prompt_templates():
+    tpl = data.PromptTemplate.parse(json.dumps({"with_input": "Q: {instruction} [{input}] A:", "without_input": "Q: {instruction} A:"}))
+    assert tpl.source({"instruction": "x", "input": "y", "output": ""}) == "Q: x [y] A:"
+    assert tpl.source({"instruction": "x", "input": "", "output": ""}) == "Q: x A:"
+    inline = data.PromptTemplate.parse("{instruction}\n{input}\n=>")
+    assert inline.source({"instruction": "x", "input": "y", "output": ""}) == "x\ny\n=>"
+    assert inline.source({"instruction": "x", "input": "", "output": ""}) == "x\n\n=>"
+    assert data.PromptTemplate.parse("alpaca").is_alpaca
+    with pytest.raises(data.DataError, match="bad placeholder"):
+        data.PromptTemplate.parse("{instruction} {nope}")
+    with pytest.raises(data.DataError, match="no {instruction} placeholder"):
+        data.PromptTemplate.parse("Answer: {input}")
+
+
+SEED_COMMAND_FLAGS = (
+    "--deepspeed ds.json --model_name_or_path m --data_path alpaca_data.json --output_dir /tmp/llama_out "
+    "--num_train_epochs 1 --per_device_train_batch_size 2 --per_device_eval_batch_size 1 "
+    "--gradient_accumulation_steps 2 --evaluation_strategy no --save_strategy steps --save_steps 5 "
+    "--save_total_limit 3 --learning_rate 2e-5 --weight_decay 0. --warmup_ratio 0.03 --lr_scheduler_type cosine "
+    "--logging_steps 1 --cache_dir /tmp --fp16_full_eval --fp16"
+).split()
+
+
+def test_removed_flags_are_translated_with_one_warning_each(caplog):
+    with caplog.at_level(logging.WARNING, logger="alpaca_train.compat"):
+        out = compat.translate_legacy_args(SEED_COMMAND_FLAGS + ["--fsdp_transformer_layer_cls_to_wrap=LlamaDecoderLayer", "--group_by_length"])
+    assert out[out.index("--eval_strategy") + 1] == "no"
+    assert out[out.index("--warmup_steps") + 1] == "0.03"
+    assert json.loads(out[out.index("--fsdp_config") + 1]) == {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
+    assert out[out.index("--train_sampling_strategy") + 1] == "group_by_length"
+    assert "--evaluation_strategy" not in out and "--warmup_ratio" not in out
+    warned = [r.getMessage().split()[0] for r in caplog.records]
+    assert warned == ["--evaluation_strategy", "--warmup_ratio", "--fsdp_transformer_layer_cls_to_wrap", "--group_by_length"]
+
+
+def test_gpu_only_precision_falls_back_on_cpu(caplog):
+    values = {"fp16": True, "bf16": False, "tf32": True, "fp16_full_eval": True, "bf16_full_eval": False}
+    with caplog.at_level(logging.WARNING, logger="alpaca_train.compat"):
+        compat.cpu_fallback(values, have_cuda=False)
+    assert values == {"fp16": False, "bf16": False, "tf32": None, "fp16_full_eval": False, "bf16_full_eval": False}
+    assert len(caplog.records) == 3
+    assert compat.cpu_fallback({"bf16": True}, have_cuda=True) == {"bf16": True}
+
+
+def test_alpaca_deepspeed_config_is_made_to_save_a_consolidated_model():
+    cfg = compat.load_deepspeed_config(str(ALPACA_DS_CONFIG))
+    assert cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is False
+    adapted = compat.adapt_deepspeed_config(cfg, have_cuda=False)
+    assert adapted["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert adapted["zero_optimization"]["offload_param"]["pin_memory"] is False
+    assert adapted["bf16"] == {"enabled": "auto"}, "'auto' follows --bf16, which already fell back"
+    forced = compat.adapt_deepspeed_config({"fp16": {"enabled": True}, "zero_optimization": {"stage": 2}}, have_cuda=False)
+    assert forced["fp16"]["enabled"] is False
+    assert compat.adapt_deepspeed_config(cfg, have_cuda=True)["zero_optimization"]["offload_param"]["pin_memory"] is True
