@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from support import free_port, port_free
+
 # The training-image tests' fixtures (tiny model, training environment).
 pytest_plugins = ["fixtures_train"]
 
@@ -30,12 +32,6 @@ VENV_BIN = Path(sys.executable).parent
 _spec = importlib.util.spec_from_file_location("hack_cluster", ROOT / "hack" / "cluster.py")
 hack_cluster = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(hack_cluster)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -74,7 +70,7 @@ def cluster():
     own = None
     for _ in range(20):
         port = free_port()
-        if port > 20000 and all(_port_free(p) for p in (port - 2, port - 1)):
+        if port > 20000 and all(port_free(p) for p in (port - 2, port - 1)):
             own = hack_cluster.Cluster(Path(tempfile.mkdtemp(prefix="alpaca-cluster-")), port)
             break
     assert own is not None, "no free ports for a test control plane"
@@ -88,15 +84,6 @@ def cluster():
     finally:
         own.down()
         shutil.rmtree(own.dir, ignore_errors=True)
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,14 +13,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
+from support import free_port, wait_for  # noqa: F401  (wait_for is re-exported to the operator tests)
+
 ROOT = Path(__file__).resolve().parent.parent
 KUBECTL = str(ROOT / ".bin" / "kubectl")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class OperatorProcess:
@@ -39,7 +34,7 @@ class OperatorProcess:
         self.starts = 0
 
     def start(self, wait: bool = True) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         log = open(self.log_path, "ab")
         log.write(f"\n===== start #{self.starts + 1} at {time.time():.3f} =====\n".encode())
         log.flush()
@@ -84,19 +79,6 @@ class OperatorProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return "(no log)"
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60, interval: float = 0.3,
-             on_timeout: Callable[[], str] | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    extra = on_timeout() if on_timeout else ""
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})\n{extra}")
 
 
 class PhaseRecorder:

@@ -4,23 +4,14 @@ from __future__ import annotations
 import json
 import time
 
+from support import free_port, port_free, wait_for
+
 GPU_LABELS = {
     "eks.amazonaws.com/nodegroup": "gpu-p4d",
     "node.kubernetes.io/instance-type": "p4d.24xlarge",
     "nvidia.com/gpu.present": "true",
 }
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-
-
-def wait_for(what, check, timeout=90, interval=0.5):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 def get_json(cluster, *args):
@@ -167,9 +158,9 @@ def test_rbac_refuses_a_service_account_without_a_role(cluster, namespace):
 
 
 def test_cluster_up_twice_is_harmless_and_down_leaves_nothing(tmp_path):
-    from conftest import free_port, hack_cluster, _port_free
+    from conftest import hack_cluster
     port = next(p for p in (free_port() for _ in range(50))
-                if p > 20000 and _port_free(p - 1) and _port_free(p - 2))
+                if p > 20000 and port_free(p - 1) and port_free(p - 2))
     own = hack_cluster.Cluster(tmp_path / "c", port)
     try:
         own.up(gpu_nodes=1, system_nodes=0)
