@@ -8,7 +8,7 @@ Same tiny LLaMA (alpaca_train.testing), same data (the 175 Alpaca seed tasks rep
    non-padding input tokens over its train_runtime): the reference's train.py against
    ours with the same batches, with length grouping, padding-free, and packing.
 
-    .venv/bin/python bench/bench_train.py [--write-docs] [--repeats 2] [--steps 100]
+    .venv/bin/python bench/bench_train.py [--write-docs] [--repeats 2] [--rounds 5] [--steps 100]
 """
 from __future__ import annotations
 
@@ -172,7 +172,7 @@ def markdown(pre: dict, tr: dict, when: str, where: str, args) -> str:
         "ours encodes the full texts in batches on the Rust backend and reads each prompt's token count",
         "off them where that is provably the same (LLaMA's BPE), tokenizing the prompt otherwise.",
         "",
-        f"### Training throughput, {tr['steps']} steps of 4 examples (or 4 packs), {args.repeats} rounds",
+        f"### Training throughput, {tr['steps']} steps of 4 examples (or 4 packs), {args.rounds} rounds",
         "",
         "| | best non-padding tokens/s | best vs best reference | median of per-round ratios |",
         "|---|---:|---:|---:|",
@@ -187,8 +187,8 @@ def markdown(pre: dict, tr: dict, when: str, where: str, args) -> str:
         "by the cheaper collation of pre-tokenized int32 arrays. Length grouping and packing",
         "avoid computing on padding, and packing also needs fewer optimizer steps per token; a",
         "packed row keeps its examples apart (position ids restart, no cross-example attention).",
-        "The machine is shared with other builds: rounds differ several-fold in absolute speed,",
-        "hence the per-round ratios.",
+        "The machine is shared with other builds, hence the per-round ratios; under heavy load",
+        "(load average 5 to 10) runs here scattered from 0.5x to 2x, so only quiet runs count.",
         "",
     ]
     return "\n".join(lines)
@@ -207,7 +207,8 @@ def main(argv=None) -> int:
     p.add_argument("--records", type=int, default=52000)
     p.add_argument("--train-records", type=int, default=2000)
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2, help="preprocessing repeats")
+    p.add_argument("--rounds", type=int, default=5, help="training rounds (every configuration once each)")
     p.add_argument("--write-docs", action="store_true", help=f"write the Training section of {DOCS}")
     args = p.parse_args(argv)
 
@@ -225,7 +226,7 @@ def main(argv=None) -> int:
         pre = bench_preprocessing(model_dir, replicated(seed, args.records), args.repeats, tmp)
         print(json.dumps({k: v for k, v in pre.items() if k != "all_seconds"}, indent=1), flush=True)
         print("training...", flush=True)
-        tr = bench_training(model_dir, replicated(seed, args.train_records), args.steps, args.repeats, tmp)
+        tr = bench_training(model_dir, replicated(seed, args.train_records), args.steps, args.rounds, tmp)
         print(json.dumps({k: tr[k] for k in ("best_tokens_per_second", "ratio", "median_round_ratio")}, indent=1))
     section = markdown(pre, tr, when, where, args)
     print(section)

@@ -269,6 +269,20 @@ def smart_tokenizer_and_embedding_resize(special_tokens_dict: dict, tokenizer, m
     return num_new_tokens
 
 
+def leave_process_group() -> None:
+    """All ranks tear the process group down together before rank 0 uploads.
+
+    A rank that simply exits while others still hold the group can abort in gloo's
+    threads at interpreter exit; torchrun then reports the node failed although
+    training finished.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def write_failure(message: str) -> None:
     """One line for the platform (SageMaker's failure file, Kubernetes' termination log)."""
     path = os.environ.get("ALPACA_FAILURE_FILE")
@@ -403,6 +417,7 @@ def _train(values, original_argv, model_args, data_args, out_args, topo, reporte
     trainer.save_state()
     final_dir = Path(out_args.final_model_dir or training_args.output_dir)
     trainer.save_model(str(final_dir))
+    leave_process_group()
     if not topo.is_global_main:
         return 0
 
