@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-SEED_TASKS = ROOT.parent / "shared" / "data" / "alpaca_seed_tasks.jsonl"
+SEED_TASKS = ROOT / "tests" / "data" / "alpaca_seed_tasks.jsonl"
 DOCS = ROOT / "docs" / "benchmarks.md"
 
 

@@ -21,9 +21,10 @@ from support import free_port, port_free  # noqa: F401  (re-exported to the trai
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-SHARED_DATA = Path(os.environ.get("ALPACA_SHARED_DATA", ROOT.parent / "shared" / "data"))
-SEED_TASKS = SHARED_DATA / "alpaca_seed_tasks.jsonl"
-ALPACA_DS_CONFIG = SHARED_DATA / "alpaca_default_offload_opt_param.json"
+# Shipped with the repo (tests/data/README.md has the licence): a fresh clone needs nothing else.
+TEST_DATA = ROOT / "tests" / "data"
+SEED_TASKS = TEST_DATA / "alpaca_seed_tasks.jsonl"
+ALPACA_DS_CONFIG = TEST_DATA / "alpaca_default_offload_opt_param.json"
 CACHE = ROOT / ".cache"
 
 ZERO2 = {

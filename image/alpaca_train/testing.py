@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 DEFAULT_DIR = Path(os.environ.get("ALPACA_TINY_MODEL_DIR", Path(__file__).resolve().parents[2] / ".cache" / "tiny-llama"))
-DEFAULT_SEED_TASKS = Path(os.environ.get("ALPACA_SEED_TASKS", Path(__file__).resolve().parents[3] / "shared" / "data" / "alpaca_seed_tasks.jsonl"))
+DEFAULT_SEED_TASKS = Path(os.environ.get("ALPACA_SEED_TASKS", Path(__file__).resolve().parents[2] / "tests" / "data" / "alpaca_seed_tasks.jsonl"))
 
 # Bump when anything below changes, so cached copies are rebuilt.
 RECIPE_VERSION = "3"
