@@ -12,6 +12,7 @@ until it is gone. Each replica picks a random priority unless --priority is give
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import random
@@ -25,6 +26,15 @@ sys.modules.setdefault("kubernetes", None)  # type: ignore[arg-type]
 import kopf  # noqa: E402
 
 
+def priority_from_ip(ip: str | None) -> int | None:
+    """A peering priority that no other live replica has: its pod IP as a number (kopf
+    pauses every replica of equal priority, which random ones cannot rule out)."""
+    try:
+        return int(ipaddress.ip_address(ip or "")) % (2 ** 62) + 1
+    except ValueError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="alpaca-operator", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,18 +46,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="peering priority (highest acts); default: random")
     p.add_argument("--liveness", default=os.environ.get("ALPACA_LIVENESS") or None,
                    help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument("--metrics-port", type=int, default=int(os.environ.get("ALPACA_METRICS_PORT") or 0),
+                   help="serve Prometheus metrics on this port (/metrics); default: off")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
 
-    from . import handlers  # noqa: F401  (registers the handlers)
+    from . import handlers, metrics  # noqa: F401  (registers the handlers)
+    metrics.serve(args.metrics_port)
 
     kopf.configure(verbose=args.verbose, debug=args.debug)
     if not (args.verbose or args.debug):
         # One line per watch event ("Handler ... succeeded") and per probe is noise at scale.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    priority = args.priority
+    priority = args.priority if args.priority is not None else priority_from_ip(os.environ.get("POD_IP"))
     if args.peering and priority is None:
         priority = random.SystemRandom().randint(1, 1_000_000)
     kopf.run(

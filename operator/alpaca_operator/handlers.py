@@ -22,7 +22,7 @@ from typing import Any
 
 import kopf
 
-from . import api, kube
+from . import api, kube, metrics
 from .backends import make_backends
 from .cache import Cache
 from .reconciler import Reconciler
@@ -77,6 +77,7 @@ async def shutdown(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
 async def finetune_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     ns, name = body.metadata.namespace, body.metadata.name
+    metrics.run_seen(event["object"], deleted=event["type"] == "DELETED")
     if event["type"] == "DELETED":
         memo.cache.drop_run(ns, name)
         memo.reconciler.forget(ns, name)

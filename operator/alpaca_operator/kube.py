@@ -23,6 +23,8 @@ import aiohttp
 import kopf
 import yaml
 
+from . import metrics
+
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -149,6 +151,7 @@ class Kube:
             async with session.request(method, self._server + url, params=query, data=data,
                                        headers={"Content-Type": content_type}) as resp:
                 text = await resp.text()
+                metrics.api_call("kubernetes", method, resp.status)
                 if resp.status == 401 and not refreshed:
                     # Projected service-account tokens rotate: log in again, once.
                     session = await self._open(fresh=True)

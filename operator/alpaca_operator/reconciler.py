@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from . import api, status
+from . import api, metrics, status
 from .cache import Cache
 from .backends.base import Backend, LaunchError, NotYet, Observation, Run, WorkloadState
 from .kube import ApiError, Kube
@@ -105,12 +105,14 @@ class Reconciler:
         st.waiting = True
         async with st.lock:
             st.waiting = False
+            started = time.monotonic()
             try:
                 async with self._slots:
                     requeue = await self.reconcile(namespace, name)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure is retried with backoff
+                metrics.reconcile_done(metrics.backend_of(self.cache.run(*key)), time.monotonic() - started, type(e).__name__)
                 st.failures += 1
                 delay = min(MAX_BACKOFF, 2.0 ** (st.failures - 1))
                 if isinstance(e, ApiError) and "being terminated" in e.message:
@@ -124,6 +126,7 @@ class Reconciler:
                     log.exception("reconcile %s/%s failed; retrying in %.0fs", namespace, name, delay)
                 self._requeue(key, delay)
                 return
+            metrics.reconcile_done(metrics.backend_of(self.cache.run(*key)), time.monotonic() - started)
             st.failures = 0
             if requeue is not None:
                 self._requeue(key, requeue)
@@ -240,6 +243,7 @@ class Reconciler:
             if new is None:
                 raise Conflict()    # deleted meanwhile: the next round sees it gone
             self._state((meta["namespace"], meta["name"])).written.append(new["metadata"]["resourceVersion"])
+            metrics.status_written(body, new)
             self.cache.put_run(new)
         if plan.events:
             # Off the critical path (Events are best effort; the status holds the facts), but

@@ -6,6 +6,7 @@ defaults here are the CRD's; tests/test_render.py checks a few of them against i
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -85,7 +86,7 @@ class FineTuneSpec:
     training: Training = Training()
     deepspeed: DeepSpeed = DeepSpeed()
     resources: Resources = Resources()
-    image: str = "ghcr.io/alpaca-operator/train:0.1.0"
+    image: str = os.environ.get("ALPACA_TRAINING_IMAGE") or "ghcr.io/alpaca-operator/train:0.1.0"  # the chart's defaults.trainingImage
     image_pull_policy: str = "IfNotPresent"
     service_account_name: str = ""
     env: tuple[Mapping[str, Any], ...] = ()

@@ -1,0 +1,83 @@
+{{/* The release's objects are named after it ("alpaca-operator" for a release of that name). */}}
+{{- define "alpaca-operator.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "alpaca-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "alpaca-operator.labels" -}}
+{{ include "alpaca-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "alpaca-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "alpaca-operator.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "alpaca-operator.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The namespaced rules: exactly what the operator calls (docs/operator.md, "Permissions").
+No Secrets; ConfigMaps only get (its own NAME-config, a run's deepspeed.configMapRef) and
+create/delete of its own; pods only list (a failed attempt's exit code).
+*/}}
+{{- define "alpaca-operator.namespacedRules" -}}
+# The runs: kopf lists and watches them; the operator reads one afresh before acting.
+- apiGroups: [alpaca.dev]
+  resources: [alpacafinetunes]
+  verbs: [get, list, watch]
+# Its status writes (merge patches). get+patch is also what the per-run Role grants the
+# training pods: RBAC lets the operator grant only what it holds itself.
+- apiGroups: [alpaca.dev]
+  resources: [alpacafinetunes/status]
+  verbs: [get, patch]
+# Owner references with blockOwnerDeletion (OwnerReferencesPermissionEnforcement).
+- apiGroups: [alpaca.dev]
+  resources: [alpacafinetunes/finalizers]
+  verbs: [update]
+# The EKS workload: one Job per attempt, created if absent, deleted on restart/suspend/TTL.
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, delete]
+- apiGroups: [""]
+  resources: [services, serviceaccounts, configmaps]
+  verbs: [get, create, delete]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list]
+# The per-run progress Role and its binding (whose subjects it may correct).
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles]
+  verbs: [get, create, delete]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [rolebindings]
+  verbs: [get, create, patch, delete]
+# Events on the runs (kubectl describe aft).
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- end -}}
+
+{{- define "alpaca-operator.peeringHook" -}}
+helm.sh/hook: post-install,post-upgrade
+helm.sh/hook-delete-policy: before-hook-creation
+{{- end -}}
