@@ -15,7 +15,7 @@ GPU_NODES ?= 4
 PYTEST_ARGS ?=
 
 .PHONY: help setup venv controlplane kube-tools cluster-up cluster-down cluster-status \
-        test test-gpu demo run-operator bench-operator bench-train lock clean
+        test test-gpu demo run-operator bench-operator bench-train lock manifests clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -67,6 +67,9 @@ bench-operator: setup ## N = 100 and 500 AlpacaFineTunes at once on their own si
 
 bench-train: setup ## our training script against Stanford Alpaca's, on CPU; writes docs/benchmarks.md
 	$(PY) bench/bench_train.py --write-docs
+
+manifests: kube-tools ## regenerate manifests/ (plain YAML, kustomize) from charts/alpaca-operator
+	$(PY) hack/manifests_from_chart.py
 
 lock: ## re-pin requirements.lock from requirements.in
 	$(UV) pip compile --python $(PY) requirements.in -o requirements.lock

@@ -132,3 +132,19 @@ def assert_subset(expected: Any, actual: Any, path: str = "") -> None:
             assert_subset(e, a, f"{path}[{i}]")
     else:
         assert expected == actual, f"{path}: expected {expected!r}, got {actual!r}"
+
+
+def service_account_env(cluster, path: Path, namespace: str, name: str) -> dict:
+    """cluster.env with a kubeconfig that authenticates as system:serviceaccount:NAMESPACE:NAME
+    only (a TokenRequest token): what a pod of that account may do, and nothing more."""
+    token = cluster.kubectl("create", "token", name, "-n", namespace, "--duration=1h").stdout.strip()
+    admin = json.loads(Path(cluster.kubeconfig).read_text())
+    config = {
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": admin["clusters"],
+        "users": [{"name": name, "user": {"token": token}}],
+        "contexts": [{"name": name, "context": {"cluster": admin["clusters"][0]["name"], "user": name}}],
+        "current-context": name,
+    }
+    path.write_text(json.dumps(config))
+    return {**cluster.env, "KUBECONFIG": str(path)}
