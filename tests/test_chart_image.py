@@ -1,0 +1,48 @@
+"""What operator/Dockerfile relies on (no Docker engine here to build it), and that it
+agrees with the chart."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "operator" / "Dockerfile"
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[ ;]", requirement)[0].lower().replace("_", "-")
+
+
+def test_installs_only_lock_pinned_operator_dependencies():
+    text = DOCKERFILE.read_text()
+    installed = re.search(r"pip install -c /src/requirements.lock ([^\\\n&]+)", text).group(1).split()
+    lock = {_name(m.group(1)) for m in re.finditer(r"^([A-Za-z0-9_.\-]+)==", (ROOT / "requirements.lock").read_text(), re.M)}
+    pinned_in = {_name(ln) for ln in (ROOT / "requirements.in").read_text().splitlines() if "==" in ln}
+    project = {_name(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    for pkg in installed:
+        assert _name(pkg) in lock and _name(pkg) in pinned_in, f"{pkg} is not pinned"
+    # Everything the operator package declares, but the kubernetes client (see the Dockerfile).
+    assert project - {_name(p) for p in installed} == {"kubernetes"}
+    for src in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
+        for s in src.split():
+            assert (ROOT / s).exists(), f"COPY source {s} is missing"
+
+
+def test_the_operator_imports_without_the_kubernetes_client():
+    check = re.search(r'python -c "([^"]+)"', DOCKERFILE.read_text()).group(1)
+    subprocess.run([sys.executable, "-c", check], check=True, cwd=ROOT)
+
+
+def test_non_root_and_the_ports_the_chart_uses():
+    text = DOCKERFILE.read_text()
+    uid, gid = re.search(r"^USER (\d+):(\d+)$", text, re.M).groups()
+    values = yaml.safe_load((ROOT / "charts" / "alpaca-operator" / "values.yaml").read_text())
+    deployment = (ROOT / "charts" / "alpaca-operator" / "templates" / "deployment.yaml").read_text()
+    assert int(uid) > 0 and f"runAsUser: {uid}" in deployment and f"runAsGroup: {gid}" in deployment
+    assert set(re.search(r"^EXPOSE (.+)$", text, re.M).group(1).split()) == {"8080", str(values["metrics"]["port"])}
+    assert re.search(r'^ENTRYPOINT \["python", "-m", "alpaca_operator"\]$', text, re.M)
