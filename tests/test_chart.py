@@ -74,6 +74,24 @@ def source_crds() -> list[dict]:
 def test_helm_lint_default_and_non_default(tmp_path):
     helm("lint", "--strict", str(CHART))
     helm("lint", "--strict", str(CHART), "-f", values_file(tmp_path, NON_DEFAULT))
+    for values in sorted((CHART / "ci").glob("*.yaml")):
+        helm("lint", "--strict", str(CHART), "-f", str(values))
+
+
+def test_local_exec_values_place_the_operator_on_a_local_exec_node(tmp_path):
+    docs = render(tmp_path, yaml.safe_load((CHART / "ci" / "local-exec-values.yaml").read_text()))
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == LOCAL_EXEC["nodeSelector"] and pod["tolerations"] == LOCAL_EXEC["tolerations"]
+    # A node that runs the command without the image needs the command itself.
+    assert pod["containers"][0]["command"] == ["python", "-m", "alpaca_operator"]
+
+
+def test_peering_priorities_from_pod_ips_are_distinct():
+    from alpaca_operator.__main__ import priority_from_ip
+    ips = ["10.244.0.7", "10.244.1.7", "10.244.0.8", "fd00::7", "fd00::1:7"]
+    priorities = [priority_from_ip(ip) for ip in ips]
+    assert len(set(priorities)) == len(ips) and all(p > 0 for p in priorities)
+    assert priority_from_ip(None) is None and priority_from_ip("") is None
 
 
 @pytest.mark.parametrize("values, named", [
@@ -212,16 +230,18 @@ def test_pod_identity_notes_and_ack_association(tmp_path):
 def test_every_object_passes_the_api_servers_openapi(cluster, tmp_path):
     """Server-side dry-run: the API server's own schemas (1.34) and admission, nothing stored."""
     ns = f"chart-dry-{uuid.uuid4().hex[:6]}"
+    watched = [f"{ns}-a", f"{ns}-b"]
     cases = {"default": render(tmp_path, namespace=ns),
-             "non-default": render(tmp_path, NON_DEFAULT, namespace=ns, release="other")}
+             "non-default": render(tmp_path, {**NON_DEFAULT, "watchNamespaces": watched}, namespace=ns,
+                                   release="other")}
     # The CRDs are the sources the other tests install too; apply them for real so that
     # the peering objects can be checked against them.
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
                     input="\n---\n".join(json.dumps(d) for d in source_crds()))
     for crd in source_crds():
         cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{crd['metadata']['name']}")
-    for name in (ns, "team-a", "team-b"):
-        cluster.kubectl("create", "namespace", name, check=False)
+    for name in (ns, *watched):
+        cluster.kubectl("create", "namespace", name)
     try:
         for case, docs in cases.items():
             # The Prometheus Operator's CRD is not in this cluster: that one object is
@@ -233,4 +253,4 @@ def test_every_object_passes_the_api_servers_openapi(cluster, tmp_path):
             assert proc.returncode == 0, f"{case}: {proc.stderr}"
             assert proc.stdout.count("(server dry run)") == len(objects), proc.stdout
     finally:
-        cluster.kubectl("delete", "namespace", ns, "team-a", "team-b", "--wait=false", check=False)
+        cluster.kubectl("delete", "namespace", ns, *watched, "--wait=false", check=False)

@@ -120,27 +120,54 @@ def test_install_runs_the_deployment_under_the_charts_account(cluster, cluster_w
     assert crd["metadata"]["annotations"]["meta.helm.sh/release-name"] == rel.name
 
 
+# What the operator calls in a run's namespace (docs/operator.md, "Permissions"); the
+# account may do exactly this there, besides what every authenticated user may.
+RUN_NAMESPACE_RULES = {
+    "alpacafinetunes.alpaca.dev": {"get", "list", "watch"},
+    "alpacafinetunes.alpaca.dev/status": {"get", "patch"},
+    "alpacafinetunes.alpaca.dev/finalizers": {"update"},
+    "jobs.batch": {"get", "list", "watch", "create", "delete"},
+    "services": {"get", "create", "delete"},
+    "serviceaccounts": {"get", "create", "delete"},
+    "configmaps": {"get", "create", "delete"},
+    "pods": {"list"},
+    "roles.rbac.authorization.k8s.io": {"get", "create", "delete"},
+    "rolebindings.rbac.authorization.k8s.io": {"get", "create", "patch", "delete"},
+    "events": {"create"},
+}
+EVERYONE = {"selfsubjectreviews.authentication.k8s.io", "selfsubjectaccessreviews.authorization.k8s.io",
+            "selfsubjectrulesreviews.authorization.k8s.io"}
+
+
+def allowed(rel: Release, namespace: str) -> dict[str, set[str]]:
+    """`kubectl auth can-i --list` as the chart's account: resource -> verbs."""
+    out = rel.cluster.kubectl("auth", "can-i", "--list", "-n", namespace,
+                              f"--as=system:serviceaccount:{rel.namespace}:{rel.fullname}").stdout
+    rules: dict[str, set[str]] = {}
+    for line in out.splitlines()[1:]:
+        cols = line.split()
+        if cols and not cols[0].startswith("[") and cols[0] not in EVERYONE:
+            rules.setdefault(cols[0], set()).update(line[line.rindex("[") + 1:line.rindex("]")].split())
+    return rules
+
+
 def test_the_account_may_do_what_the_operator_calls_and_nothing_else(cluster, cluster_wide, namespaced):
     elsewhere = "default"
-    for rel, namespaces in ((cluster_wide, [elsewhere, namespaced.watched]), (namespaced, [namespaced.watched])):
-        for ns in namespaces:
-            for verb, resource in [("list", "alpacafinetunes.alpaca.dev"), ("patch", "alpacafinetunes.alpaca.dev/status"),
-                                   ("create", "jobs.batch"), ("delete", "jobs.batch"), ("list", "pods"),
-                                   ("get", "configmaps"), ("create", "roles.rbac.authorization.k8s.io"),
-                                   ("create", "events")]:
-                assert rel.can_i(verb, resource, ns), f"{rel.name} cannot {verb} {resource} in {ns}"
-            for verb, resource in [("get", "secrets"), ("list", "secrets"), ("watch", "secrets"), ("create", "secrets"),
-                                   ("list", "configmaps"), ("watch", "configmaps"), ("get", "pods"),
-                                   ("delete", "pods"), ("create", "pods"), ("create", "pods/exec"),
-                                   ("delete", "alpacafinetunes.alpaca.dev"), ("update", "alpacafinetunes.alpaca.dev"),
-                                   ("create", "alpacafinetunes.alpaca.dev"), ("patch", "jobs.batch"),
-                                   ("create", "deployments.apps"), ("escalate", "roles.rbac.authorization.k8s.io"),
-                                   ("bind", "roles.rbac.authorization.k8s.io"), ("update", "events")]:
-                assert not rel.can_i(verb, resource, ns), f"{rel.name} may {verb} {resource} in {ns}"
-    assert not namespaced.can_i("list", "alpacafinetunes.alpaca.dev", elsewhere)
-    assert not namespaced.can_i("create", "jobs.batch", elsewhere)
-    for rel in (cluster_wide, namespaced):
-        assert not rel.can_i("list", "nodes", elsewhere) and not rel.can_i("create", "clusterroles", elsewhere)
+    cluster_scoped = {"customresourcedefinitions.apiextensions.k8s.io": {"list", "watch"}}
+    assert allowed(cluster_wide, elsewhere) == {**RUN_NAMESPACE_RULES, **cluster_scoped,
+                                                "clusterkopfpeerings.kopf.dev": {"get", "list", "watch", "patch"}}
+    assert allowed(namespaced, namespaced.watched) == {**RUN_NAMESPACE_RULES, **cluster_scoped,
+                                                       "namespaces": {"list", "watch"},
+                                                       "kopfpeerings.kopf.dev": {"get", "list", "watch", "patch"}}
+    assert allowed(namespaced, elsewhere) == {**cluster_scoped, "namespaces": {"list", "watch"}}
+    # The same, asked one by one as the issue puts it: no Secrets, no ConfigMap or pod reads
+    # beyond what it uses.
+    for rel, ns in ((cluster_wide, elsewhere), (namespaced, namespaced.watched)):
+        for verb, resource in [("get", "secrets"), ("list", "secrets"), ("watch", "secrets"),
+                               ("list", "configmaps"), ("watch", "configmaps"), ("get", "pods"),
+                               ("watch", "pods"), ("create", "pods/exec"), ("get", "pods/log")]:
+            assert not rel.can_i(verb, resource, ns), f"{rel.name} may {verb} {resource} in {ns}"
+        assert rel.can_i("list", "pods", ns) and rel.can_i("get", "configmaps", ns)
 
 
 def test_namespaced_account_drives_lifecycles_and_the_metrics_move(cluster, namespaced, tmp_path):
