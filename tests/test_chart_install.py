@@ -13,9 +13,11 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from alpaca_operator.__main__ import priority_from_ip
 from operator_harness import OperatorProcess, free_port, get_json, service_account_env, wait_for
 from test_chart import CHART, helm, values_file
 from test_operator_eks import apply, finetune, phase_is
+from test_operator_peering import reporters
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD_FILE = ROOT / "manifests" / "crd" / "alpacafinetunes.alpaca.dev.yaml"
@@ -41,9 +43,9 @@ class Release:
             self.helm("uninstall", self.name, "--wait", "--timeout", "60s")
             self.installed = False
 
-    def operator(self, log: Path, *args: str) -> OperatorProcess:
+    def operator(self, log: Path, *args: str, extra_env: dict | None = None) -> OperatorProcess:
         env = service_account_env(self.cluster, self.tmp / f"{self.name}.kubeconfig", self.namespace, self.fullname)
-        return OperatorProcess(env, log, args=("--peering", self.fullname, *args))
+        return OperatorProcess(env, log, extra_env=extra_env, args=("--peering", self.fullname, *args))
 
     def can_i(self, verb: str, resource: str, namespace: str) -> bool:
         resource, _, sub = resource.partition("/")
@@ -171,11 +173,20 @@ def test_the_account_may_do_what_the_operator_calls_and_nothing_else(cluster, cl
 
 
 def test_namespaced_account_drives_lifecycles_and_the_metrics_move(cluster, namespaced, tmp_path):
+    """Two replicas as the chart runs them (priorities from their pod IPs, the chart's
+    KopfPeering): the higher one drives the runs, the standby does nothing."""
     rel, ns = namespaced, namespaced.watched
-    port = free_port()
-    op = rel.operator(tmp_path / "operator.log", "--namespace", ns, "--metrics-port", str(port))
+    port, standby_port = free_port(), free_port()
+    op, standby = (rel.operator(tmp_path / f"{who}.log", "--namespace", ns, "--metrics-port", str(p),
+                                extra_env={"POD_IP": ip, "POD_NAME": f"replica-{who}", "ALPACA_PEERING_LIFETIME": "10"})
+                   for who, ip, p in (("high", "10.1.0.2", port), ("low", "10.1.0.1", standby_port)))
     op.start()
+    standby.start()
     try:
+        expected = {priority_from_ip("10.1.0.2"), priority_from_ip("10.1.0.1")}
+        wait_for("both replicas in the chart's KopfPeering", lambda: expected <= {
+            p.get("priority") for p in (get_json(cluster, "kopfpeering", rel.fullname, "-n", ns).get("status") or {}).values()},
+            timeout=30, on_timeout=standby.tail)
         before = scrape(port)
         assert sample(before, f"{P}_reconciles_total", backend="eks") == 0
         apply(cluster, ns, finetune("ok", run_for="3s"),
@@ -208,8 +219,12 @@ def test_namespaced_account_drives_lifecycles_and_the_metrics_move(cluster, name
         assert sample(after, f"{P}_api_calls_total", system="kubernetes", verb="PATCH", code="200") >= 6
         assert sample(after, f"{P}_api_errors_total", system="kubernetes", verb="POST", code="403") == 0
         assert_no_forbidden(op)
+        assert reporters(cluster, ns, "ok") == reporters(cluster, ns, "flaky") == {"replica-high"}
+        assert sample(scrape(standby_port), f"{P}_reconciles_total", backend="eks") == 0
+        assert_no_forbidden(standby)
     finally:
         op.stop()
+        standby.stop()
 
 
 def test_cluster_wide_account_drives_a_lifecycle(cluster, cluster_wide, namespace, tmp_path):
