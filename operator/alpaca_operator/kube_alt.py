@@ -9,6 +9,7 @@ Used only by `bench/operator_bench.py --client` (ALPACA_KUBE_CLIENT); see docs/b
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Mapping
 
 from .kube import Response
@@ -68,6 +69,9 @@ class Kr8sTransport:
 
 
 def make(client: str, credentials: Callable[[], Any], *, connections: int, timeout: float):
+    # httpx logs each request at INFO; aiohttp's access log is off too (__main__).
+    for name in ("httpx", "httpx2", "httpcore", "httpcore2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     if client == "lightkube":
         return LightkubeTransport(connections=connections, timeout=timeout)
     if client == "kr8s":
