@@ -24,7 +24,8 @@ one whole 8-GPU node each (N nodes), the realistic shape.
 same N runs once per client and round, each on a fresh control plane, the clients' order
 rotating from round to round so that a change in the machine's load hits each of them
 alike; the report pairs each round's clients with the first one (the reference) and writes
-the "### Kubernetes client" part of the Operator section.
+the "### Kubernetes client" part of the Operator section. The clients other than the
+operator's own (aiohttp) must be installed first: see bench/kube_clients.py.
 
     python bench/operator_bench.py --runs 200 --client aiohttp --client lightkube --client kr8s --rounds 3
 """
@@ -210,11 +211,12 @@ def bench(n: int, gpus: int, args, kube_client: str | None = None) -> dict:
         time.sleep(1)
 
         with open(op_log, "wb") as out:
-            op = subprocess.Popen([sys.executable, "-m", "alpaca_operator", "--liveness",
+            # --client: the operator with that client (bench/kube_clients.py).
+            command = ([str(ROOT / "bench" / "kube_clients.py"), kube_client] if kube_client
+                       else ["-m", "alpaca_operator"])
+            op = subprocess.Popen([sys.executable, *command, "--liveness",
                                    f"http://127.0.0.1:{args.port + 10}/healthz"],
-                                  env={**env, "ALPACA_OPERATOR_STATS": str(stats),
-                                       **({"ALPACA_KUBE_CLIENT": kube_client} if kube_client else {})},
-                                  stdout=out,
+                                  env={**env, "ALPACA_OPERATOR_STATS": str(stats)}, stdout=out,
                                   stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
         _wait_healthy(args.port + 10, op)
         proc = Proc(op.pid)

@@ -11,9 +11,12 @@ What every request gets here, whatever carries it:
 - a count per verb and resource (the benchmark) and metrics.api_call for each request.
 
 Why not the kubernetes client: importing it costs 58 MiB and two seconds of start-up, and
-its model classes would cost the 500-run benchmark most of its CPU. Credentials come from
-kopf's own login helpers (kubeconfig, in-cluster service account); a kubeconfig that needs
-an exec plugin or auth provider falls back to the kubernetes client, loaded only then.
+its model classes would cost the 500-run benchmark most of its CPU. Why not lightkube or
+kr8s: measured behind this same class (bench/kube_clients.py), both cost far more than the
+20% that issue 11 allowed, in CPU and in time to Running (docs/benchmarks.md), and neither
+has single-flight login or Retry-After either. Credentials come from kopf's own login
+helpers (kubeconfig, in-cluster service account); a kubeconfig that needs an exec plugin or
+auth provider falls back to the kubernetes client, loaded only then.
 """
 from __future__ import annotations
 
@@ -255,22 +258,13 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
         return 1.0      # an HTTP date: rare from an API server; wait a little, as client-go
 
 
-def _make_transport(credentials: Callable[[], kopf.ConnectionInfo | None], connections: int,
-                    timeout: float) -> Transport:
-    client = os.environ.get("ALPACA_KUBE_CLIENT", "aiohttp")
-    if client == "aiohttp":
-        return AiohttpTransport(credentials, connections=connections, timeout=timeout)
-    # The clients compared by bench/operator_bench.py --client (docs/benchmarks.md).
-    from . import kube_alt
-    return kube_alt.make(client, credentials, connections=connections, timeout=timeout)
-
-
 # ---- the client ----------------------------------------------------------------------
 
 class Kube:
     def __init__(self, credentials: Callable[[], kopf.ConnectionInfo | None], *,
                  connections: int = 64, timeout: float = 30, transport: Transport | None = None):
-        self.transport = transport or _make_transport(credentials, connections, timeout)
+        self.transport = transport or AiohttpTransport(credentials, connections=connections,
+                                                       timeout=timeout)
         self.requests: Counter[str] = Counter()   # "VERB plural" -> HTTP requests sent, for the benchmark
 
     async def close(self) -> None:

@@ -1,18 +1,28 @@
-"""The maintained clients issue 11 asked to compare, as transports behind kube.Kube (so the
-operator, the retries and the counting stay the same and only the client differs):
+#!/usr/bin/env python3
+"""The operator with another Kubernetes client, for `operator_bench.py --client`.
 
-- lightkube: its kubeconfig / service-account loading, TLS and auth (lightkube.config),
-  and the httpx2 client it builds from them;
+Issue 11 asked to compare the maintained async clients with our own before choosing; the
+operator keeps only the winner (kube.AiohttpTransport, see docs/benchmarks.md). Each client
+here is a transport behind the same kube.Kube, so the operator, its retries and its
+counting stay the same and only the client differs:
+
+- aiohttp: the operator as shipped;
+- lightkube: its kubeconfig / service-account loading, TLS and auth (lightkube.config) and
+  the httpx2 client it builds from them;
 - kr8s: its Api object (kubeconfig / service account, TLS, auth) and Api.call_api.
 
-Used only by `bench/operator_bench.py --client` (ALPACA_KUBE_CLIENT); see docs/benchmarks.md.
+lightkube and kr8s are not operator dependencies: install them into .venv first
+(`.venv/bin/uv pip install --python .venv/bin/python lightkube==1.0.1 kr8s==0.20.15`).
+
+    python bench/kube_clients.py CLIENT [alpaca-operator arguments]
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Mapping
+import sys
+from typing import Any, Mapping
 
-from .kube import Response
+CLIENTS = ("aiohttp", "lightkube", "kr8s")
 
 
 class LightkubeTransport:
@@ -29,12 +39,13 @@ class LightkubeTransport:
             headers={"Accept": "application/json", "User-Agent": "alpaca-operator"})
 
     async def send(self, method: str, url: str, *, query: Mapping[str, str] | None,
-                   data: bytes | None, headers: Mapping[str, str]) -> Response:
+                   data: bytes | None, headers: Mapping[str, str]):
+        from alpaca_operator.kube import Response
         resp = await self._client.request(method, url, params=query, content=data, headers=headers)
         return Response(resp.status_code, resp.reason_phrase, resp.headers, resp.content, None)
 
     async def relogin(self, stale: Any) -> None:
-        pass    # lightkube's ExecAuth/BearerTokenFileAuth retry a 401 themselves
+        pass    # lightkube's ExecAuth / BearerTokenFileAuth retry a 401 themselves
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -53,7 +64,8 @@ class Kr8sTransport:
         return self._api
 
     async def send(self, method: str, url: str, *, query: Mapping[str, str] | None,
-                   data: bytes | None, headers: Mapping[str, str]) -> Response:
+                   data: bytes | None, headers: Mapping[str, str]):
+        from alpaca_operator.kube import Response
         api = await self._get_api()
         base, _, last = url.rpartition("/")
         async with api.call_api(method, version="", base=base, url=last, raise_for_status=False,
@@ -68,12 +80,22 @@ class Kr8sTransport:
             await self._api._session.aclose()
 
 
-def make(client: str, credentials: Callable[[], Any], *, connections: int, timeout: float):
+def use(client: str) -> None:
+    """Make kube.Kube build its transport with `client`."""
+    if client == "aiohttp":
+        return
+    from alpaca_operator import kube
+    cls = {"lightkube": LightkubeTransport, "kr8s": Kr8sTransport}[client]
     # httpx logs each request at INFO; aiohttp's access log is off too (__main__).
     for name in ("httpx", "httpx2", "httpcore", "httpcore2"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    if client == "lightkube":
-        return LightkubeTransport(connections=connections, timeout=timeout)
-    if client == "kr8s":
-        return Kr8sTransport(connections=connections, timeout=timeout)
-    raise ValueError(f"ALPACA_KUBE_CLIENT={client!r}: aiohttp, lightkube or kr8s")
+    kube.AiohttpTransport = lambda credentials, *, connections, timeout: cls(  # type: ignore[misc]
+        connections=connections, timeout=timeout)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in CLIENTS:
+        raise SystemExit(f"usage: kube_clients.py {{{','.join(CLIENTS)}}} [alpaca-operator arguments]")
+    from alpaca_operator.__main__ import main
+    use(sys.argv[1])
+    sys.exit(main(sys.argv[2:]))
