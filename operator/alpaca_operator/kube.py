@@ -43,7 +43,7 @@ MERGE_PATCH = "application/merge-patch+json"
 
 # client-go's defaults: at most 10 retries of a request the server asked to retry later.
 MAX_RETRIES = 10
-MAX_RETRY_AFTER = 30.0      # seconds; a larger Retry-After is capped, not obeyed blindly
+MAX_RETRY_AFTER = 32.0      # seconds: API Priority and Fairness asks for at most 32; more is capped
 # Log in again this long before credentials that say when they expire do expire.
 EXPIRY_MARGIN = dt.timedelta(seconds=60)
 
@@ -283,7 +283,7 @@ class Kube:
             self.requests[counter] += 1
             try:
                 resp = await self.transport.send(method, url, query=query, data=data, headers=headers)
-            except BaseException:
+            except Exception:     # no answer (connection, timeout); a cancel is not an API error
                 metrics.api_call("kubernetes", method, "error")
                 raise
             metrics.api_call("kubernetes", method, resp.status)
