@@ -13,8 +13,8 @@ What every request gets here, whatever carries it:
 Why not the kubernetes client: importing it costs 58 MiB and two seconds of start-up, and
 its model classes would cost the 500-run benchmark most of its CPU. Why not lightkube or
 kr8s: measured behind this same class (bench/kube_clients.py), both cost far more than the
-20% that issue 11 allowed, in CPU and in time to Running (docs/benchmarks.md), and neither
-has single-flight login or Retry-After either. Credentials come from kopf's own login
+20% that issue 11 allowed: 1.7x and 3.5x the operator's CPU (docs/benchmarks.md); and
+neither has single-flight login or Retry-After either. Credentials come from kopf's own login
 helpers (kubeconfig, in-cluster service account); a kubeconfig that needs an exec plugin or
 auth provider falls back to the kubernetes client, loaded only then.
 """
