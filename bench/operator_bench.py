@@ -19,6 +19,15 @@ load the API server more than the operator does. `--full-nodes N` adds a round o
 one whole 8-GPU node each (N nodes), the realistic shape.
 
     python bench/operator_bench.py --runs 100 --runs 500 [--full-nodes 500] [--write-docs]
+
+`--client A --client B ... --rounds R` compares Kubernetes clients instead (issue 11): the
+same N runs once per client and round, each on a fresh control plane, the clients' order
+rotating from round to round so that a change in the machine's load hits each of them
+alike; the report pairs each round's clients with the first one (the reference) and writes
+the "### Kubernetes client" part of the Operator section. The clients other than the
+operator's own (aiohttp) must be installed first: see bench/kube_clients.py.
+
+    python bench/operator_bench.py --runs 200 --client aiohttp --client lightkube --client kr8s --rounds 3
 """
 from __future__ import annotations
 
@@ -174,7 +183,7 @@ def pct(values: list[float], p: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def bench(n: int, gpus: int, args) -> dict:
+def bench(n: int, gpus: int, args, kube_client: str | None = None) -> dict:
     from kubernetes import client, config
 
     directory = ROOT / ".cache" / "bench-cluster"
@@ -187,8 +196,10 @@ def bench(n: int, gpus: int, args) -> dict:
     cluster.up(gpu_nodes=gpu_nodes, system_nodes=2)
     log(f"  up in {time.monotonic() - t0:.0f}s")
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
-    op_log = directory / f"operator-{n}.log"
+    op_log = directory / f"operator-{n}{'-' + kube_client if kube_client else ''}.log"
     stats = directory / f"operator-{n}.stats.json"
+    stats.unlink(missing_ok=True)
+    load_before = os.getloadavg()[0]
     op = None
     try:
         cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "manifests" / "crd"))
@@ -200,7 +211,10 @@ def bench(n: int, gpus: int, args) -> dict:
         time.sleep(1)
 
         with open(op_log, "wb") as out:
-            op = subprocess.Popen([sys.executable, "-m", "alpaca_operator", "--liveness",
+            # --client: the operator with that client (bench/kube_clients.py).
+            command = ([str(ROOT / "bench" / "kube_clients.py"), kube_client] if kube_client
+                       else ["-m", "alpaca_operator"])
+            op = subprocess.Popen([sys.executable, *command, "--liveness",
                                    f"http://127.0.0.1:{args.port + 10}/healthz"],
                                   env={**env, "ALPACA_OPERATOR_STATS": str(stats)}, stdout=out,
                                   stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
@@ -243,6 +257,8 @@ def bench(n: int, gpus: int, args) -> dict:
         to_job = [observer.job_seen[k] - applied[k] for k in applied if k in observer.job_seen]
         missing = n - len(latencies)
         result = {
+            "client": kube_client,
+            "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
             "runs": n,
             "pods": n * args.nodes,
             "gpus_per_pod": gpus,
@@ -324,9 +340,14 @@ def main() -> int:
     p.add_argument("--port", type=int, default=int(os.environ.get("BENCH_PORT", "38443")))
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--keep", action="store_true", help="leave the control plane up")
+    p.add_argument("--client", action="append", choices=["aiohttp", "lightkube", "kr8s"],
+                   help="compare these Kubernetes clients (repeatable; the first is the reference)")
+    p.add_argument("--rounds", type=int, default=3, help="with --client: rounds of every client")
     args = p.parse_args()
     if shutil.which("openssl") is None:
         raise SystemExit("openssl is needed for the control plane's certificates")
+    if args.client:
+        return compare_clients(args)
 
     results = []
     load_before = os.getloadavg()[0]
@@ -344,19 +365,116 @@ def main() -> int:
     return 0
 
 
-def write_docs(section: str) -> None:
-    """Replace (or add) the "## Operator" section of docs/benchmarks.md; leave the rest."""
+CLIENT_HEADING = "### Kubernetes client"
+
+
+def _span(lines: list[str], heading: str) -> tuple[int, int] | None:
+    """[start, end) of the part under `heading`, up to the next heading of its level or above."""
+    level = heading.split(" ", 1)[0]
+    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
+    if start is None:
+        return None
+    end = next((i for i in range(start + 1, len(lines))
+                if lines[i].startswith("#") and lines[i].split(" ", 1)[0] <= level
+                and lines[i].split(" ", 1)[0].strip("#") == ""), len(lines))
+    return start, end
+
+
+def write_docs(section: str, heading: str = "## Operator") -> None:
+    """Replace (or add) one part of docs/benchmarks.md: the "## Operator" section (keeping
+    its client comparison, which only --client rewrites) or that comparison; leave the rest."""
     path = ROOT / "docs" / "benchmarks.md"
     doc = path.read_text() if path.exists() else "# Benchmarks\n"
     lines = doc.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == "## Operator"), None)
-    if start is None:
-        out = lines + ["", section.rstrip()]
+    new = section.rstrip().splitlines()
+    if heading == "## Operator":
+        old = _span(lines, heading)
+        kept = _span(lines[old[0]:old[1]], CLIENT_HEADING) if old else None
+        if kept:
+            new += [""] + lines[old[0] + kept[0]:old[0] + kept[1]]
+    span = _span(lines, heading)
+    if span is None and heading == CLIENT_HEADING and _span(lines, "## Operator"):
+        end = _span(lines, "## Operator")[1]
+        span = (end, end)
+        new = [""] + new
+    if span is None:
+        out = lines + [""] + new
     else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        out = lines[:start] + section.rstrip().splitlines() + ([""] if end < len(lines) else []) + lines[end:]
+        start, end = span
+        out = lines[:start] + new + ([""] if end < len(lines) else []) + lines[end:]
     path.write_text("\n".join(out).rstrip() + "\n")
-    log(f"wrote the Operator section of {path}")
+    log(f"wrote {heading!r} in {path}")
+
+
+def compare_clients(args) -> int:
+    n = (args.runs or [200])[0]
+    clients = args.client
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    rounds: list[dict[str, dict]] = []
+    for r in range(args.rounds):
+        order = clients[r % len(clients):] + clients[:r % len(clients)]
+        rounds.append({})
+        for c in order:
+            log(f"round {r + 1}/{args.rounds}: {c}")
+            rounds[-1][c] = bench(n, args.gpus, args, c)
+            log(json.dumps(rounds[-1][c]))
+    report = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+              "commit": git.stdout.strip(), "runs": n, "clients": clients, "rounds": rounds}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    text = client_markdown(report)
+    print(text)
+    if args.write_docs:
+        write_docs(text, CLIENT_HEADING)
+    return 0
+
+
+CLIENT_METRICS = [("all_running_after_last_apply_s", "last run Running, after the last apply", "s"),
+                  ("running_p50_s", "apply -> Running p50", "s"),
+                  ("operator_cpu_s", "operator CPU", "s"),
+                  ("operator_peak_rss_mib", "operator peak RSS", "MiB"),
+                  ("operator_requests_per_run", "requests per run", "")]
+
+
+def _median(values: list[float]) -> float:
+    return pct(values, 0.5)
+
+
+def client_markdown(report: dict) -> str:
+    clients, rounds, ref = report["clients"], report["rounds"], report["clients"][0]
+    head = "| client | " + " | ".join(label for _, label, _ in CLIENT_METRICS) + " |"
+    rows = [head, "|---|" + "---:|" * len(CLIENT_METRICS)]
+    for c in clients:
+        cells = []
+        for key, _, unit in CLIENT_METRICS:
+            values = [r[c][key] for r in rounds if r[c].get(key) is not None]
+            ratios = [r[c][key] / r[ref][key] for r in rounds if r[c].get(key) and r[ref].get(key)]
+            cell = f"{_median(values):.1f}{' ' + unit if unit else ''}" if values else "n/a"
+            if c != ref and ratios and key != "operator_requests_per_run":
+                cell += f" ({_median(ratios):.2f}x)"
+            cells.append(cell)
+        rows.append(f"| {c} | " + " | ".join(cells) + " |")
+    per_round = ["| round | client | load average before / after | last Running after last apply | "
+                 "operator CPU | peak RSS | requests per run | all Succeeded |",
+                 "|---:|---|---|---:|---:|---:|---:|---:|"]
+    for i, r in enumerate(rounds, 1):
+        for c, x in r.items():
+            per_round.append(f"| {i} | {c} | {x['load_average'][0]} / {x['load_average'][1]} | "
+                             f"{x['all_running_after_last_apply_s']} s | {x['operator_cpu_s']} s | "
+                             f"{x['operator_peak_rss_mib']} MiB | {x['operator_requests_per_run']} | "
+                             f"{x['succeeded']}/{x['runs']} |")
+    return (
+        f"{CLIENT_HEADING}\n\n"
+        f"`python bench/operator_bench.py --runs {report['runs']} "
+        + " ".join(f"--client {c}" for c in clients) + f" --rounds {len(rounds)}`, "
+        f"at commit {report['commit']}, measured {report['date']} on {report['machine']}. "
+        f"{report['runs']} runs per client and round, each on a fresh control plane; the order of "
+        "the clients rotates from round to round. Each client is a transport behind the same "
+        "`kube.Kube` (its own kubeconfig loading, TLS, auth and HTTP stack; the same JSON "
+        "decoding, retries and counting), so only the client differs. Medians over the rounds; "
+        f"in brackets the median of the per-round ratios to {ref} (the rounds are paired: the "
+        "machine is shared, its load moves).\n\n"
+        + "\n".join(rows) + "\n\nEach round:\n\n" + "\n".join(per_round) + "\n")
 
 
 def markdown(report: dict) -> str:
