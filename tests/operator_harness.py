@@ -113,6 +113,27 @@ class PhaseRecorder:
         return self.phases
 
 
+def token_env(cluster, token: str, path: Path) -> dict:
+    """The environment of a kubectl that authenticates with this bearer token only (no
+    client certificate: the API server would take that first)."""
+    admin = json.loads(Path(cluster.kubeconfig).read_text())
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": admin["clusters"],
+        "users": [{"name": "token", "user": {"token": token}}],
+        "contexts": [{"name": "token", "context": {"cluster": admin["clusters"][0]["name"], "user": "token"}}],
+        "current-context": "token",
+    }))
+    return {**cluster.env, "KUBECONFIG": str(path)}
+
+
+def kubectl_as(env: dict, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+    proc = subprocess.run([KUBECTL, *args], capture_output=True, text=True, timeout=60, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
 def get_json(cluster, *args: str) -> Any:
     return json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)
 
