@@ -85,6 +85,8 @@ class Outcome:
 
 
 TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.STOPPED})
+STARTING_PROBLEMS = frozenset({Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_FAILED, Reason.FAILED_CREATE,
+                               "CreateContainerConfigError", "CreateContainerError"})
 # The keys of .status the operator writes; progress belongs to rank 0 except `display`.
 OWNED = ("phase", "conditions", "observedGeneration", "startTime", "completionTime",
          "attempts", "disruptions", "attemptHistory", "workload", "output", "message")
@@ -383,6 +385,8 @@ def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: b
             d.condition(Cond.RUNNING, False, obs.reason, obs.message)
         else:
             d.new["message"] = pods
+            if (get_condition(d.new, Cond.RUNNING) or {}).get("reason") in STARTING_PROBLEMS:
+                d.condition(Cond.RUNNING, False, Reason.LAUNCHING, pods)   # that cause is gone
         requeue = PROBE_INTERVAL
     return d.plan(actions=actions, requeue_after=requeue)
 
