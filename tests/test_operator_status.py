@@ -358,3 +358,29 @@ def test_workers_that_cannot_start_say_why_with_one_event_per_cause():
     assert cond(st, "Running")["reason"] == "Launching" and st["message"] == "1/2 pods of ft-a1 running"
     plan, st = step(run(st), obs(W.RUNNING, ready=2), 20)
     assert cond(st, "Running")["status"] == "True" and st["phase"] == "Running"
+
+
+def _pod(name: str, code: int, *, deleted: bool = False, disrupted: bool = False, reason: str = "Error",
+         message: str = "", finished: str = "2026-11-28T04:00:10Z") -> dict:
+    return {"metadata": {"name": name, **({"deletionTimestamp": finished} if deleted else {})},
+            "status": {"conditions": [{"type": "DisruptionTarget", "status": "True"}] if disrupted else [],
+                       "containerStatuses": [{"name": "trainer", "state": {"terminated": {
+                           "exitCode": code, "reason": reason, "message": message, "finishedAt": finished}}}]}}
+
+
+def test_the_eks_backend_tells_the_cause_of_a_failed_gang():
+    from alpaca_operator.backends.eks.backend import classify, first_failure
+    # The worker that failed on its own, not the ranks the Job controller stopped after it.
+    gang = [_pod("ft-a1-0", 143, deleted=True), _pod("ft-a1-1", 65, message="bad record 3\n")]
+    f = first_failure(gang)
+    assert (f.pod, f.exit_code, f.message) == ("ft-a1-1", 65, "bad record 3")
+    assert classify(f, "Container trainer for pod t/ft-a1-1 failed with exit code 65 matching FailJob rule at index 1") \
+        is FailureKind.PERMANENT
+    # A reclaimed node: DisruptionTarget, whatever the code; or SIGTERM that the Job did not send.
+    f = first_failure([_pod("ft-a1-1", 1, deleted=True), _pod("ft-a1-0", 143, disrupted=True)])
+    assert f.pod == "ft-a1-0" and classify(f, "") is FailureKind.DISRUPTION
+    assert classify(first_failure([_pod("ft-a1-0", 143)]), "") is FailureKind.DISRUPTION
+    assert classify(None, "Pod t/ft-a1-0 has condition DisruptionTarget matching FailJob rule at index 0") \
+        is FailureKind.DISRUPTION
+    assert classify(first_failure([_pod("ft-a1-0", 137, reason="OOMKilled")]), "") is FailureKind.PERMANENT
+    assert classify(first_failure([_pod("ft-a1-0", 1)]), "") is FailureKind.RETRYABLE

@@ -10,7 +10,6 @@ import asyncio
 import datetime as dt
 import json
 import logging
-import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -125,11 +124,16 @@ class EksBackend:
         self.cache.drop_job(run.namespace, run.name, name)
 
     @staticmethod
-    def _kept(run: Run, jobs: list[Mapping[str, Any]], current: int, current_runs: bool) -> set[str]:
+    def _kept(run: Run, jobs: list[Mapping[str, Any]], current: int) -> set[str]:
         """Failed Jobs of earlier attempts kept for `kubectl logs`: the newest
-        failedJobsHistoryLimit, and the last one until the current attempt runs."""
+        failedJobsHistoryLimit, and the last one until the current attempt has run (every
+        pod ready once, or finished)."""
         limit = run.spec.run_policy.failed_jobs_history_limit
-        if not current_runs:
+        now = next((j for j in jobs if _attempt_of(j) == current and not j["metadata"].get("deletionTimestamp")), None)
+        st = (now or {}).get("status") or {}
+        ran = now is not None and (int(st.get("ready") or 0) >= int((now.get("spec") or {}).get("parallelism") or 1)
+                                   or bool(_true_conditions(now).keys() & {"Complete", "Failed"}))
+        if not ran:
             limit = max(limit, 1)
         failed = sorted((j for j in jobs if _attempt_of(j) < current and _failed(j)
                          and not j["metadata"].get("deletionTimestamp")), key=_attempt_of, reverse=True)
@@ -143,14 +147,11 @@ class EksBackend:
         jobs = {_attempt_of(j): j for j in owned}
         current = max(run.attempt, 1)
         job = jobs.get(current)
-        if job is None or job["metadata"].get("deletionTimestamp"):
-            keep = self._kept(run, owned, current, False)
-            stale = tuple(sorted(a for a, j in jobs.items() if a < current and j["metadata"]["name"] not in keep))
-            return Observation(WorkloadState.ABSENT, attempt=current, stale_attempts=stale)
-        obs = await self.observe_job(run, job)
-        keep = self._kept(run, owned, current, obs.state is not WorkloadState.STARTING)
+        keep = self._kept(run, owned, current)
         stale = tuple(sorted(a for a, j in jobs.items() if a < current and j["metadata"]["name"] not in keep))
-        return dataclasses.replace(obs, stale_attempts=stale) if stale else obs
+        if job is None or job["metadata"].get("deletionTimestamp"):
+            return Observation(WorkloadState.ABSENT, attempt=current, stale_attempts=stale)
+        return await self.observe_job(run, job, stale)
 
     async def observe_job(self, run: Run, job: Mapping[str, Any], stale: tuple[int, ...] = ()) -> Observation:
         spec, status = job.get("spec") or {}, job.get("status") or {}
@@ -250,7 +251,7 @@ class EksBackend:
         # Job stays (its pods hold nothing) for `kubectl logs` until this attempt runs.
         if attempt > 1:
             jobs = await self._jobs(run)
-            keep = self._kept(run, jobs, attempt, False)
+            keep = self._kept(run, jobs, attempt)
             for job in jobs:
                 if _attempt_of(job) < attempt and job["metadata"]["name"] not in keep:
                     await self._delete_job(run, job)
@@ -325,7 +326,7 @@ class EksBackend:
         # SIGTERM), and the podFailurePolicy would then fail the Job. Resuming creates
         # NAME-aA again; the ConfigMap, Service and RBAC stay, and so do kept failed Jobs.
         jobs = await self._jobs(run)
-        keep = self._kept(run, jobs, attempt, False)
+        keep = self._kept(run, jobs, attempt)
         for job in jobs:
             if job["metadata"]["name"] not in keep:
                 await self._delete_job(run, job)
