@@ -354,6 +354,8 @@ def test_workers_that_cannot_start_say_why_with_one_event_per_cause():
     assert plan.requeue_after == 5.0        # keep looking while Launching
     plan, st = step(run(st), obs(W.STARTING, reason="Unschedulable", message="pod ft-a1-1-xyz: 0/6 nodes"), 10)
     assert plan.events == [] and "0/6 nodes" in st["message"]
+    assert decide(run(st), obs(W.STARTING), at(41)).requeue_after == 20.0    # less often as it drags on
+    assert decide(run(st), obs(W.STARTING), at(600)).requeue_after == 30.0
     plan, st = step(run(st), obs(W.STARTING, ready=1), 15)       # scheduled now, not yet running
     assert cond(st, "Running")["reason"] == "Launching" and st["message"] == "1/2 pods of ft-a1 running"
     plan, st = step(run(st), obs(W.RUNNING, ready=2), 20)

@@ -91,7 +91,11 @@ STARTING_PROBLEMS = frozenset({Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_FAILED, R
 OWNED = ("phase", "conditions", "observedGeneration", "startTime", "completionTime",
          "attempts", "disruptions", "attemptHistory", "workload", "output", "message")
 HISTORY_MAX = 50            # attemptHistory entries kept (the CRD's maxItems)
-PROBE_INTERVAL = 5.0        # while Launching: look at the pods this often (unschedulable, image pull)
+# While Launching, look at the pods (unschedulable, image pull) every PROBE_INTERVAL s, then
+# less often as the wait grows (half the Job's age, at most PROBE_MAX): a slow start of
+# hundreds of runs must not turn into a poll of every pod.
+PROBE_INTERVAL = 5.0
+PROBE_MAX = 30.0
 
 
 @dataclass(frozen=True)
@@ -387,7 +391,9 @@ def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: b
             d.new["message"] = pods
             if (get_condition(d.new, Cond.RUNNING) or {}).get("reason") in STARTING_PROBLEMS:
                 d.condition(Cond.RUNNING, False, Reason.LAUNCHING, pods)   # that cause is gone
-        requeue = PROBE_INTERVAL
+        created = parse_time(obs.created_at)
+        age = (now - created).total_seconds() if created else 0.0
+        requeue = min(PROBE_MAX, max(PROBE_INTERVAL, age / 2))
     return d.plan(actions=actions, requeue_after=requeue)
 
 
