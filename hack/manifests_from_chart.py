@@ -6,8 +6,8 @@
 
 `helm template` of charts/alpaca-operator with its default values, as the release
 "alpaca-operator" in namespace alpaca-system, less what only helm needs (its labels and
-hooks). The CRDs are not rendered: manifests/crd/ (ours) and manifests/peering/ (kopf's)
-are the one source the chart itself reads. tests/test_chart_manifests.py checks that the
+hooks). The CRDs and the admission policy are not rendered: manifests/crd/ (ours),
+manifests/peering/ (kopf's) and manifests/policy/ are the one source the chart itself reads. tests/test_chart_manifests.py checks that the
 files match.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ FILES = {
 
 def helm_template(helm: Path = ROOT / ".bin" / "helm") -> str:
     return subprocess.run([str(helm), "template", RELEASE, str(CHART), "--namespace", NAMESPACE,
-                           "--set", "crds.enabled=false"],
+                           "--set", "crds.enabled=false", "--set", "admissionPolicy.enabled=false"],
                           check=True, capture_output=True, text=True).stdout
 
 
@@ -74,6 +74,7 @@ def render(rendered: str | None = None) -> dict[str, str]:
         by_file.setdefault(FILES[kind], []).append(d)
     files = {path: HEADER + "---\n".join(ds) for path, ds in by_file.items()}
     resources = ["crd/" + p.name for p in sorted((MANIFESTS / "crd").glob("*.yaml"))]
+    resources += ["policy/" + p.name for p in sorted((MANIFESTS / "policy").glob("*.yaml"))]
     resources += ["peering/" + p.name for p in sorted((MANIFESTS / "peering").glob("*.yaml"))]
     resources += [p for p in dict.fromkeys(FILES.values()) if p in files]
     files["kustomization.yaml"] = HEADER + yaml.safe_dump({

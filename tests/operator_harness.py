@@ -83,34 +83,62 @@ class OperatorProcess:
 
 class PhaseRecorder:
     """Every phase an AlpacaFineTune goes through, from a watch (polling would miss the
-    short ones: Pending lasts milliseconds)."""
+    short ones: Pending lasts milliseconds). A list first, then a watch from its
+    resourceVersion: nothing is missed, and nothing needs waiting for (kubectl's watch
+    prints nothing for an empty listing, so it cannot say when it is ready)."""
 
     def __init__(self, env: dict, namespace: str, name: str):
+        from kubernetes import client, config, watch
         self.phases: list[str] = []
-        self.proc = subprocess.Popen(
-            # A list-watch narrowed to the name: unlike `get NAME --watch`, it does not give
-            # up when the object does not exist yet.
-            [KUBECTL, "get", "alpacafinetunes", "-n", namespace, "--watch",
-             "--field-selector", f"metadata.name={name}", "-o", "jsonpath={.status.phase}{'\\n'}"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.listed = threading.Event()
-        self.thread = threading.Thread(target=self._read, daemon=True)
+        api = client.CustomObjectsApi(config.new_client_from_config(config_file=env["KUBECONFIG"]))
+        args = ("alpaca.dev", "v1alpha1", namespace, "alpacafinetunes")
+        listing = api.list_namespaced_custom_object(*args, field_selector=f"metadata.name={name}")
+        for item in listing.get("items") or ():
+            self._saw(item)
+        self._watch = watch.Watch()
+        stream = self._watch.stream(api.list_namespaced_custom_object, *args,
+                                    field_selector=f"metadata.name={name}",
+                                    resource_version=listing["metadata"]["resourceVersion"], timeout_seconds=600)
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
         self.thread.start()
-        # The initial (empty) listing prints an empty line: from then on nothing is missed.
-        self.listed.wait(15)
 
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.listed.set()
-            phase = line.strip()
-            if phase and (not self.phases or self.phases[-1] != phase):
-                self.phases.append(phase)
+    def _saw(self, obj: dict) -> None:
+        phase = (obj.get("status") or {}).get("phase")
+        if phase and (not self.phases or self.phases[-1] != phase):
+            self.phases.append(phase)
+
+    def _read(self, stream) -> None:
+        try:
+            for event in stream:
+                self._saw(event["object"])
+        except Exception:  # noqa: BLE001 - stopped (stop() closes the stream under it)
+            pass
 
     def stop(self) -> list[str]:
-        self.proc.terminate()
-        self.proc.wait(10)
-        self.thread.join(5)
+        time.sleep(0.5)     # the last event may still be on its way
+        self._watch.stop()
         return self.phases
+
+
+def token_env(cluster, token: str, path: Path) -> dict:
+    """The environment of a kubectl that authenticates with this bearer token only (no
+    client certificate: the API server would take that first)."""
+    admin = json.loads(Path(cluster.kubeconfig).read_text())
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": admin["clusters"],
+        "users": [{"name": "token", "user": {"token": token}}],
+        "contexts": [{"name": "token", "context": {"cluster": admin["clusters"][0]["name"], "user": "token"}}],
+        "current-context": "token",
+    }))
+    return {**cluster.env, "KUBECONFIG": str(path)}
+
+
+def kubectl_as(env: dict, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+    proc = subprocess.run([KUBECTL, *args], capture_output=True, text=True, timeout=60, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
 
 
 def get_json(cluster, *args: str) -> Any:

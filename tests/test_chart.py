@@ -135,6 +135,22 @@ def test_chart_crds_are_exactly_manifests_crd_plus_keep(tmp_path):
     assert not by_kind(render(tmp_path, {"crds": {"enabled": False}}), "CustomResourceDefinition")
 
 
+def test_chart_admission_policy_is_manifests_policy_exempting_its_own_account(tmp_path):
+    """The trainer-status policy comes from manifests/policy/ (one source); only the
+    operator's account it exempts is the release's own."""
+    assert (CHART / "files" / "policy").is_symlink()
+    source = [d for p in sorted((ROOT / "manifests" / "policy").glob("*.yaml"))
+              for d in yaml.safe_load_all(p.read_text()) if d]
+    docs = render(tmp_path, namespace="ml-ops")
+    rendered = by_kind(docs, "ValidatingAdmissionPolicy") + by_kind(docs, "ValidatingAdmissionPolicyBinding")
+    account = one(docs, "ServiceAccount")["metadata"]["name"]
+    exempt = [c for c in rendered[0]["spec"]["matchConditions"] if c["name"] == "not-the-operator"]
+    assert exempt and f"system:serviceaccount:ml-ops:{account}" in exempt[0]["expression"]
+    assert json.dumps(rendered).replace(f"ml-ops:{account}", "alpaca-system:alpaca-operator") == json.dumps(source)
+    off = render(tmp_path, {"admissionPolicy": {"enabled": False}})
+    assert not by_kind(off, "ValidatingAdmissionPolicy")
+
+
 # ---- what the values do ------------------------------------------------------------
 
 def test_defaults_one_hardened_replica_cluster_wide(tmp_path):

@@ -135,7 +135,7 @@ RUN_NAMESPACE_RULES = {
     "pods": {"list"},
     "roles.rbac.authorization.k8s.io": {"get", "create", "delete"},
     "rolebindings.rbac.authorization.k8s.io": {"get", "create", "patch", "delete"},
-    "events": {"create"},
+    "events": {"create", "list"},
 }
 EVERYONE = {"selfsubjectreviews.authentication.k8s.io", "selfsubjectaccessreviews.authorization.k8s.io",
             "selfsubjectrulesreviews.authorization.k8s.io"}

@@ -224,6 +224,7 @@ BAD_INPUT = [
     ("pod-label-value-invalid", {"spec.podMetadata": {"labels": {"team": "LLM research!"}}},
      ["spec.podMetadata.labels"]),
     ("backoff-limit-negative", {"spec.runPolicy": {"backoffLimit": -1}}, ["spec.runPolicy.backoffLimit"]),
+    ("disruption-limit-negative", {"spec.runPolicy": {"disruptionLimit": -1}}, ["spec.runPolicy.disruptionLimit"]),
     ("active-deadline-zero", {"spec.runPolicy": {"activeDeadlineSeconds": 0}},
      ["spec.runPolicy.activeDeadlineSeconds"]),
     ("suspend-not-a-boolean", {"spec.runPolicy": {"suspend": "yes"}}, ["spec.runPolicy.suspend", "boolean"]),
@@ -328,7 +329,8 @@ DEFAULTED_SPEC = {
     "resources": {"nodes": 1, "gpusPerNode": 8, "efa": False, "sharedMemory": "64Gi"},
     "image": "ghcr.io/alpaca-operator/train:0.1.0",
     "imagePullPolicy": "IfNotPresent",
-    "runPolicy": {"backoffLimit": 3, "suspend": False},
+    "terminationGracePeriodSeconds": 300,
+    "runPolicy": {"backoffLimit": 3, "disruptionLimit": 20, "failedJobsHistoryLimit": 1, "suspend": False},
 }
 
 
@@ -470,8 +472,16 @@ def test_status_schema_and_printer_columns(cluster, crd, namespace):
         "phase": "Running",
         "observedGeneration": 1,
         "startTime": "2026-11-28T04:00:00Z",
-        "attempts": 1,
-        "workload": {"job": "run-a1", "service": "run", "configMap": "run-config"},
+        "attempts": 3,
+        "disruptions": 1,
+        "attemptHistory": [
+            {"attempt": 1, "startTime": "2026-11-28T04:00:00Z", "endTime": "2026-11-28T04:05:00Z",
+             "outcome": "Disrupted", "reason": "Disrupted", "exitCode": 143, "worker": "run-a1-0-x7k2q",
+             "message": "pod run-a1-0-x7k2q was disrupted (DisruptionTarget)"},
+            {"attempt": 2, "startTime": "2026-11-28T04:05:10Z", "endTime": "2026-11-28T04:06:00Z",
+             "outcome": "Failed", "reason": "WorkerFailed", "exitCode": 1, "worker": "run-a2-1-b4n5m",
+             "message": "pod run-a2-1-b4n5m exited with code 1: NCCL timeout"}],
+        "workload": {"job": "run-a3", "service": "run", "configMap": "run-config"},
         "conditions": [{"type": "Running", "status": "True", "reason": "PodsRunning", "message": "2/2 pods",
                         "lastTransitionTime": "2026-11-28T04:00:05Z", "observedGeneration": 1}],
         "progress": {"stage": "training", "step": 120, "totalSteps": 400, "display": "120/400",
@@ -487,10 +497,13 @@ def test_status_schema_and_printer_columns(cluster, crd, namespace):
     assert table[0].split() == ["NAME", "PHASE", "BACKEND", "NODES", "GPUS/NODE", "PROGRESS", "LOSS", "AGE"]
     assert table[1].split()[:7] == ["run", "Running", "eks", "1", "8", "120/400", "1.234"]
     wide = cluster.kubectl("get", "-n", namespace, "aft", "-o", "wide").stdout.splitlines()
-    assert {"STAGE", "ETA", "ATTEMPTS", "MESSAGE"} <= set(wide[0].split())
+    assert {"STAGE", "ETA", "ATTEMPTS", "DISRUPTIONS", "MESSAGE"} <= set(wide[0].split())
+    header = wide[0].split()
+    assert wide[1].split()[header.index("ATTEMPTS")] == "3" and wide[1].split()[header.index("DISRUPTIONS")] == "1"
     # bad status is refused too
     for bad, field in (({"phase": "Exploded"}, "status.phase"),
                        ({"progress": {"stage": "cooking"}}, "status.progress.stage"),
+                       ({"attemptHistory": [{"attempt": 1, "outcome": "Exploded"}]}, "status.attemptHistory[0].outcome"),
                        ({"conditions": [{"type": "Ready", "status": "Maybe", "reason": "X", "message": "",
                                          "lastTransitionTime": "2026-11-28T04:00:00Z"}]},
                         "status.conditions[0].status"),

@@ -7,6 +7,7 @@ spec.podMetadata: `kwok.alpaca.dev/complete-after` (how long a pod runs) and
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -15,18 +16,24 @@ import yaml
 from alpaca_operator.backends.base import Run
 from alpaca_operator.backends.eks import render
 from alpaca_operator.spec import parse_spec
-from operator_harness import OperatorProcess, PhaseRecorder, assert_subset, get_json, wait_for
+from operator_harness import (OperatorProcess, PhaseRecorder, assert_subset, get_json, kubectl_as, token_env,
+                              wait_for)
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "manifests" / "samples"
+POLICY = ROOT / "manifests" / "policy"
 
 
 @pytest.fixture(scope="module")
 def operator(cluster, crd, tmp_path_factory):
+    # With the trainer-status policy installed, as in a real cluster: the operator's own
+    # writes must pass it. (Removed after: other modules play rank 0 with unbound tokens.)
+    cluster.kubectl("apply", "-f", str(POLICY))
     op = OperatorProcess(cluster.env, tmp_path_factory.mktemp("operator") / "operator.log")
     op.start()
     yield op
     op.stop()
+    cluster.kubectl("delete", "-f", str(POLICY), "--ignore-not-found")
 
 
 def finetune(name: str, *, nodes: int = 1, gpus: int = 8, run_for: str = "3s", fail: int | None = None,
@@ -158,24 +165,32 @@ def test_sample_lifecycle(cluster, operator, namespace, sample):
         assert event_reasons(cluster, namespace, name) == ["Accepted", "Launching", "Running", "Succeeded"]
 
 
-def test_kubectl_get_columns_and_progress_from_rank0(cluster, operator, namespace):
+def test_kubectl_get_columns_and_progress_from_rank0(cluster, operator, namespace, tmp_path):
     apply(cluster, namespace, finetune("cols", nodes=2, run_for="30s"))
     wait_for("Running", phase_is(cluster, namespace, "cols", "Running"), on_timeout=dump(cluster, namespace, operator))
 
-    # Rank 0 reports progress as the pod's service account (docs/contract.md): that is all it may do.
-    as_pod = f"--as=system:serviceaccount:{namespace}:cols-trainer"
+    # Rank 0 reports progress with its pod's own token (docs/contract.md): that is all it may do.
+    rank0 = next(p for p in pods(cluster, namespace, "cols")
+                 if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0")
+    token = cluster.kubectl("create", "token", "cols-trainer", "-n", namespace, "--bound-object-kind=Pod",
+                            f"--bound-object-name={rank0['metadata']['name']}",
+                            f"--bound-object-uid={rank0['metadata']['uid']}").stdout.strip()
+    as_pod = token_env(cluster, token, tmp_path / "rank0.kubeconfig")
     progress = {"status": {"progress": {"stage": "training", "step": 120, "totalSteps": 400, "epoch": 0.9,
                                         "loss": 1.234, "learningRate": 1.9e-5, "tokensPerSecond": 5231.5,
                                         "eta": "00:42:10", "updatedAt": "2026-11-28T04:00:00Z"}}}
-    cluster.kubectl(as_pod, "patch", "alpacafinetune", "cols", "-n", namespace, "--subresource=status",
-                    "--type=merge", "-p", json.dumps(progress))
+    kubectl_as(as_pod, "patch", "alpacafinetune", "cols", "-n", namespace, "--subresource=status",
+               "--type=merge", "-p", json.dumps(progress), check=True)
     for verb_args in (["patch", "alpacafinetune", "cols", "--type=merge", "-p", '{"spec":{"image":"x"}}'],
                       ["get", "pods"], ["delete", "alpacafinetune", "cols"], ["get", "secrets"]):
-        denied = cluster.kubectl(as_pod, *verb_args, "-n", namespace, check=False)
+        denied = kubectl_as(as_pod, *verb_args, "-n", namespace)
         assert denied.returncode != 0 and "forbidden" in denied.stderr.lower(), (verb_args, denied.stderr)
+    denied = kubectl_as(as_pod, "patch", "alpacafinetune", "cols", "-n", namespace, "--subresource=status",
+                        "--type=merge", "-p", '{"status":{"phase":"Succeeded"}}')
+    assert denied.returncode != 0 and "status.phase is written only by the operator" in denied.stderr
     apply(cluster, namespace, finetune("other", run_for="30s"))
-    other = cluster.kubectl(as_pod, "patch", "alpacafinetune", "other", "-n", namespace, "--subresource=status",
-                            "--type=merge", "-p", json.dumps(progress), check=False)
+    other = kubectl_as(as_pod, "patch", "alpacafinetune", "other", "-n", namespace, "--subresource=status",
+                       "--type=merge", "-p", json.dumps(progress))
     assert other.returncode != 0 and "forbidden" in other.stderr.lower()
 
     wait_for("the Progress column", lambda: aft(cluster, namespace, "cols")["status"]["progress"].get("display") == "120/400",
@@ -185,9 +200,9 @@ def test_kubectl_get_columns_and_progress_from_rank0(cluster, operator, namespac
     assert header == ["NAME", "PHASE", "BACKEND", "NODES", "GPUS/NODE", "PROGRESS", "LOSS", "AGE"], header
     assert row[:7] == ["cols", "Running", "eks", "2", "8", "120/400", "1.234"], row
     # rank 0 says it is uploading: the phase follows
-    cluster.kubectl(as_pod, "patch", "alpacafinetune", "cols", "-n", namespace, "--subresource=status",
-                    "--type=merge", "-p", json.dumps({"status": {"progress": {
-                        "stage": "uploading", "step": 400, "updatedAt": "2099-01-01T00:00:00Z"}}}))
+    kubectl_as(as_pod, "patch", "alpacafinetune", "cols", "-n", namespace, "--subresource=status",
+               "--type=merge", "-p", json.dumps({"status": {"progress": {
+                   "stage": "uploading", "step": 400, "updatedAt": "2099-01-01T00:00:00Z"}}}), check=True)
     wait_for("Uploading", phase_is(cluster, namespace, "cols", "Uploading"), on_timeout=dump(cluster, namespace, operator))
     assert aft(cluster, namespace, "cols")["status"]["progress"]["display"] == "400/400"
 
@@ -202,9 +217,10 @@ def test_worker_failure_restarts_the_gang_then_fails(cluster, operator, namespac
     assert failed["status"] == "True" and failed["reason"] == "BackoffLimitExceeded"
     assert "exited with code 3" in failed["message"] and "flaky-a3-" in failed["message"]
     assert "exited with code 3" in st["message"]
-    # Earlier attempts' Jobs are gone; the last one stays for `kubectl logs`.
-    assert [j["metadata"]["name"] for j in jobs(cluster, namespace, "flaky")] == ["flaky-a3"]
-    assert {p["metadata"]["labels"]["alpaca.dev/attempt"] for p in pods(cluster, namespace, "flaky")} == {"3"}
+    # The last attempt's Job stays for `kubectl logs`, and failedJobsHistoryLimit (1) earlier one.
+    assert sorted(j["metadata"]["name"] for j in jobs(cluster, namespace, "flaky")) == ["flaky-a2", "flaky-a3"]
+    assert {p["metadata"]["labels"]["alpaca.dev/attempt"] for p in pods(cluster, namespace, "flaky")} == {"2", "3"}
+    assert [h["outcome"] for h in st["attemptHistory"]] == ["Failed"] * 3
     reasons = event_reasons(cluster, namespace, "flaky")
     assert reasons.count("Restarting") == 2 and reasons[-1] == "BackoffLimitExceeded", reasons
 
@@ -300,3 +316,163 @@ def test_sagemaker_backend_waits_in_pending(cluster, operator, namespace):
             c["reason"] == "UnsupportedBackend" for c in st.get("conditions", []))
     wait_for("Pending with UnsupportedBackend", waiting, on_timeout=dump(cluster, namespace, operator))
     assert jobs(cluster, namespace, name) == []
+
+
+# ---- disruptions, permanent errors, failures the user can see (issue 11) --------------------
+
+def conditions(body: dict) -> dict[str, dict]:
+    return {c["type"]: c for c in body.get("status", {}).get("conditions", [])}
+
+
+def events(cluster, namespace: str, name: str) -> list[dict]:
+    found = get_json(cluster, "events", "-n", namespace,
+                     "--field-selector", f"involvedObject.name={name},involvedObject.kind=AlpacaFineTune")["items"]
+    return sorted(found, key=lambda e: int(e["metadata"]["resourceVersion"]))
+
+
+def test_a_disruption_restarts_the_gang_without_using_the_backoff_limit(cluster, operator, namespace):
+    apply(cluster, namespace, finetune("spot", nodes=2, run_for="8s", run_policy={"backoffLimit": 0}))
+    wait_for("Running", phase_is(cluster, namespace, "spot", "Running"), on_timeout=dump(cluster, namespace, operator))
+    # The node of rank 0 is reclaimed: DisruptionTarget, then SIGTERM (exit 143).
+    rank0 = next(p for p in pods(cluster, namespace, "spot")
+                 if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0")
+    cluster.kubectl("annotate", "pod", rank0["metadata"]["name"], "-n", namespace, "kwok.alpaca.dev/disrupt=true")
+    body = wait_for("Succeeded", phase_is(cluster, namespace, "spot", "Succeeded", "Failed"), timeout=60,
+                    on_timeout=dump(cluster, namespace, operator))
+    st = body["status"]
+    assert st["phase"] == "Succeeded" and st["attempts"] == 2 and st["disruptions"] == 1, st
+    first, second = st["attemptHistory"]
+    assert first["outcome"] == "Disrupted" and first["worker"] == rank0["metadata"]["name"]
+    assert first["exitCode"] == 143 and second["outcome"] == "Succeeded"
+    restart = next(e for e in events(cluster, namespace, "spot") if e["reason"] == "Restarting")
+    assert restart["type"] == "Warning" and "disrupted" in restart["message"] and "backoffLimit not used" in restart["message"]
+
+
+def test_a_permanent_exit_code_fails_at_once_with_the_pods_reason(cluster, operator, namespace):
+    run = finetune("baddata", run_for="1s", fail=65, run_policy={"backoffLimit": 3})
+    run["spec"]["podMetadata"]["annotations"]["kwok.alpaca.dev/termination-message"] = \
+        "alpaca_data.json: record 3 has no instruction"
+    apply(cluster, namespace, run)
+    body = wait_for("Failed", phase_is(cluster, namespace, "baddata", "Failed", "Succeeded"), timeout=60,
+                    on_timeout=dump(cluster, namespace, operator))
+    st = body["status"]
+    failed = conditions(body)["Failed"]
+    assert st["attempts"] == 1 and failed["reason"] == "PermanentFailure", st
+    assert "exited with code 65 (bad input data): alpaca_data.json: record 3 has no instruction" in failed["message"]
+    assert [j["metadata"]["name"] for j in jobs(cluster, namespace, "baddata")] == ["baddata-a1"]   # no retry
+    assert st["attemptHistory"][0]["exitCode"] == 65
+
+
+def test_a_run_that_cannot_start_counts_nothing_and_can_still_be_fixed(cluster, operator, namespace):
+    cluster.kubectl("create", "configmap", "my-ds-config", "-n", namespace,
+                    "--from-literal=ds_config.json={\"zero_optimization\": {\"stage\": 2}}")
+    cluster.kubectl("create", "quota", "no-jobs", "-n", namespace, "--hard=count/jobs.batch=0")
+    apply(cluster, namespace, finetune("typo", run_for="2s", deepspeed={"configMapRef": {"name": "my-ds-confg"}},
+                                       run_policy={"activeDeadlineSeconds": 600}))
+
+    def pending(reason):
+        def check():
+            body = aft(cluster, namespace, "typo")
+            created = conditions(body).get("Created") or {}
+            return body if body["status"].get("phase") == "Pending" and created.get("reason") == reason else None
+        return check
+    body = wait_for("ConfigMapNotFound", pending("ConfigMapNotFound"), on_timeout=dump(cluster, namespace, operator))
+    assert "startTime" not in body["status"] and "attempts" not in body["status"]
+    # Nothing started, so the typo can be fixed (spec.deepspeed is immutable only once started).
+    cluster.kubectl("patch", "aft", "typo", "-n", namespace, "--type=merge",
+                    "-p", '{"spec":{"deepspeed":{"configMapRef":{"name":"my-ds-config"}}}}')
+    # The quota refuses the Job: the server's message, and Pending without a hot loop.
+    body = wait_for("CreateRejected", pending("CreateRejected"), timeout=20, on_timeout=dump(cluster, namespace, operator))
+    created = conditions(body)["Created"]
+    assert "exceeded quota: no-jobs" in created["message"] and "Job typo-a1" in created["message"], created
+    assert "startTime" not in body["status"] and "attempts" not in body["status"]
+    time.sleep(4)
+    assert aft(cluster, namespace, "typo")["metadata"]["resourceVersion"] == body["metadata"]["resourceVersion"]
+    assert [e["reason"] for e in events(cluster, namespace, "typo")].count("CreateRejected") == 1
+    # The cluster changes; the next look (or any change to the run) launches it.
+    cluster.kubectl("delete", "quota", "no-jobs", "-n", namespace)
+    cluster.kubectl("annotate", "aft", "typo", "-n", namespace, "example.com/poke=1")
+    body = wait_for("Succeeded", phase_is(cluster, namespace, "typo", "Succeeded"), timeout=30,
+                    on_timeout=dump(cluster, namespace, operator))
+    job = get_json(cluster, "job", "typo-a1", "-n", namespace)
+    assert body["status"]["startTime"] == job["metadata"]["creationTimestamp"] and body["status"]["attempts"] == 1
+    assert job["spec"]["activeDeadlineSeconds"] == 600          # the deadline counts from the real start
+
+
+def test_workers_that_cannot_start_say_why_within_seconds(cluster, operator, namespace):
+    nowhere = finetune("nowhere", nodes=2)
+    nowhere["spec"]["resources"]["nodeSelector"] = {"eks.amazonaws.com/nodegroup": "gpu-p5"}
+    nopull = finetune("nopull")
+    nopull["spec"]["podMetadata"]["annotations"]["kwok.alpaca.dev/image-pull-error"] = "true"
+    apply(cluster, namespace, nowhere, nopull)
+
+    def says(name, reason, text):
+        def check():
+            body = aft(cluster, namespace, name)
+            running = conditions(body).get("Running") or {}
+            return body if running.get("reason") == reason and text in body["status"].get("message", "") else None
+        return check
+    body = wait_for("Unschedulable", says("nowhere", "Unschedulable", "0/6 nodes are available"), timeout=20,
+                    on_timeout=dump(cluster, namespace, operator))
+    assert body["status"]["phase"] == "Launching" and "node affinity/selector" in body["status"]["message"]
+    wait_for("ImagePullFailed", says("nopull", "ImagePullFailed", "ErrImagePull"), timeout=20,
+             on_timeout=dump(cluster, namespace, operator))
+    wide = cluster.kubectl("get", "aft", "nopull", "-n", namespace, "-o", "wide").stdout
+    assert "ErrImagePull" in wide
+    for name, reason in (("nowhere", "Unschedulable"), ("nopull", "ImagePullFailed")):
+        warn = [e for e in events(cluster, namespace, name) if e["reason"] == reason]
+        assert len(warn) == 1 and warn[0]["type"] == "Warning", events(cluster, namespace, name)
+    cluster.kubectl("delete", "aft", "nowhere", "nopull", "-n", namespace, "--wait=true", timeout=60)
+    # Pods the Job controller cannot create (a quota) are only in the Job's Events: FailedCreate.
+    cluster.kubectl("create", "quota", "no-pods", "-n", namespace, "--hard=pods=0")
+    apply(cluster, namespace, finetune("noquota"))
+    wait_for("FailedCreate", says("noquota", "FailedCreate", "exceeded quota: no-pods"), timeout=30,
+             on_timeout=dump(cluster, namespace, operator))
+
+
+def test_a_recreated_run_never_sees_the_old_runs_job(cluster, operator, namespace):
+    apply(cluster, namespace, finetune("again", run_for="1s"))
+    wait_for("Succeeded", phase_is(cluster, namespace, "again", "Succeeded"), timeout=60,
+             on_timeout=dump(cluster, namespace, operator))
+    old_job = get_json(cluster, "job", "again-a1", "-n", namespace)
+    # Deleted without its children (they stay, ownerless), and created again.
+    cluster.kubectl("delete", "aft", "again", "-n", namespace, "--cascade=orphan", "--wait=true")
+    wait_for("the orphaned Job", lambda: not get_json(cluster, "job", "again-a1", "-n", namespace)["metadata"].get(
+        "ownerReferences"), timeout=30)
+    apply(cluster, namespace, finetune("again", run_for="1s"))
+
+    def refused():
+        body = aft(cluster, namespace, "again")
+        return body if (conditions(body).get("Created") or {}).get("reason") == "NameConflict" else None
+    body = wait_for("NameConflict", refused, timeout=20, on_timeout=dump(cluster, namespace, operator))
+    time.sleep(2)
+    body = aft(cluster, namespace, "again")
+    assert body["status"]["phase"] == "Pending" and "completionTime" not in body["status"], body["status"]
+    assert get_json(cluster, "job", "again-a1", "-n", namespace)["metadata"]["uid"] == old_job["metadata"]["uid"]
+    # The user removes the leftovers: the new run starts on its own.
+    cluster.kubectl("delete", "job,sa,role,rolebinding,configmap,service", "-n", namespace,
+                    "-l", "alpaca.dev/finetune=again", "--wait=true", timeout=60)
+    cluster.kubectl("annotate", "aft", "again", "-n", namespace, "example.com/poke=1")
+    wait_for("Succeeded", phase_is(cluster, namespace, "again", "Succeeded"), timeout=60,
+             on_timeout=dump(cluster, namespace, operator))
+    new_job = get_json(cluster, "job", "again-a1", "-n", namespace)
+    assert new_job["metadata"]["ownerReferences"][0]["uid"] == aft(cluster, namespace, "again")["metadata"]["uid"]
+
+
+def test_a_resumed_gang_waits_for_its_old_pods_to_go(cluster, operator, namespace):
+    apply(cluster, namespace, finetune("hold", run_for="60s"))
+    wait_for("Running", phase_is(cluster, namespace, "hold", "Running"), on_timeout=dump(cluster, namespace, operator))
+    old = pods(cluster, namespace, "hold")[0]["metadata"]["name"]
+    cluster.kubectl("patch", "pod", old, "-n", namespace, "--type=merge",
+                    "-p", '{"metadata":{"finalizers":["example.com/hold"]}}')
+    cluster.kubectl("patch", "aft", "hold", "-n", namespace, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
+    wait_for("the Job gone", lambda: not jobs(cluster, namespace, "hold"), timeout=30,
+             on_timeout=dump(cluster, namespace, operator))
+    cluster.kubectl("patch", "aft", "hold", "-n", namespace, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
+    time.sleep(4)
+    # hold-a1-0 is still terminating: a new hold-a1 would give its pod the same hostname.
+    assert jobs(cluster, namespace, "hold") == [], "a new Job met the old, terminating pod"
+    cluster.kubectl("patch", "pod", old, "-n", namespace, "--type=merge", "-p", '{"metadata":{"finalizers":null}}')
+    wait_for("Running again", phase_is(cluster, namespace, "hold", "Running"), timeout=30,
+             on_timeout=dump(cluster, namespace, operator))
+    assert old not in {p["metadata"]["name"] for p in pods(cluster, namespace, "hold")}

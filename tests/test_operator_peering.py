@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from operator_harness import OperatorProcess, get_json, wait_for
+from operator_harness import OperatorProcess, get_json, token_env, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 LIFETIME = 6    # seconds a silent replica is still taken for alive
@@ -26,18 +26,7 @@ def service_account_env(cluster, tmp_path: Path) -> dict:
     """A kubeconfig that authenticates as system:serviceaccount:alpaca-system:alpaca-operator."""
     token = cluster.kubectl("create", "token", "alpaca-operator", "-n", "alpaca-system",
                             "--duration=1h").stdout.strip()
-    admin = json.loads(Path(cluster.kubeconfig).read_text())
-    config = {
-        "apiVersion": "v1", "kind": "Config",
-        "clusters": admin["clusters"],
-        "users": [{"name": "alpaca-operator", "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": admin["clusters"][0]["name"],
-                                                      "user": "alpaca-operator"}}],
-        "current-context": "operator",
-    }
-    path = tmp_path / "operator.kubeconfig"
-    path.write_text(json.dumps(config))
-    return {**cluster.env, "KUBECONFIG": str(path)}
+    return token_env(cluster, token, tmp_path / "operator.kubeconfig")
 
 
 def finetune(name: str) -> str:

@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from alpaca_operator.backends.base import Observation, Run, WorkloadState as W
+from alpaca_operator.backends.base import FailureKind, Observation, Run, WorkloadState as W
 from alpaca_operator.spec import parse_spec
 from alpaca_operator.status import Action, decide, invalid
 
@@ -66,13 +66,16 @@ def cond(status: dict, type_: str) -> dict:
 
 def test_happy_path_pending_launching_running_uploading_succeeded():
     plan, st = step(run(), obs(W.ABSENT, attempt=0), 0)
-    assert st["phase"] == "Pending" and st["attempts"] == 1 and st["startTime"] == iso(0)
+    # Nothing exists yet: no attempt counted, no clock started (the spec may still change).
+    assert st["phase"] == "Pending" and "attempts" not in st and "startTime" not in st
     assert plan.actions == [Action("launch", 1, None)] and plan.status_first
     assert [e.reason for e in plan.events] == ["Accepted"]
     assert cond(st, "Created")["status"] == "False"
     assert st["observedGeneration"] == 1
 
-    plan, st = step(run(st), obs(W.STARTING, ready=1), 1)
+    # The Job exists (created at 1): attempt 1 started then.
+    plan, st = step(run(st), obs(W.STARTING, ready=1), 1.5)
+    assert st["attempts"] == 1 and st["startTime"] == iso(1)
     assert st["phase"] == "Launching" and st["workload"] == WORKLOAD
     assert cond(st, "Created")["status"] == "True" and plan.actions == []
     assert [e.reason for e in plan.events] == ["Launching"]
@@ -102,7 +105,7 @@ def test_happy_path_pending_launching_running_uploading_succeeded():
     assert st["completionTime"] == iso(60)
     assert cond(st, "Succeeded")["status"] == "True" and cond(st, "Running")["status"] == "False"
     assert [e.reason for e in plan.events] == ["Succeeded"] and plan.requeue_after is None
-    assert "1m00s" in st["message"]
+    assert "59s" in st["message"]      # from the Job's creation, the real start
 
     # terminal: nothing more, whatever is observed
     assert decide(run(st), obs(W.ABSENT), at(500)).empty
@@ -280,3 +283,106 @@ def test_condition_transition_time_moves_only_on_flips():
     assert cond(st, "Created")["lastTransitionTime"] == created
     for c in st["conditions"]:
         assert set(c) == {"type", "status", "reason", "message", "lastTransitionTime", "observedGeneration"}
+
+
+def test_a_failed_launch_counts_nothing_and_the_deadline_starts_with_the_workload():
+    r = run(runPolicy={"activeDeadlineSeconds": 100})
+    plan, st = step(r, obs(W.ABSENT, attempt=0), 0)
+    p = invalid(run(st), at(1), "ConfigMapNotFound", "ConfigMap my-ds-confg not found")
+    st = merge(st, p.patch)
+    assert st["phase"] == "Pending" and "startTime" not in st and "attempts" not in st
+    # Retrying later writes nothing (no hot loop), and the deadline has not started.
+    plan = decide(run(st, runPolicy={"activeDeadlineSeconds": 100}), obs(W.ABSENT, attempt=0), at(500))
+    assert plan.patch == {} and plan.actions == [Action("launch", 1, 100)]
+    plan, st = step(run(st, runPolicy={"activeDeadlineSeconds": 100}),
+                    obs(W.STARTING, created_at=iso(600)), 600)
+    assert st["startTime"] == iso(600) and st["attempts"] == 1 and st["phase"] == "Launching"
+    plan, st = step(run(st, runPolicy={"activeDeadlineSeconds": 100}), obs(W.FAILED, exit_code=1), 650)
+    assert plan.actions == [Action("launch", 2, 50)]
+
+
+def test_disruptions_restart_without_using_the_backoff_limit():
+    st = {"phase": "Running", "attempts": 1, "startTime": iso(0), "conditions": [], "observedGeneration": 1}
+    rp = {"backoffLimit": 0, "disruptionLimit": 2}
+    disrupted = dict(failure_kind=FailureKind.DISRUPTION, exit_code=143, failed_worker="ft-a1-0-abcde",
+                     created_at=iso(1), finished_at=iso(10))
+    plan, st = step(run(st, runPolicy=rp), obs(W.FAILED, **disrupted), 11)
+    assert st["attempts"] == 2 and st["disruptions"] == 1 and st["phase"] == "Launching"
+    assert plan.actions == [Action("launch", 2, None)] and plan.restart == "Disrupted"
+    assert [(e.type, e.reason) for e in plan.events] == [("Warning", "Restarting")]
+    assert cond(st, "Restarting")["reason"] == "Disrupted" and "backoffLimit not used" in st["message"]
+    assert st["attemptHistory"] == [{"attempt": 1, "outcome": "Disrupted", "reason": "Disrupted",
+                                     "startTime": iso(1), "endTime": iso(10), "exitCode": 143,
+                                     "worker": "ft-a1-0-abcde",
+                                     "message": "pod ft-a1-0-abcde was disrupted (stopped by SIGTERM, exit code 143)"}]
+    plan, st = step(run(st, runPolicy=rp), obs(W.FAILED, attempt=2, **disrupted), 20)
+    assert st["attempts"] == 3 and st["disruptions"] == 2
+    plan, st = step(run(st, runPolicy=rp), obs(W.FAILED, attempt=3, **disrupted), 30)
+    assert st["phase"] == "Failed" and cond(st, "Failed")["reason"] == "DisruptionLimitExceeded"
+    assert [h["attempt"] for h in st["attemptHistory"]] == [1, 2, 3]
+
+
+def test_a_worker_failure_after_disruptions_still_gets_its_backoff_limit():
+    st = {"phase": "Running", "attempts": 3, "disruptions": 2, "startTime": iso(0), "conditions": [],
+          "observedGeneration": 1}
+    plan, st = step(run(st, runPolicy={"backoffLimit": 1}), obs(W.FAILED, attempt=3, exit_code=1), 5)
+    assert st["attempts"] == 4 and plan.restart == "WorkerFailed" and "restart 1 of 1" in st["message"]
+    plan, st = step(run(st, runPolicy={"backoffLimit": 1}), obs(W.FAILED, attempt=4, exit_code=1), 6)
+    assert st["phase"] == "Failed" and cond(st, "Failed")["reason"] == "BackoffLimitExceeded"
+
+
+def test_a_permanent_error_fails_at_once_with_the_termination_message():
+    st = {"phase": "Running", "attempts": 1, "startTime": iso(0), "conditions": [], "observedGeneration": 1}
+    plan, st = step(run(st, runPolicy={"backoffLimit": 3}),
+                    obs(W.FAILED, exit_code=65, failed_worker="ft-a1-0-abcde", failure_kind=FailureKind.PERMANENT,
+                        termination_message="alpaca_data.json: record 3 has no instruction"), 5)
+    assert st["phase"] == "Failed" and st["attempts"] == 1 and plan.actions == []
+    c = cond(st, "Failed")
+    assert c["reason"] == "PermanentFailure"
+    assert "pod ft-a1-0-abcde exited with code 65 (bad input data): alpaca_data.json: record 3 has no instruction" \
+        in c["message"]
+    assert st["attemptHistory"][0]["outcome"] == "PermanentFailure" and st["attemptHistory"][0]["exitCode"] == 65
+
+
+def test_workers_that_cannot_start_say_why_with_one_event_per_cause():
+    st = {"phase": "Launching", "attempts": 1, "startTime": iso(0), "conditions": [], "observedGeneration": 1}
+    why = "0/6 nodes are available: 4 Insufficient nvidia.com/gpu, 2 node(s) didn't match node selector."
+    plan, st = step(run(st), obs(W.STARTING, reason="Unschedulable", message=f"pod ft-a1-1-xyz: {why}"), 5)
+    assert st["message"] == f"0/2 pods of ft-a1 running; Unschedulable: pod ft-a1-1-xyz: {why}"
+    assert cond(st, "Running")["reason"] == "Unschedulable" and cond(st, "Running")["status"] == "False"
+    assert [(e.type, e.reason) for e in plan.events] == [("Warning", "Unschedulable")]
+    assert plan.requeue_after == 5.0        # keep looking while Launching
+    plan, st = step(run(st), obs(W.STARTING, reason="Unschedulable", message="pod ft-a1-1-xyz: 0/6 nodes"), 10)
+    assert plan.events == [] and "0/6 nodes" in st["message"]
+    assert decide(run(st), obs(W.STARTING), at(41)).requeue_after == 20.0    # less often as it drags on
+    assert decide(run(st), obs(W.STARTING), at(600)).requeue_after == 30.0
+    plan, st = step(run(st), obs(W.STARTING, ready=1), 15)       # scheduled now, not yet running
+    assert cond(st, "Running")["reason"] == "Launching" and st["message"] == "1/2 pods of ft-a1 running"
+    plan, st = step(run(st), obs(W.RUNNING, ready=2), 20)
+    assert cond(st, "Running")["status"] == "True" and st["phase"] == "Running"
+
+
+def _pod(name: str, code: int, *, deleted: bool = False, disrupted: bool = False, reason: str = "Error",
+         message: str = "", finished: str = "2026-11-28T04:00:10Z") -> dict:
+    return {"metadata": {"name": name, **({"deletionTimestamp": finished} if deleted else {})},
+            "status": {"conditions": [{"type": "DisruptionTarget", "status": "True"}] if disrupted else [],
+                       "containerStatuses": [{"name": "trainer", "state": {"terminated": {
+                           "exitCode": code, "reason": reason, "message": message, "finishedAt": finished}}}]}}
+
+
+def test_the_eks_backend_tells_the_cause_of_a_failed_gang():
+    from alpaca_operator.backends.eks.backend import classify, first_failure
+    # The worker that failed on its own, not the ranks the Job controller stopped after it.
+    gang = [_pod("ft-a1-0", 143, deleted=True), _pod("ft-a1-1", 65, message="bad record 3\n")]
+    f = first_failure(gang)
+    assert (f.pod, f.exit_code, f.message) == ("ft-a1-1", 65, "bad record 3")
+    assert classify(f, "Container trainer for pod t/ft-a1-1 failed with exit code 65 matching FailJob rule at index 1") \
+        is FailureKind.PERMANENT
+    # A reclaimed node: DisruptionTarget, whatever the code; or SIGTERM that the Job did not send.
+    f = first_failure([_pod("ft-a1-1", 1, deleted=True), _pod("ft-a1-0", 143, disrupted=True)])
+    assert f.pod == "ft-a1-0" and classify(f, "") is FailureKind.DISRUPTION
+    assert classify(first_failure([_pod("ft-a1-0", 143)]), "") is FailureKind.DISRUPTION
+    assert classify(None, "Pod t/ft-a1-0 has condition DisruptionTarget matching FailJob rule at index 0") \
+        is FailureKind.DISRUPTION
+    assert classify(first_failure([_pod("ft-a1-0", 137, reason="OOMKilled")]), "") is FailureKind.PERMANENT
+    assert classify(first_failure([_pod("ft-a1-0", 1)]), "") is FailureKind.RETRYABLE

@@ -58,7 +58,11 @@ def test_defaults_agree_with_the_crd():
     assert t["precision"]["default"] == s.training.precision
     r = props["resources"]["properties"]
     assert (r["nodes"]["default"], r["gpusPerNode"]["default"], r["sharedMemory"]["default"]) == (1, 8, "64Gi")
-    assert props["runPolicy"]["properties"]["backoffLimit"]["default"] == s.run_policy.backoff_limit
+    rp = props["runPolicy"]["properties"]
+    assert rp["backoffLimit"]["default"] == s.run_policy.backoff_limit
+    assert rp["disruptionLimit"]["default"] == s.run_policy.disruption_limit
+    assert rp["failedJobsHistoryLimit"]["default"] == s.run_policy.failed_jobs_history_limit
+    assert props["terminationGracePeriodSeconds"]["default"] == s.termination_grace_period_seconds
     assert props["image"]["default"] == s.image
     assert props["deepspeed"]["default"]["zeroStage"] == s.deepspeed.zero_stage
 
@@ -188,6 +192,7 @@ FULL = {
                   "cpu": "90", "memory": "1000Gi", "sharedMemory": "128Gi"},
     "image": "registry.local/train:dev",
     "imagePullPolicy": "Always",
+    "terminationGracePeriodSeconds": 600,
     "env": [{"name": "AWS_REGION", "value": "us-west-2"}],
     "podMetadata": {"labels": {"team": "llm"}, "annotations": {"kwok.alpaca.dev/complete-after": "5s"}},
     "runPolicy": {"backoffLimit": 5, "activeDeadlineSeconds": 3600, "ttlSecondsAfterFinished": 60},
@@ -206,8 +211,12 @@ def test_job_exactly():
             "completions": 2,
             "parallelism": 2,
             "backoffLimit": 0,
-            "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
-                "containerName": "trainer", "operator": "NotIn", "values": [0]}}]},
+            "podFailurePolicy": {"rules": [
+                {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                                      "values": [64, 65, 66]}},
+                {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "NotIn",
+                                                      "values": [0]}}]},
             "activeDeadlineSeconds": 1234,
             "template": {
                 "metadata": {
@@ -216,6 +225,7 @@ def test_job_exactly():
                 },
                 "spec": {
                     "restartPolicy": "Never",
+                    "terminationGracePeriodSeconds": 600,
                     "subdomain": "ft",
                     "serviceAccountName": "ft-trainer",
                     "nodeSelector": {"node.kubernetes.io/instance-type": "p4d.24xlarge",
@@ -229,6 +239,7 @@ def test_job_exactly():
                         "image": "registry.local/train:dev",
                         "imagePullPolicy": "Always",
                         "command": ["alpaca-launch"],
+                        "terminationMessagePolicy": "FallbackToLogsOnError",
                         "env": [
                             {"name": "PET_NNODES", "value": "2"},
                             {"name": "PET_NPROC_PER_NODE", "value": "8"},

@@ -34,7 +34,11 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]   # (namespace, name)
 MAX_ROUNDS = 6          # decide/act rounds per trigger (a fresh launch takes two)
 MAX_BACKOFF = 60.0
-LAUNCH_RETRY = 10.0     # a missing ConfigMap: nothing announces its arrival, so look again
+# A launch that cannot succeed yet (a missing ConfigMap, a refused object): look again after
+# this, doubling up to LAUNCH_RETRY_MAX, since nothing announces that the cluster changed.
+# A change of the run's own spec triggers a reconcile at once anyway.
+LAUNCH_RETRY = 10.0
+LAUNCH_RETRY_MAX = 300.0
 
 
 def utcnow() -> dt.datetime:
@@ -46,6 +50,7 @@ class _KeyState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     waiting: bool = False
     failures: int = 0
+    blocked: int = 0            # launches refused in a row (LaunchError)
     # resourceVersions of our own recent status writes: their watch echoes carry no news.
     written: deque = field(default_factory=lambda: deque(maxlen=8))
     timer: asyncio.TimerHandle | None = None
@@ -137,8 +142,8 @@ class Reconciler:
             return
         loop = asyncio.get_running_loop()
         due = loop.time() + max(0.0, delay)
-        if st.timer is not None and not st.timer.cancelled() and st.due <= due:
-            return      # an earlier wake-up is already set
+        if st.timer is not None and not st.timer.cancelled() and loop.time() < st.due <= due:
+            return      # an earlier wake-up is already set (and has not fired yet)
         if st.timer is not None:
             st.timer.cancel()
         st.due = due
@@ -159,6 +164,7 @@ class Reconciler:
         if fresh:
             body = await self._get(namespace, name)
         known: Observation | None = None
+        probe = False
         requeue: float | None = None
         for _ in range(MAX_ROUNDS):
             if body is None:
@@ -166,8 +172,8 @@ class Reconciler:
                 return None
             if body["metadata"].get("deletionTimestamp"):
                 return None     # the garbage collector removes the children with it
-            run, plan, backend = await self._plan(body, known)
-            known = None
+            run, plan, backend = await self._plan(body, known, probe)
+            known, probe = None, False
             requeue = plan.requeue_after
             if plan.empty:
                 return requeue
@@ -187,16 +193,25 @@ class Reconciler:
                 body, fresh = await self._get(namespace, name), True
                 continue
             except NotYet as e:
-                log.debug("%s/%s: %s", namespace, name, e)
+                log.info("%s/%s: %s", namespace, name, e)
                 return 1.0
             except LaunchError as e:
+                st = self._state((namespace, name))
+                st.blocked += 1
                 body = await self._get(namespace, name)
                 if body is not None:
                     run = _run(body, parse_spec(body.get("spec")))
                     blocked = status.invalid(run, self.clock(), e.reason, e.message)
                     if not blocked.empty:
                         await self._write(body, blocked)
-                return LAUNCH_RETRY
+                return min(LAUNCH_RETRY_MAX, LAUNCH_RETRY * 2 ** (st.blocked - 1))
+            if plan.restart and backend is not None:
+                metrics.restart(backend.name, plan.restart)
+            if any(a.kind == "launch" for a in plan.actions):
+                self._state((namespace, name)).blocked = 0
+                # The first launch found its workload there already (or made it and was
+                # told nothing): observe it, though no attempt is counted yet.
+                probe = known is None and run.attempt == 0
             if not plan.actions:
                 return requeue
             # Acted: look again at what the actions made (a new Job, a deleted one).
@@ -208,7 +223,7 @@ class Reconciler:
             self.cache.put_run(body)
         return body
 
-    async def _plan(self, body: Mapping[str, Any], known: Observation | None
+    async def _plan(self, body: Mapping[str, Any], known: Observation | None, probe: bool = False
                     ) -> tuple[Run, status.Plan, Backend | None]:
         now = self.clock()
         try:
@@ -223,9 +238,10 @@ class Reconciler:
         if backend is None:
             return run, status.decide(run, Observation(WorkloadState.ABSENT), now,
                                       backend_available=False), None
-        if known is None or known.attempt != run.attempt:
-            # Before the first launch there is nothing to observe: save the request.
-            known = await backend.observe(run) if run.attempt else Observation(WorkloadState.ABSENT)
+        if known is None or known.attempt != max(run.attempt, 1):
+            # Before the first launch there is nothing to observe: save the request (unless
+            # a launch found attempt 1's workload already there).
+            known = await backend.observe(run) if run.attempt or probe else Observation(WorkloadState.ABSENT)
         return run, status.decide(run, known, now), backend
 
     async def _write(self, body: Mapping[str, Any], plan: status.Plan) -> dict:

@@ -71,9 +71,15 @@ class Resources:
 @dataclass(frozen=True)
 class RunPolicy:
     backoff_limit: int = 3
+    # Gang restarts after disruptions (spot reclaims, drains, preemptions): not the run's
+    # fault, so counted apart from backoffLimit, and generously (a spot fleet reclaims often).
+    disruption_limit: int = 20
     active_deadline_seconds: int | None = None
     ttl_seconds_after_finished: int | None = None
     suspend: bool = False
+    # Failed Jobs of earlier attempts kept for `kubectl logs` (the last failed attempt's is
+    # kept at least until the next attempt runs, whatever this says).
+    failed_jobs_history_limit: int = 1
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,9 @@ class FineTuneSpec:
     image: str = os.environ.get("ALPACA_TRAINING_IMAGE") or "ghcr.io/alpaca-operator/train:0.1.0"  # the chart's defaults.trainingImage
     image_pull_policy: str = "IfNotPresent"
     service_account_name: str = ""
+    # Time the trainer has after SIGTERM to save a checkpoint and sync it to S3 (a spot
+    # reclaim gives the node two minutes; a drain waits this long).
+    termination_grace_period_seconds: int = 300
     env: tuple[Mapping[str, Any], ...] = ()
     pod_labels: Mapping[str, str] = field(default_factory=dict)
     pod_annotations: Mapping[str, str] = field(default_factory=dict)
@@ -165,10 +174,12 @@ def parse_spec(spec: Mapping[str, Any] | None) -> FineTuneSpec:
 
     rp = spec.get("runPolicy") or {}
     run_policy = RunPolicy(
-        backoff_limit=int(_get(rp, "backoffLimit", 3)),
+        backoff_limit=int(_get(rp, "backoffLimit", RunPolicy.backoff_limit)),
+        disruption_limit=int(_get(rp, "disruptionLimit", RunPolicy.disruption_limit)),
         active_deadline_seconds=rp.get("activeDeadlineSeconds"),
         ttl_seconds_after_finished=rp.get("ttlSecondsAfterFinished"),
         suspend=bool(_get(rp, "suspend", False)),
+        failed_jobs_history_limit=int(_get(rp, "failedJobsHistoryLimit", RunPolicy.failed_jobs_history_limit)),
     )
 
     pm = spec.get("podMetadata") or {}
@@ -184,6 +195,8 @@ def parse_spec(spec: Mapping[str, Any] | None) -> FineTuneSpec:
         image=_get(spec, "image", FineTuneSpec.image),
         image_pull_policy=_get(spec, "imagePullPolicy", FineTuneSpec.image_pull_policy),
         service_account_name=_get(spec, "serviceAccountName", ""),
+        termination_grace_period_seconds=int(_get(spec, "terminationGracePeriodSeconds",
+                                                  FineTuneSpec.termination_grace_period_seconds)),
         env=tuple(dict(e) for e in _get(spec, "env", ())),
         pod_labels=dict(_get(pm, "labels", {})),
         pod_annotations=dict(_get(pm, "annotations", {})),

@@ -17,12 +17,85 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .backends.base import Observation, Run, WorkloadState
+from .backends.base import EXIT_CODE_MEANING, FailureKind, Observation, Run, WorkloadState
 
-TERMINAL = frozenset({"Succeeded", "Failed", "Stopped"})
+
+class Phase:
+    PENDING = "Pending"
+    LAUNCHING = "Launching"
+    RUNNING = "Running"
+    UPLOADING = "Uploading"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+    STOPPING = "Stopping"      # SageMaker: StopTrainingJob called
+    STOPPED = "Stopped"
+
+
+class Cond:
+    """Condition types."""
+    CREATED = "Created"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    CHILDREN_DELETED = "ChildrenDeleted"
+
+
+class Reason:
+    """Condition and Event reasons (CamelCase, part of the API: users match on them)."""
+    ACCEPTED = "Accepted"
+    CREATING = "Creating"
+    CREATED = "Created"
+    LAUNCHING = "Launching"
+    RUNNING = "Running"
+    ALL_PODS_RUNNING = "AllPodsRunning"
+    UPLOADING = "Uploading"
+    SUCCEEDED = "Succeeded"
+    COMPLETED = "Completed"
+    RESTARTING = "Restarting"
+    WORKER_FAILED = "WorkerFailed"            # a restart counted against backoffLimit
+    DISRUPTED = "Disrupted"                   # a restart counted against disruptionLimit
+    PERMANENT_FAILURE = "PermanentFailure"    # not retried (exit 64/65/66, out of memory)
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    DISRUPTION_LIMIT_EXCEEDED = "DisruptionLimitExceeded"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    SUSPENDED = "Suspended"
+    RESUMED = "Resumed"
+    FAILED = "Failed"
+    TTL_EXPIRED = "TTLExpired"
+    CHILDREN_DELETED = "ChildrenDeleted"
+    UNSUPPORTED_BACKEND = "UnsupportedBackend"
+    INVALID_SPEC = "InvalidSpec"
+    # Launch problems the backends report (LaunchError) and workers that do not start.
+    CREATE_REJECTED = "CreateRejected"        # the API server refused a child (4xx)
+    NAME_CONFLICT = "NameConflict"
+    UNSCHEDULABLE = "Unschedulable"
+    IMAGE_PULL_FAILED = "ImagePullFailed"
+    FAILED_CREATE = "FailedCreate"
+
+
+class Outcome:
+    """status.attemptHistory[].outcome."""
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    DISRUPTED = "Disrupted"
+    PERMANENT_FAILURE = "PermanentFailure"
+
+
+TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.STOPPED})
+STARTING_PROBLEMS = frozenset({Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_FAILED, Reason.FAILED_CREATE,
+                               "CreateContainerConfigError", "CreateContainerError"})
 # The keys of .status the operator writes; progress belongs to rank 0 except `display`.
 OWNED = ("phase", "conditions", "observedGeneration", "startTime", "completionTime",
-         "attempts", "workload", "output", "message")
+         "attempts", "disruptions", "attemptHistory", "workload", "output", "message")
+HISTORY_MAX = 50            # attemptHistory entries kept (the CRD's maxItems)
+# While Launching, look at the pods (unschedulable, image pull) every PROBE_INTERVAL s, then
+# less often as the wait grows (half the Job's age, at most PROBE_MAX): a slow start of
+# hundreds of runs must not turn into a poll of every pod.
+PROBE_INTERVAL = 5.0
+PROBE_MAX = 30.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +121,7 @@ class Plan:
     # Job exists). False: act first (the TTL deletion must happen before it is recorded).
     status_first: bool = True
     requeue_after: float | None = None
+    restart: str | None = None      # a new attempt starts: its cause (a Reason), for metrics
 
     @property
     def empty(self) -> bool:
@@ -153,6 +227,22 @@ class _Draft:
     def event(self, reason: str, message: str, warning: bool = False) -> None:
         self.events.append(Event("Warning" if warning else "Normal", reason, message))
 
+    def history(self, obs: Observation, outcome: str, reason: str, message: str) -> None:
+        """Record how attempt obs.attempt ended (once: a later decision sees it there)."""
+        entries = list(self.new.get("attemptHistory") or ())
+        if any(e.get("attempt") == obs.attempt for e in entries):
+            return
+        entry: dict[str, Any] = {"attempt": obs.attempt, "outcome": outcome, "reason": reason,
+                                 "message": message[:2048]}
+        if obs.created_at:
+            entry["startTime"] = obs.created_at
+        entry["endTime"] = obs.finished_at or fmt_time(self.now)
+        if obs.exit_code is not None:
+            entry["exitCode"] = obs.exit_code
+        if obs.failed_worker:
+            entry["worker"] = obs.failed_worker
+        self.new["attemptHistory"] = (entries + [entry])[-HISTORY_MAX:]
+
     def plan(self, **kw: Any) -> Plan:
         patch = {k: v for k, v in self.new.items() if self.old.get(k) != v
                  and not (k == "conditions" and not v and not self.old.get(k))}
@@ -164,11 +254,21 @@ class _Draft:
         return Plan(patch=patch, events=self.events, **kw)
 
 
-def _failure_detail(obs: Observation) -> str:
-    if obs.exit_code is not None:
-        who = f"pod {obs.failed_worker}" if obs.failed_worker else "a worker"
-        return f"{who} exited with code {obs.exit_code}"
-    return obs.message or obs.reason or "the workload failed"
+def failure_detail(obs: Observation) -> str:
+    """What failed, as the user needs it: the worker, its exit code and what that code
+    means, and the worker's own one-line reason (its termination message)."""
+    who = f"pod {obs.failed_worker}" if obs.failed_worker else "a worker"
+    if obs.failure_kind is FailureKind.DISRUPTION and obs.exit_code in (None, 143):
+        out = f"{who} was disrupted" + (f" ({obs.message})" if obs.message and obs.exit_code is None else
+                                        " (stopped by SIGTERM, exit code 143)")
+    elif obs.exit_code is not None:
+        meaning = EXIT_CODE_MEANING.get(obs.exit_code)
+        out = f"{who} exited with code {obs.exit_code}" + (f" ({meaning})" if meaning else "")
+    else:
+        out = obs.message or obs.reason or "the workload failed"
+    if obs.termination_message:
+        out += f": {obs.termination_message}"
+    return out
 
 
 def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: bool = True) -> Plan:
@@ -180,27 +280,37 @@ def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: b
         return _finished(d, obs)
 
     if not backend_available:
-        d.to("Pending", "UnsupportedBackend",
+        d.to(Phase.PENDING, Reason.UNSUPPORTED_BACKEND,
              f"backend {spec.backend} is not available in this operator version")
-        d.condition("Created", False, "UnsupportedBackend", d.new["message"])
+        d.condition(Cond.CREATED, False, Reason.UNSUPPORTED_BACKEND, d.new["message"])
         return d.plan()
 
     attempt = run.attempt
-    start = parse_time(run.status.get("startTime"))
+    if attempt == 0:
+        if rp.suspend:
+            d.to(Phase.SUSPENDED, Reason.SUSPENDED, "suspended before it started (spec.runPolicy.suspend)")
+            d.condition(Cond.SUSPENDED, True, Reason.SUSPENDED, d.new["message"])
+            return d.plan()
+        if obs.state is WorkloadState.ABSENT:
+            # Nothing is counted and no clock starts until a workload exists: until then the
+            # spec may still be corrected (a missing ConfigMap, a refused object).
+            if phase in (None, Phase.SUSPENDED):
+                d.to(Phase.PENDING, Reason.ACCEPTED, f"accepted; creating the {spec.backend} workload")
+                d.condition(Cond.CREATED, False, Reason.CREATING, d.new["message"])
+                d.clear_condition(Cond.SUSPENDED, Reason.RESUMED, d.new["message"])
+            # else: Pending with the reason of the last failed launch, which stays until
+            # a launch succeeds (no status write per retry).
+            return d.plan(actions=[Action("launch", 1, rp.active_deadline_seconds)])
+        # The first workload exists: this is when the run started.
+        attempt = 1
+        d.new["attempts"] = 1
+        d.new["startTime"] = obs.created_at or fmt_time(now)
+        d.clear_condition(Cond.SUSPENDED, Reason.RESUMED, "started")
+
+    start = parse_time(d.new.get("startTime"))
     remaining: int | None = None
     if rp.active_deadline_seconds is not None and start is not None:
         remaining = int(rp.active_deadline_seconds - (now - start).total_seconds())
-
-    if attempt == 0:
-        if rp.suspend:
-            d.to("Suspended", "Suspended", "suspended before it started (spec.runPolicy.suspend)")
-            d.condition("Suspended", True, "Suspended", d.new["message"])
-            return d.plan()
-        d.new["attempts"] = 1
-        d.new.setdefault("startTime", fmt_time(now))
-        d.to("Pending", "Accepted", f"accepted; creating the {spec.backend} workload (attempt 1)")
-        d.condition("Created", False, "Creating", d.new["message"])
-        return d.plan(actions=[Action("launch", 1, rp.active_deadline_seconds)])
 
     if obs.state is not WorkloadState.ABSENT and obs.attempt != attempt:
         # Not this attempt's workload (the backend looks up the current one; be safe).
@@ -208,65 +318,49 @@ def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: b
     state = obs.state
     actions: list[Action] = []
     if state is not WorkloadState.ABSENT:
-        d.condition("Created", True, "Created", f"attempt {attempt}: " + ", ".join(
+        d.condition(Cond.CREATED, True, Reason.CREATED, f"attempt {attempt}: " + ", ".join(
             f"{k} {v}" for k, v in sorted(obs.workload.items())))
 
     if state is WorkloadState.SUCCEEDED:
         return _succeed(d, obs)
 
     if state is WorkloadState.FAILED:
-        detail = _failure_detail(obs)
-        if obs.reason == "DeadlineExceeded" or (remaining is not None and remaining <= 0):
-            return _fail(d, obs, "DeadlineExceeded",
-                         f"activeDeadlineSeconds {rp.active_deadline_seconds} exceeded in attempt {attempt}")
-        restarts = attempt - 1
-        if restarts < rp.backoff_limit:
-            new = attempt + 1
-            msg = (f"attempt {attempt} failed: {detail}; restarting all {spec.resources.nodes} "
-                   f"pods as attempt {new} (restart {restarts + 1} of {rp.backoff_limit})")
-            d.new["attempts"] = new
-            d.to("Launching", "Restarting", msg, warning=True)
-            if phase == "Launching":       # a restart straight from Launching: still say so
-                d.event("Restarting", msg, warning=True)
-            d.condition("Restarting", True, "WorkerFailed", msg)
-            d.condition("Running", False, "Restarting", msg)
-            return d.plan(actions=[Action("launch", new, remaining)])
-        return _fail(d, obs, "BackoffLimitExceeded",
-                     f"attempt {attempt} failed: {detail}; no restarts left "
-                     f"(backoffLimit {rp.backoff_limit})")
+        return _attempt_failed(d, obs, attempt, remaining)
 
     if rp.suspend:
         # Like Kubeflow's run policy: the workers go away, the attempt stays; resuming
         # creates its workload again, and training continues from the newest checkpoint.
         if state is not WorkloadState.ABSENT or obs.stale_attempts:
             actions.append(Action("suspend", attempt))
-        d.to("Suspended", "Suspended", f"suspended (spec.runPolicy.suspend); attempt {attempt} "
+        d.to(Phase.SUSPENDED, Reason.SUSPENDED, f"suspended (spec.runPolicy.suspend); attempt {attempt} "
              f"resumes from the newest checkpoint in {spec.output_uri}")
-        d.condition("Suspended", True, "Suspended", d.new["message"])
-        d.clear_condition("Running", "Suspended", d.new["message"])
+        d.condition(Cond.SUSPENDED, True, Reason.SUSPENDED, d.new["message"])
+        d.clear_condition(Cond.RUNNING, Reason.SUSPENDED, d.new["message"])
         return d.plan(actions=actions)
 
     if state is WorkloadState.ABSENT or obs.stale_attempts:
         if remaining is not None and remaining <= 0:
-            return _fail(d, obs, "DeadlineExceeded",
+            return _fail(d, obs, Reason.DEADLINE_EXCEEDED,
                          f"activeDeadlineSeconds {rp.active_deadline_seconds} passed before "
-                         f"attempt {attempt} could {'resume' if phase == 'Suspended' else 'start'}")
+                         f"attempt {attempt} could {'resume' if phase == Phase.SUSPENDED else 'start'}")
         # The attempt's workload is missing (resumed; a crash between writing attempts and
         # creating it; someone deleted it), or an older attempt lingers: launch is
         # idempotent for all of them.
         actions.append(Action("launch", attempt, remaining))
-        if phase == "Suspended":
+        if phase == Phase.SUSPENDED:
             msg = f"resumed attempt {attempt}; it continues from the newest checkpoint"
-            d.to("Launching", "Resumed", msg)
-            d.condition("Suspended", False, "Resumed", msg)
+            d.to(Phase.LAUNCHING, Reason.RESUMED, msg)
+            d.condition(Cond.SUSPENDED, False, Reason.RESUMED, msg)
         if state is WorkloadState.ABSENT:
             return d.plan(actions=actions)
 
     # Starting or running, not suspended.
-    d.clear_condition("Suspended", "Resumed", f"resumed attempt {attempt}")
+    d.clear_condition(Cond.SUSPENDED, Reason.RESUMED, f"resumed attempt {attempt}")
     d.new["workload"] = dict(obs.workload) or d.new.get("workload")
-    pods = f"{obs.ready}/{obs.total} pods of {obs.workload.get('job', 'the workload')} running"
-    was_running = phase in ("Running", "Uploading")
+    job = obs.workload.get("job", "the workload")
+    pods = f"{obs.ready}/{obs.total} pods of {job} running"
+    was_running = phase in (Phase.RUNNING, Phase.UPLOADING)
+    requeue = None
     if state is WorkloadState.RUNNING or was_running:
         # Pods of an Indexed Job finish one by one: once running, an attempt stays Running
         # until the Job itself says Complete or Failed.
@@ -276,16 +370,74 @@ def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: b
         uploading = progress.get("stage") == "uploading" and (
             created is None or updated is None or updated >= created)
         if uploading:
-            d.to("Uploading", "Uploading", f"training done; uploading the model to {spec.output_uri}")
+            d.to(Phase.UPLOADING, Reason.UPLOADING, f"training done; uploading the model to {spec.output_uri}")
         else:
-            d.to("Running", "Running", f"all {obs.total} pods running "
+            d.to(Phase.RUNNING, Reason.RUNNING, f"all {obs.total} pods running "
                  f"({spec.resources.nodes} x {spec.resources.gpus_per_node} GPUs), attempt {attempt}")
-        d.condition("Running", True, "Uploading" if uploading else "AllPodsRunning", d.new["message"])
-        d.clear_condition("Restarting", "Running", d.new["message"])
+        d.condition(Cond.RUNNING, True, Reason.UPLOADING if uploading else Reason.ALL_PODS_RUNNING,
+                    d.new["message"])
+        d.clear_condition(Cond.RESTARTING, Reason.RUNNING, d.new["message"])
     else:
-        d.to("Launching", "Launching", f"created {obs.workload.get('job', 'the workload')}; {pods}")
-        d.new["message"] = pods
-    return d.plan(actions=actions)
+        d.to(Phase.LAUNCHING, Reason.LAUNCHING, f"created {job}; {pods}")
+        if obs.reason:
+            # Workers that cannot start (unschedulable, image pull, FailedCreate) say why
+            # in the message, the Running condition and, when the cause changes, an Event.
+            d.new["message"] = f"{pods}; {obs.reason}: {obs.message}"
+            old = get_condition(run.status, Cond.RUNNING) or {}
+            if old.get("reason") != obs.reason:
+                d.event(obs.reason, d.new["message"], warning=True)
+            d.condition(Cond.RUNNING, False, obs.reason, obs.message)
+        else:
+            d.new["message"] = pods
+            if (get_condition(d.new, Cond.RUNNING) or {}).get("reason") in STARTING_PROBLEMS:
+                d.condition(Cond.RUNNING, False, Reason.LAUNCHING, pods)   # that cause is gone
+        created = parse_time(obs.created_at)
+        age = (now - created).total_seconds() if created else 0.0
+        requeue = min(PROBE_MAX, max(PROBE_INTERVAL, age / 2))
+    return d.plan(actions=actions, requeue_after=requeue)
+
+
+def _attempt_failed(d: _Draft, obs: Observation, attempt: int, remaining: int | None) -> Plan:
+    spec, rp = d.run.spec, d.run.spec.run_policy
+    detail = failure_detail(obs)
+    if obs.reason == Reason.DEADLINE_EXCEEDED or (remaining is not None and remaining <= 0):
+        msg = f"activeDeadlineSeconds {rp.active_deadline_seconds} exceeded in attempt {attempt}"
+        d.history(obs, Outcome.FAILED, Reason.DEADLINE_EXCEEDED, msg)
+        return _fail(d, obs, Reason.DEADLINE_EXCEEDED, msg)
+    if obs.failure_kind is FailureKind.PERMANENT:
+        msg = f"attempt {attempt} failed: {detail}; a retry cannot fix this, so the run is not restarted"
+        d.history(obs, Outcome.PERMANENT_FAILURE, Reason.PERMANENT_FAILURE, detail)
+        return _fail(d, obs, Reason.PERMANENT_FAILURE, msg)
+    disruptions = int(d.new.get("disruptions") or 0)
+    failures = attempt - 1 - disruptions        # restarts counted against backoffLimit
+    new = attempt + 1
+    if obs.failure_kind is FailureKind.DISRUPTION:
+        if disruptions >= rp.disruption_limit:
+            d.history(obs, Outcome.DISRUPTED, Reason.DISRUPTED, detail)
+            return _fail(d, obs, Reason.DISRUPTION_LIMIT_EXCEEDED,
+                         f"attempt {attempt}: {detail}; no restarts left after disruptions "
+                         f"(disruptionLimit {rp.disruption_limit})")
+        cause, outcome = Reason.DISRUPTED, Outcome.DISRUPTED
+        d.new["disruptions"] = disruptions + 1
+        msg = (f"attempt {attempt}: {detail}; restarting all {spec.resources.nodes} pods as attempt {new} "
+               f"from the newest checkpoint (disruption {disruptions + 1} of {rp.disruption_limit}; "
+               f"backoffLimit not used)")
+    else:
+        if failures >= rp.backoff_limit:
+            d.history(obs, Outcome.FAILED, Reason.WORKER_FAILED, detail)
+            return _fail(d, obs, Reason.BACKOFF_LIMIT_EXCEEDED,
+                         f"attempt {attempt} failed: {detail}; no restarts left (backoffLimit {rp.backoff_limit})")
+        cause, outcome = Reason.WORKER_FAILED, Outcome.FAILED
+        msg = (f"attempt {attempt} failed: {detail}; restarting all {spec.resources.nodes} "
+               f"pods as attempt {new} (restart {failures + 1} of {rp.backoff_limit})")
+    d.history(obs, outcome, cause, detail)
+    d.new["attempts"] = new
+    d.to(Phase.LAUNCHING, Reason.RESTARTING, msg, warning=True)
+    if d.phase == Phase.LAUNCHING and d.old.get("phase") == Phase.LAUNCHING:
+        d.event(Reason.RESTARTING, msg, warning=True)   # a restart straight from Launching: still say so
+    d.condition(Cond.RESTARTING, True, cause, msg)
+    d.condition(Cond.RUNNING, False, Reason.RESTARTING, msg)
+    return d.plan(actions=[Action("launch", new, remaining)], restart=cause)
 
 
 def _succeed(d: _Draft, obs: Observation) -> Plan:
@@ -296,19 +448,20 @@ def _succeed(d: _Draft, obs: Observation) -> Plan:
     start = parse_time(d.new.get("startTime"))
     took = f" in {_duration((parse_time(d.new['completionTime']) - start).total_seconds())}" if start else ""
     msg = f"{obs.workload.get('job', 'the workload')} completed{took}; model at {spec.output_uri}"
-    d.to("Succeeded", "Succeeded", msg)
-    d.condition("Succeeded", True, "Completed", msg)
-    d.clear_condition("Running", "Succeeded", msg)
-    d.clear_condition("Restarting", "Succeeded", msg)
+    d.history(obs, Outcome.SUCCEEDED, Reason.COMPLETED, msg)
+    d.to(Phase.SUCCEEDED, Reason.SUCCEEDED, msg)
+    d.condition(Cond.SUCCEEDED, True, Reason.COMPLETED, msg)
+    d.clear_condition(Cond.RUNNING, Reason.SUCCEEDED, msg)
+    d.clear_condition(Cond.RESTARTING, Reason.SUCCEEDED, msg)
     return _then_ttl(d, d.plan())
 
 
 def _fail(d: _Draft, obs: Observation, reason: str, msg: str) -> Plan:
     d.new["completionTime"] = obs.finished_at or fmt_time(d.now)
-    d.to("Failed", reason, msg, warning=True)
-    d.condition("Failed", True, reason, msg)
-    d.clear_condition("Running", "Failed", msg)
-    d.clear_condition("Restarting", "Failed", msg)
+    d.to(Phase.FAILED, reason, msg, warning=True)
+    d.condition(Cond.FAILED, True, reason, msg)
+    d.clear_condition(Cond.RUNNING, Reason.FAILED, msg)
+    d.clear_condition(Cond.RESTARTING, Reason.FAILED, msg)
     plan = d.plan()
     # The operator itself failed a run whose pods may still run.
     if obs.state in (WorkloadState.STARTING, WorkloadState.RUNNING):
@@ -326,10 +479,10 @@ def _then_ttl(d: _Draft, plan: Plan) -> Plan:
 
 def _finished(d: _Draft, obs: Observation) -> Plan:
     actions: list[Action] = []
-    if d.phase == "Failed" and obs.state in (WorkloadState.STARTING, WorkloadState.RUNNING):
+    if d.phase == Phase.FAILED and obs.state in (WorkloadState.STARTING, WorkloadState.RUNNING):
         actions.append(Action("suspend", d.run.attempt))
     ttl = d.run.spec.run_policy.ttl_seconds_after_finished
-    deleted = get_condition(d.new, "ChildrenDeleted")
+    deleted = get_condition(d.new, Cond.CHILDREN_DELETED)
     if ttl is None or (deleted and deleted.get("status") == "True"):
         return d.plan(actions=actions)
     done = parse_time(d.new.get("completionTime")) or d.now
@@ -337,22 +490,23 @@ def _finished(d: _Draft, obs: Observation) -> Plan:
     if d.now < due:
         return d.plan(actions=actions, requeue_after=(due - d.now).total_seconds())
     msg = f"ttlSecondsAfterFinished {ttl} passed: deleted the Job, pods, Service and ConfigMap; status kept"
-    d.condition("ChildrenDeleted", True, "TTLExpired", msg)
-    d.event("ChildrenDeleted", msg)
+    d.condition(Cond.CHILDREN_DELETED, True, Reason.TTL_EXPIRED, msg)
+    d.event(Reason.CHILDREN_DELETED, msg)
     return d.plan(actions=[Action("delete", d.run.attempt)], status_first=False)
 
 
 def invalid(run: Run, now: dt.datetime, reason: str, message: str) -> Plan:
-    """The run cannot start as specified (a bad spec, a missing ConfigMap): Pending, and say why."""
+    """The run cannot start as specified (a bad spec, a missing ConfigMap, a child the API
+    server refused): Pending, and say why. Nothing is counted: no attempt, no startTime."""
     d = _Draft(run, now)
     if d.phase in TERMINAL:
         return d.plan()
-    if d.phase not in (None, "Pending"):
+    if d.phase not in (None, Phase.PENDING):
         # Already running: a relaunch hit the problem; keep the phase, say why in the message.
         d.new["message"] = f"{reason}: {message}"
         return d.plan()
-    if d.phase == "Pending" and d.new.get("message") != message:
+    if d.phase == Phase.PENDING and d.new.get("message") != message:
         d.event(reason, message, warning=True)
-    d.to("Pending", reason, message, warning=True)
-    d.condition("Created", False, reason, message)
+    d.to(Phase.PENDING, reason, message, warning=True)
+    d.condition(Cond.CREATED, False, reason, message)
     return d.plan()

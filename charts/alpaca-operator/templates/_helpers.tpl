@@ -38,7 +38,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{/*
 The namespaced rules: exactly what the operator calls (docs/operator.md, "Permissions").
 No Secrets; ConfigMaps only get (its own NAME-config, a run's deepspeed.configMapRef) and
-create/delete of its own; pods only list (a failed attempt's exit code).
+create/delete of its own; pods only list (a failed pod's exit code and termination message, why pods do not start).
 */}}
 {{- define "alpaca-operator.namespacedRules" -}}
 # The runs: kopf lists and watches them; the operator reads one afresh before acting.
@@ -71,10 +71,11 @@ create/delete of its own; pods only list (a failed attempt's exit code).
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [rolebindings]
   verbs: [get, create, patch, delete]
-# Events on the runs (kubectl describe aft).
+# Events on the runs (kubectl describe aft); list: a Job's FailedCreate Events (why its
+# pods could not be created).
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, list]
 {{- end -}}
 
 {{- define "alpaca-operator.peeringHook" -}}

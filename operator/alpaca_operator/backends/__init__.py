@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..cache import Cache
 from ..kube import Kube
-from .base import Backend, LaunchError, Observation, Run, WorkloadState
+from .base import Backend, FailureKind, LaunchError, Observation, Run, WorkloadState
 
 
 def make_backends(kube: Kube, cache: Cache) -> dict[str, Backend]:
@@ -11,4 +11,4 @@ def make_backends(kube: Kube, cache: Cache) -> dict[str, Backend]:
     return {"eks": EksBackend(kube, cache)}
 
 
-__all__ = ["Backend", "LaunchError", "Observation", "Run", "WorkloadState", "make_backends"]
+__all__ = ["Backend", "FailureKind", "LaunchError", "Observation", "Run", "WorkloadState", "make_backends"]

@@ -22,6 +22,26 @@ class WorkloadState(str, enum.Enum):
     FAILED = "Failed"
 
 
+class FailureKind(str, enum.Enum):
+    """How a FAILED attempt is counted (status.py decides what follows)."""
+    RETRYABLE = "Retryable"    # a restart against runPolicy.backoffLimit
+    DISRUPTION = "Disruption"  # not the workload's fault (spot reclaim, drain, preemption):
+                               # a restart against runPolicy.disruptionLimit
+    PERMANENT = "Permanent"    # a retry cannot fix it (bad input, missing model): fail now
+
+
+# The training image's exit codes (docs/contract.md, image/alpaca_train/exitcodes.py).
+EXIT_SIGTERM = 143
+PERMANENT_EXIT_CODES = frozenset({64, 65, 66})
+EXIT_CODE_MEANING = {
+    64: "invalid argument or configuration",
+    65: "bad input data",
+    66: "missing model or data",
+    137: "killed (SIGKILL)",
+    EXIT_SIGTERM: "stopped by SIGTERM",
+}
+
+
 @dataclass(frozen=True)
 class Run:
     """The AlpacaFineTune as the backend needs it: identity, parsed spec, current status."""
@@ -46,18 +66,24 @@ class Observation:
     total: int = 0                        # workers wanted
     created_at: str | None = None         # when this attempt's workload was created
     finished_at: str | None = None        # when it succeeded or failed
-    reason: str = ""                      # the backend's reason for FAILED (e.g. DeadlineExceeded)
+    # FAILED: the backend's reason (e.g. DeadlineExceeded). STARTING: why workers do not
+    # start, if known (Unschedulable, ErrImagePull, FailedCreate), with the details in message.
+    reason: str = ""
     message: str = ""
     exit_code: int | None = None          # of the first worker that failed
     failed_worker: str | None = None      # its name (a pod, an instance)
+    failure_kind: FailureKind = FailureKind.RETRYABLE   # FAILED only
+    termination_message: str = ""         # the failed worker's own one-line reason
     stale_attempts: tuple[int, ...] = ()  # older attempts whose workload still exists
     workload: Mapping[str, str] = field(default_factory=dict)  # status.workload names
 
 
 class LaunchError(Exception):
-    """The workload cannot be created yet (e.g. a referenced ConfigMap is missing).
+    """The workload cannot be created yet (e.g. a referenced ConfigMap is missing, the API
+    server refused an object: quota, admission, an invalid field).
 
-    The run stays Pending with `reason` and `message`; the operator retries later.
+    The run stays Pending with `reason` and `message`; the operator retries later, with a
+    growing delay, and at once when the run's spec changes.
     """
 
     def __init__(self, reason: str, message: str):
@@ -74,7 +100,9 @@ class Backend(Protocol):
     name: str
 
     async def observe(self, run: Run) -> Observation:
-        """The workload of attempt `run.attempt` (and any older attempt still present)."""
+        """The workload of attempt `run.attempt` (and any older attempt still present).
+        `run.attempt` is 0 before the first workload exists: then observe attempt 1 (a
+        launch may have created it just before the operator stopped)."""
 
     async def launch(self, run: Run, attempt: int, *, deadline_seconds: int | None) -> Observation | None:
         """Make attempt `attempt` exist and nothing of older attempts remain. Idempotent:

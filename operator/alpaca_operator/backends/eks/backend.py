@@ -11,19 +11,25 @@ import datetime as dt
 import json
 import logging
 import re
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ... import api
 from ...cache import Cache
-from ...kube import KIND_TO_PLURAL, Kube
-from ...status import fmt_time
-from ..base import LaunchError, NotYet, Observation, Run, WorkloadState
+from ...kube import KIND_TO_PLURAL, ApiError, Kube, path
+from ...status import Reason, fmt_time, parse_time
+from ..base import (EXIT_SIGTERM, PERMANENT_EXIT_CODES, FailureKind, LaunchError, NotYet, Observation,
+                    Run, WorkloadState)
 from . import render
 
 log = logging.getLogger(__name__)
 
 _EXIT_CODE = re.compile(r"exit code (\d+)")
-_POD = re.compile(r"for pod [^/\s]+/(\S+)")
+_POD = re.compile(r"for pod [^/\s]+/(\S+)|Pod [^/\s]+/(\S+) has condition")
+PROBE_AFTER = 3.0    # seconds a new Job's pods get before the operator asks why they do not run
+# Container waiting reasons that mean the worker will not start by itself.
+STUCK_WAITING = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
+                 "CreateContainerError")
 
 
 def _attempt_of(job: Mapping[str, Any]) -> int:
@@ -41,22 +47,61 @@ def _true_conditions(obj: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
 KILLED = (137, 143)    # SIGKILL, SIGTERM: how the rest of the gang ends once one rank failed
 
 
-def first_failure(pods: list[Mapping[str, Any]]) -> tuple[str | None, int | None]:
-    """The pod whose trainer failed first on its own, and its exit code. Pods the Job
-    controller deleted after that (the rest of the gang, exit 137/143) are the effect, not
-    the cause, so they rank last."""
-    found: list[tuple[bool, bool, str, str, int]] = []
+@dataclass(frozen=True)
+class PodFailure:
+    pod: str
+    exit_code: int | None
+    message: str = ""        # the trainer's termination message
+    reason: str = ""         # the container's termination reason (Error, OOMKilled)
+    disrupted: bool = False  # the pod has the DisruptionTarget condition
+
+
+def first_failure(pods: list[Mapping[str, Any]]) -> PodFailure | None:
+    """The pod whose trainer failed first on its own. Pods the Job controller deleted after
+    that (the rest of the gang, exit 137/143) are the effect, not the cause, so they rank
+    last; a disrupted pod (DisruptionTarget) is the cause whatever its exit code."""
+    found: list[tuple[bool, bool, bool, str, PodFailure]] = []
     for pod in pods:
+        disrupted = any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+                        for c in (pod.get("status") or {}).get("conditions") or ())
         for cs in (pod.get("status") or {}).get("containerStatuses") or ():
             term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
-            if cs.get("name") == api.TRAINER_CONTAINER and term and term.get("exitCode"):
-                code = int(term["exitCode"])
-                found.append((bool(pod["metadata"].get("deletionTimestamp")), code in KILLED,
-                              term.get("finishedAt") or "", pod["metadata"]["name"], code))
+            if cs.get("name") == api.TRAINER_CONTAINER and term and (term.get("exitCode") or disrupted):
+                code = int(term.get("exitCode") or 0)
+                failure = PodFailure(pod["metadata"]["name"], code, (term.get("message") or "").strip(),
+                                     term.get("reason") or "", disrupted)
+                found.append((not disrupted, bool(pod["metadata"].get("deletionTimestamp")), code in KILLED,
+                              term.get("finishedAt") or "", failure))
     if not found:
-        return None, None
-    *_, name, code = min(found)
-    return name, code
+        return None
+    return min(found, key=lambda f: f[:4])[-1]
+
+
+def classify(failure: PodFailure | None, job_message: str) -> FailureKind:
+    """Disruptions (not the run's fault) and permanent errors (a retry cannot help) apart
+    from the rest. Exit 143 on a pod the Job controller did not stop is the SIGTERM of a
+    drain or spot reclaim; the image has checkpointed (docs/contract.md)."""
+    if "DisruptionTarget" in job_message or (failure and failure.disrupted):
+        return FailureKind.DISRUPTION
+    if failure is None:
+        return FailureKind.RETRYABLE
+    if failure.exit_code in PERMANENT_EXIT_CODES or failure.reason == "OOMKilled":
+        return FailureKind.PERMANENT
+    if failure.exit_code == EXIT_SIGTERM:
+        return FailureKind.DISRUPTION
+    return FailureKind.RETRYABLE
+
+
+def _owned_by(obj: Mapping[str, Any], run: Run) -> bool:
+    return any(ref.get("uid") == run.uid for ref in obj["metadata"].get("ownerReferences") or ())
+
+
+def _controller_uid(obj: Mapping[str, Any]) -> str | None:
+    return next((r.get("uid") for r in obj["metadata"].get("ownerReferences") or () if r.get("controller")), None)
+
+
+def _failed(job: Mapping[str, Any]) -> bool:
+    return "Failed" in _true_conditions(job)
 
 
 class EksBackend:
@@ -67,23 +112,43 @@ class EksBackend:
         self.cache = cache or Cache()
 
     async def _jobs(self, run: Run) -> list[dict]:
-        """The run's Jobs, fresh from the API server."""
+        """The run's Jobs, fresh from the API server: those it owns (by UID), not merely
+        those with its name label, which a deleted run of the same name left behind."""
         jobs = await self.kube.list("jobs", run.namespace, f"{api.LABEL_FINETUNE}={run.name}")
         self.cache.set_jobs(run.namespace, run.name, jobs)
-        return jobs
+        return [j for j in jobs if _owned_by(j, run)]
 
-    async def _delete_job(self, run: Run, name: str) -> None:
-        await self.kube.delete("jobs", run.namespace, name, "Background")
+    async def _delete_job(self, run: Run, job: Mapping[str, Any]) -> None:
+        name = job["metadata"]["name"]
+        await self.kube.delete("jobs", run.namespace, name, "Background", uid=job["metadata"]["uid"])
         self.cache.drop_job(run.namespace, run.name, name)
+
+    @staticmethod
+    def _kept(run: Run, jobs: list[Mapping[str, Any]], current: int) -> set[str]:
+        """Failed Jobs of earlier attempts kept for `kubectl logs`: the newest
+        failedJobsHistoryLimit, and the last one until the current attempt has run (every
+        pod ready once, or finished)."""
+        limit = run.spec.run_policy.failed_jobs_history_limit
+        now = next((j for j in jobs if _attempt_of(j) == current and not j["metadata"].get("deletionTimestamp")), None)
+        st = (now or {}).get("status") or {}
+        ran = now is not None and (int(st.get("ready") or 0) >= int((now.get("spec") or {}).get("parallelism") or 1)
+                                   or bool(_true_conditions(now).keys() & {"Complete", "Failed"}))
+        if not ran:
+            limit = max(limit, 1)
+        failed = sorted((j for j in jobs if _attempt_of(j) < current and _failed(j)
+                         and not j["metadata"].get("deletionTimestamp")), key=_attempt_of, reverse=True)
+        return {j["metadata"]["name"] for j in failed[:limit]}
 
     # ---- observe -------------------------------------------------------------------
 
     async def observe(self, run: Run) -> Observation:
         cached = self.cache.jobs(run.namespace, run.name)
-        jobs = {_attempt_of(j): j for j in (cached if cached is not None else await self._jobs(run))}
-        current = run.attempt
-        stale = tuple(sorted(a for a in jobs if a < current))
+        owned = [j for j in cached if _owned_by(j, run)] if cached is not None else await self._jobs(run)
+        jobs = {_attempt_of(j): j for j in owned}
+        current = max(run.attempt, 1)
         job = jobs.get(current)
+        keep = self._kept(run, owned, current)
+        stale = tuple(sorted(a for a, j in jobs.items() if a < current and j["metadata"]["name"] not in keep))
         if job is None or job["metadata"].get("deletionTimestamp"):
             return Observation(WorkloadState.ABSENT, attempt=current, stale_attempts=stale)
         return await self.observe_job(run, job, stale)
@@ -102,27 +167,64 @@ class EksBackend:
         if "Failed" in conds:
             cond = conds["Failed"]
             message = cond.get("message") or ""
-            # When the podFailurePolicy rule fired, the Job's condition names the pod and its
-            # exit code ("Container trainer for pod NS/POD failed with exit code 3 matching
-            # FailJob rule at index 0"), even if the pod is gone since. Else ask the pods.
-            m, p = _EXIT_CODE.search(message), _POD.search(message)
-            if m:
-                code, pod = int(m.group(1)), (p.group(1) if p else None)
-            else:
-                pod, code = await self._failed_pod(run, job)
+            # The failed pods stay (the Job is kept until the next attempt runs): they have
+            # the exit code, the trainer's termination message and the DisruptionTarget
+            # condition. When they are gone, the Job's condition still names the pod and
+            # its exit code ("Container trainer for pod NS/POD failed with exit code 3
+            # matching FailJob rule at index 2").
+            failure = first_failure(await self._pods(run, job))
+            if failure is None:
+                m, p = _EXIT_CODE.search(message), _POD.search(message)
+                failure = PodFailure(next((g for g in p.groups() if g), "") if p else "",
+                                     int(m.group(1)) if m else None,
+                                     disrupted="DisruptionTarget" in message)
             return Observation(WorkloadState.FAILED, reason=cond.get("reason") or "Failed",
-                               message=message, exit_code=code, failed_worker=pod,
+                               message=message, exit_code=failure.exit_code, failed_worker=failure.pod or None,
+                               failure_kind=classify(failure, message),
+                               termination_message=failure.message[:1024],
                                finished_at=cond.get("lastTransitionTime"), **common)
         if common["ready"] >= total:
             return Observation(WorkloadState.RUNNING, **common)
+        created = parse_time(common["created_at"])
+        if created is not None and (dt.datetime.now(dt.timezone.utc) - created).total_seconds() >= PROBE_AFTER:
+            reason, why = await self._why_not_running(run, job)
+            if reason:
+                return Observation(WorkloadState.STARTING, reason=reason, message=why, **common)
         return Observation(WorkloadState.STARTING, **common)
 
-    async def _failed_pod(self, run: Run, job: Mapping[str, Any]) -> tuple[str | None, int | None]:
+    async def _pods(self, run: Run, job: Mapping[str, Any]) -> list[dict]:
         pods = await self.kube.list("pods", run.namespace, f"{api.LABEL_JOB_NAME}={job['metadata']['name']}")
-        return first_failure(pods)
+        return [p for p in pods if _controller_uid(p) == job["metadata"]["uid"]]
+
+    async def _why_not_running(self, run: Run, job: Mapping[str, Any]) -> tuple[str, str]:
+        """Why the attempt's workers do not run, as the scheduler, the kubelet or the Job
+        controller said it: ("", "") when nothing is wrong (yet)."""
+        spec, status = job.get("spec") or {}, job.get("status") or {}
+        for pod in await self._pods(run, job):
+            name, st = pod["metadata"]["name"], pod.get("status") or {}
+            if pod["metadata"].get("deletionTimestamp") or st.get("phase") != "Pending":
+                continue
+            for c in st.get("conditions") or ():
+                if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+                    return Reason.UNSCHEDULABLE, f"pod {name}: {c.get('message') or 'no node fits'}"
+            for cs in st.get("containerStatuses") or ():
+                waiting = (cs.get("state") or {}).get("waiting") or {}
+                if waiting.get("reason") in STUCK_WAITING:
+                    return Reason.IMAGE_PULL_FAILED if "Image" in waiting["reason"] else waiting["reason"], \
+                        f"pod {name}: {waiting['reason']}: {waiting.get('message') or cs.get('image', '')}"
+        created = int(status.get("active") or 0) + int(status.get("succeeded") or 0) + int(status.get("failed") or 0)
+        if created < int(spec.get("parallelism") or 1):
+            # Pods the Job controller could not create (quota, PodSecurity, a webhook) are
+            # only in its Events.
+            listing = await self.kube.request("GET", path("events", run.namespace), query={
+                "fieldSelector": f"involvedObject.uid={job['metadata']['uid']},reason=FailedCreate"})
+            events = (listing or {}).get("items") or []
+            if events:
+                last = max(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+                return Reason.FAILED_CREATE, f"{job['metadata']['name']}: {last.get('message', '')}"
+        return "", ""
 
     # ---- act -----------------------------------------------------------------------
-
     async def _user_ds_config(self, run: Run) -> dict | None:
         ref = run.spec.deepspeed.config_map_ref
         if ref is None:
@@ -145,23 +247,55 @@ class EksBackend:
         return config
 
     async def launch(self, run: Run, attempt: int, *, deadline_seconds: int | None) -> Observation | None:
-        # Older attempts first: their pods hold the GPUs the new gang needs.
-        for job in await self._jobs(run) if attempt > 1 else ():
-            if _attempt_of(job) < attempt:
-                await self._delete_job(run, job["metadata"]["name"])
+        # Older attempts first: their pods hold the GPUs the new gang needs. The last failed
+        # Job stays (its pods hold nothing) for `kubectl logs` until this attempt runs.
+        if attempt > 1:
+            jobs = await self._jobs(run)
+            keep = self._kept(run, jobs, attempt)
+            for job in jobs:
+                if _attempt_of(job) < attempt and job["metadata"]["name"] not in keep:
+                    await self._delete_job(run, job)
         ds_config = await self._user_ds_config(run)
         *children, job = render.render_children(run, attempt, deadline_seconds=deadline_seconds,
                                                 ds_config=ds_config)
         # The rest of the attempt is independent: create it at once. The Job strictly after.
         await asyncio.gather(*(self._ensure(run, obj) for obj in children))
+        if await self._old_pods_linger(run, attempt):
+            return None
         if not await self._ensure(run, job):
             return None     # it existed: what state it is in, only observing can tell
         return Observation(WorkloadState.STARTING, attempt=attempt, total=run.spec.resources.nodes,
                            created_at=fmt_time(dt.datetime.now(dt.timezone.utc)), workload=render.workload_names(run, attempt))
 
+    async def _old_pods_linger(self, run: Run, attempt: int) -> bool:
+        """Pods named like this attempt's, still there from an earlier incarnation (a
+        suspended attempt, a deleted run of the same name), would meet the new gang under
+        the same hostnames (NAME-aA-I.NAME): wait until they are gone. True if the Job
+        already exists with these pods (nothing to create)."""
+        pods = await self.kube.list("pods", run.namespace,
+                                    f"{api.LABEL_FINETUNE}={run.name},{api.LABEL_ATTEMPT}={attempt}")
+        if not pods:
+            return False
+        job = await self.kube.get("jobs", run.namespace, api.job_name(run.name, attempt))
+        if job is not None and _owned_by(job, run) and not job["metadata"].get("deletionTimestamp") \
+                and all(_controller_uid(p) == job["metadata"]["uid"] for p in pods):
+            return True
+        old = sorted(p["metadata"]["name"] for p in pods
+                     if job is None or _controller_uid(p) != job["metadata"]["uid"])
+        raise NotYet(f"waiting for {len(old)} pod(s) of an earlier {api.job_name(run.name, attempt)} to "
+                     f"terminate: {', '.join(old[:3])}")
+
     async def _ensure(self, run: Run, obj: Mapping[str, Any]) -> bool:
         """Create it, or check that what has its name is ours. True if created now."""
-        created = await self.kube.create(obj)
+        try:
+            created = await self.kube.create(obj)
+        except ApiError as e:
+            if 400 <= e.status < 500 and e.status not in (401, 408, 429):
+                # Quota, admission (PodSecurity, a webhook), an invalid field: the same
+                # request fails the same way until the spec or the cluster changes.
+                raise LaunchError(Reason.CREATE_REJECTED, f"the API server refused {obj['kind']} "
+                                  f"{obj['metadata']['name']}: {e.message}") from None
+            raise
         if created is not None:
             if obj["kind"] == "Job":
                 self.cache.put_job(created)
@@ -171,10 +305,15 @@ class EksBackend:
         if existing is not None and existing["metadata"].get("deletionTimestamp"):
             raise NotYet(f"{obj['kind']} {name} is being deleted")   # e.g. resumed right after suspend
         if existing is not None and not _owned_by(existing, run):
+            if any(r.get("kind") == api.KIND and r.get("name") == run.name
+                   for r in existing["metadata"].get("ownerReferences") or ()):
+                # A deleted run of the same name: the garbage collector is about to remove it.
+                raise NotYet(f"{obj['kind']} {name} still belongs to a deleted AlpacaFineTune {run.name}")
             # Never adopt a stranger's object that happens to have our name: its content
             # is not what this run asked for.
-            raise LaunchError("NameConflict", f"{obj['kind']} {name} already exists and is not "
-                              f"owned by AlpacaFineTune {run.name}")
+            raise LaunchError(Reason.NAME_CONFLICT, f"{obj['kind']} {name} already exists and is not "
+                              f"owned by this AlpacaFineTune {run.name} (uid {run.uid}); delete it, "
+                              f"or rename the run")
         if obj["kind"] == "RoleBinding" and existing is not None \
                 and existing.get("subjects") != obj["subjects"]:
             # spec.serviceAccountName may have changed since an earlier attempt.
@@ -185,14 +324,17 @@ class EksBackend:
         # Deleting the Job rather than setting its spec.suspend: the Job controller counts
         # the pods it stops for a suspension like any other failed pod (exit 143 from
         # SIGTERM), and the podFailurePolicy would then fail the Job. Resuming creates
-        # NAME-aA again; the ConfigMap, Service and RBAC stay.
-        for job in await self._jobs(run):
-            await self._delete_job(run, job["metadata"]["name"])
+        # NAME-aA again; the ConfigMap, Service and RBAC stay, and so do kept failed Jobs.
+        jobs = await self._jobs(run)
+        keep = self._kept(run, jobs, attempt)
+        for job in jobs:
+            if job["metadata"]["name"] not in keep:
+                await self._delete_job(run, job)
 
     async def delete(self, run: Run) -> None:
         ns, name = run.namespace, run.name
         for job in await self._jobs(run):
-            await self._delete_job(run, job["metadata"]["name"])
+            await self._delete_job(run, job)
         for plural, child in (("services", api.service_name(name)),
                               ("configmaps", api.config_map_name(name)),
                               ("rolebindings", api.progress_role_name(name)),
@@ -201,7 +343,3 @@ class EksBackend:
             obj = await self.kube.get(plural, ns, child)
             if obj is not None and _owned_by(obj, run):
                 await self.kube.delete(plural, ns, child, uid=obj["metadata"]["uid"])
-
-
-def _owned_by(obj: Mapping[str, Any], run: Run) -> bool:
-    return any(ref.get("uid") == run.uid for ref in obj["metadata"].get("ownerReferences") or ())

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 from ... import api
 from ...deepspeed_config import render_deepspeed_config
 from ...training_args import render_training_args
-from ..base import Run
+from ..base import PERMANENT_EXIT_CODES, Run
 
 GPU_RESOURCE = "nvidia.com/gpu"
 EFA_RESOURCE = "vpc.amazonaws.com/efa"
@@ -165,6 +165,7 @@ def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None) -
     node_selector.update(r.node_selector)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
         "subdomain": api.service_name(run.name),
         "serviceAccountName": pod_service_account(run),
         "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
@@ -174,6 +175,9 @@ def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None) -
             "image": spec.image,
             "imagePullPolicy": spec.image_pull_policy,
             "command": ["alpaca-launch"],
+            # The image writes its one-line reason to /dev/termination-log; a crash that
+            # wrote none still leaves the end of its log as the pod's termination message.
+            "terminationMessagePolicy": "FallbackToLogsOnError",
             "env": _env(run, attempt),
             "ports": [{"name": "rendezvous", "containerPort": api.RENDEZVOUS_PORT, "protocol": "TCP"}],
             "resources": _resources(run),
@@ -198,12 +202,20 @@ def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None) -
         "parallelism": r.nodes,
         # The operator, not the Job, restarts: the whole gang, as a new Job (docs/contract.md).
         "backoffLimit": 0,
-        # Fail the Job at the first non-zero exit, with the exit code in its condition message,
-        # and keep the failed pod for `kubectl logs`.
-        "podFailurePolicy": {"rules": [{
-            "action": "FailJob",
-            "onExitCodes": {"containerName": api.TRAINER_CONTAINER, "operator": "NotIn", "values": [0]},
-        }]},
+        # Fail the Job at the first failed pod, keeping it for `kubectl logs`. The Job's
+        # condition message names the pod and the rule that matched, which is how the
+        # operator tells the causes apart (backend.py): the index is part of the contract.
+        "podFailurePolicy": {"rules": [
+            # 0: a disruption (eviction, preemption, node shutdown), whatever the exit code:
+            # restarted without counting against backoffLimit.
+            {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            # 1: the image's permanent errors (docs/contract.md): no retry.
+            {"action": "FailJob", "onExitCodes": {"containerName": api.TRAINER_CONTAINER, "operator": "In",
+                                                  "values": sorted(PERMANENT_EXIT_CODES)}},
+            # 2: any other failure.
+            {"action": "FailJob", "onExitCodes": {"containerName": api.TRAINER_CONTAINER, "operator": "NotIn",
+                                                  "values": [0]}},
+        ]},
         "template": {
             "metadata": {
                 "labels": {**spec.pod_labels, api.LABEL_FINETUNE: run.name,
