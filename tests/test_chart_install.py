@@ -75,15 +75,17 @@ def cluster_wide(cluster, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def namespaced(cluster, cluster_wide, tmp_path_factory):
-    """A second release watching one namespace only, with namespaced RBAC; the CRDs are
-    the first release's."""
+    """A second release watching one namespace only, with namespaced RBAC; the CRDs and
+    the admission policy are the first release's."""
     rel = Release(cluster, f"ns{uuid.uuid4().hex[:5]}", f"alpaca-ns-{uuid.uuid4().hex[:5]}",
                   tmp_path_factory.mktemp("chart-ns"))
     rel.watched = f"runs-{uuid.uuid4().hex[:6]}"
     for ns in (rel.namespace, rel.watched):
         cluster.kubectl("create", "namespace", ns)
     try:
-        rel.install({"crds": {"enabled": False}, "watchNamespaces": [rel.watched]})
+        # Cluster-scoped objects (CRDs, the admission policy) are the first release's.
+        rel.install({"crds": {"enabled": False}, "admissionPolicy": {"enabled": False},
+                     "watchNamespaces": [rel.watched]})
         yield rel
     finally:
         rel.uninstall()
