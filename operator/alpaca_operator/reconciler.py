@@ -142,7 +142,11 @@ class Reconciler:
         if st.timer is not None:
             st.timer.cancel()
         st.due = due
-        st.timer = loop.call_at(due, lambda: self._spawn(self.trigger(*key)))
+
+        def fire() -> None:
+            st.timer = None     # fired: a later requeue must set a new one
+            self._spawn(self.trigger(*key))
+        st.timer = loop.call_at(due, fire)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

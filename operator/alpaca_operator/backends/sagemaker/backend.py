@@ -36,7 +36,6 @@ from .request import RequestError, TAG_UID, build_request
 log = logging.getLogger(__name__)
 
 TAG_STOPPED_BY = "alpaca.dev/stopped-by"
-MIN_DESCRIBE_GAP = 10.0     # seconds: the floor, however often a run is reconciled
 
 
 def poll_interval() -> float:
@@ -87,7 +86,8 @@ class SageMakerBackend:
         now = time.monotonic()
         if seen is not None and seen.desc is not None and seen.desc.get("TrainingJobStatus") in mapping.FINISHED:
             return seen.desc     # a finished job never changes
-        if seen is not None and not fresh and now - seen.at < max(MIN_DESCRIBE_GAP, self.interval / 2):
+        # At most two describes per interval, however often the run is reconciled.
+        if seen is not None and not fresh and now - seen.at < self.interval / 2:
             return seen.desc
         if seen is not None and fresh and now - seen.at < 1.0:
             return seen.desc

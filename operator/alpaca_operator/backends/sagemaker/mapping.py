@@ -128,7 +128,8 @@ def observe_description(run_name: str, attempt: int, desc: Mapping[str, Any], *,
     if status == "Failed":
         return Observation(WorkloadState.FAILED, reason=REASON_JOB_FAILED,
                            message=f"training job {job} failed: {failure or 'no reason given'}",
-                           exit_code=exit_code(failure), permanent=is_permanent_failure(failure),
+                           # The exit code, if any, is in FailureReason, which says more.
+                           permanent=is_permanent_failure(failure),
                            finished_at=_time(desc.get("TrainingEndTime") or desc.get("LastModifiedTime")),
                            **common)
     if status in ("Stopping", "Stopped"):
