@@ -98,6 +98,10 @@ class Aws:
         metrics.api_call(service, operation, str(result.get("ResponseMetadata", {}).get("HTTPStatusCode", 200)))
         return result
 
+    def call_sync(self, service: str, region: str | None, operation: str, **kwargs: Any) -> Any:
+        """For callers without an event loop (the alpaca-finetune CLI)."""
+        return self._call_sync(service, region, operation, kwargs)
+
     async def call(self, service: str, region: str | None, operation: str, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self._call_sync, service, region, operation, kwargs)
