@@ -42,8 +42,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="StopTrainingJob: SIGKILL this long after SIGTERM (SageMaker: 120)")
     p.add_argument("--train-command", default=None,
                    help="the image's entrypoint (default: `train` beside this Python)")
-    p.add_argument("--isolate-hosts", choices=("auto", "on", "off"), default="auto",
-                   help="give each instance its own /etc/hosts naming algo-1..N (needs unshare -m as root)")
     p.add_argument("--seed", type=int, default=None, help="seed of the fault-rate dice")
     args = p.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -55,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
         work = args.work_dir or Path(tempfile.mkdtemp(prefix="sagemaker-local-"))
         train = args.train_command.split() if args.train_command else None
-        executor = Executor(work, grace_seconds=args.grace_seconds, train_command=train,
-                            isolate_hosts=args.isolate_hosts)
+        executor = Executor(work, grace_seconds=args.grace_seconds, train_command=train)
     app = build_app(args.step_seconds, executor, args.seed)
 
     from moto.moto_server.werkzeug_app import MotoRequestHandler

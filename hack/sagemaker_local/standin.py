@@ -41,6 +41,7 @@ MESSAGES = {
     "Failed": "Training job failed",
     "Stopping": "Stopping the training job",
     "Stopped": "Training job stopped",
+    "MaxRuntimeExceeded": "Job stopped because it exceeded its maximum allowed runtime",
 }
 RUN_STAGES = ("Starting", "Downloading", "Training", "Uploading")
 
@@ -123,7 +124,7 @@ class Job:
     # Set by an execution-mode run, or by set_job: (status, secondary, failure reason).
     forced: tuple[str, str, str | None] | None = None
     runner: Any = None
-    training_started: dt.datetime | None = None
+    seen: int = 1  # runner states already applied (the first, Starting, is set at create)
 
 
 class StandIn:
@@ -382,12 +383,16 @@ class StandIn:
 
     def _advance(self, job: Job, fake, now: float) -> None:
         if job.runner is not None:
-            state = job.runner.state()
-            if state is not None:
-                status, secondary, reason = state
+            updates = job.runner.updates(job.seen)
+            job.seen += len(updates)
+            for status, secondary, reason in updates:
                 if job.stop_requested and status in (COMPLETED, FAILED):
                     status, secondary = STOPPED, "Stopped"
+                if status in TERMINAL and job.runner.metrics:
+                    fake.final_metric_data_list = [dict(m, Timestamp=utcnow()) for m in job.runner.metrics]
                 self._enter(fake, status, secondary, reason)
+                if status in TERMINAL:
+                    break
             return
         if job.forced is not None:
             status, secondary, reason = job.forced
