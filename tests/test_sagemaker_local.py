@@ -208,3 +208,19 @@ def test_set_job_forces_a_state_as_an_outside_stop_would(sagemaker_local):
     listed = {j["TrainingJobName"]: j["TrainingJobStatus"]
               for j in sm.list_training_jobs(NameContains=name)["TrainingJobSummaries"]}
     assert listed == {name: "Stopped"}
+
+
+def test_an_injected_permanent_error_reaches_the_caller_unretried(sagemaker_local):
+    name = unique("limit")
+    sm = sagemaker_local.client(max_attempts=5)
+    message = "The account-level service limit 'ml.p4d.24xlarge for training job usage' is 0 Instances"
+    with sagemaker_local.faults(error=("ResourceLimitExceeded", 400, message), operations=["CreateTrainingJob"]):
+        err = error_of(lambda: sm.create_training_job(**job_request(name, "bucket-a")))
+        assert (err.response["Error"]["Code"], err.response["Error"]["Message"]) == ("ResourceLimitExceeded", message)
+        # error_count=1: the next call goes through.
+        sm.create_training_job(**job_request(name, "bucket-a"))
+    assert sagemaker_local.calls(name) == {"CreateTrainingJob": 2}
+    with sagemaker_local.faults(error=("AccessDeniedException", 400, "not authorized"), error_count=-1):
+        for _ in range(2):
+            err = error_of(lambda: status_of(sm, name))
+            assert err.response["Error"]["Code"] == "AccessDeniedException"
