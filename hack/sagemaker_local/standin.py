@@ -324,10 +324,7 @@ class StandIn:
         if fake.training_job_status != IN_PROGRESS:
             raise ApiError(400, "ValidationException",
                            f"The request was rejected because the training job is in status {fake.training_job_status}.")
-        job = self.jobs.get((account, region, name))
-        if job is None:  # created before this layer knew it: stop at once
-            self._enter(fake, STOPPING, "Stopping")
-            return 200, {}
+        job = self.jobs[(account, region, name)]
         job.stop_requested = True
         self._enter(fake, STOPPING, "Stopping")
         job.stage, job.stage_since = "Stopping", time.monotonic()
@@ -495,6 +492,8 @@ class StandIn:
             if job is None:
                 raise ApiError(404, "NotFound", f"no job {name!r}")
             if method == "POST":
+                if job.runner is not None:
+                    raise ApiError(400, "BadRequest", "an executed job follows its processes; stop it instead")
                 status = obj.get("status", IN_PROGRESS)
                 secondary = obj.get("secondaryStatus") or (status if status != IN_PROGRESS else "Training")
                 job.forced = (status, secondary, obj.get("failureReason"))
