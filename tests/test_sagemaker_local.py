@@ -389,3 +389,14 @@ def test_stop_sends_sigterm_then_sigkill_after_the_grace_period(fake_exec, mode)
     else:
         assert run["killed"] and run["exitCodes"] == {"algo-1": -signal.SIGKILL, "algo-2": -signal.SIGKILL}
         assert time.monotonic() - t0 >= 2, "SIGKILL only after the grace period"
+
+
+def test_max_runtime_stops_an_executed_job(fake_exec):
+    sm, bucket = fake_exec
+    name = unique("deadline")
+    sm.client().create_training_job(**dict(fake_request(name, bucket, "term"),
+                                           StoppingCondition={"MaxRuntimeInSeconds": 2}))
+    done = ended(sm, name)
+    assert (done["TrainingJobStatus"], done["SecondaryStatus"]) == ("Stopped", "MaxRuntimeExceeded")
+    assert [t["Status"] for t in done["SecondaryStatusTransitions"]][-2:] == ["Stopping", "MaxRuntimeExceeded"]
+    assert sm.job(name)["run"]["exitCodes"] == {"algo-1": 143, "algo-2": 143}
