@@ -141,8 +141,11 @@ def test_lifecycle_to_completed_one_event_per_secondary_status(cluster, operator
     assert tags["alpaca.dev/uid"] == uid and tags["alpaca.dev/namespace"] == namespace
     cfg = sagemaker_local.client("s3").get_object(Bucket=sm_bucket, Key=f"runs/{name}/.alpaca/{job}/ds_config.json")
     assert json.loads(cfg["Body"].read())["zero_optimization"]["stage"] == 3
-    # Polling stops once the job is finished: no describe of it after a few more intervals.
+    # Bounded polling: at most two describes per interval of the job's life (POLL here, 30 s
+    # by default), and none once the job is finished.
+    life = (desc["TrainingEndTime"] - desc["CreationTime"]).total_seconds()
     before = sagemaker_local.calls(job).get("DescribeTrainingJob", 0)
+    assert before <= 2 * life / POLL + 4, (before, life)
     time.sleep(3 * POLL)
     assert sagemaker_local.calls(job).get("DescribeTrainingJob", 0) == before
     assert jobs_of(sagemaker_local, name) == [job]
