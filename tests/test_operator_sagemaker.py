@@ -330,3 +330,20 @@ def test_without_aws_credentials_the_run_says_so(cluster, operator, crd, sm_buck
     finally:
         bare.stop()
         operator.start()
+
+
+def test_permanent_aws_errors_fail_the_run_without_retries(cluster, operator, sagemaker_local, sm_bucket, namespace):
+    name = "sm-limit"
+    with sagemaker_local.faults(error=("ResourceLimitExceeded", 400, "The account-level service limit "
+                                       "'ml.m5.xlarge for training job usage' is 0 Instances"),
+                                error_count=-1, operations=["CreateTrainingJob"]):
+        apply(cluster, namespace, finetune(name, sm_bucket, run_policy={"backoffLimit": 3}))
+        body = wait_for("Failed", phase_is(cluster, namespace, name, "Failed"), timeout=60,
+                        on_timeout=dump(cluster, namespace, operator, sagemaker_local))
+        job = training_job_name(name, body["metadata"]["uid"], 1)
+        time.sleep(3 * POLL)    # a retry would show now
+        calls = sagemaker_local.calls(job)
+    cond = _condition(body, "Failed")
+    assert cond["reason"] == "ResourceLimitExceeded" and "account-level service limit" in cond["message"], cond
+    assert calls.get("CreateTrainingJob") == 1, calls
+    assert body["status"]["attempts"] == 1 and jobs_of(sagemaker_local, f"{name}-") == []
