@@ -17,7 +17,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .backends.base import EXIT_CODE_MEANING, FailureKind, Observation, Run, WorkloadState
+from .backends.base import EXIT_CODE_MEANING, Extras, FailureKind, Observation, Run, WorkloadState
 
 
 class Phase:
@@ -103,6 +103,8 @@ class Event:
     type: str       # Normal | Warning
     reason: str
     message: str
+    name: str | None = None     # set: posted under this name, once (backends.base.NamedEvent)
+    time: str | None = None     # when it happened, if not now
 
 
 @dataclass(frozen=True)
@@ -404,10 +406,13 @@ def _attempt_failed(d: _Draft, obs: Observation, attempt: int, remaining: int | 
         msg = f"activeDeadlineSeconds {rp.active_deadline_seconds} exceeded in attempt {attempt}"
         d.history(obs, Outcome.FAILED, Reason.DEADLINE_EXCEEDED, msg)
         return _fail(d, obs, Reason.DEADLINE_EXCEEDED, msg)
-    if obs.failure_kind is FailureKind.PERMANENT:
+    if obs.failure_kind is FailureKind.PERMANENT or obs.permanent:
+        # A backend that knows the precise cause (SageMaker: ResourceLimitExceeded, a job
+        # stopped by someone else) names it; the EKS exit codes are PermanentFailure.
+        reason = (obs.reason if obs.permanent else "") or Reason.PERMANENT_FAILURE
         msg = f"attempt {attempt} failed: {detail}; a retry cannot fix this, so the run is not restarted"
-        d.history(obs, Outcome.PERMANENT_FAILURE, Reason.PERMANENT_FAILURE, detail)
-        return _fail(d, obs, Reason.PERMANENT_FAILURE, msg)
+        d.history(obs, Outcome.PERMANENT_FAILURE, reason, detail)
+        return _fail(d, obs, reason, msg)
     disruptions = int(d.new.get("disruptions") or 0)
     failures = attempt - 1 - disruptions        # restarts counted against backoffLimit
     new = attempt + 1
@@ -493,6 +498,45 @@ def _finished(d: _Draft, obs: Observation) -> Plan:
     d.condition(Cond.CHILDREN_DELETED, True, Reason.TTL_EXPIRED, msg)
     d.event(Reason.CHILDREN_DELETED, msg)
     return d.plan(actions=[Action("delete", d.run.attempt)], status_first=False)
+
+
+def merged_progress(run: Run, extras: Extras | None) -> dict[str, Any] | None:
+    """status.progress with what the backend read (e.g. SageMaker's progress.json), or None
+    when that is nothing newer."""
+    if extras is None or not extras.progress:
+        return None
+    old = dict(run.status.get("progress") or {})
+    new = {**old, **extras.progress}
+    if (parse_time(new.get("updatedAt")) or dt.datetime.min.replace(tzinfo=dt.timezone.utc)) < \
+            (parse_time(old.get("updatedAt")) or dt.datetime.min.replace(tzinfo=dt.timezone.utc)):
+        return None
+    if new.get("step") is not None and new.get("totalSteps") is not None:
+        new["display"] = f"{new['step']}/{new['totalSteps']}"
+    return None if new == old else new
+
+
+def apply_extras(run: Run, extras: Extras | None, plan: Plan,
+                 progress: Mapping[str, Any] | None = None) -> Plan:
+    """Adds a backend's own status keys, progress (merged_progress()), named Events, message
+    and poll to the plan decide() made for `run`."""
+    if extras is None:
+        return plan
+    stored = run.status
+    for key, value in extras.status.items():
+        if key in OWNED:
+            raise ValueError(f"status.{key} belongs to the state machine")
+        if stored.get(key) != value:
+            plan.patch[key] = value
+    if progress is not None:
+        plan.patch["progress"] = dict(progress)
+    if extras.message and (plan.patch.get("phase") or stored.get("phase")) in ("Launching", "Running") \
+            and extras.message != (plan.patch.get("message") if "message" in plan.patch else stored.get("message")):
+        plan.patch["message"] = extras.message
+    plan.events = [Event(e.type, e.reason, e.message, name=e.name, time=e.time) for e in extras.events] + plan.events
+    if extras.poll_after is not None:
+        plan.requeue_after = extras.poll_after if plan.requeue_after is None \
+            else min(plan.requeue_after, extras.poll_after)
+    return plan
 
 
 def invalid(run: Run, now: dt.datetime, reason: str, message: str) -> Plan:

@@ -41,10 +41,12 @@ No Secrets; ConfigMaps only get (its own NAME-config, a run's deepspeed.configMa
 create/delete of its own; pods only list (a failed pod's exit code and termination message, why pods do not start).
 */}}
 {{- define "alpaca-operator.namespacedRules" -}}
-# The runs: kopf lists and watches them; the operator reads one afresh before acting.
+# The runs: kopf lists and watches them; the operator reads one afresh before acting;
+# patch: kopf's finalizer on sagemaker runs (a training job outside the cluster is not
+# garbage-collected, so deleting such a run stops its job first).
 - apiGroups: [alpaca.dev]
   resources: [alpacafinetunes]
-  verbs: [get, list, watch]
+  verbs: [get, list, watch, patch]
 # Its status writes (merge patches). get+patch is also what the per-run Role grants the
 # training pods: RBAC lets the operator grant only what it holds itself.
 - apiGroups: [alpaca.dev]
