@@ -141,7 +141,7 @@ def failing(tiny_model, records_file, tmp_path, monkeypatch):
 
 def test_missing_data_file_fails_fast(failing, caplog, tmp_path):
     rc, text, reason, seconds = failing(caplog, data_path=str(tmp_path / "missing.json"))
-    assert rc == 1 and seconds < 10
+    assert rc == 66 and seconds < 10
     assert f"data file {tmp_path / 'missing.json'} does not exist" in text
     assert reason.strip() == f"data file {tmp_path / 'missing.json'} does not exist"
 
@@ -150,13 +150,13 @@ def test_malformed_record_fails_fast(failing, caplog, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "c", "output": "d"\n')
     rc, text, reason, seconds = failing(caplog, data_path=str(bad))
-    assert rc == 1 and seconds < 10
+    assert rc == 65 and seconds < 10
     assert "bad.jsonl: line 2: malformed JSON record" in reason
 
 
 def test_missing_model_path_fails_fast(failing, caplog, tmp_path):
     rc, text, reason, seconds = failing(caplog, model_name_or_path=str(tmp_path / "no-such-model"))
-    assert rc == 1 and seconds < 10
+    assert rc == 66 and seconds < 10
     assert reason.strip() == f"model path {tmp_path / 'no-such-model'} does not exist"
 
 

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .exitcodes import DATAERR, NOINPUT, ImageError
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -41,8 +43,16 @@ PROMPT_NO_INPUT = (
 )
 
 
-class DataError(ValueError):
-    """The training data cannot be used; the message says where and why."""
+class DataError(ImageError, ValueError):
+    """The training data cannot be used; the message says where and why (exit 65)."""
+
+    exit_code = DATAERR
+
+
+class DataNotFound(DataError):
+    """The data file is not there (exit 66)."""
+
+    exit_code = NOINPUT
 
 
 @dataclass(frozen=True)
@@ -120,9 +130,9 @@ def load_records(path: str | Path) -> list[dict]:
     """Alpaca records from a JSON list, or JSON Lines (Alpaca records or seed tasks)."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"data file {path} does not exist")
+        raise DataNotFound(f"data file {path} does not exist")
     if not path.is_file():
-        raise DataError(f"data path {path} is not a file")
+        raise DataNotFound(f"data path {path} is not a file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
