@@ -260,6 +260,35 @@ def check_restored(ckpt: Path, topo: Topology) -> None:
                       f"(it has ranks {sorted(ranked)}): it was written by a gang of another size")
 
 
+def choose_resume(identity: CheckpointIdentity, output_uri: str | None, output_dir: Path, topo: Topology,
+                  s5: S5cmd, group=None, *, all_shards: bool = False) -> str | None:
+    """One decision for the whole gang: rank 0 picks the step, every rank loads it.
+
+    Called by every rank once the process group exists. Without an output URI the
+    checkpoints on disk count (SageMaker restores /opt/ml/checkpoints).
+    """
+    from .stopping import decided_by_rank0
+
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    if output_uri:
+        step = decided_by_rank0(lambda: plan_remote_resume(output_uri, s5, identity, tmp), group)
+    else:
+        step = decided_by_rank0(lambda: plan_local_resume(output_dir, identity), group)
+    if step is None:
+        return None
+    ckpt = output_dir / f"checkpoint-{step}"
+    if output_uri:
+        try:
+            if topo.is_node_main:
+                restore_checkpoint(output_uri, step, output_dir, s5, topo, all_shards=all_shards)
+        finally:
+            barrier(group)  # the node's other ranks read what its first rank downloaded
+    else:
+        log.warning("resuming from %s", ckpt)
+    check_restored(ckpt, topo)
+    return str(ckpt)
+
+
 # --- uploads ---------------------------------------------------------------------------
 
 STAGING = ".alpaca-upload"

@@ -408,31 +408,6 @@ def checkpoint_identity(model_args, model_path: str, data_path: Path, output_uri
     )
 
 
-def choose_resume(training_args, identity: CheckpointIdentity, output_uri: str | None, output_dir: Path,
-                  topo: Topology, s5: S5cmd, group, values: dict) -> str | None:
-    """One decision for the whole gang: rank 0 picks the step, every rank loads it."""
-    if training_args.resume_from_checkpoint is not None:
-        return training_args.resume_from_checkpoint
-    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
-    if output_uri:
-        step = stopping.decided_by_rank0(lambda: outputs.plan_remote_resume(output_uri, s5, identity, tmp), group)
-    else:
-        # SageMaker restores /opt/ml/checkpoints; a local rerun finds its own.
-        step = stopping.decided_by_rank0(lambda: outputs.plan_local_resume(output_dir, identity), group)
-    if step is None:
-        return None
-    ckpt = output_dir / f"checkpoint-{step}"
-    if output_uri:
-        elastic = bool(((values.get("deepspeed") or {}).get("zero_optimization") or {}).get("elastic_checkpoint"))
-        with training_args.main_process_first(local=True, desc="fetching the checkpoint"):
-            if topo.is_node_main:
-                outputs.restore_checkpoint(output_uri, step, output_dir, s5, topo, all_shards=elastic)
-    else:
-        log.warning("resuming from %s", ckpt)
-    outputs.check_restored(ckpt, topo)
-    return str(ckpt)
-
-
 def _train(values, original_argv, model_args, data_args, out_args, topo, reporter, stop) -> int:
     if reporter:
         reporter.report(force=True, stage="loading")
@@ -468,7 +443,10 @@ def _train(values, original_argv, model_args, data_args, out_args, topo, reporte
         model_path = resolve_model(model_args.model_name_or_path, inputs, training_args.cache_dir, s5)
         data_path = resolve_data(data_args.data_path, inputs, training_args.cache_dir, s5)
     identity = checkpoint_identity(model_args, model_path, data_path, output_uri, topo.world_size, values)
-    resume = choose_resume(training_args, identity, output_uri, output_dir, topo, s5, group, values)
+    resume = training_args.resume_from_checkpoint
+    if resume is None:
+        elastic = bool(((values.get("deepspeed") or {}).get("zero_optimization") or {}).get("elastic_checkpoint"))
+        resume = outputs.choose_resume(identity, output_uri, output_dir, topo, s5, group, all_shards=elastic)
 
     records = data.load_records(data_path)
     model, tokenizer = load_model_and_tokenizer(model_path, model_args, training_args, values)
