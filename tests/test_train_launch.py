@@ -76,7 +76,7 @@ def test_sigterm_to_one_pod_stops_the_gang_with_a_checkpoint_then_it_resumes_fro
         logs[i], tlogs[i] = tmp_path / f"a1-pod{i}.log", tmp_path / f"a1-pod{i}-termination-log"
         procs[i] = start([VENV_BIN / "alpaca-launch"],
                          pod_env(env, config, tmp_path / f"a1-pod{i}", i, port, bucket, tlogs[i]), logs[i])
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 500  # the first DeepSpeed run of a checkout JIT-builds its CPU ops
     try:
         while not complete_steps(s3, bucket):
             assert all(p.poll() is None for p in procs.values()), logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]

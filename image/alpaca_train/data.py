@@ -465,3 +465,29 @@ class PackedCollator:
                 start += n
             pos[r, start:] = arange[: longest - start]
         return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+class FlatteningCollator:
+    """transformers' DataCollatorWithFlattening over our examples (a pack split into its examples).
+
+    The whole micro-batch becomes one row; position ids restart at each example, from
+    which transformers' attention (FlashAttention's variable-length path, or the
+    block-diagonal mask it builds for SDPA and eager) keeps the examples apart. The
+    labels are the same as PackedCollator's, so the loss is the same.
+    """
+
+    def __init__(self):
+        from transformers import DataCollatorWithFlattening
+
+        self.inner = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+
+    def __call__(self, instances: Sequence[dict]) -> dict[str, torch.Tensor]:
+        features = []
+        for inst in instances:
+            if isinstance(inst["prompt_len"], int):
+                seqs = [(inst["input_ids"], inst["prompt_len"])]
+            else:
+                seqs = zip(inst["input_ids"], inst["prompt_len"])
+            for ids, prompt_len in seqs:
+                features.append({"input_ids": [int(t) for t in ids], "labels": labels_of(ids, prompt_len)})
+        return self.inner(features)

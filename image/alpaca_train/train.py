@@ -85,6 +85,13 @@ class DataArguments:
         metadata={"help": "Same batches as the reference, without padding where the attention allows it "
                           "(FlashAttention: one row per micro-batch); same loss."},
     )
+    collator: str = field(
+        default="ours",
+        metadata={"help": "With --packing or --padding_free: ours (one row per pack; one row per micro-batch "
+                          "under FlashAttention), or transformers (DataCollatorWithFlattening: always one row per "
+                          "micro-batch). docs/benchmarks.md measures both.",
+                  "choices": ["ours", "transformers"]},
+    )
 
 
 @dataclass
@@ -379,7 +386,9 @@ def make_data_module(records, tokenizer, model, data_args: DataArguments, traini
         packing=data_args.packing, pack_seed=training_args.seed,
     )
     log.info("%d records, %d training examples, %d tokens", len(records), len(dataset), dataset.num_tokens)
-    if data_args.packing or data_args.padding_free:
+    if (data_args.packing or data_args.padding_free) and data_args.collator == "transformers":
+        collator = data.FlatteningCollator()
+    elif data_args.packing or data_args.padding_free:
         flatten = model.config._attn_implementation.startswith("flash_attention")
         collator = data.PackedCollator(pad_token_id=tokenizer.pad_token_id, flatten=flatten)
     else:
