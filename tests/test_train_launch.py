@@ -110,8 +110,8 @@ def test_sigterm_to_one_pod_stops_the_gang_with_a_checkpoint_then_it_resumes_fro
     restored = tmp_path / "a2-pod1" / "output" / f"checkpoint-{stopped}"
     names = {p.name for p in restored.rglob("*") if p.is_file()}
     assert "rng_state_1.pth" in names and "rng_state_0.pth" not in names, names
-    assert {n for n in names if "zero_pp_rank_" in n} == {
-        "zero_pp_rank_1_mp_rank_00_model_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"}, names
+    shards = sorted(n for n in names if "zero_pp_rank_" in n)
+    assert len(shards) == 2 and all("zero_pp_rank_1_mp_rank_00_" in n for n in shards), names  # model, optimizer
     pod0 = tmp_path / "a2-pod0" / "output"
     assert trainer_state(pod0)["global_step"] == trainer_state(pod0)["max_steps"] == 12  # 48 / (2 nodes x 2)
     manifest = json.loads(s3.client.get_object(Bucket=bucket, Key="run/manifest.json")["Body"].read())
