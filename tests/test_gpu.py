@@ -38,8 +38,9 @@ def report(name: str, out) -> dict:
     final = trainer_state(out)["log_history"][-1]
     tokens = trainer_state(out).get("num_input_tokens_seen") or 0
     figures = {"check": name, "tokens_per_second": round(tokens / final["train_runtime"], 1),
-               "peak_gpu_memory_mib": round((final.get("train_mem_gpu_alloc_delta", 0)
-                                             + final.get("train_mem_gpu_peaked_delta", 0)) / 2**20, 1)}
+               # Above what was allocated before training: what training itself added at its peak.
+               "peak_gpu_memory_mib": round(sum(v for k in ("train_mem_gpu_alloc_delta", "train_mem_gpu_peaked_delta")
+                                                if isinstance(v := final.get(k), (int, float))) / 2**20, 1)}
     print("GPU-RESULT " + json.dumps(figures))
     return figures
 
