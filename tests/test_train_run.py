@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fixtures_train import (
-    ALPACA_DS_CONFIG, ZERO2, ZERO3, VENV_BIN, assert_generates, free_port, port_free, python, run_cmd,
+    ALPACA_DS_CONFIG, ZERO2, ZERO3, VENV_BIN, assert_generates, free_port, python, run_cmd,
     trainer_state, write_json, write_records,
 )
 
@@ -94,9 +94,9 @@ def test_seed_command_runs_unchanged(tiny_model, seed_records, train_env, tmp_pa
         "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine", "--logging_steps", "1",
         "--cache_dir", tmp_path, "--fp16_full_eval", "--fp16",
     ]
-    if not port_free(29500):
-        # The launcher's default port is taken on this machine: the one change we must make.
-        cmd.insert(1, f"--master_port={free_port()}")
+    # The one change: a free port instead of the launcher's default 29500, which other
+    # processes of a shared machine may take between a check and the bind.
+    cmd.insert(1, f"--master_port={free_port()}")
     proc = run_cmd(cmd, train_env, cwd=tmp_path, timeout=500).ok()
     for warning in ("--evaluation_strategy was removed", "--warmup_ratio was removed",
                     "--fp16 needs a CUDA GPU", "--fp16_full_eval needs a CUDA GPU"):
