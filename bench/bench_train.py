@@ -8,7 +8,10 @@ Same tiny LLaMA (alpaca_train.testing), same data (the 175 Alpaca seed tasks rep
    non-padding input tokens over its train_runtime): the reference's train.py against
    ours with the same batches, with length grouping, padding-free, and packing.
 
-    .venv/bin/python bench/bench_train.py [--write-docs] [--repeats 2] [--rounds 5] [--steps 100]
+    .venv/bin/python bench/bench_train.py [--write-docs] [--repeats 2] [--rounds 5] [--steps 150]
+
+Exits non-zero when a target is missed: preprocessing at least 5x with identical labels,
+and, as medians of at least 5 paired rounds, same batches at least 1.0x and packing 1.5x.
 """
 from __future__ import annotations
 
@@ -93,12 +96,21 @@ ref.TrainingArguments.__post_init__ = counting
 ref.train()
 """
 
+REFERENCE = "reference (Stanford Alpaca train.py)"
+SAME = "ours, same batches"
+PACKING = "ours, --packing"
 TRAIN_CONFIGS = {
-    "reference (Stanford Alpaca train.py)": ("reference", []),
-    "ours, same batches": ("ours", []),
+    REFERENCE: ("reference", []),
+    SAME: ("ours", []),
     "ours, --group_by_length": ("ours", ["--group_by_length", "True"]),
-    "ours, --packing": ("ours", ["--packing", "True"]),
+    PACKING: ("ours", ["--packing", "True"]),
+    # transformers' DataCollatorWithFlattening: the whole micro-batch as one row.
+    "ours, --packing --collator transformers": ("ours", ["--packing", "True", "--collator", "transformers"]),
 }
+# Medians of the paired per-round ratios against the reference (docs/benchmarks.md).
+TARGETS = {SAME: 1.0, PACKING: 1.5}
+PREPROCESSING_TARGET = 5.0
+MIN_ROUNDS = 5
 
 
 def train_once(kind: str, extra: list[str], model_dir: Path, data_path: Path, steps: int, out: Path, env: dict) -> dict:
@@ -141,11 +153,23 @@ def bench_training(model_dir: Path, records: list[dict], steps: int, repeats: in
         base = runs[names[0]][-1]["tokens_per_second"]
         for name in names:
             ratios[name].append(runs[name][-1]["tokens_per_second"] / base)
-    best = {name: max(x["tokens_per_second"] for x in rs) for name, rs in runs.items()}
-    return {"steps": steps, "records": len(records), "runs": runs, "best_tokens_per_second": best,
-            "ratio": {name: v / best[names[0]] for name, v in best.items()},
+    median_tps = {name: statistics.median(x["tokens_per_second"] for x in rs) for name, rs in runs.items()}
+    return {"steps": steps, "records": len(records), "runs": runs, "median_tokens_per_second": median_tps,
             "median_round_ratio": {name: statistics.median(v) for name, v in ratios.items()},
             "round_ratios": ratios}
+
+
+def missed_targets(pre: dict, tr: dict) -> list[str]:
+    missed = []
+    if not pre["identical_labels"]:
+        missed.append("preprocessing: labels differ from the reference's")
+    if pre["speedup"] < PREPROCESSING_TARGET:
+        missed.append(f"preprocessing: {pre['speedup']:.2f}x < {PREPROCESSING_TARGET}x")
+    for name, target in TARGETS.items():
+        got = tr["median_round_ratio"][name]
+        if got < target:
+            missed.append(f"{name}: median of paired ratios {got:.2f}x < {target}x")
+    return missed
 
 
 def markdown(pre: dict, tr: dict, when: str, where: str, args) -> str:
@@ -172,23 +196,49 @@ def markdown(pre: dict, tr: dict, when: str, where: str, args) -> str:
         "ours encodes the full texts in batches on the Rust backend and reads each prompt's token count",
         "off them where that is provably the same (LLaMA's BPE), tokenizing the prompt otherwise.",
         "",
-        f"### Training throughput, {tr['steps']} steps of 4 examples (or 4 packs), {args.rounds} rounds",
+        f"### Training throughput, {tr['steps']} steps of 4 examples (or 4 packs), {args.rounds} interleaved rounds",
         "",
-        "| | best non-padding tokens/s | best vs best reference | median of per-round ratios |",
-        "|---|---:|---:|---:|",
+        "Headline: the median over the rounds of each round's ratio to that round's reference run",
+        "(the rounds run every configuration back to back, in a rotated order, so a load change",
+        "hits a pair alike); beside it the spread of those ratios, lowest to highest.",
+        "",
+        "| | median of paired ratios | spread of the ratios | target | median non-padding tokens/s |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for name, v in tr["best_tokens_per_second"].items():
-        lines.append(f"| {name} | {v:,.0f} | {tr['ratio'][name]:.2f}x | {tr['median_round_ratio'][name]:.2f}x |")
+    for name, v in tr["median_tokens_per_second"].items():
+        r = tr["round_ratios"][name]
+        target = f"{TARGETS[name]:.1f}x" if name in TARGETS else ""
+        met = "" if name not in TARGETS else (" (met)" if tr["median_round_ratio"][name] >= TARGETS[name] else " (**MISSED**)")
+        lines.append(f"| {name} | **{tr['median_round_ratio'][name]:.2f}x**{met} | {min(r):.2f}x to {max(r):.2f}x | "
+                     f"{target} | {v:,.0f} |")
+    missed = missed_targets(pre, tr)
     lines += [
         "",
-        "Targets: same batches at least equal to the reference; packing at least 1.5x. Tokens per",
-        "second are the Trainer's count of non-padding input tokens over its train_runtime. The",
-        "same-batches run computes what the reference computes, so it differs only by noise and",
-        "by the cheaper collation of pre-tokenized int32 arrays. Length grouping and packing",
+        "Rounds, ratio to the reference: " + "; ".join(
+            f"{name}: {', '.join(f'{x:.2f}' for x in tr['round_ratios'][name])}"
+            for name in tr["round_ratios"] if name != REFERENCE) + ".",
+        "",
+        ("**Targets missed in this run: " + "; ".join(missed) + ".** `make bench-train` exited non-zero."
+         if missed else "Every target was met in this run."),
+        "",
+        "Tokens per second are the Trainer's count of non-padding input tokens over its",
+        "train_runtime (the training loop only, not start-up). The same-batches run computes what",
+        "the reference computes, so any gap is overhead or noise. Length grouping and packing",
         "avoid computing on padding, and packing also needs fewer optimizer steps per token; a",
         "packed row keeps its examples apart (position ids restart, no cross-example attention).",
-        "The machine is shared with other builds, hence the per-round ratios; under heavy load",
-        "(load average 5 to 10) runs here scattered from 0.5x to 2x, so only quiet runs count.",
+        "`--collator transformers` is transformers' `DataCollatorWithFlattening` (the whole",
+        "micro-batch as one row); ours stays the default for `--packing` under SDPA only where the",
+        "table above shows it faster (one row per pack: SDPA's cost grows with the square of a",
+        "row's length). Under FlashAttention the two build identical batches.",
+        "",
+        "Profile (cProfile, 60 steps of each with the same batches, 2026-12-01): the forward and",
+        "backward passes and the optimizer step are over 99% of a step in both; our collation",
+        "(about 5 ms a step), data loading and callbacks (progress, the SIGTERM check, the",
+        "checkpoint sync) are under 0.5%, so there was no overhead of ours left to remove. A gap",
+        "between same batches and the reference here is the shared machine's noise.",
+        "",
+        "GPU checks (`make test-gpu`, tests/test_gpu.py): not run in this session, which had no",
+        "GPU; no GPU figures are claimed.",
         "",
     ]
     return "\n".join(lines)
@@ -206,11 +256,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--records", type=int, default=52000)
     p.add_argument("--train-records", type=int, default=2000)
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=150)
     p.add_argument("--repeats", type=int, default=2, help="preprocessing repeats")
     p.add_argument("--rounds", type=int, default=5, help="training rounds (every configuration once each)")
     p.add_argument("--write-docs", action="store_true", help=f"write the Training section of {DOCS}")
     args = p.parse_args(argv)
+    if args.rounds < MIN_ROUNDS:
+        p.error(f"--rounds must be at least {MIN_ROUNDS}: a median of fewer paired rounds is not a measurement")
 
     from alpaca_train import testing
     from alpaca_train.data import load_records
@@ -227,14 +279,17 @@ def main(argv=None) -> int:
         print(json.dumps({k: v for k, v in pre.items() if k != "all_seconds"}, indent=1), flush=True)
         print("training...", flush=True)
         tr = bench_training(model_dir, replicated(seed, args.train_records), args.steps, args.rounds, tmp)
-        print(json.dumps({k: tr[k] for k in ("best_tokens_per_second", "ratio", "median_round_ratio")}, indent=1))
+        print(json.dumps({k: tr[k] for k in ("median_tokens_per_second", "median_round_ratio", "round_ratios")},
+                         indent=1))
     section = markdown(pre, tr, when, where, args)
     print(section)
     if args.write_docs:
         write_docs(section)
         print(f"wrote the Training section of {DOCS}")
-    ok = pre["identical_labels"] and pre["speedup"] >= 5
-    return 0 if ok else 1
+    missed = missed_targets(pre, tr)
+    for m in missed:
+        print(f"TARGET MISSED: {m}", file=sys.stderr)
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":

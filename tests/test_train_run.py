@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fixtures_train import (
-    ALPACA_DS_CONFIG, ZERO2, ZERO3, VENV_BIN, assert_generates, free_port, port_free, python, run_cmd,
+    ALPACA_DS_CONFIG, ZERO2, ZERO3, VENV_BIN, assert_generates, free_port, python, run_cmd,
     trainer_state, write_json, write_records,
 )
 
@@ -41,23 +41,42 @@ CASES = {
 }
 
 
+def expected_run(tiny_model, records, ranks: int, batch: int, packing: bool) -> tuple[int, int]:
+    """(optimizer steps, non-padding tokens) of one epoch, from the data set the script builds."""
+    from transformers import AutoTokenizer
+
+    from alpaca_train import data
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ds = data.SupervisedDataset.from_records(records, tok, 512, data.PromptTemplate.parse("alpaca"),
+                                             packing=packing, pack_seed=42)
+    per_rank = -(-len(ds) // ranks)  # the distributed sampler pads to equal shares
+    return -(-per_rank // batch), ds.num_tokens
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_deepspeed_runs_and_saves_a_loadable_model(case, tiny_model, records_file, train_env, tmp_path):
+def test_deepspeed_trains_one_epoch_in_the_implied_steps_and_saves_a_loadable_model(
+        case, tiny_model, seed_records, records_file, train_env, tmp_path):
     ranks, ds_config, extra = CASES[case]
     ds = write_json(tmp_path / "ds.json", ds_config)
     out = tmp_path / "out"
     args = ["--deepspeed", ds, "--model_name_or_path", tiny_model, "--data_path", records_file(16),
-            "--output_dir", out, "--max_steps", "2", "--per_device_train_batch_size", "2",
-            "--learning_rate", "1e-3", "--logging_steps", "1", "--save_strategy", "no", *extra]
+            "--output_dir", out, "--num_train_epochs", "1", "--per_device_train_batch_size", "2",
+            "--learning_rate", "3e-3", "--logging_steps", "1", "--save_strategy", "no", *extra]
     if ranks == 1:
         cmd = python("-m", "alpaca_train.train", *args)
     else:
         cmd = [VENV_BIN / "torchrun", f"--nproc_per_node={ranks}", f"--master_port={free_port()}",
                "-m", "alpaca_train.train", *args]
-    proc = run_cmd(cmd, train_env, timeout=400).ok()
+    run_cmd(cmd, train_env, timeout=400).ok()
     state = trainer_state(out)
-    assert state["global_step"] == 2
-    assert f"'num_input_tokens_seen'" in proc.output or "num_input_tokens_seen" in json.dumps(state)
+    steps, tokens = expected_run(tiny_model, seed_records[:16], ranks, 2, "--packing" in extra)
+    assert state["global_step"] == state["max_steps"] == steps
+    if "--packing" not in extra:
+        # Every record once, counted without padding, summed over the ranks.
+        assert state["num_input_tokens_seen"] == tokens
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    assert len(losses) == steps and losses[-1] < losses[0], losses
     assert_generates(out)
 
 
@@ -75,9 +94,9 @@ def test_seed_command_runs_unchanged(tiny_model, seed_records, train_env, tmp_pa
         "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine", "--logging_steps", "1",
         "--cache_dir", tmp_path, "--fp16_full_eval", "--fp16",
     ]
-    if not port_free(29500):
-        # The launcher's default port is taken on this machine: the one change we must make.
-        cmd.insert(1, f"--master_port={free_port()}")
+    # The one change: a free port instead of the launcher's default 29500, which other
+    # processes of a shared machine may take between a check and the bind.
+    cmd.insert(1, f"--master_port={free_port()}")
     proc = run_cmd(cmd, train_env, cwd=tmp_path, timeout=500).ok()
     for warning in ("--evaluation_strategy was removed", "--warmup_ratio was removed",
                     "--fp16 needs a CUDA GPU", "--fp16_full_eval needs a CUDA GPU"):
@@ -141,7 +160,7 @@ def failing(tiny_model, records_file, tmp_path, monkeypatch):
 
 def test_missing_data_file_fails_fast(failing, caplog, tmp_path):
     rc, text, reason, seconds = failing(caplog, data_path=str(tmp_path / "missing.json"))
-    assert rc == 1 and seconds < 10
+    assert rc == 66 and seconds < 10
     assert f"data file {tmp_path / 'missing.json'} does not exist" in text
     assert reason.strip() == f"data file {tmp_path / 'missing.json'} does not exist"
 
@@ -150,13 +169,13 @@ def test_malformed_record_fails_fast(failing, caplog, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "c", "output": "d"\n')
     rc, text, reason, seconds = failing(caplog, data_path=str(bad))
-    assert rc == 1 and seconds < 10
+    assert rc == 65 and seconds < 10
     assert "bad.jsonl: line 2: malformed JSON record" in reason
 
 
 def test_missing_model_path_fails_fast(failing, caplog, tmp_path):
     rc, text, reason, seconds = failing(caplog, model_name_or_path=str(tmp_path / "no-such-model"))
-    assert rc == 1 and seconds < 10
+    assert rc == 66 and seconds < 10
     assert reason.strip() == f"model path {tmp_path / 'no-such-model'} does not exist"
 
 
@@ -174,7 +193,7 @@ def test_unreachable_s3_fails_fast(failing, caplog, monkeypatch):
 def test_bad_input_from_the_command_line_exits_nonzero_with_one_line(tiny_model, train_env, tmp_path):
     proc = run_cmd(python("-m", "alpaca_train.train", "--model_name_or_path", tmp_path / "nope",
                           "--data_path", tmp_path / "x.json", "--output_dir", tmp_path / "o"), train_env, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 66
     assert f"ERROR alpaca_train: model path {tmp_path / 'nope'} does not exist" in proc.output
     assert "Traceback" not in proc.output
 
@@ -206,5 +225,5 @@ def test_model_and_data_by_hugging_face_id(tiny_model, seed_records, train_env, 
     proc = run_cmd(python("-m", "alpaca_train.train", "--model_name_or_path", "tiny-org/not-there",
                           "--data_path", "tiny-org/alpaca-seed", "--cache_dir", cache, "--output_dir", out),
                    train_env, timeout=200)
-    assert proc.returncode == 1
+    assert proc.returncode == 66  # offline and not in the cache: a retry cannot find it either
     assert "model 'tiny-org/not-there' is not a local path and could not be fetched from the Hugging Face Hub" in proc.output

@@ -130,7 +130,7 @@ def test_finished_run_is_neither_redone_nor_overwritten(tiny_model, seed_records
     data = write_records(tmp_path / "alpaca_data.json", seed_records[:4])
     argv = ["--model_name_or_path", str(tiny_model), "--data_path", str(data), "--output_uri", f"s3://{bucket}/run/"]
     s3.client.put_object(Bucket=bucket, Key="run/manifest.json", Body=json.dumps({"run_id": "another run"}))
-    assert train_module.main(argv) == 1
+    assert train_module.main(argv) == 64
     assert "already holds the manifest.json of a different finished run" in (tmp_path / "failure").read_text()
     run_id = outputs.fingerprint({"argv": argv})
     s3.client.put_object(Bucket=bucket, Key="run/manifest.json", Body=json.dumps({"run_id": run_id}))

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .exitcodes import DATAERR, NOINPUT, ImageError
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -41,8 +43,16 @@ PROMPT_NO_INPUT = (
 )
 
 
-class DataError(ValueError):
-    """The training data cannot be used; the message says where and why."""
+class DataError(ImageError, ValueError):
+    """The training data cannot be used; the message says where and why (exit 65)."""
+
+    exit_code = DATAERR
+
+
+class DataNotFound(DataError):
+    """The data file is not there (exit 66)."""
+
+    exit_code = NOINPUT
 
 
 @dataclass(frozen=True)
@@ -120,9 +130,9 @@ def load_records(path: str | Path) -> list[dict]:
     """Alpaca records from a JSON list, or JSON Lines (Alpaca records or seed tasks)."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"data file {path} does not exist")
+        raise DataNotFound(f"data file {path} does not exist")
     if not path.is_file():
-        raise DataError(f"data path {path} is not a file")
+        raise DataNotFound(f"data path {path} is not a file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -455,3 +465,29 @@ class PackedCollator:
                 start += n
             pos[r, start:] = arange[: longest - start]
         return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+class FlatteningCollator:
+    """transformers' DataCollatorWithFlattening over our examples (a pack split into its examples).
+
+    The whole micro-batch becomes one row; position ids restart at each example, from
+    which transformers' attention (FlashAttention's variable-length path, or the
+    block-diagonal mask it builds for SDPA and eager) keeps the examples apart. The
+    labels are the same as PackedCollator's, so the loss is the same.
+    """
+
+    def __init__(self):
+        from transformers import DataCollatorWithFlattening
+
+        self.inner = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+
+    def __call__(self, instances: Sequence[dict]) -> dict[str, torch.Tensor]:
+        features = []
+        for inst in instances:
+            if isinstance(inst["prompt_len"], int):
+                seqs = [(inst["input_ids"], inst["prompt_len"])]
+            else:
+                seqs = zip(inst["input_ids"], inst["prompt_len"])
+            for ids, prompt_len in seqs:
+                features.append({"input_ids": [int(t) for t in ids], "labels": labels_of(ids, prompt_len)})
+        return self.inner(features)

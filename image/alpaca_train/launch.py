@@ -2,25 +2,43 @@
 
 It reads what the operator put in the pod (docs/contract.md, "The training pod"): the
 rendezvous in PET_* variables, the arguments in $ALPACA_CONFIG_DIR/train_args.json and
-the DeepSpeed config beside them; waits until rank 0's name resolves (pods of a gang
-start in any order and the headless Service publishes them as they come); then becomes
-torchrun over `python -m alpaca_train.train`.
+the DeepSpeed config beside them; checks that EFA is really there when FI_PROVIDER=efa;
+waits until rank 0's name resolves (pods of a gang start in any order and the headless
+Service publishes them as they come); then runs torchrun over `python -m alpaca_train.train`.
+
+It stays torchrun's parent, for two reasons. torchrun exits 1 whatever its workers'
+exit codes were, so the launcher collects theirs (docs/contract.md, "Exit codes"). And
+on SIGTERM torchrun kills its workers 30 s later, too soon to upload a checkpoint, so
+the launcher sends SIGTERM to the workers themselves and lets torchrun see them exit.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+from alpaca_train import exitcodes
+from alpaca_train.exitcodes import ImageError
 
 log = logging.getLogger("alpaca_train.launch")
 
 
-class LaunchError(RuntimeError):
-    pass
+class LaunchError(ImageError):
+    """The pod's configuration cannot work (exit 64)."""
+
+    exit_code = exitcodes.USAGE
+
+
+class RendezvousTimeout(LaunchError):
+    exit_code = exitcodes.RETRYABLE
 
 
 def wait_for_host(host: str, timeout_s: float, interval_s: float = 2.0) -> None:
@@ -31,7 +49,7 @@ def wait_for_host(host: str, timeout_s: float, interval_s: float = 2.0) -> None:
             return
         except socket.gaierror as e:
             if time.monotonic() >= deadline:
-                raise LaunchError(f"rendezvous host {host!r} did not resolve within {timeout_s:.0f}s: {e}") from None
+                raise RendezvousTimeout(f"rendezvous host {host!r} did not resolve within {timeout_s:.0f}s: {e}") from None
             log.info("waiting for %s to resolve (%s)", host, e)
             time.sleep(interval_s)
 
@@ -89,29 +107,88 @@ def build_command(env: dict) -> list[str]:
     return torchrun_command(nnodes, nproc, node_rank, master, port, args)
 
 
+EFA_FI_INFO = ("/opt/amazon/efa/bin/fi_info",)
+
+
+def check_efa(env: dict) -> None:
+    """FI_PROVIDER=efa without a working EFA provider would train at TCP speed: fail instead."""
+    if env.get("FI_PROVIDER", "").lower() != "efa":
+        return
+    fi_info = shutil.which("fi_info", path=env.get("PATH")) or next((p for p in EFA_FI_INFO if os.access(p, os.X_OK)), None)
+    hint = ("NCCL would silently fall back to TCP. Use an image with the EFA installer and aws-ofi-nccl, "
+            "on a node with EFA adapters (resources.efa requests them), or unset FI_PROVIDER")
+    if fi_info is None:
+        raise LaunchError(f"FI_PROVIDER=efa is set but libfabric is not installed (no fi_info): {hint}")
+    proc = subprocess.run([fi_info, "-p", "efa", "-t", "FI_EP_RDM"], capture_output=True, text=True, env=env)
+    if proc.returncode != 0 or "provider: efa" not in proc.stdout:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise LaunchError(f"FI_PROVIDER=efa is set but libfabric finds no EFA provider "
+                          f"({detail[-1] if detail else 'fi_info -p efa found nothing'}): {hint}")
+
+
+def supervise(cmd: list[str], env: dict) -> int:
+    """Run torchrun; forward SIGTERM to its workers; return the exit code the contract defines."""
+    import psutil
+
+    code_dir = tempfile.mkdtemp(prefix="alpaca-exit-")
+    env = dict(env, **{exitcodes.CODE_DIR_ENV: code_dir})
+    proc = subprocess.Popen(cmd, env=env)
+    terminated = []
+
+    def forward(signum, frame):
+        terminated.append(signum)
+        try:
+            workers = psutil.Process(proc.pid).children()
+        except psutil.NoSuchProcess:
+            return
+        log.warning("SIGTERM: asking %d worker(s) to save a checkpoint and stop", len(workers))
+        for w in workers or [psutil.Process(proc.pid)]:  # no workers yet: nothing to save
+            try:
+                w.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        rc = proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    codes = exitcodes.recorded(Path(code_dir))
+    shutil.rmtree(code_dir, ignore_errors=True)
+    code = exitcodes.combined(rc, codes, bool(terminated))
+    if code != rc:
+        log.info("torchrun exited %d; workers' codes %s: exiting %d", rc, codes, code)
+    return code
+
+
+def write_failure(env: dict, message: str) -> None:
+    if env.get("ALPACA_FAILURE_FILE"):
+        try:
+            Path(env["ALPACA_FAILURE_FILE"]).write_text(f"{message}\n")
+        except OSError:
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # Before training there is nothing to save (and PID 1 would ignore SIGTERM without a handler).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(exitcodes.TERMINATED))
     env = dict(os.environ)
     # Kubernetes shows this file's content as the container's termination message.
     if "ALPACA_FAILURE_FILE" not in env and os.access("/dev/termination-log", os.W_OK):
         env["ALPACA_FAILURE_FILE"] = "/dev/termination-log"
     try:
         cmd = build_command(env)
+        check_efa(env)
         wait_for_host(env.get("PET_MASTER_ADDR", "127.0.0.1"), float(env.get("ALPACA_RENDEZVOUS_TIMEOUT_S", "600")))
     except LaunchError as e:
         log.error("%s", e)
-        if env.get("ALPACA_FAILURE_FILE"):
-            try:
-                Path(env["ALPACA_FAILURE_FILE"]).write_text(f"{e}\n")
-            except OSError:
-                pass
-        return 1
-    log.info("exec %s", " ".join(cmd))
+        write_failure(env, str(e))
+        return e.exit_code
+    log.info("running %s", " ".join(cmd))
     sys.stdout.flush()
     sys.stderr.flush()
-    # exec: torchrun becomes the container's main process and gets its signals directly.
-    os.execve(cmd[0], cmd, env)
-    return 0  # not reached
+    return supervise(cmd, env)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .exitcodes import ImageError
+
 log = logging.getLogger(__name__)
 
 
-class S3Error(RuntimeError):
-    """An S3 transfer failed for good."""
+class S3Error(ImageError, RuntimeError):
+    """An S3 transfer failed for good (retryable: the next attempt may succeed)."""
+
+
+class S3NotFound(S3Error):
+    """The object, prefix or bucket does not exist: retrying cannot help."""
+
+
+_NOT_FOUND = ("no object found", "NoSuchKey", "NoSuchBucket", "status code: 404")
 
 
 def is_s3(uri: str | os.PathLike | None) -> bool:
@@ -78,7 +87,10 @@ class S5cmd:
             proc = subprocess.run(self._base() + list(args), capture_output=True, text=True)
             if proc.returncode == 0:
                 return proc.stdout
-            last = _last_error(proc.stderr + "\n" + proc.stdout)
+            text = proc.stderr + "\n" + proc.stdout
+            last = _last_error(text)
+            if any(m in text for m in _NOT_FOUND):
+                raise S3NotFound(f"{what} failed: {last}")
             if attempt < attempts:
                 delay = self.backoff_s * 2 ** (attempt - 1)
                 log.warning("%s failed (attempt %d/%d): %s; retrying in %.0fs", what, attempt, attempts, last, delay)
@@ -99,6 +111,8 @@ class S5cmd:
             text = proc.stderr + proc.stdout
             if "no object found" in text:
                 return []
+            if any(m in text for m in _NOT_FOUND):
+                raise S3NotFound(f"listing {prefix_uri} failed: {_last_error(text)}")
             last = _last_error(text)
             if attempt < self.attempts:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
@@ -124,6 +138,12 @@ class S5cmd:
         self.run("cp", uri.rstrip("/") + "/*", str(dest) + "/", what=f"download of {uri}")
         return dest
 
+    def download_files(self, pairs: list[tuple[str, Path]], what: str) -> None:
+        """Download exactly these objects, in parallel, as one retried s5cmd batch."""
+        for _, dest in pairs:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        self._batch([(uri, str(dest)) for uri, dest in pairs], what)
+
     # --- writes ------------------------------------------------------------------------
 
     def sync_up(self, src: Path, uri: str) -> None:
@@ -131,10 +151,15 @@ class S5cmd:
 
     def upload_files(self, pairs: list[tuple[Path, str]], what: str) -> None:
         """Upload exactly these files, in parallel, as one retried s5cmd batch."""
+        self._batch([(str(src), dst) for src, dst in pairs], what)
+
+    def _batch(self, pairs: list[tuple[str, str]], what: str) -> None:
+        if not pairs:
+            return
         lines = []
         for src, dst in pairs:
-            if '"' in str(src) or '"' in dst:
-                raise S3Error(f"cannot upload {src}: file names with double quotes are not supported")
+            if '"' in src or '"' in dst:
+                raise S3Error(f"cannot copy {src}: file names with double quotes are not supported")
             lines.append(f'cp "{src}" "{dst}"\n')
         with tempfile.NamedTemporaryFile("w", suffix=".s5cmd", delete=False) as f:
             f.writelines(lines)
@@ -162,7 +187,7 @@ def fetch(uri: str, dest: Path, s5: S5cmd | None = None, *, is_dir: bool) -> Pat
         return dest
     if is_dir:
         if not s5.list(uri):
-            raise S3Error(f"{uri} is empty or does not exist")
+            raise S3NotFound(f"{uri} is empty or does not exist")
         if dest.exists():
             shutil.rmtree(dest)
         s5.download_prefix(uri, dest)

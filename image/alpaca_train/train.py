@@ -29,16 +29,22 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer
 
 from alpaca_train import __version__
-from alpaca_train import compat, data, outputs, progress, s3io
-from alpaca_train.data import DataError
-from alpaca_train.outputs import Topology
-from alpaca_train.s3io import S3Error, S5cmd, is_s3
+from alpaca_train import compat, data, exitcodes, outputs, progress, s3io, stopping
+from alpaca_train.exitcodes import ImageError, MissingInputError, Terminated, UsageError
+from alpaca_train.outputs import CheckpointIdentity, Topology
+from alpaca_train.s3io import S3NotFound, S5cmd, is_s3
 
 log = logging.getLogger("alpaca_train")
 
 
-class InputError(ValueError):
-    """A model, data or configuration input cannot be used."""
+class InputError(UsageError):
+    """A model, data or configuration input cannot be used (exit 64)."""
+
+
+class _Parser(HfArgumentParser):
+    def error(self, message):
+        # argparse would exit 2; a bad argument is a permanent error of ours (exit 64).
+        raise UsageError(f"{message} (see --help)")
 
 
 @dataclass
@@ -79,6 +85,13 @@ class DataArguments:
         metadata={"help": "Same batches as the reference, without padding where the attention allows it "
                           "(FlashAttention: one row per micro-batch); same loss."},
     )
+    collator: str = field(
+        default="ours",
+        metadata={"help": "With --packing or --padding_free: ours (one row per pack; one row per micro-batch "
+                          "under FlashAttention), or transformers (DataCollatorWithFlattening: always one row per "
+                          "micro-batch). docs/benchmarks.md measures both.",
+                  "choices": ["ours", "transformers"]},
+    )
 
 
 @dataclass
@@ -116,7 +129,7 @@ def workdir() -> Path:
 def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
     """Values of every argument, after the legacy renames and the CPU fallbacks."""
     argv = compat.translate_legacy_args(argv)
-    parser = HfArgumentParser(PARSER_TYPES)
+    parser = _Parser(PARSER_TYPES)
     ns, rest = parser.parse_known_args(argv)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -160,9 +173,9 @@ def check_local_inputs(model_args: ModelArguments, data_args: DataArguments, out
     if not is_s3(spec) and _looks_like_path(spec):
         p = Path(spec).expanduser()
         if not p.exists():
-            raise InputError(f"model path {spec} does not exist")
+            raise MissingInputError(f"model path {spec} does not exist")
         if not (p / "config.json").is_file():
-            raise InputError(f"model path {spec} has no config.json: not a Hugging Face model directory")
+            raise MissingInputError(f"model path {spec} has no config.json: not a Hugging Face model directory")
     if not is_s3(data_args.data_path) and _data_is_local(data_args.data_path):
         data.load_records(data_args.data_path)  # raises DataError with the file, line and reason
     if out_args.output_uri and not is_s3(out_args.output_uri):
@@ -176,23 +189,37 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _from_hub(spec: str, cache_dir: str | None, repo_type: str) -> Path:
+    from huggingface_hub import errors as hub_errors
+
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(spec, repo_type=repo_type, cache_dir=cache_dir))
     except Exception as e:  # noqa: BLE001 - any Hub failure means the same to the user
         what = "model" if repo_type == "model" else "data set"
-        raise InputError(f"{what} {spec!r} is not a local path and could not be fetched from the Hugging Face Hub: "
-                         f"{str(e).splitlines()[0]}") from None
+        message = (f"{what} {spec!r} is not a local path and could not be fetched from the Hugging Face Hub: "
+                   f"{str(e).splitlines()[0]}")
+        # Not there (or offline and not cached) is permanent; a network failure is not.
+        gone = (hub_errors.RepositoryNotFoundError, hub_errors.RevisionNotFoundError, hub_errors.EntryNotFoundError)
+        if isinstance(e, gone) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+            raise MissingInputError(message) from None
+        raise ImageError(message) from None
 
 
 def _data_is_local(spec: str) -> bool:
     return _looks_like_path(spec) or spec.endswith((".json", ".jsonl"))
 
 
+def _fetch_input(what: str, spec: str, dest: Path, s5: S5cmd, is_dir: bool) -> Path:
+    try:
+        return s3io.fetch(spec, dest, s5, is_dir=is_dir)
+    except S3NotFound as e:
+        raise MissingInputError(f"{what} {spec} not found: {e}") from None
+
+
 def resolve_model(spec: str, inputs: Path, cache_dir: str | None, s5: S5cmd) -> str:
     if is_s3(spec):
-        return str(s3io.fetch(spec, inputs / "model", s5, is_dir=True))
+        return str(_fetch_input("model", spec, inputs / "model", s5, is_dir=True))
     if _looks_like_path(spec):
         return str(Path(spec).expanduser())
     return str(_from_hub(spec, cache_dir, "model"))
@@ -201,14 +228,14 @@ def resolve_model(spec: str, inputs: Path, cache_dir: str | None, s5: S5cmd) -> 
 def resolve_data(spec: str, inputs: Path, cache_dir: str | None, s5: S5cmd) -> Path:
     if is_s3(spec):
         name = spec.rstrip("/").rsplit("/", 1)[-1] or "data.json"
-        return s3io.fetch(spec, inputs / "data" / name, s5, is_dir=False)
+        return _fetch_input("data", spec, inputs / "data" / name, s5, is_dir=False)
     if _data_is_local(spec):
         return Path(spec).expanduser()
     snapshot = _from_hub(spec, cache_dir, "dataset")
     files = sorted(p for p in snapshot.rglob("*") if p.suffix in (".json", ".jsonl") and p.is_file())
     if len(files) != 1:
         found = ", ".join(str(p.relative_to(snapshot)) for p in files) or "none"
-        raise InputError(f"data set {spec!r} must hold exactly one .json or .jsonl file of Alpaca records "
+        raise data.DataError(f"data set {spec!r} must hold exactly one .json or .jsonl file of Alpaca records "
                          f"(found: {found}); give the file's s3:// URI or path instead")
     return files[0]
 
@@ -307,7 +334,7 @@ def setup_logging(rank: int) -> None:
     transformers.utils.logging.set_verbosity_warning()
 
 
-def run(argv: list[str]) -> int:
+def run(argv: list[str], stop: stopping.GracefulStop | None = None) -> int:
     original_argv = list(argv)
     values, argv = parse_args(argv)
     model_args, data_args, out_args = (build(c, values) for c in PARSER_TYPES[:3])
@@ -315,7 +342,8 @@ def run(argv: list[str]) -> int:
     topo = Topology.from_env()
     reporter = progress.ProgressReporter.from_env() if topo.is_global_main else None
     try:
-        return _train(values, original_argv, model_args, data_args, out_args, topo, reporter)
+        return _train(values, original_argv, model_args, data_args, out_args, topo, reporter,
+                      stop or stopping.GracefulStop())
     finally:
         if reporter:
             reporter.close()
@@ -358,7 +386,9 @@ def make_data_module(records, tokenizer, model, data_args: DataArguments, traini
         packing=data_args.packing, pack_seed=training_args.seed,
     )
     log.info("%d records, %d training examples, %d tokens", len(records), len(dataset), dataset.num_tokens)
-    if data_args.packing or data_args.padding_free:
+    if (data_args.packing or data_args.padding_free) and data_args.collator == "transformers":
+        collator = data.FlatteningCollator()
+    elif data_args.packing or data_args.padding_free:
         flatten = model.config._attn_implementation.startswith("flash_attention")
         collator = data.PackedCollator(pad_token_id=tokenizer.pad_token_id, flatten=flatten)
     else:
@@ -366,7 +396,28 @@ def make_data_module(records, tokenizer, model, data_args: DataArguments, traini
     return {"train_dataset": dataset, "data_collator": collator}
 
 
-def _train(values, original_argv, model_args, data_args, out_args, topo, reporter) -> int:
+def zero_stage(values: dict) -> int | None:
+    ds = values.get("deepspeed")
+    return (ds.get("zero_optimization") or {}).get("stage") if isinstance(ds, dict) else None
+
+
+def checkpoint_identity(model_args, model_path: str, data_path: Path, output_uri: str | None, world_size: int,
+                        values: dict) -> CheckpointIdentity:
+    """What a checkpoint must share with this run to be resumed (docs/contract.md)."""
+    return CheckpointIdentity(
+        run_uid=os.environ.get("ALPACA_RUN_UID") or None,
+        output_uri=output_uri,
+        settings={
+            "model": model_args.model_name_or_path,
+            "model_config_sha256": data.file_sha256(Path(model_path) / "config.json"),
+            "data_sha256": data.file_sha256(data_path),
+            "world_size": world_size,
+            "zero_stage": zero_stage(values),
+        },
+    )
+
+
+def _train(values, original_argv, model_args, data_args, out_args, topo, reporter, stop) -> int:
     if reporter:
         reporter.report(force=True, stage="loading")
     s5 = S5cmd()
@@ -387,39 +438,53 @@ def _train(values, original_argv, model_args, data_args, out_args, topo, reporte
                              "choose another output URI (nothing was overwritten)")
 
     init_cpu_distributed(values)
-    training_args = build(TrainingArguments, values)
+    try:
+        training_args = build(TrainingArguments, values)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    training_args.device  # noqa: B018 - from here the process group exists (accelerate sets it up)
+    group = stopping.control_group()
+    stop.group = group
 
-    resume = training_args.resume_from_checkpoint
     with training_args.main_process_first(local=True, desc="fetching inputs"):
         inputs.mkdir(parents=True, exist_ok=True)
         output_dir.mkdir(parents=True, exist_ok=True)
         model_path = resolve_model(model_args.model_name_or_path, inputs, training_args.cache_dir, s5)
         data_path = resolve_data(data_args.data_path, inputs, training_args.cache_dir, s5)
-        if resume is None and output_uri:
-            restored = outputs.restore_latest_checkpoint(output_uri, output_dir, s5)
-            resume = str(restored) if restored else None
-    if resume is None and not output_uri:
-        # SageMaker restores /opt/ml/checkpoints; a local rerun finds its own.
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume = get_last_checkpoint(str(output_dir))
-        if resume:
-            log.warning("resuming from %s", resume)
+    identity = checkpoint_identity(model_args, model_path, data_path, output_uri, topo.world_size, values)
+    resume = training_args.resume_from_checkpoint
+    if resume is None:
+        elastic = bool(((values.get("deepspeed") or {}).get("zero_optimization") or {}).get("elastic_checkpoint"))
+        resume = outputs.choose_resume(identity, output_uri, output_dir, topo, s5, group, all_shards=elastic)
 
     records = data.load_records(data_path)
     model, tokenizer = load_model_and_tokenizer(model_path, model_args, training_args, values)
     data_module = make_data_module(records, tokenizer, model, data_args, training_args)
-    callbacks = [progress.ProgressCallback(reporter)]
+    callbacks = [progress.ProgressCallback(reporter), stop]
+    sync = None
     if output_uri:
-        callbacks.append(outputs.CheckpointSyncCallback(output_uri, s5, topo))
+        sync = outputs.CheckpointSyncCallback(output_uri, s5, topo, identity, group)
+        callbacks.append(sync)
+    else:
+        callbacks.append(outputs.IdentityCallback(identity))
     trainer = Trainer(model=model, args=training_args, processing_class=tokenizer, callbacks=callbacks, **data_module)
     result = trainer.train(resume_from_checkpoint=resume)
+    if sync:
+        sync.finish()
+    if stop.stopped_at is not None:
+        # Every node's part of the checkpoint is in S3 once all ranks are past this.
+        leave_process_group()
+        where = output_uri or str(output_dir)
+        raise Terminated(f"stopped by SIGTERM at step {stop.stopped_at}: checkpoint-{stop.stopped_at} "
+                         f"saved to {where}; the next attempt resumes from it")
     trainer.save_state()
     final_dir = Path(out_args.final_model_dir or training_args.output_dir)
     trainer.save_model(str(final_dir))
     leave_process_group()
     if not topo.is_global_main:
         return 0
+    if sync:
+        sync.prune(output_dir)  # every node's last upload is complete: the rotation can catch up
 
     state = trainer.state
     steps = {"step": state.global_step, "totalSteps": state.max_steps, "display": f"{state.global_step}/{state.max_steps}"}
@@ -452,21 +517,25 @@ def _train(values, original_argv, model_args, data_args, out_args, topo, reporte
     return 0
 
 
-KNOWN_ERRORS = (InputError, DataError, S3Error)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    setup_logging(int(os.environ.get("RANK", "0")))
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(rank)
+    stop = stopping.GracefulStop().install()
     try:
-        return run(argv)
-    except KNOWN_ERRORS as e:
-        log.error("%s", e)
+        code = run(argv, stop)
+    except ImageError as e:
+        code = exitcodes.code_for(e)
+        (log.warning if code == exitcodes.TERMINATED else log.error)("%s", e)
         write_failure(str(e))
-        return 1
     except Exception as e:
+        exitcodes.record(exitcodes.RETRYABLE, rank)
         write_failure(f"{type(e).__name__}: {e}")
         raise
+    finally:
+        stop.uninstall()
+    exitcodes.record(code, rank)
+    return code
 
 
 if __name__ == "__main__":

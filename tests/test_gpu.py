@@ -1,0 +1,105 @@
+"""Checks that need a CUDA GPU (`make test-gpu`; `make test` leaves them out with -m "not gpu").
+
+They run wherever a CUDA device is present and fail, never skip, where none is. Each
+prints its throughput and peak memory (the Trainer's own metrics), for docs/benchmarks.md.
+Together they take under two minutes on one GPU.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fixtures_train import (
+    ZERO2, ZERO3, VENV_BIN, assert_generates, free_port, python, run_cmd, trainer_state, write_json, write_records,
+)
+
+import alpaca_train.train as train_module
+
+pytestmark = pytest.mark.gpu
+
+
+def gpus() -> int:
+    import torch
+
+    assert torch.cuda.is_available(), "no CUDA device here: run `make test-gpu` on a machine with a GPU"
+    return torch.cuda.device_count()
+
+
+@pytest.fixture
+def gpu_env(train_env):
+    env = dict(train_env)
+    env.pop("DS_ACCELERATOR", None)  # the CPU tests force DeepSpeed's CPU accelerator
+    return env
+
+
+def report(name: str, out) -> dict:
+    """Tokens per second and peak GPU memory from the Trainer's final metrics."""
+    final = trainer_state(out)["log_history"][-1]
+    tokens = trainer_state(out).get("num_input_tokens_seen") or 0
+    figures = {"check": name, "tokens_per_second": round(tokens / final["train_runtime"], 1),
+               # Above what was allocated before training: what training itself added at its peak.
+               "peak_gpu_memory_mib": round(sum(v for k in ("train_mem_gpu_alloc_delta", "train_mem_gpu_peaked_delta")
+                                                if isinstance(v := final.get(k), (int, float))) / 2**20, 1)}
+    print("GPU-RESULT " + json.dumps(figures))
+    return figures
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_tiny_model_trains_in_mixed_precision_with_sdpa_or_flash_attention(
+        precision, tiny_model, records_file, gpu_env, tmp_path):
+    gpus()
+    out = tmp_path / "out"
+    proc = run_cmd(python("-m", "alpaca_train.train", "--model_name_or_path", tiny_model,
+                          "--data_path", records_file(128), "--output_dir", out, "--max_steps", "40",
+                          "--per_device_train_batch_size", "8", "--learning_rate", "3e-3", "--logging_steps", "1",
+                          "--save_strategy", "no", f"--{precision}", "True", "--skip_memory_metrics", "False"),
+                   gpu_env, timeout=300).ok()
+    assert f"--{precision} needs a CUDA GPU" not in proc.output
+    # auto: FlashAttention-2 when installed (it needs bf16/fp16), else SDPA.
+    chosen = train_module.attention_implementation("auto", {precision: True})
+    assert chosen in ("flash_attention_2", "sdpa")
+    losses = [e["loss"] for e in trainer_state(out)["log_history"] if "loss" in e]
+    assert len(losses) == 40 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
+    assert report(f"{precision}, {chosen}", out)["tokens_per_second"] > 0
+    assert_generates(out)
+
+
+def test_zero3_over_nccl_saves_a_consolidated_model_that_loads(tiny_model, records_file, gpu_env, tmp_path):
+    # NCCL refuses two ranks on one GPU (since 2.5): one process per GPU, two where there are two.
+    nproc = min(2, gpus())
+    ds = write_json(tmp_path / "ds.json", ZERO3)
+    out = tmp_path / "out"
+    run_cmd([VENV_BIN / "torchrun", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+             "-m", "alpaca_train.train", "--deepspeed", ds, "--model_name_or_path", tiny_model,
+             "--data_path", records_file(64), "--output_dir", out, "--max_steps", "10",
+             "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--logging_steps", "1",
+             "--save_strategy", "no", "--bf16", "True", "--skip_memory_metrics", "False"], gpu_env, timeout=400).ok()
+    state = trainer_state(out)
+    assert state["global_step"] == 10
+    assert (out / "model.safetensors").is_file(), "ZeRO-3 gathered the 16-bit weights on save"
+    report(f"ZeRO-3, NCCL, {nproc} process(es)", out)
+    assert_generates(out)
+
+
+def test_seed_command_with_fp16_on_the_gpu(tiny_model, seed_records, gpu_env, tmp_path):
+    """The seed's command line, with --fp16 really in effect; `--num_gpus` is the GPUs present."""
+    n = gpus()
+    write_json(tmp_path / "ds.json", ZERO2)
+    write_records(tmp_path / "alpaca_data.json", seed_records[:64])
+    out = tmp_path / "llama_out"
+    cmd = [
+        VENV_BIN / "deepspeed", f"--num_gpus={n}", f"--master_port={free_port()}", train_module.__file__,
+        "--deepspeed", "ds.json", "--model_name_or_path", tiny_model, "--data_path", "alpaca_data.json",
+        "--output_dir", out, "--num_train_epochs", "1", "--per_device_train_batch_size", "2",
+        "--per_device_eval_batch_size", "1", "--gradient_accumulation_steps", "2", "--evaluation_strategy", "no",
+        "--save_strategy", "steps", "--save_steps", "5", "--save_total_limit", "3", "--learning_rate", "2e-5",
+        "--weight_decay", "0.", "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine", "--logging_steps", "1",
+        "--cache_dir", tmp_path, "--fp16_full_eval", "--fp16",
+    ]
+    proc = run_cmd(cmd, gpu_env, cwd=tmp_path, timeout=400).ok()
+    assert "--fp16 needs a CUDA GPU" not in proc.output
+    state = trainer_state(out)
+    assert state["global_step"] == state["max_steps"] == -(-64 // (n * 2 * 2))
+    assert all(e["loss"] == e["loss"] for e in state["log_history"] if "loss" in e), "no NaN loss under fp16"
+    assert_generates(out)
