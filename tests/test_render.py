@@ -251,6 +251,7 @@ def test_job_exactly():
                             {"name": "ALPACA_WORKDIR", "value": "/workspace"},
                             {"name": "ALPACA_OUTPUT_URI", "value": "s3://b/out/"},
                             {"name": "ALPACA_FINETUNE_NAME", "value": "ft"},
+                            {"name": "ALPACA_RUN_UID", "value": "0000-uid"},
                             {"name": "ALPACA_FINETUNE_NAMESPACE", "valueFrom": {"fieldRef": {
                                 "fieldPath": "metadata.namespace"}}},
                             {"name": "ALPACA_ATTEMPT", "value": "3"},
@@ -287,7 +288,7 @@ def test_minimal_job_has_no_optional_fields():
     assert [e["name"] for e in pod["containers"][0]["env"]] == [
         "PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT",
         "ALPACA_CONFIG_DIR", "ALPACA_WORKDIR", "ALPACA_OUTPUT_URI", "ALPACA_FINETUNE_NAME",
-        "ALPACA_FINETUNE_NAMESPACE", "ALPACA_ATTEMPT"]
+        "ALPACA_RUN_UID", "ALPACA_FINETUNE_NAMESPACE", "ALPACA_ATTEMPT"]
 
 
 def test_names():

@@ -34,22 +34,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from alpaca_train.launch import LaunchError, default_nproc, torchrun_command, wait_for_host
+from alpaca_train import exitcodes
+from alpaca_train.launch import LaunchError, default_nproc, supervise, torchrun_command, wait_for_host
 
 log = logging.getLogger("alpaca_train.sagemaker")
 
 DATA_CHANNELS = ("training", "train")
 CONFIG_CHANNEL = "config"
-# docs/contract.md's exit codes: a bad configuration cannot be fixed by a retry; SIGTERM.
-EX_USAGE = 64
-EXIT_SIGTERM = 128 + signal.SIGTERM
 
 
 class ContractError(RuntimeError):
@@ -230,35 +225,6 @@ def write_failure(path: Path, message: str) -> None:
     path.write_text(" ".join(message.split())[:1000] + "\n")
 
 
-class SigtermForwarder:
-    """On SIGTERM, signal torchrun's workers (not torchrun: it kills them 30 s later)."""
-
-    def __init__(self, proc: subprocess.Popen):
-        self.proc = proc
-        self.received = threading.Event()
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.received.set()
-        try:
-            import psutil
-
-            workers = psutil.Process(self.proc.pid).children()
-        except Exception:  # noqa: BLE001 - torchrun gone or psutil missing: signal torchrun itself
-            workers = []
-        log.warning("SIGTERM: passing it to %s", f"{len(workers)} training process(es)" if workers else "torchrun")
-        for w in workers:
-            try:
-                w.send_signal(signal.SIGTERM)
-            except Exception:  # noqa: BLE001 - a worker that already exited
-                pass
-        if not workers and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     base = root()
@@ -270,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     except ContractError as e:
         log.error("%s", e)
         write_failure(failure, str(e))
-        return EX_USAGE
+        return exitcodes.USAGE
     except LaunchError as e:
         log.error("%s", e)
         write_failure(failure, str(e))
@@ -279,16 +245,13 @@ def main(argv: list[str] | None = None) -> int:
         (base / d).mkdir(parents=True, exist_ok=True)
     log.info("running %s", " ".join(cmd))
     sys.stdout.flush()
-    proc = subprocess.Popen(cmd, env=env)
-    forwarder = SigtermForwarder(proc)
-    try:
-        rc = proc.wait()
-    finally:
-        forwarder.restore()
-    if forwarder.received.is_set() and rc != 0:
+    # The same supervisor as the pods': SIGTERM goes to the workers (each saves a checkpoint
+    # in SageMaker's 120 s), and the workers' own exit codes (64/65/66/143) come back.
+    rc = supervise(cmd, env)
+    if rc == exitcodes.TERMINATED:
         if not failure.exists():
             write_failure(failure, "stopped by SIGTERM (StopTrainingJob or a spot interruption)")
-        return EXIT_SIGTERM
+        return exitcodes.TERMINATED
     if rc != 0 and not failure.exists():
         write_failure(failure, f"training exited with code {rc}; see the job's logs")
     return rc if 0 < rc < 256 else (0 if rc == 0 else 1)

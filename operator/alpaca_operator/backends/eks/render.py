@@ -135,6 +135,8 @@ def _env(run: Run, attempt: int) -> list[dict[str, Any]]:
         {"name": "ALPACA_WORKDIR", "value": api.WORKDIR},
         {"name": "ALPACA_OUTPUT_URI", "value": run.spec.output_uri},
         {"name": "ALPACA_FINETUNE_NAME", "value": run.name},
+        # The run identity its checkpoints carry: a reused output URI never resumes another run.
+        {"name": "ALPACA_RUN_UID", "value": run.uid},
         {"name": "ALPACA_FINETUNE_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "ALPACA_ATTEMPT", "value": str(attempt)},
     ]

@@ -114,7 +114,7 @@ def training_arguments(spec: FineTuneSpec) -> tuple[dict[str, str], list[str]]:
 
 
 def _environment(run: Run, attempt: int, sm: SageMakerSettings) -> dict[str, str]:
-    env = {"ALPACA_OUTPUT_URI": run.spec.output_uri, "ALPACA_ATTEMPT": str(attempt)}
+    env = {"ALPACA_OUTPUT_URI": run.spec.output_uri, "ALPACA_ATTEMPT": str(attempt), "ALPACA_RUN_UID": run.uid}
     if sm.output_compression == "GZIP":
         # The image then leaves the model in /opt/ml/model for SageMaker to tar.
         env["ALPACA_MODEL_COMPRESSION"] = "GZIP"
