@@ -168,7 +168,7 @@ class Agent:
         self.stopping = threading.Event()
         self.nodes: dict[str, dict] = {}
         self.pods: dict[str, PodState] = {}
-        self.slices: dict[tuple, dict] = {}
+        self.services: dict[tuple, dict] = {}
         self.records: dict[str, str] = {}
         self.ns_cache: dict[str, tuple[float, dict | None]] = {}
         self.listed = threading.Event()  # no decision about recovered pods before the first pod list
@@ -243,25 +243,23 @@ class Agent:
             self.wake.set()
         self._list_watch("/api/v1/pods", on_list, on_event)
 
-    def watch_slices(self) -> None:
+    def watch_services(self) -> None:
         def key(s):
             return (s["metadata"]["namespace"], s["metadata"]["name"])
 
         def on_list(items):
             with self.lock:
-                self.slices = {key(s): s for s in items}
-                self.records = podspec.dns_records(list(self.slices.values()))
+                self.services = {key(s): s for s in items}
             self.wake.set()
 
         def on_event(kind, s):
             with self.lock:
                 if kind == "DELETED":
-                    self.slices.pop(key(s), None)
+                    self.services.pop(key(s), None)
                 else:
-                    self.slices[key(s)] = s
-                self.records = podspec.dns_records(list(self.slices.values()))
+                    self.services[key(s)] = s
             self.wake.set()
-        self._list_watch("/apis/discovery.k8s.io/v1/endpointslices", on_list, on_event)
+        self._list_watch("/api/v1/services", on_list, on_event)
 
     def _mine(self, pod: dict) -> bool:
         return pod["spec"].get("nodeName") in self.nodes
@@ -811,6 +809,9 @@ class Agent:
             self.wake.wait(TICK_S)
             self.wake.clear()
             with self.lock:
+                self.records = podspec.dns_records(
+                    [(ps.pod, ps.ip) for ps in self.pods.values() if ps.pod and not ps.gone and ps.prepared],
+                    self.services)
                 for ps in list(self.pods.values()):
                     try:
                         self.sync(ps)
@@ -847,7 +848,8 @@ class Agent:
             pods = list(self.pods.values())
             for ps in pods:
                 self._signal(ps, signal.SIGTERM)
-            deadline = time.monotonic() + grace_s
+            graces = [int((ps.pod or {}).get("spec", {}).get("terminationGracePeriodSeconds", 30)) for ps in pods]
+            deadline = time.monotonic() + min([grace_s, max(graces, default=0)])
             while time.monotonic() < deadline and any(self._alive_runs(ps) for ps in pods):
                 time.sleep(0.1)
             for ps in pods:
@@ -868,7 +870,7 @@ class Agent:
         self.recover()
         self.refresh_nodes()
         self.logs.start()
-        for target in (self.heartbeat, self.watch_pods, self.watch_slices):
+        for target in (self.heartbeat, self.watch_pods, self.watch_services):
             threading.Thread(target=target, name=target.__name__, daemon=True).start()
         log.info("serving nodes %s on port %d (pods in %s.0/24, cgroups %s)", sorted(self.nodes),
                  self.logs.port, self.subnet, self.cgroups or "off")

@@ -191,18 +191,32 @@ def published_names(host: str, service: str, namespace: str) -> list[str]:
     return [fq, f"{host}.{service}.{namespace}.svc", f"{host}.{service}.{namespace}", f"{host}.{service}"]
 
 
-def dns_records(slices: list[Mapping[str, Any]]) -> dict[str, str]:
-    """name -> address, from EndpointSlices (what CoreDNS serves for headless Services)."""
+def _ready(pod: Mapping[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or [])
+
+
+def dns_records(pods: list[tuple[Mapping[str, Any], str]], services: Mapping[tuple, Mapping[str, Any]]) -> dict[str, str]:
+    """name -> address: the A records cluster DNS serves for pods behind headless Services
+    (a pod with hostname and subdomain S, selected by the headless Service S of its
+    namespace; not-ready pods only with publishNotReadyAddresses). Computed from pods and
+    Services, since EndpointSlices refuse loopback addresses."""
     records: dict[str, str] = {}
-    for s in slices:
-        meta = s["metadata"]
-        service = (meta.get("labels") or {}).get("kubernetes.io/service-name")
-        if not service or s.get("addressType") != "IPv4":
+    for pod, ip in pods:
+        meta, spec = pod["metadata"], pod["spec"]
+        sub = spec.get("subdomain")
+        svc = services.get((meta["namespace"], sub)) if sub else None
+        if not svc or not ip or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
             continue
-        for ep in s.get("endpoints") or []:
-            if ep.get("hostname") and ep.get("addresses"):
-                for name in published_names(ep["hostname"], service, meta["namespace"]):
-                    records[name] = ep["addresses"][0]
+        sspec = svc.get("spec") or {}
+        selector = sspec.get("selector") or {}
+        labels = meta.get("labels") or {}
+        if sspec.get("clusterIP") != "None" or not selector or any(labels.get(k) != v for k, v in selector.items()):
+            continue
+        if not (sspec.get("publishNotReadyAddresses") or _ready(pod)):
+            continue
+        for name in published_names(hostname(pod), sub, meta["namespace"]):
+            records[name] = ip
     return records
 
 
