@@ -22,8 +22,8 @@ import pytest
 
 from support import free_port, port_free
 
-# The training-image tests' fixtures (tiny model, training environment).
-pytest_plugins = ["fixtures_train"]
+# The training-image tests' fixtures (tiny model, training environment) and the SageMaker stand-in's.
+pytest_plugins = ["fixtures_train", "fixtures_sagemaker"]
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".bin"

@@ -286,17 +286,3 @@ def test_missing_deepspeed_configmap_waits_in_pending(cluster, operator, namespa
              on_timeout=dump(cluster, namespace, operator))
     cm = get_json(cluster, "configmap", "byo-ds-config", "-n", namespace)
     assert json.loads(cm["data"]["ds_config.json"]) == ds
-
-
-def test_sagemaker_backend_waits_in_pending(cluster, operator, namespace):
-    """Until the SageMaker backend exists, such a run is accepted and says why it waits."""
-    docs = [d for d in yaml.safe_load_all((SAMPLES / "sagemaker.yaml").read_text()) if d]
-    apply(cluster, namespace, *docs)
-    name = docs[0]["metadata"]["name"]
-
-    def waiting():
-        st = aft(cluster, namespace, name).get("status", {})
-        return st.get("phase") == "Pending" and any(
-            c["reason"] == "UnsupportedBackend" for c in st.get("conditions", []))
-    wait_for("Pending with UnsupportedBackend", waiting, on_timeout=dump(cluster, namespace, operator))
-    assert jobs(cluster, namespace, name) == []

@@ -1,9 +1,17 @@
 """Training progress in the AlpacaFineTune's status (docs/contract.md, "Progress").
 
-Global rank 0 merge-patches `status.progress` through the status subresource with the
-pod's service-account token, at most once every 10 s and once at each stage change.
-Requests go out from a background thread, so a slow or unreachable API server never
-slows training, and any failure is logged, never raised.
+On EKS, global rank 0 merge-patches `status.progress` through the status subresource
+with the pod's service-account token, at most once every 10 s and once at each stage
+change. Under SageMaker the container cannot reach the API server: rank 0 writes the same
+keys, plus `job` and `attempt`, as the JSON object $ALPACA_PROGRESS_URI
+(`{output URI}/progress.json`, set by the `train` entrypoint), at most once every 30 s and
+at each stage change; the operator copies it into the status. Either way requests go out
+from a background thread, so a slow or unreachable server never slows training, and any
+failure is logged, never raised.
+
+Rank 0 also prints one `alpaca-progress step=S/T loss=L learning_rate=R
+tokens_per_second=X epoch=E` line per logging step, which SageMaker's MetricDefinitions
+match (a field is left out while unknown).
 """
 from __future__ import annotations
 
@@ -22,6 +30,8 @@ log = logging.getLogger(__name__)
 GROUP, VERSION, PLURAL = "alpaca.dev", "v1alpha1", "alpacafinetunes"
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 MIN_INTERVAL_S = 10.0
+S3_MIN_INTERVAL_S = 30.0
+METRIC_LINE_PREFIX = "alpaca-progress"
 
 
 def _now() -> str:
@@ -50,6 +60,27 @@ def _in_cluster_patcher(name: str, namespace: str) -> Callable[[dict], None]:
     return patch
 
 
+def _s3_writer(uri: str, extra: dict) -> Callable[[dict], None]:
+    import json
+    import tempfile
+
+    from alpaca_train.s3io import S5cmd
+
+    # One attempt: the next report replaces a lost one; a retry would only delay it.
+    s5 = S5cmd(attempts=1)
+
+    def write(body: dict) -> None:
+        obj = dict(body["status"]["progress"], **extra)
+        with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="progress-", delete=False) as f:
+            json.dump(obj, f)
+        try:
+            s5.upload_file(Path(f.name), uri)
+        finally:
+            os.unlink(f.name)
+
+    return write
+
+
 class ProgressReporter:
     """Sends the newest progress to the API server; drops reports it could not send in time."""
 
@@ -69,8 +100,19 @@ class ProgressReporter:
     @classmethod
     def from_env(cls, env: dict | None = None) -> "ProgressReporter | None":
         env = os.environ if env is None else env
+        if int(env.get("RANK", "0")) != 0:
+            return None
+        if env.get("ALPACA_PROGRESS_URI"):
+            uri = env["ALPACA_PROGRESS_URI"]
+            extra = {"job": env.get("TRAINING_JOB_NAME")}
+            attempt = env.get("ALPACA_ATTEMPT")
+            if attempt:
+                extra["attempt"] = int(attempt) if attempt.isdigit() else attempt
+            log.info("writing progress to %s", uri)
+            return cls(_s3_writer(uri, {k: v for k, v in extra.items() if v is not None}),
+                       min_interval_s=S3_MIN_INTERVAL_S)
         name = env.get("ALPACA_FINETUNE_NAME")
-        if not name or int(env.get("RANK", "0")) != 0:
+        if not name:
             return None
         namespace = env.get("ALPACA_FINETUNE_NAMESPACE")
         if not namespace:
@@ -141,6 +183,7 @@ class ProgressCallback(TrainerCallback):
         self._t0 = 0.0
         self._step0 = 0
         self._window = (0.0, 0)  # (time, tokens) at the last report
+        self._line_window = (0.0, 0)  # (time, tokens) at the last metric line
         self.tokens_per_second: float | None = None
 
     def _progress(self, state, stage: str) -> dict:
@@ -166,10 +209,29 @@ class ProgressCallback(TrainerCallback):
             eta=eta,
         )
 
+    def metric_line(self, state) -> str:
+        """The stdout line SageMaker's MetricDefinitions match (the backend's regexes)."""
+        now = time.monotonic()
+        t_prev, tok_prev = self._line_window
+        tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        tps = (tokens - tok_prev) / (now - t_prev) if now > t_prev and tokens > tok_prev and t_prev else None
+        self._line_window = (now, tokens)
+        parts = [METRIC_LINE_PREFIX, f"step={int(state.global_step)}/{int(state.max_steps or 0)}"]
+        if self.loss is not None:
+            parts.append(f"loss={self.loss:.6g}")
+        if self.lr is not None:
+            parts.append(f"learning_rate={self.lr:.6g}")
+        if tps is not None:
+            parts.append(f"tokens_per_second={tps:.1f}")
+        if state.epoch is not None:
+            parts.append(f"epoch={float(state.epoch):.4g}")
+        return " ".join(parts)
+
     def on_train_begin(self, args, state, control, **kwargs):
         self._t0 = time.monotonic()
         self._step0 = state.global_step
         self._window = (self._t0, int(getattr(state, "num_input_tokens_seen", 0) or 0))
+        self._line_window = self._window
         if self.reporter and state.is_world_process_zero:
             self.reporter.report(force=True, **self._progress(state, "training"))
 
@@ -179,6 +241,8 @@ class ProgressCallback(TrainerCallback):
             self.loss = float(logs["loss"])
         if "learning_rate" in logs:
             self.lr = float(logs["learning_rate"])
+        if state.is_world_process_zero and "loss" in logs:
+            print(self.metric_line(state), flush=True)
         if self.reporter and state.is_world_process_zero and self.reporter.due():
             self.reporter.report(**self._progress(state, "training"))
 

@@ -5,9 +5,10 @@ progress: the reconcile is level-triggered and idempotent, so it needs no per-ha
 progress, and skipping kopf's bookkeeping saves two PATCHes per object and change (the
 last-handled-configuration and progress annotations), which the 500-run benchmark feels.
 The initial listing at startup (and whenever a watch must start over) delivers every run and Job
-again, which is what "resume" means here. No finalizers are added: the EKS children are
+again, which is what "resume" means here. No finalizers on EKS runs: their children are
 deleted by the garbage collector through their owner references, even with the operator
-down.
+down. SageMaker runs get one (sagemaker_delete): a training job outside the cluster is
+nobody's garbage.
 
     kopf run --standalone --all-namespaces -m alpaca_operator.handlers
 """
@@ -26,6 +27,7 @@ from . import api, kube, metrics
 from .backends import make_backends
 from .cache import Cache
 from .reconciler import Reconciler
+from .sagemaker_delete import release_sagemaker_run
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,16 @@ async def finetune_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo,
     await memo.reconciler.trigger(ns, name)
 
 
+def _is_sagemaker(spec: kopf.Spec, **_: Any) -> bool:
+    return spec.get("backend") == "sagemaker"
+
+
+# A deletion handler makes kopf add its finalizer, here to sagemaker runs only.
+@kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL, when=_is_sagemaker)
+async def sagemaker_delete(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+    await release_sagemaker_run(body, memo.kube, memo.reconciler.backends["sagemaker"], logger)
+
+
 @kopf.on.event("batch", "v1", "jobs", labels={api.LABEL_FINETUNE: kopf.PRESENT})
 async def job_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     owners = [r for r in body.metadata.get("ownerReferences") or ()
@@ -128,7 +140,9 @@ def _job_summary(body: kopf.Body, seen: tuple | None) -> tuple:
 async def _write_stats(path: str, memo: kopf.Memo) -> None:
     """For the benchmark: the operator's own API requests, every second."""
     while True:
+        sagemaker = getattr(memo.reconciler.backends.get("sagemaker"), "aws", None)
         data = {"requests": dict(memo.kube.requests), "requests_total": sum(memo.kube.requests.values()),
+                "aws_calls": dict(sagemaker.calls) if sagemaker else {},
                 "reconciles": memo.reconciler.reconciles, "time": time.time()}
         tmp = f"{path}.tmp"
         with open(tmp, "w") as f:

@@ -17,15 +17,17 @@ import asyncio
 import datetime as dt
 import logging
 import os
+import random
 import socket
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 from . import api, metrics, status
 from .cache import Cache
-from .backends.base import Backend, LaunchError, NotYet, Observation, Run, WorkloadState
+from .backends.base import (Backend, BackendUnavailable, LaunchError, NotYet, Observation, Run,
+                            WorkloadState)
 from .kube import ApiError, Kube
 from .spec import SpecError, parse_spec
 
@@ -114,11 +116,12 @@ class Reconciler:
             except Exception as e:  # noqa: BLE001 - any failure is retried with backoff
                 metrics.reconcile_done(metrics.backend_of(self.cache.run(*key)), time.monotonic() - started, type(e).__name__)
                 st.failures += 1
-                delay = min(MAX_BACKOFF, 2.0 ** (st.failures - 1))
+                # Jittered, so runs that failed together (a throttled API) retry apart.
+                delay = min(MAX_BACKOFF, 2.0 ** (st.failures - 1)) * random.uniform(0.8, 1.2)
                 if isinstance(e, ApiError) and "being terminated" in e.message:
                     # Its namespace is going away (pods first, then the run): nothing to do.
                     log.debug("reconcile %s/%s: namespace terminating", namespace, name)
-                elif isinstance(e, (ApiError, OSError, asyncio.TimeoutError)):
+                elif isinstance(e, (ApiError, OSError, asyncio.TimeoutError, BackendUnavailable)):
                     log.warning("reconcile %s/%s: %s; retrying in %.0fs", namespace, name,
                                 f"API error {e.status} {e.message}" if isinstance(e, ApiError) else repr(e),
                                 delay)
@@ -142,7 +145,11 @@ class Reconciler:
         if st.timer is not None:
             st.timer.cancel()
         st.due = due
-        st.timer = loop.call_at(due, lambda: self._spawn(self.trigger(*key)))
+
+        def fire() -> None:
+            st.timer = None     # fired: a later requeue must set a new one
+            self._spawn(self.trigger(*key))
+        st.timer = loop.call_at(due, fire)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -226,11 +233,23 @@ class Reconciler:
         if known is None or known.attempt != run.attempt:
             # Before the first launch there is nothing to observe: save the request.
             known = await backend.observe(run) if run.attempt else Observation(WorkloadState.ABSENT)
-        return run, status.decide(run, known, now), backend
+        if known.extras is None:
+            return run, status.decide(run, known, now), backend
+        # A backend with more to say (SageMaker: progress from S3, its own status block).
+        progress = status.merged_progress(run, known.extras)
+        seen = run if progress is None else replace(run, status={**run.status, "progress": progress})
+        return run, status.apply_extras(seen, known.extras, status.decide(seen, known, now), progress), backend
 
     async def _write(self, body: Mapping[str, Any], plan: status.Plan) -> dict:
         meta = body["metadata"]
         new = body
+        named = [ev for ev in plan.events if ev.name]
+        for ev in named:
+            # Before the write that records them, so a crash in between re-posts them (an
+            # AlreadyExists) instead of losing them: each is posted exactly once.
+            await self._post_event(body, ev)
+        if named:
+            plan.events = [ev for ev in plan.events if not ev.name]
         if plan.patch:
             try:
                 new = await self.kube.patch(api.PLURAL, meta["namespace"], meta["name"],
@@ -282,12 +301,12 @@ class Reconciler:
 
     async def _post_event(self, body: Mapping[str, Any], ev: status.Event) -> None:
         meta = body["metadata"]
-        now = status.fmt_time(self.clock())
+        now = ev.time or status.fmt_time(self.clock())
         event = {
             "apiVersion": "v1",
             "kind": "Event",
             # Named like kubelet's (object.hex-nanoseconds): listed, hence described, in order.
-            "metadata": {"name": f"{meta['name']}.{time.time_ns():x}", "namespace": meta["namespace"]},
+            "metadata": {"name": ev.name or f"{meta['name']}.{time.time_ns():x}", "namespace": meta["namespace"]},
             "involvedObject": {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": meta["name"],
                                "namespace": meta["namespace"], "uid": meta["uid"],
                                "resourceVersion": meta.get("resourceVersion")},

@@ -190,3 +190,69 @@ def parse_spec(spec: Mapping[str, Any] | None) -> FineTuneSpec:
         run_policy=run_policy,
         sagemaker=dict(_get(spec, "sagemaker", {})),
     )
+
+
+# ---- the sagemaker block (backend sagemaker) --------------------------------------
+
+@dataclass(frozen=True)
+class VpcConfig:
+    security_group_ids: tuple[str, ...]
+    subnets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SageMakerSettings:
+    """spec.sagemaker with its defaults (the CRD's; docs/api.md lists them)."""
+    role_arn: str
+    image: str
+    instance_type: str = "ml.p4d.24xlarge"
+    instance_count: int = 1
+    volume_size_gb: int = 500
+    volume_kms_key_id: str | None = None
+    output_kms_key_id: str | None = None
+    max_runtime_seconds: int = 86400
+    region: str | None = None
+    checkpoint_s3_uri: str | None = None
+    # A 7B model is ~13 GB of safetensors: tarring it costs time and a second copy.
+    output_compression: str = "NONE"
+    spot: bool = False
+    max_wait_seconds: int | None = None
+    vpc: VpcConfig | None = None
+    network_isolation: bool = False
+    inter_container_encryption: bool = False
+    retry_attempts: int | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+def parse_sagemaker(spec: FineTuneSpec) -> SageMakerSettings:
+    """The sagemaker block of a parsed spec. instanceCount defaults to resources.nodes, so the
+    Nodes column of `kubectl get aft` says how many instances train."""
+    sm = spec.sagemaker or {}
+    role = sm.get("roleArn")
+    if not role:
+        raise SpecError("spec.sagemaker.roleArn is required when spec.backend is sagemaker")
+    d = SageMakerSettings(role_arn="", image="")
+    spot = sm.get("spot") or {}
+    vpc = sm.get("vpcConfig")
+    retry = sm.get("retryStrategy") or {}
+    return SageMakerSettings(
+        role_arn=role,
+        image=_get(sm, "image", spec.image),
+        instance_type=_get(sm, "instanceType", d.instance_type),
+        instance_count=int(_get(sm, "instanceCount", spec.resources.nodes)),
+        volume_size_gb=int(_get(sm, "volumeSizeInGB", d.volume_size_gb)),
+        volume_kms_key_id=sm.get("volumeKmsKeyId") or None,
+        output_kms_key_id=sm.get("outputKmsKeyId") or None,
+        max_runtime_seconds=int(_get(sm, "maxRuntimeInSeconds", d.max_runtime_seconds)),
+        region=sm.get("region") or None,
+        checkpoint_s3_uri=sm.get("checkpointS3Uri") or None,
+        output_compression=_get(sm, "outputCompression", d.output_compression),
+        spot=bool(_get(spot, "enabled", False)),
+        max_wait_seconds=spot.get("maxWaitTimeInSeconds"),
+        vpc=VpcConfig(tuple(vpc.get("securityGroupIds") or ()), tuple(vpc.get("subnets") or ()))
+        if vpc else None,
+        network_isolation=bool(_get(sm, "enableNetworkIsolation", False)),
+        inter_container_encryption=bool(_get(sm, "enableInterContainerTrafficEncryption", False)),
+        retry_attempts=retry.get("maximumRetryAttempts"),
+        tags=dict(_get(sm, "tags", {})),
+    )

@@ -17,7 +17,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .backends.base import Observation, Run, WorkloadState
+from .backends.base import Extras, Observation, Run, WorkloadState
 
 TERMINAL = frozenset({"Succeeded", "Failed", "Stopped"})
 # The keys of .status the operator writes; progress belongs to rank 0 except `display`.
@@ -30,6 +30,8 @@ class Event:
     type: str       # Normal | Warning
     reason: str
     message: str
+    name: str | None = None     # set: posted under this name, once (backends.base.NamedEvent)
+    time: str | None = None     # when it happened, if not now
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,9 @@ def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: b
         if obs.reason == "DeadlineExceeded" or (remaining is not None and remaining <= 0):
             return _fail(d, obs, "DeadlineExceeded",
                          f"activeDeadlineSeconds {rp.active_deadline_seconds} exceeded in attempt {attempt}")
+        if obs.permanent:
+            return _fail(d, obs, obs.reason or "PermanentFailure",
+                         f"attempt {attempt} failed: {detail}; not restarted (a new attempt cannot fix this)")
         restarts = attempt - 1
         if restarts < rp.backoff_limit:
             new = attempt + 1
@@ -340,6 +345,45 @@ def _finished(d: _Draft, obs: Observation) -> Plan:
     d.condition("ChildrenDeleted", True, "TTLExpired", msg)
     d.event("ChildrenDeleted", msg)
     return d.plan(actions=[Action("delete", d.run.attempt)], status_first=False)
+
+
+def merged_progress(run: Run, extras: Extras | None) -> dict[str, Any] | None:
+    """status.progress with what the backend read (e.g. SageMaker's progress.json), or None
+    when that is nothing newer."""
+    if extras is None or not extras.progress:
+        return None
+    old = dict(run.status.get("progress") or {})
+    new = {**old, **extras.progress}
+    if (parse_time(new.get("updatedAt")) or dt.datetime.min.replace(tzinfo=dt.timezone.utc)) < \
+            (parse_time(old.get("updatedAt")) or dt.datetime.min.replace(tzinfo=dt.timezone.utc)):
+        return None
+    if new.get("step") is not None and new.get("totalSteps") is not None:
+        new["display"] = f"{new['step']}/{new['totalSteps']}"
+    return None if new == old else new
+
+
+def apply_extras(run: Run, extras: Extras | None, plan: Plan,
+                 progress: Mapping[str, Any] | None = None) -> Plan:
+    """Adds a backend's own status keys, progress (merged_progress()), named Events, message
+    and poll to the plan decide() made for `run`."""
+    if extras is None:
+        return plan
+    stored = run.status
+    for key, value in extras.status.items():
+        if key in OWNED:
+            raise ValueError(f"status.{key} belongs to the state machine")
+        if stored.get(key) != value:
+            plan.patch[key] = value
+    if progress is not None:
+        plan.patch["progress"] = dict(progress)
+    if extras.message and (plan.patch.get("phase") or stored.get("phase")) in ("Launching", "Running") \
+            and extras.message != (plan.patch.get("message") if "message" in plan.patch else stored.get("message")):
+        plan.patch["message"] = extras.message
+    plan.events = [Event(e.type, e.reason, e.message, name=e.name, time=e.time) for e in extras.events] + plan.events
+    if extras.poll_after is not None:
+        plan.requeue_after = extras.poll_after if plan.requeue_after is None \
+            else min(plan.requeue_after, extras.poll_after)
+    return plan
 
 
 def invalid(run: Run, now: dt.datetime, reason: str, message: str) -> Plan:

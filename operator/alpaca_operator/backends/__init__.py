@@ -1,4 +1,4 @@
-"""Backends by spec.backend. SageMaker plugs in here (backends/sagemaker.py) beside EKS."""
+"""Backends by spec.backend: eks (backends/eks/) and sagemaker (backends/sagemaker/)."""
 from __future__ import annotations
 
 from ..cache import Cache
@@ -8,7 +8,8 @@ from .base import Backend, LaunchError, Observation, Run, WorkloadState
 
 def make_backends(kube: Kube, cache: Cache) -> dict[str, Backend]:
     from .eks import EksBackend
-    return {"eks": EksBackend(kube, cache)}
+    from .sagemaker import SageMakerBackend
+    return {"eks": EksBackend(kube, cache), "sagemaker": SageMakerBackend(kube)}
 
 
 __all__ = ["Backend", "LaunchError", "Observation", "Run", "WorkloadState", "make_backends"]

@@ -38,6 +38,28 @@ class Run:
 
 
 @dataclass(frozen=True)
+class NamedEvent:
+    """An Event whose name is a function of what it reports, so posting it twice (after an
+    operator restart) makes one Event: the second create is an AlreadyExists."""
+    name: str
+    type: str
+    reason: str
+    message: str
+    time: str | None = None
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What a backend adds to the status beyond the neutral state machine (SageMaker: its
+    own status block, progress it read from S3, one Event per job transition, when to poll)."""
+    status: Mapping[str, Any] = field(default_factory=dict)    # top-level status keys it owns
+    progress: Mapping[str, Any] | None = None                   # merged into status.progress
+    events: tuple[NamedEvent, ...] = ()
+    message: str | None = None          # status.message while Launching/Running
+    poll_after: float | None = None     # look again after this many seconds
+
+
+@dataclass(frozen=True)
 class Observation:
     """The current attempt's workload, as seen now."""
     state: WorkloadState
@@ -52,6 +74,8 @@ class Observation:
     failed_worker: str | None = None      # its name (a pod, an instance)
     stale_attempts: tuple[int, ...] = ()  # older attempts whose workload still exists
     workload: Mapping[str, str] = field(default_factory=dict)  # status.workload names
+    permanent: bool = False               # FAILED in a way no new attempt can fix
+    extras: Extras | None = None
 
 
 class LaunchError(Exception):
@@ -64,6 +88,11 @@ class LaunchError(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+class BackendUnavailable(Exception):
+    """The backend's API failed in a way worth retrying (throttled, 5xx, unreachable) after its
+    own retries: the reconciler backs off and tries again."""
 
 
 class NotYet(Exception):

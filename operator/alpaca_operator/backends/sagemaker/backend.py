@@ -1,0 +1,313 @@
+"""The SageMaker backend's I/O: create, observe, stop what request.py describes.
+
+Crash safety without an idempotency token: a job's name is a function of (run, uid,
+attempt, resume) and is never reused (names.py); every create is preceded by a describe,
+and a ResourceInUse on create (a retried create that had succeeded) is accepted only when
+the job's tags carry this run's uid. A job of that name tagged for anything else is never
+adopted: the run fails with a message naming the job.
+
+Polling: a job is described at most once per poll interval (ALPACA_SAGEMAKER_POLL_SECONDS,
+default 30, with +-20 % jitter so runs created together spread out), whatever triggers the
+reconcile, and never again once finished. Each describe of a running job also reads the
+job's progress.json (AGREEMENTS.md) from the output prefix.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+from ...kube import Kube
+from ...spec import SpecError, parse_sagemaker
+from ...status import parse_time
+from ..base import BackendUnavailable, LaunchError, NotYet, Observation, Run, WorkloadState
+from . import mapping
+from .client import Aws, AwsError, AwsNotConfigured, AwsUnavailable, is_not_found
+from .names import parse_job_name, training_job_name
+from .request import RequestError, TAG_UID, build_request
+
+log = logging.getLogger(__name__)
+
+TAG_STOPPED_BY = "alpaca.dev/stopped-by"
+
+
+def poll_interval() -> float:
+    return float(os.environ.get("ALPACA_SAGEMAKER_POLL_SECONDS", "30"))
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    parts = urlsplit(uri)
+    return parts.netloc, parts.path.lstrip("/")
+
+
+@dataclass
+class _Seen:
+    desc: dict[str, Any] | None     # None: the job does not exist
+    at: float
+    progress: dict[str, Any] | None = None
+
+
+class SageMakerBackend:
+    name = "sagemaker"
+
+    def __init__(self, kube: Kube | None, aws: Aws | None = None, *, interval: float | None = None):
+        self.kube = kube
+        self.aws = aws or Aws()
+        self.interval = interval if interval is not None else poll_interval()
+        self._seen: dict[str, _Seen] = {}       # job name -> last describe
+        self._tags: dict[str, dict[str, str]] = {}   # job name -> its tags (verified once)
+
+    # ---- helpers -------------------------------------------------------------------
+
+    def _region(self, run: Run) -> str | None:
+        return (run.spec.sagemaker or {}).get("region") or None
+
+    async def _sm(self, run: Run, operation: str, **kw: Any) -> Any:
+        try:
+            return await self.aws.call("sagemaker", self._region(run), operation, **kw)
+        except AwsUnavailable as e:
+            raise BackendUnavailable(str(e)) from None
+        except AwsNotConfigured as e:
+            raise LaunchError("AwsNotConfigured", f"SageMaker cannot be reached: {e} (set AWS "
+                              "credentials and a region: spec.sagemaker.region or AWS_REGION)") from None
+
+    def _jitter(self) -> float:
+        return self.interval * random.uniform(0.8, 1.2)
+
+    async def describe(self, run: Run, job: str, *, fresh: bool = False) -> dict[str, Any] | None:
+        seen = self._seen.get(job)
+        now = time.monotonic()
+        if seen is not None and seen.desc is not None and seen.desc.get("TrainingJobStatus") in mapping.FINISHED:
+            return seen.desc     # a finished job never changes
+        # At most two describes per interval, however often the run is reconciled.
+        if seen is not None and not fresh and now - seen.at < self.interval / 2:
+            return seen.desc
+        if seen is not None and fresh and now - seen.at < 1.0:
+            return seen.desc
+        try:
+            desc = await self._sm(run, "DescribeTrainingJob", TrainingJobName=job)
+            desc.pop("ResponseMetadata", None)
+        except AwsError as e:
+            if not is_not_found(e):
+                raise
+            desc = None
+        self._seen[job] = _Seen(desc, now, seen.progress if seen else None)
+        if desc is not None and desc.get("TrainingJobStatus") == "InProgress":
+            self._seen[job].progress = await self._progress(run, job)
+        return desc
+
+    async def _progress(self, run: Run, job: str) -> dict[str, Any] | None:
+        bucket, prefix = split_s3(run.spec.output_uri)
+        key = (prefix.rstrip("/") + "/progress.json").lstrip("/")
+        try:
+            obj = await self.aws.call("s3", self._region(run), "GetObject", Bucket=bucket, Key=key)
+            body = await asyncio.get_running_loop().run_in_executor(None, obj["Body"].read)
+            data = json.loads(body)
+        except (AwsError, AwsUnavailable, AwsNotConfigured, ValueError) as e:
+            log.debug("no progress for %s: %s", job, e)
+            return None
+        if not isinstance(data, dict) or data.get("job") not in (None, job):
+            return None     # an older job's (or another run's) progress
+        return {k: v for k, v in data.items() if k not in ("job", "attempt")}
+
+    async def tags(self, run: Run, job: str, arn: str) -> dict[str, str]:
+        if job not in self._tags:
+            resp = await self._sm(run, "ListTags", ResourceArn=arn)
+            self._tags[job] = {t["Key"]: t["Value"] for t in resp.get("Tags") or ()}
+        return self._tags[job]
+
+    async def _ours(self, run: Run, desc: Mapping[str, Any]) -> bool:
+        return (await self.tags(run, desc["TrainingJobName"], desc["TrainingJobArn"])).get(TAG_UID) == run.uid
+
+    def _stored_name(self, run: Run, attempt: int) -> str:
+        block = run.status.get("sagemaker") or {}
+        name = block.get("trainingJobName") or (run.status.get("workload") or {}).get("trainingJobName")
+        parsed = parse_job_name(name) if name else None
+        if parsed and parsed[0] == attempt and name.startswith(training_job_name(run.name, run.uid, attempt)):
+            return name
+        return training_job_name(run.name, run.uid, attempt)
+
+    async def _stopped_by(self, run: Run, desc: Mapping[str, Any]) -> str | None:
+        if desc.get("TrainingJobStatus") not in ("Stopping", "Stopped"):
+            return None
+        if self._deadline_passed(run):
+            return mapping.STOP_DEADLINE
+        if run.spec.run_policy.suspend or run.status.get("phase") == "Suspended":
+            return mapping.STOP_SUSPEND
+        tag = (await self.tags(run, desc["TrainingJobName"], desc["TrainingJobArn"])).get(TAG_STOPPED_BY)
+        return tag or None
+
+    def _deadline_passed(self, run: Run) -> bool:
+        limit = run.spec.run_policy.active_deadline_seconds
+        start = parse_time(run.status.get("startTime"))
+        if limit is None or start is None:
+            return False
+        return (dt.datetime.now(dt.timezone.utc) - start).total_seconds() >= limit
+
+    async def _current(self, run: Run, attempt: int) -> tuple[str, dict[str, Any] | None, str | None]:
+        """The attempt's newest job: (name, description or None, who stopped it). A job the
+        operator stopped to suspend is followed by its resumed successor, if that exists."""
+        name = self._stored_name(run, attempt)
+        found: tuple[str, dict[str, Any] | None, str | None] = (name, None, None)
+        while True:
+            desc = await self.describe(run, name)
+            if desc is None:
+                return found
+            stopped_by = await self._stopped_by(run, desc)
+            found = (name, desc, stopped_by)
+            if stopped_by != mapping.STOP_SUSPEND or desc.get("TrainingJobStatus") != "Stopped":
+                return found
+            _, resume = parse_job_name(name) or (attempt, 0)
+            name = training_job_name(run.name, run.uid, attempt, resume + 1)
+
+    def _observation(self, run: Run, attempt: int, desc: Mapping[str, Any], stopped_by: str | None) -> Observation:
+        job = desc["TrainingJobName"]
+        block = run.status.get("sagemaker") or {}
+        reported = int(block.get("reportedTransitions") or 0) if block.get("trainingJobName") == job else 0
+        seen = self._seen.get(job)
+        return mapping.observe_description(run.name, attempt, desc, reported=reported, stopped_by=stopped_by,
+                                           progress=seen.progress if seen else None,
+                                           poll_after=self._jitter())
+
+    def _foreign(self, run: Run, attempt: int, job: str) -> Observation:
+        return Observation(WorkloadState.FAILED, attempt=attempt, reason=mapping.REASON_NAME_CONFLICT,
+                           permanent=True, workload={"trainingJobName": job},
+                           message=f"a SageMaker training job named {job} already exists and is not this "
+                                   f"run's (its tag {TAG_UID} is not {run.uid}); it was not adopted")
+
+    # ---- the Backend protocol ------------------------------------------------------
+
+    async def observe(self, run: Run) -> Observation:
+        attempt = run.attempt
+        name, desc, stopped_by = await self._current(run, attempt)
+        if desc is None:
+            return Observation(WorkloadState.ABSENT, attempt=attempt)
+        if not await self._ours(run, desc):
+            return self._foreign(run, attempt, name)
+        if desc.get("TrainingJobStatus") == "InProgress" and self._deadline_passed(run):
+            await self.stop(run, desc, mapping.STOP_DEADLINE)
+            desc = {**desc, "TrainingJobStatus": "Stopping"}
+            stopped_by = mapping.STOP_DEADLINE
+        return self._observation(run, attempt, desc, stopped_by)
+
+    async def launch(self, run: Run, attempt: int, *, deadline_seconds: int | None) -> Observation | None:
+        name, desc, stopped_by = await self._current(run, attempt)
+        resume = (parse_job_name(name) or (attempt, 0))[1]
+        if desc is not None:
+            if not await self._ours(run, desc):
+                return self._foreign(run, attempt, name)
+            status = desc.get("TrainingJobStatus")
+            if stopped_by == mapping.STOP_SUSPEND and status == "Stopping":
+                # Resumed before the stop finished: the next job must not overlap it (same checkpoints).
+                raise NotYet(f"training job {name} is still stopping")
+            if not (stopped_by == mapping.STOP_SUSPEND and status == "Stopped"):
+                return None     # it exists: observe it
+            resume += 1
+        try:
+            ds_config = await self._user_ds_config(run)
+            req = build_request(run, attempt, resume=resume, deadline_seconds=deadline_seconds, ds_config=ds_config)
+        except RequestError as e:
+            return Observation(WorkloadState.FAILED, attempt=attempt, reason=mapping.REASON_INVALID_REQUEST,
+                               permanent=True, message=str(e))
+        except SpecError as e:
+            return Observation(WorkloadState.FAILED, attempt=attempt, reason="InvalidSpec", permanent=True,
+                               message=str(e))
+        bucket, prefix = split_s3(req.config_prefix)
+        try:
+            for file, content in req.config_files.items():
+                await self.aws.call("s3", self._region(run), "PutObject", Bucket=bucket, Key=prefix + file,
+                                    Body=content.encode(), ContentType="application/json")
+            await self._sm(run, "CreateTrainingJob", **req.params)
+        except AwsUnavailable as e:
+            raise BackendUnavailable(str(e)) from None
+        except AwsNotConfigured as e:
+            raise LaunchError("AwsNotConfigured", f"SageMaker cannot be reached: {e}") from None
+        except AwsError as e:
+            if e.code == "ResourceInUse":
+                # A create that had succeeded before (a retry, a crash): ours only by its tags.
+                self._seen.pop(req.name, None)
+                desc = await self.describe(run, req.name, fresh=True)
+                if desc is not None and await self._ours(run, desc):
+                    return None
+                return self._foreign(run, attempt, req.name)
+            log.warning("%s/%s: %s refused: %s", run.namespace, run.name, req.name, e)
+            return Observation(WorkloadState.FAILED, attempt=attempt, reason=e.code.replace(".", ""),
+                               permanent=True, workload={"trainingJobName": req.name},
+                               message=f"{e.operation} {req.name} refused: {e.code}: {e.message}")
+        now = time.monotonic()
+        created = dt.datetime.now(dt.timezone.utc)
+        desc = {"TrainingJobName": req.name, "TrainingJobArn": "", "TrainingJobStatus": "InProgress",
+                "SecondaryStatus": "Starting", "CreationTime": created,
+                "ResourceConfig": req.params["ResourceConfig"]}
+        self._seen[req.name] = _Seen(desc, now)
+        self._tags[req.name] = {t["Key"]: t["Value"] for t in req.params["Tags"]}
+        return self._observation(run, attempt, desc, None)
+
+    async def stop(self, run: Run, desc: Mapping[str, Any], why: str) -> None:
+        job = desc["TrainingJobName"]
+        # Tagged first: whoever looks next (a restarted operator) knows the stop was ours.
+        if self._tags.get(job, {}).get(TAG_STOPPED_BY) != why:
+            await self._sm(run, "AddTags", ResourceArn=desc["TrainingJobArn"] or await self._arn(run, job),
+                           Tags=[{"Key": TAG_STOPPED_BY, "Value": why}])
+            self._tags.setdefault(job, {})[TAG_STOPPED_BY] = why
+        try:
+            await self._sm(run, "StopTrainingJob", TrainingJobName=job)
+        except AwsError as e:
+            if e.code != "ValidationException":    # not InProgress any more: nothing to stop
+                raise
+        # What it is now, without asking again at once (the next poll asks).
+        self._seen[job] = _Seen({**desc, "TrainingJobStatus": "Stopping", "SecondaryStatus": "Stopping"},
+                                time.monotonic())
+
+    async def _arn(self, run: Run, job: str) -> str:
+        desc = await self.describe(run, job, fresh=True)
+        return (desc or {}).get("TrainingJobArn") or ""
+
+    async def suspend(self, run: Run, attempt: int) -> None:
+        name, desc, _ = await self._current(run, attempt)
+        if desc is not None and desc.get("TrainingJobStatus") == "InProgress" and await self._ours(run, desc):
+            await self.stop(run, desc, mapping.STOP_SUSPEND)
+
+    async def delete(self, run: Run) -> None:
+        """ttlSecondsAfterFinished: a finished training job is SageMaker's record of the run
+        (and its name can never be reused anyway); only the config channel goes."""
+        name = (run.status.get("sagemaker") or {}).get("trainingJobName")
+        if not name:
+            return
+        from .request import config_prefix
+        bucket, prefix = split_s3(config_prefix(run.spec, name))
+        for file in ("ds_config.json", "train_args.json"):
+            try:
+                await self.aws.call("s3", self._region(run), "DeleteObject", Bucket=bucket, Key=prefix + file)
+            except (AwsError, AwsUnavailable, AwsNotConfigured) as e:
+                log.info("could not delete s3://%s/%s%s: %s", bucket, prefix, file, e)
+
+    async def release(self, run: Run) -> str | None:
+        """For the finalizer: None when the run may go (no job runs), else what it waits for.
+        Stops a job that is InProgress."""
+        if not run.attempt:
+            return None
+        name, desc, _ = await self._current(run, run.attempt)
+        if desc is None or not await self._ours(run, desc):
+            return None
+        status = desc.get("TrainingJobStatus")
+        if status in mapping.FINISHED:
+            return None
+        if status == "InProgress":
+            await self.stop(run, desc, mapping.STOP_DELETE)
+        return f"StopTrainingJob called for {name}; waiting for it to be Stopped before the run is released"
+
+    async def _user_ds_config(self, run: Run) -> dict | None:
+        if run.spec.deepspeed.config_map_ref is None:
+            return None
+        if self.kube is None:
+            raise LaunchError("ConfigMapNotFound", "spec.deepspeed.configMapRef needs a cluster")
+        from ..eks.backend import EksBackend
+        return await EksBackend(self.kube)._user_ds_config(run)

@@ -1,0 +1,276 @@
+"""(run, attempt) -> the CreateTrainingJob request of the SageMaker backend. Pure.
+
+What the image reads from it is AGREEMENTS.md/docs/contract.md's SageMaker contract:
+training arguments as string hyperparameters, the DeepSpeed JSON and the arguments too long
+for a hyperparameter in the `config` channel (written to S3 by the backend before the
+create), the data and an S3 model as channels, checkpoints under the output prefix.
+
+botocore validates only required fields and minimums, and moto nothing, so validate()
+also checks every max and pattern of the service model, and the documented limits the
+model is laxer about (256 characters per hyperparameter value).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Mapping
+
+from ... import api
+from ...deepspeed_config import render_deepspeed_config
+from ...spec import FineTuneSpec, SageMakerSettings, SpecError, parse_sagemaker
+from ...training_args import render_training_args
+from ..base import Run
+from .names import training_job_name
+
+HYPERPARAMETER_MAX = 100
+HYPERPARAMETER_VALUE_MAX = 256      # AWS's documented limit; the service model says 2500
+ENVIRONMENT_MAX = 100
+TAGS_MAX = 50
+CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
+CONFIG_CHANNEL = "config"
+MAX_RUNTIME_LIMIT = 28 * 24 * 3600
+
+# Tags on every job: how a job is known to be this run's (there is no idempotency token).
+TAG_NAMESPACE = f"{api.GROUP}/namespace"
+TAG_NAME = f"{api.GROUP}/name"
+TAG_UID = f"{api.GROUP}/uid"
+TAG_ATTEMPT = f"{api.GROUP}/attempt"
+TAG_MANAGED_BY = api.LABEL_MANAGED_BY
+OWN_TAGS = (TAG_NAMESPACE, TAG_NAME, TAG_UID, TAG_ATTEMPT, TAG_MANAGED_BY)
+
+# What the progress callback prints on stdout once per logging step (image/alpaca_train),
+# e.g. "alpaca-progress step=12/40 loss=1.2345 learning_rate=2e-05 tokens_per_second=812.5".
+_NUM = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
+METRIC_DEFINITIONS = (
+    {"Name": "train:loss", "Regex": rf"alpaca-progress .*\bloss={_NUM}"},
+    {"Name": "train:learning_rate", "Regex": rf"alpaca-progress .*\blearning_rate={_NUM}"},
+    {"Name": "train:tokens_per_second", "Regex": rf"alpaca-progress .*\btokens_per_second={_NUM}"},
+    {"Name": "train:epoch", "Regex": rf"alpaca-progress .*\bepoch={_NUM}"},
+)
+
+
+class RequestError(SpecError):
+    """The request would be refused by SageMaker (or silently mangled by a stand-in)."""
+
+
+@dataclass(frozen=True)
+class TrainingJobRequest:
+    name: str
+    params: dict[str, Any]              # CreateTrainingJob's parameters
+    config_prefix: str                  # s3:// prefix of the config channel
+    config_files: dict[str, str]        # file name -> content, to put under config_prefix
+
+
+def _join(uri: str, *parts: str) -> str:
+    """The prefix uri/parts.../ (one slash between parts, one at the end)."""
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)]) + "/"
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def config_prefix(spec: FineTuneSpec, job_name: str) -> str:
+    return _join(spec.output_uri, ".alpaca", job_name)
+
+
+def checkpoint_uri(spec: FineTuneSpec, sm: SageMakerSettings) -> str:
+    return sm.checkpoint_s3_uri or _join(spec.output_uri, "checkpoints")
+
+
+def split_arguments(args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """`--key value` pairs that fit a hyperparameter, and the rest (verbatim, in order)."""
+    hp: dict[str, str] = {}
+    rest: list[str] = []
+    for i in range(0, len(args) - 1, 2):
+        key, value = args[i], args[i + 1]
+        if (key.startswith("--") and not value.startswith("--") and len(value) <= HYPERPARAMETER_VALUE_MAX
+                and len(hp) < HYPERPARAMETER_MAX):
+            hp[key[2:]] = value
+        else:
+            rest += [key, value]
+    if len(args) % 2:
+        rest.append(args[-1])
+    return hp, rest
+
+
+def training_arguments(spec: FineTuneSpec) -> tuple[dict[str, str], list[str]]:
+    """The training arguments as hyperparameters plus train_args.json's list. The data and an
+    S3 model arrive as channels (the image finds them there); extraArgs always travel in the
+    list, since they need not be `--key value` pairs."""
+    t = spec.training
+    args = render_training_args(spec)
+    args = args[:len(args) - len(t.extra_args)]
+    pairs = dict(zip(args[0::2], args[1::2]))
+    if is_s3(spec.model_uri):
+        pairs.pop("--model_name_or_path")
+    if is_s3(spec.data_uri):
+        pairs.pop("--data_path")
+    flat = [x for kv in pairs.items() for x in kv]
+    hp, rest = split_arguments(flat)
+    return hp, rest + list(t.extra_args)
+
+
+def _environment(run: Run, attempt: int, sm: SageMakerSettings) -> dict[str, str]:
+    env = {"ALPACA_OUTPUT_URI": run.spec.output_uri, "ALPACA_ATTEMPT": str(attempt)}
+    if sm.output_compression == "GZIP":
+        # The image then leaves the model in /opt/ml/model for SageMaker to tar.
+        env["ALPACA_MODEL_COMPRESSION"] = "GZIP"
+    for e in run.spec.env:
+        if "valueFrom" in e:
+            raise RequestError(f"spec.env {e['name']}: valueFrom needs a pod; backend sagemaker takes literal values only")
+        env[e["name"]] = str(e.get("value") or "")
+    return env
+
+
+def _channel(name: str, uri: str) -> dict[str, Any]:
+    return {"ChannelName": name, "InputMode": "File",
+            "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": uri,
+                                            "S3DataDistributionType": "FullyReplicated"}}}
+
+
+def max_runtime(sm: SageMakerSettings, deadline_seconds: int | None) -> int:
+    runtime = sm.max_runtime_seconds
+    if deadline_seconds is not None:
+        runtime = min(runtime, deadline_seconds)
+    return max(1, min(runtime, MAX_RUNTIME_LIMIT))
+
+
+def build_request(run: Run, attempt: int, *, resume: int = 0, deadline_seconds: int | None = None,
+                  ds_config: Mapping[str, Any] | None = None) -> TrainingJobRequest:
+    """deadline_seconds: what is left of runPolicy.activeDeadlineSeconds (the job's
+    StoppingCondition, so SageMaker enforces it even while the operator is down)."""
+    spec = run.spec
+    sm = parse_sagemaker(spec)
+    name = training_job_name(run.name, run.uid, attempt, resume)
+    hp, extra = training_arguments(spec)
+    prefix = config_prefix(spec, name)
+    channels = []
+    if is_s3(spec.data_uri):
+        channels.append(_channel("training", spec.data_uri))
+    if is_s3(spec.model_uri):
+        channels.append(_channel("model", _join(spec.model_uri)))
+    channels.append(_channel(CONFIG_CHANNEL, prefix))
+
+    runtime = max_runtime(sm, deadline_seconds)
+    stopping: dict[str, int] = {"MaxRuntimeInSeconds": runtime}
+    if sm.spot:
+        wait = sm.max_wait_seconds or min(MAX_RUNTIME_LIMIT, 2 * runtime)
+        if wait < runtime:
+            raise RequestError(f"spec.sagemaker.spot.maxWaitTimeInSeconds {wait} is less than the "
+                               f"job's MaxRuntimeInSeconds {runtime}")
+        stopping["MaxWaitTimeInSeconds"] = wait
+
+    resource: dict[str, Any] = {"InstanceType": sm.instance_type, "InstanceCount": sm.instance_count,
+                                "VolumeSizeInGB": sm.volume_size_gb}
+    if sm.volume_kms_key_id:
+        resource["VolumeKmsKeyId"] = sm.volume_kms_key_id
+    output: dict[str, Any] = {"S3OutputPath": spec.output_uri, "CompressionType": sm.output_compression}
+    if sm.output_kms_key_id:
+        output["KmsKeyId"] = sm.output_kms_key_id
+
+    own = {TAG_NAMESPACE: run.namespace, TAG_NAME: run.name, TAG_UID: run.uid,
+           TAG_ATTEMPT: str(attempt), TAG_MANAGED_BY: api.MANAGED_BY}
+    clash = sorted(set(sm.tags) & set(own))
+    if clash:
+        raise RequestError(f"spec.sagemaker.tags may not set {', '.join(clash)} (the operator sets them)")
+    tags = [{"Key": k, "Value": v} for k, v in {**sm.tags, **own}.items()]
+
+    params: dict[str, Any] = {
+        "TrainingJobName": name,
+        "RoleArn": sm.role_arn,
+        "AlgorithmSpecification": {"TrainingImage": sm.image, "TrainingInputMode": "File",
+                                   "MetricDefinitions": [dict(m) for m in METRIC_DEFINITIONS]},
+        "HyperParameters": hp,
+        "InputDataConfig": channels,
+        "OutputDataConfig": output,
+        "ResourceConfig": resource,
+        "StoppingCondition": stopping,
+        "CheckpointConfig": {"S3Uri": checkpoint_uri(spec, sm), "LocalPath": CHECKPOINT_LOCAL_PATH},
+        "Environment": _environment(run, attempt, sm),
+        "EnableNetworkIsolation": sm.network_isolation,
+        "EnableInterContainerTrafficEncryption": sm.inter_container_encryption,
+        "EnableManagedSpotTraining": sm.spot,
+        "Tags": tags,
+    }
+    if sm.vpc is not None:
+        params["VpcConfig"] = {"SecurityGroupIds": list(sm.vpc.security_group_ids),
+                               "Subnets": list(sm.vpc.subnets)}
+    if sm.retry_attempts:
+        params["RetryStrategy"] = {"MaximumRetryAttempts": int(sm.retry_attempts)}
+    files = {
+        "ds_config.json": json.dumps(dict(ds_config) if ds_config is not None
+                                     else render_deepspeed_config(spec), indent=2, sort_keys=True) + "\n",
+        "train_args.json": json.dumps(extra) + "\n",
+    }
+    validate(params)
+    return TrainingJobRequest(name=name, params=params, config_prefix=prefix, config_files=files)
+
+
+# ---- validation ----------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def _operation_model():
+    import botocore.session
+    return botocore.session.get_session().get_service_model("sagemaker").operation_model("CreateTrainingJob")
+
+
+def _pattern(p: str) -> re.Pattern:
+    # Java's Unicode classes in the tag patterns, in Python's terms: \w is letters, digits
+    # and "_" (which the tag pattern allows anyway).
+    p = p.replace(r"\p{L}", r"\w").replace(r"\p{Z}", r"\s").replace(r"\p{N}", r"\d")
+    return re.compile(p, re.DOTALL)
+
+
+_PATTERNS: dict[str, re.Pattern] = {}
+
+
+def _walk(shape, value: Any, path: str, errors: list[str]) -> None:
+    md = shape.metadata
+    kind = shape.type_name
+    if kind == "string" and isinstance(value, str):
+        if "max" in md and len(value) > md["max"]:
+            errors.append(f"{path}: {len(value)} characters, at most {md['max']} allowed")
+        if "pattern" in md:
+            rx = _PATTERNS.get(md["pattern"]) or _PATTERNS.setdefault(md["pattern"], _pattern(md["pattern"]))
+            if not rx.fullmatch(value):
+                errors.append(f"{path}: {value[:80]!r} does not match {md['pattern']}")
+        if shape.enum and value not in shape.enum:
+            errors.append(f"{path}: {value!r} is not one of {', '.join(shape.enum)}")
+    elif kind in ("integer", "long") and isinstance(value, int):
+        if "max" in md and value > md["max"]:
+            errors.append(f"{path}: {value} is more than {md['max']}")
+    elif kind == "structure" and isinstance(value, Mapping):
+        for key, v in value.items():
+            if key in shape.members:
+                _walk(shape.members[key], v, f"{path}.{key}" if path else key, errors)
+    elif kind == "list" and isinstance(value, list):
+        if "max" in md and len(value) > md["max"]:
+            errors.append(f"{path}: {len(value)} items, at most {md['max']} allowed")
+        for i, v in enumerate(value):
+            _walk(shape.member, v, f"{path}[{i}]", errors)
+    elif kind == "map" and isinstance(value, Mapping):
+        if "max" in md and len(value) > md["max"]:
+            errors.append(f"{path}: {len(value)} entries, at most {md['max']} allowed")
+        for k, v in value.items():
+            _walk(shape.key, k, f"{path} key {k[:40]!r}", errors)
+            _walk(shape.value, v, f"{path}[{k[:40]!r}]", errors)
+
+
+def validate(params: Mapping[str, Any]) -> None:
+    """Raise RequestError listing every problem: botocore's own checks (required, types,
+    minimums), the service model's maximums and patterns, and AWS's documented limits."""
+    from botocore.validate import ParamValidator
+    model = _operation_model()
+    errors: list[str] = []
+    report = ParamValidator().validate(params, model.input_shape)
+    if report.has_errors():
+        errors += [line.strip() for line in report.generate_report().splitlines() if line.strip()]
+    _walk(model.input_shape, params, "", errors)
+    for k, v in (params.get("HyperParameters") or {}).items():
+        if len(v) > HYPERPARAMETER_VALUE_MAX:
+            errors.append(f"HyperParameters[{k!r}]: {len(v)} characters, at most {HYPERPARAMETER_VALUE_MAX} allowed")
+    if errors:
+        raise RequestError("invalid CreateTrainingJob request: " + "; ".join(errors))
