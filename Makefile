@@ -15,7 +15,7 @@ GPU_NODES ?= 4
 PYTEST_ARGS ?=
 
 .PHONY: help setup venv controlplane kube-tools cluster-up cluster-down cluster-status \
-        test test-gpu demo run-operator bench-operator bench-train lock manifests clean
+        test test-gpu demo demo-down run-operator bench-operator bench-train lock manifests clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -52,12 +52,11 @@ test: setup ## the test suite, against the real control plane and a local S3 (wh
 test-gpu: setup ## the checks that need a CUDA GPU
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
 
-demo: cluster-up ## the main job: the simulated GPU nodegroup, then an AlpacaFineTune run end to end by the operator
-	@$(BIN)/kubectl get nodes \
-	  -o custom-columns='NAME:.metadata.name,NODEGROUP:.metadata.labels.eks\.amazonaws\.com/nodegroup,INSTANCE:.metadata.labels.node\.kubernetes\.io/instance-type,GPU:.status.allocatable.nvidia\.com/gpu,EFA:.status.allocatable.vpc\.amazonaws\.com/efa,TAINTS:.spec.taints[*].key'
-	@echo
-	@hack/demo.sh
-	@echo; echo "export KUBECONFIG=$(KUBECONFIG)"
+demo: setup ## the main job: a tiny LLaMA fine-tuned for real through both backends, on the local cluster (hack/demo.py)
+	@$(PY) hack/demo.py up
+
+demo-down: ## stop what make demo left running (the SageMaker stand-in, the cluster)
+	@$(PYTHON_BOOTSTRAP) hack/demo.py down
 
 run-operator: setup ## run the operator locally against $$KUBECONFIG (kopf, standalone)
 	$(PY) -m alpaca_operator --verbose
@@ -74,5 +73,5 @@ manifests: kube-tools ## regenerate manifests/ (plain YAML, kustomize) from char
 lock: ## re-pin requirements.lock from requirements.in
 	$(UV) pip compile --python $(PY) requirements.in -o requirements.lock
 
-clean: cluster-down ## remove everything make setup made in this checkout
+clean: demo-down ## remove everything make setup made in this checkout
 	rm -rf $(VENV) $(BIN) .cluster .cache

@@ -125,7 +125,7 @@ def test_install_runs_the_deployment_under_the_charts_account(cluster, cluster_w
 # What the operator calls in a run's namespace (docs/operator.md, "Permissions"); the
 # account may do exactly this there, besides what every authenticated user may.
 RUN_NAMESPACE_RULES = {
-    "alpacafinetunes.alpaca.dev": {"get", "list", "watch"},
+    "alpacafinetunes.alpaca.dev": {"get", "list", "watch", "patch"},
     "alpacafinetunes.alpaca.dev/status": {"get", "patch"},
     "alpacafinetunes.alpaca.dev/finalizers": {"update"},
     "jobs.batch": {"get", "list", "watch", "create", "delete"},

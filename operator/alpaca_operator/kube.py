@@ -11,6 +11,7 @@ client, loaded only then.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -90,11 +91,20 @@ def _kubeconfig_needs_client() -> bool:
     return bool(user.get("exec") or user.get("auth-provider"))
 
 
+def in_cluster_server(env: Mapping[str, str]) -> str:
+    """The API server as the kubelet tells its pods (KUBERNETES_SERVICE_HOST/PORT), like
+    client-go's in-cluster config; kopf alone assumes kubernetes.default.svc:443."""
+    host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
+    if not (host and port):
+        return "https://kubernetes.default.svc"
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
+
 def login(settings: kopf.OperatorSettings, logger: logging.Logger | Any = log) -> kopf.ConnectionInfo | None:
     """In a pod: its service account. Else $KUBECONFIG (or ~/.kube/config)."""
     info = kopf.login_with_service_account(settings=settings, logger=logger)
     if info is not None:
-        return info
+        return dataclasses.replace(info, server=in_cluster_server(os.environ))
     if _kubeconfig_needs_client():
         # Only now pay for the kubernetes client (see __main__ for why it is kept out).
         if sys.modules.get("kubernetes", False) is None:

@@ -41,10 +41,12 @@ No Secrets; ConfigMaps only get (its own NAME-config, a run's deepspeed.configMa
 create/delete of its own; pods only list (a failed attempt's exit code).
 */}}
 {{- define "alpaca-operator.namespacedRules" -}}
-# The runs: kopf lists and watches them; the operator reads one afresh before acting.
+# The runs: kopf lists and watches them; the operator reads one afresh before acting, and
+# patches metadata.finalizers of SageMaker runs (their training job is stopped before a
+# delete completes).
 - apiGroups: [alpaca.dev]
   resources: [alpacafinetunes]
-  verbs: [get, list, watch]
+  verbs: [get, list, watch, patch]
 # Its status writes (merge patches). get+patch is also what the per-run Role grants the
 # training pods: RBAC lets the operator grant only what it holds itself.
 - apiGroups: [alpaca.dev]
