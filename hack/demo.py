@@ -27,6 +27,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -305,7 +306,13 @@ def run_manifests(sm) -> list[dict]:
         doc = load_yaml(DEMO / file)
         assert doc["metadata"]["name"] == name, file
         doc["metadata"]["namespace"] = RUNS_NS
-        doc["spec"]["env"] = [*doc["spec"].get("env", []), *({"name": k, "value": v} for k, v in env.items())]
+        run_env = dict(env)
+        if doc["spec"].get("backend", "eks") == "eks":
+            # Local-exec pods share this machine's network: torch's rendezvous store must
+            # not take the fixed 29500 another training here may hold (the last
+            # PET_MASTER_PORT in the container's env wins over the operator's).
+            run_env["PET_MASTER_PORT"] = str(free_port())
+        doc["spec"]["env"] = [*doc["spec"].get("env", []), *({"name": k, "value": v} for k, v in run_env.items())]
         docs.append(doc)
     return docs
 
@@ -342,22 +349,31 @@ def apply_runs(t: Tools, docs: list[dict]) -> None:
         say(f"alpacafinetune.alpaca.dev/{doc['metadata']['name']} created ({where})")
 
 
+def table_rows(text: str) -> list[list[str]]:
+    """kubectl's table as cells, cut at its header's column starts (cells may be empty)."""
+    lines = text.splitlines()
+    if not lines:
+        return []
+    starts = [m.start() for m in re.finditer(r"\S+", lines[0])]
+    ends = starts[1:] + [None]
+    return [[line[a:b].strip() for a, b in zip(starts, ends)] for line in lines]
+
+
 def watch(t: Tools, timeout: float) -> dict[str, dict]:
     section(f"kubectl get aft -n {RUNS_NS} (a row each time a run changes)")
-    last: dict[str, tuple] = {}
-    header = False
+    last: dict[str, list] = {}
+    widths: list[int] = []
     deadline = time.monotonic() + timeout
     while True:
-        table = t.kubectl("get", "aft", "-n", RUNS_NS, *RUNS, what="kubectl get aft").stdout.splitlines()
-        if not header:
-            say(table[0])
-            header = True
-        for line in table[1:]:
-            cols = line.split()
-            key = tuple(cols[:-1])  # not the age
-            if last.get(cols[0]) != key:
-                last[cols[0]] = key
-                say(line)
+        rows = table_rows(t.kubectl("get", "aft", "-n", RUNS_NS, *RUNS, what="kubectl get aft").stdout)
+        if not widths:
+            # One layout for every row, as `kubectl get --watch` would print them.
+            widths = [max(len(c) + 3, w) for c, w in zip(rows[0], (17, 12, 12, 8, 12, 11, 9, 5))]
+            say("".join(c.ljust(w) for c, w in zip(rows[0], widths)).rstrip())
+        for cells in rows[1:]:
+            if last.get(cells[0]) != cells[:-1]:  # not the age
+                last[cells[0]] = cells[:-1]
+                say("".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
         runs = {r["metadata"]["name"]: r for r in t.get("aft", "-n", RUNS_NS)["items"]}
         phases = {n: runs.get(n, {}).get("status", {}).get("phase") for n in RUNS}
         if all(p in ("Succeeded", "Failed") for p in phases.values()):
