@@ -67,8 +67,8 @@ demo-down: ## stop what make demo left running (the SageMaker stand-in, the clus
 run-operator: setup ## run the operator locally against $$KUBECONFIG (kopf, standalone)
 	$(PY) -m alpaca_operator --verbose
 
-bench-operator: setup ## N = 100 and 500 AlpacaFineTunes at once on their own simulated nodegroup; writes docs/benchmarks.md
-	$(PY) bench/operator_bench.py --runs 100 --runs 500 --write-docs
+bench-operator: setup ## N = 100 and 500 AlpacaFineTunes at once on their own simulated nodegroup, and 200 sagemaker runs against the stand-in; writes docs/benchmarks.md
+	$(PY) bench/operator_bench.py --runs 100 --runs 500 --sagemaker 200 --write-docs
 
 bench-train: setup ## our training script against Stanford Alpaca's, on CPU; writes docs/benchmarks.md
 	$(PY) bench/bench_train.py --write-docs

@@ -10,8 +10,10 @@ names its jobs uniquely (the stand-in never forgets a name, like SageMaker).
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,22 +29,27 @@ StandIn = sagemaker_local_handle.StandIn
 StandInError = sagemaker_local_handle.StandInError
 
 
-def _launch(prefix: str, **kwargs):
+@contextmanager
+def standin(prefix: str, **kwargs):
+    """A stand-in of our own in a temporary directory, removed (with every job's files) after."""
     work = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        return StandIn.launch(work, **kwargs)
+        sm = StandIn.launch(work, **kwargs)
     except StandInError as e:
+        shutil.rmtree(work, ignore_errors=True)
         pytest.fail(str(e), pytrace=False)
+    try:
+        yield sm
+    finally:
+        sm.close()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def sagemaker_local():
     """The stand-in without execution: .endpoint, .env, .client(), .calls(), .set_faults(), .plan()."""
-    sm = _launch("sagemaker-local-", step_seconds=STEP_SECONDS)
-    try:
+    with standin("sagemaker-local-", step_seconds=STEP_SECONDS) as sm:
         yield sm
-    finally:
-        sm.close()
 
 
 @pytest.fixture(scope="session")
@@ -54,11 +61,8 @@ def sagemaker_exec(train_env):
     """
     env = dict(train_env)
     env.pop("PYTHONPATH", None)
-    sm = _launch("sagemaker-exec-", execute=True, step_seconds=STEP_SECONDS, grace_seconds=60, env=env)
-    try:
+    with standin("sagemaker-exec-", execute=True, step_seconds=STEP_SECONDS, grace_seconds=60, env=env) as sm:
         yield sm
-    finally:
-        sm.close()
 
 
 def job_request(name: str, bucket: str, **overrides) -> dict:

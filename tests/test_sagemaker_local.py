@@ -5,8 +5,13 @@ job names; plans make the steps short (0.2 s) so the progression takes about a s
 """
 from __future__ import annotations
 
+import json
+import signal
+import socket
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
@@ -208,3 +213,190 @@ def test_set_job_forces_a_state_as_an_outside_stop_would(sagemaker_local):
     listed = {j["TrainingJobName"]: j["TrainingJobStatus"]
               for j in sm.list_training_jobs(NameContains=name)["TrainingJobSummaries"]}
     assert listed == {name: "Stopped"}
+
+
+def test_an_injected_permanent_error_reaches_the_caller_unretried(sagemaker_local):
+    name = unique("limit")
+    sm = sagemaker_local.client(max_attempts=5)
+    message = "The account-level service limit 'ml.p4d.24xlarge for training job usage' is 0 Instances"
+    with sagemaker_local.faults(error=("ResourceLimitExceeded", 400, message), operations=["CreateTrainingJob"]):
+        err = error_of(lambda: sm.create_training_job(**job_request(name, "bucket-a")))
+        assert (err.response["Error"]["Code"], err.response["Error"]["Message"]) == ("ResourceLimitExceeded", message)
+        # error_count=1: the next call goes through.
+        sm.create_training_job(**job_request(name, "bucket-a"))
+    assert sagemaker_local.calls(name) == {"CreateTrainingJob": 2}
+    with sagemaker_local.faults(error=("AccessDeniedException", 400, "not authorized"), error_count=-1):
+        for _ in range(2):
+            err = error_of(lambda: status_of(sm, name))
+            assert err.response["Error"]["Code"] == "AccessDeniedException"
+
+
+# --- execution mode, with a stand-in image whose `train` takes a moment --------------------
+
+FAKE_TRAIN = r"""
+import json, os, signal, socket, sys, time
+from pathlib import Path
+root = Path(os.environ["ALPACA_SAGEMAKER_ROOT"])
+cfg = json.loads((root / "input/config/resourceconfig.json").read_text())
+hp = json.loads((root / "input/config/hyperparameters.json").read_text())
+host = cfg["current_host"]
+data = root / "input/data"
+report = {
+    "hostname": socket.gethostname(),
+    "addresses": {h: socket.gethostbyname(h) for h in cfg["hosts"]},
+    "interface": cfg["network_interface_name"],
+    "channels": sorted(str(p.relative_to(data)) for p in data.rglob("*") if p.is_file()),
+    "restored": sorted(p.name for p in (root / "checkpoints").iterdir()),
+    "env": {k: os.environ.get(k) for k in ("TRAINING_JOB_NAME", "TRAINING_JOB_ARN", "MY_VAR")},
+}
+(root / "checkpoints" / f"{host}.ckpt").write_text("step 1")
+print("alpaca-progress step=1/2 loss=0.5 learning_rate=0.001", flush=True)
+mode = hp.get("mode", "ok")
+if mode == "fail":
+    if host == "algo-2":
+        (root / "output/failure").write_text("bad data on algo-2\n")
+        sys.exit(65)
+    time.sleep(60)
+if mode in ("term", "ignore-term"):
+    def saved(*_):
+        (root / "checkpoints" / f"{host}.on-sigterm").write_text("saved")
+        sys.exit(143)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == "ignore-term" else saved)
+    print("waiting for SIGTERM", flush=True)
+    time.sleep(60)
+(root / "model" / f"{host}.json").write_text(json.dumps(report))
+print("alpaca-progress step=2/2 loss=0.25 learning_rate=0.0005", flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def fake_exec(tmp_path_factory):
+    from fixtures_sagemaker import standin
+
+    script = tmp_path_factory.mktemp("image") / "train.py"
+    script.write_text(FAKE_TRAIN)
+    with standin("sagemaker-fake-exec-", execute=True, grace_seconds=2,
+                 extra_args=["--train-command", f"{sys.executable} {script}"]) as sm:
+        bucket = unique("fake")
+        s3 = sm.client("s3")
+        s3.create_bucket(Bucket=bucket)
+        s3.put_object(Bucket=bucket, Key="data/a.json", Body=b"[]")
+        s3.put_object(Bucket=bucket, Key="data/sub/b.json", Body=b"[]")
+        yield sm, bucket
+
+
+def fake_request(name: str, bucket: str, mode: str, compression: str = "NONE") -> dict:
+    return job_request(
+        name, bucket, HyperParameters={"mode": mode}, Environment={"MY_VAR": "kept"},
+        InputDataConfig=[{"ChannelName": "training", "DataSource": {"S3DataSource": {
+            "S3DataType": "S3Prefix", "S3Uri": f"s3://{bucket}/data/", "S3DataDistributionType": "FullyReplicated"}}}],
+        OutputDataConfig={"S3OutputPath": f"s3://{bucket}/out", "CompressionType": compression},
+        CheckpointConfig={"S3Uri": f"s3://{bucket}/ckpt/{name}/"},
+        ResourceConfig={"InstanceType": "ml.c5.xlarge", "InstanceCount": 2, "VolumeSizeInGB": 10},
+        AlgorithmSpecification={"TrainingImage": "img", "TrainingInputMode": "File",
+                                "MetricDefinitions": [{"Name": "loss", "Regex": r"loss=([0-9.]+)"}]})
+
+
+def ended(sm, name: str, timeout: float = 60) -> dict:
+    client = sm.client()
+    return wait_for(f"{name} to end", lambda: (d := client.describe_training_job(TrainingJobName=name))[
+        "TrainingJobStatus"] in ("Completed", "Failed", "Stopped") and d, timeout=timeout, interval=0.2,
+        on_timeout=lambda: json.dumps(sm.job(name)) + "\n" + sm.log_tail())
+
+
+def s3_keys(sm, bucket: str, prefix: str) -> list[str]:
+    return sorted(o["Key"] for o in sm.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []))
+
+
+def test_executed_instances_get_the_contract_and_their_outputs_reach_s3(fake_exec):
+    import io
+    import tarfile
+
+    sm, bucket = fake_exec
+    s3 = sm.client("s3")
+    plain, tarred = unique("plain"), unique("tarred")
+    s3.put_object(Bucket=bucket, Key=f"ckpt/{plain}/earlier.ckpt", Body=b"from the last job")
+    sm.client().create_training_job(**fake_request(plain, bucket, "ok"))
+    sm.client().create_training_job(**fake_request(tarred, bucket, "ok", compression="GZIP"))
+    done = ended(sm, plain)
+    assert done["TrainingJobStatus"] == "Completed", done.get("FailureReason")
+    assert [t["Status"] for t in done["SecondaryStatusTransitions"]] == [
+        "Starting", "Downloading", "Training", "Uploading", "Completed"]
+    assert {m["MetricName"]: m["Value"] for m in done["FinalMetricDataList"]} == {"loss": 0.25}
+    assert s3_keys(sm, bucket, f"out/{plain}/") == [f"out/{plain}/output/model/algo-1.json",
+                                                    f"out/{plain}/output/model/algo-2.json"]
+    reports = {h: json.loads(s3.get_object(Bucket=bucket, Key=f"out/{plain}/output/model/{h}.json")["Body"].read())
+               for h in ("algo-1", "algo-2")}
+    for host, report in reports.items():
+        assert report["hostname"] == host
+        assert report["addresses"] == {"algo-1": "127.0.1.1", "algo-2": "127.0.1.2"}
+        assert report["interface"] == "lo"
+        assert report["channels"] == ["training/a.json", "training/sub/b.json"]
+        assert report["restored"] == ["earlier.ckpt"]
+        assert report["env"] == {"TRAINING_JOB_NAME": plain, "MY_VAR": "kept",
+                                 "TRAINING_JOB_ARN": f"arn:aws:sagemaker:us-east-1:123456789012:training-job/{plain}"}
+    assert s3_keys(sm, bucket, f"ckpt/{plain}/") == [f"ckpt/{plain}/{f}" for f in
+                                                     ("algo-1.ckpt", "algo-2.ckpt", "earlier.ckpt")]
+    # Outside the instances' namespaces the names mean nothing.
+    with pytest.raises(OSError):
+        socket.gethostbyname("algo-1")
+
+    done = ended(sm, tarred)
+    assert done["ModelArtifacts"]["S3ModelArtifacts"] == f"s3://{bucket}/out/{tarred}/output/model.tar.gz"
+    blob = s3.get_object(Bucket=bucket, Key=f"out/{tarred}/output/model.tar.gz")["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        assert sorted(tar.getnames()) == ["algo-1.json", "algo-2.json"]
+
+
+def test_one_failing_instance_fails_the_job_and_stops_the_other(fake_exec):
+    sm, bucket = fake_exec
+    name = unique("fail")
+    t0 = time.monotonic()
+    sm.client().create_training_job(**fake_request(name, bucket, "fail"))
+    done = ended(sm, name)
+    assert time.monotonic() - t0 < 30, "algo-1 was stopped, not waited for"
+    assert done["TrainingJobStatus"] == "Failed"
+    assert done["FailureReason"] == "AlgorithmError: bad data on algo-2, exit code: 65"
+    assert "Uploading" not in [t["Status"] for t in done["SecondaryStatusTransitions"]]
+    assert sm.job(name)["run"]["exitCodes"] == {"algo-2": 65, "algo-1": -signal.SIGTERM}
+    assert not s3_keys(sm, bucket, f"out/{name}/")
+
+
+@pytest.mark.parametrize("mode", ["term", "ignore-term"])
+def test_stop_sends_sigterm_then_sigkill_after_the_grace_period(fake_exec, mode):
+    sm, bucket = fake_exec
+    name = unique(mode)
+    client = sm.client()
+    client.create_training_job(**fake_request(name, bucket, mode))
+
+    def waiting():
+        logs = sm.job(name).get("run", {}).get("logs", {})
+        return len(logs) == 2 and all(Path(p).exists() and "waiting for SIGTERM" in Path(p).read_text()
+                                      for p in logs.values())
+
+    wait_for("both instances to train", waiting, timeout=60, interval=0.2)
+    t0 = time.monotonic()
+    client.stop_training_job(TrainingJobName=name)
+    assert client.describe_training_job(TrainingJobName=name)["TrainingJobStatus"] == "Stopping"
+    done = ended(sm, name)
+    assert done["TrainingJobStatus"] == "Stopped"
+    run = sm.job(name)["run"]
+    if mode == "term":
+        assert run["exitCodes"] == {"algo-1": 143, "algo-2": 143} and not run["killed"]
+        # What the instances saved on SIGTERM was synced to S3 before Stopped.
+        assert {f"ckpt/{name}/algo-1.on-sigterm", f"ckpt/{name}/algo-2.on-sigterm"} <= set(
+            s3_keys(sm, bucket, f"ckpt/{name}/"))
+    else:
+        assert run["killed"] and run["exitCodes"] == {"algo-1": -signal.SIGKILL, "algo-2": -signal.SIGKILL}
+        assert time.monotonic() - t0 >= 2, "SIGKILL only after the grace period"
+
+
+def test_max_runtime_stops_an_executed_job(fake_exec):
+    sm, bucket = fake_exec
+    name = unique("deadline")
+    sm.client().create_training_job(**dict(fake_request(name, bucket, "term"),
+                                           StoppingCondition={"MaxRuntimeInSeconds": 2}))
+    done = ended(sm, name)
+    assert (done["TrainingJobStatus"], done["SecondaryStatus"]) == ("Stopped", "MaxRuntimeExceeded")
+    assert [t["Status"] for t in done["SecondaryStatusTransitions"]][-2:] == ["Stopping", "MaxRuntimeExceeded"]
+    assert sm.job(name)["run"]["exitCodes"] == {"algo-1": 143, "algo-2": 143}

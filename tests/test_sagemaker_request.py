@@ -277,3 +277,24 @@ def test_each_transition_is_one_named_event_and_reported_ones_are_not_repeated()
     later = _obs(_desc("InProgress", "Uploading", ["Starting", "Downloading", "Training", "Uploading"]), reported=3)
     assert [e.name for e in later.extras.events] == ["alpaca-7b.alpaca-7b-0f8e9a1b-a1.003"]
     assert _obs(_desc("Failed", "Failed", ["Starting", "Failed"]), reported=1).extras.events[0].type == "Warning"
+
+
+def test_the_role_defaults_to_the_operators_and_is_required_somewhere():
+    spec = _spec(sagemaker={"instanceType": "ml.p4d.24xlarge"})
+    default = "arn:aws:iam::123456789012:role/OperatorDefault"
+    assert build_request(_run(spec), 1, default_role=default).params["RoleArn"] == default
+    assert build_request(_run(_spec()), 1, default_role=default).params["RoleArn"] == ROLE   # the spec's wins
+    with pytest.raises(Exception, match="ALPACA_SAGEMAKER_ROLE_ARN"):
+        build_request(_run(spec), 1)
+
+
+def test_the_iam_policy_allows_every_call_the_backend_makes():
+    policy = json.loads((ROOT / "docs" / "iam" / "alpaca-operator-sagemaker.json").read_text())
+    allowed = {a for st in policy["Statement"] for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
+    src = (ROOT / "operator" / "alpaca_operator" / "backends" / "sagemaker" / "backend.py").read_text()
+    used = {f"sagemaker:{op}" for op in re.findall(r'_sm\(run, "(\w+)"', src)}
+    used |= {f"s3:{op}" for op in re.findall(r'aws\.call\("s3", [^,]+, "(\w+)"', src)}
+    assert {"sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob", "sagemaker:StopTrainingJob",
+            "s3:GetObject", "s3:PutObject"} <= used
+    assert used <= allowed, used - allowed
+    assert "iam:PassRole" in allowed

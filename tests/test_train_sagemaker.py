@@ -156,6 +156,32 @@ def test_sigterm_reaches_the_training_processes_not_just_their_launcher(tmp_path
     assert stdout.strip() == "rc 143 received True"
 
 
+def test_progress_goes_to_s3_as_one_object_at_most_every_30_s(sagemaker_local, monkeypatch):
+    from alpaca_train.progress import ProgressReporter, S3_MIN_INTERVAL_S
+
+    bucket = unique("progress")
+    s3 = sagemaker_local.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    for k, v in sagemaker_local.env.items():
+        monkeypatch.setenv(k, v)
+    env = {"ALPACA_PROGRESS_URI": f"s3://{bucket}/run/progress.json", "TRAINING_JOB_NAME": "job-3",
+           "ALPACA_ATTEMPT": "2", "RANK": "0",
+           # Also set in SageMaker jobs: it must not select the Kubernetes reporter there.
+           "ALPACA_FINETUNE_NAME": "run"}
+    assert ProgressReporter.from_env(dict(env, RANK="1")) is None
+    reporter = ProgressReporter.from_env(env)
+    assert reporter.min_interval_s == S3_MIN_INTERVAL_S == 30
+    reporter.report(force=True, stage="training", step=1, totalSteps=4, display="1/4", loss=2.5)
+    reporter.flush()
+    reporter.report(stage="training", step=2, totalSteps=4, display="2/4", loss=2.0)  # within 30 s: dropped
+    reporter.close()
+    obj = json.loads(s3.get_object(Bucket=bucket, Key="run/progress.json")["Body"].read())
+    assert {k: obj[k] for k in ("stage", "step", "totalSteps", "display", "loss", "job", "attempt")} == {
+        "stage": "training", "step": 1, "totalSteps": 4, "display": "1/4", "loss": 2.5, "job": "job-3", "attempt": 2}
+    assert obj["updatedAt"].endswith("Z")
+    assert reporter.sent == 1 and reporter.failures == 0
+
+
 def test_the_metric_line_matches_the_backends_metric_definitions():
     from types import SimpleNamespace
 

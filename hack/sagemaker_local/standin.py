@@ -94,6 +94,9 @@ class Faults:
     latency: float = 0.0        # seconds before the call is handled
     latency_after: float = 0.0  # seconds after it was handled, before the answer (a lost reply)
     operations: list[str] = field(default_factory=list)  # empty: every SageMaker operation
+    # Any AWS error, e.g. ("ResourceLimitExceeded", 400, "..."), for the next error_count calls (-1: all).
+    error: tuple[str, int, str] | None = None
+    error_count: int = 0
 
     def applies(self, op: str) -> bool:
         return not self.operations or op in self.operations
@@ -101,13 +104,15 @@ class Faults:
     def to_json(self) -> dict:
         return {"throttle": self.throttle, "error5xx": self.error5xx, "throttleRate": self.throttle_rate,
                 "error5xxRate": self.error5xx_rate, "latency": self.latency, "latencyAfter": self.latency_after,
-                "operations": self.operations}
+                "operations": self.operations, "error": list(self.error) if self.error else None,
+                "errorCount": self.error_count}
 
     @classmethod
     def from_json(cls, obj: dict) -> "Faults":
         return cls(int(obj.get("throttle", 0)), int(obj.get("error5xx", 0)), float(obj.get("throttleRate", 0)),
                    float(obj.get("error5xxRate", 0)), float(obj.get("latency", 0)),
-                   float(obj.get("latencyAfter", 0)), list(obj.get("operations") or []))
+                   float(obj.get("latencyAfter", 0)), list(obj.get("operations") or []),
+                   tuple(obj["error"]) if obj.get("error") else None, int(obj.get("errorCount", 0)))
 
 
 @dataclass
@@ -195,6 +200,10 @@ class StandIn:
         f = self.faults
         if not f.applies(op):
             return None
+        if f.error and f.error_count:
+            f.error_count -= 1 if f.error_count > 0 else 0
+            code, status, message = f.error
+            return ApiError(int(status), code, message)
         if f.throttle > 0:
             f.throttle -= 1
             return ApiError(400, "ThrottlingException", "Rate exceeded")
@@ -315,10 +324,7 @@ class StandIn:
         if fake.training_job_status != IN_PROGRESS:
             raise ApiError(400, "ValidationException",
                            f"The request was rejected because the training job is in status {fake.training_job_status}.")
-        job = self.jobs.get((account, region, name))
-        if job is None:  # created before this layer knew it: stop at once
-            self._enter(fake, STOPPING, "Stopping")
-            return 200, {}
+        job = self.jobs[(account, region, name)]
         job.stop_requested = True
         self._enter(fake, STOPPING, "Stopping")
         job.stage, job.stage_since = "Stopping", time.monotonic()
@@ -486,6 +492,8 @@ class StandIn:
             if job is None:
                 raise ApiError(404, "NotFound", f"no job {name!r}")
             if method == "POST":
+                if job.runner is not None:
+                    raise ApiError(400, "BadRequest", "an executed job follows its processes; stop it instead")
                 status = obj.get("status", IN_PROGRESS)
                 secondary = obj.get("secondaryStatus") or (status if status != IN_PROGRESS else "Training")
                 job.forced = (status, secondary, obj.get("failureReason"))

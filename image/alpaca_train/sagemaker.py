@@ -213,7 +213,8 @@ def build_command(base: Path, env: dict | None = None) -> tuple[list[str], dict]
         env.setdefault("NCCL_SOCKET_IFNAME", cluster.interface)
         env.setdefault("GLOO_SOCKET_IFNAME", cluster.interface)
     env["ALPACA_FAILURE_FILE"] = str(base / "output" / "failure")
-    env.setdefault("ALPACA_WORKDIR", str(base / "alpaca"))
+    # The ML volume, not the image's /workspace on the container's small root volume.
+    env["ALPACA_WORKDIR"] = str(base / "alpaca")
     if not outputs.direct:
         env.pop("ALPACA_OUTPUT_URI", None)
     if outputs.progress_uri:

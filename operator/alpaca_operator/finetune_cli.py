@@ -7,7 +7,8 @@
 run.yaml is the AlpacaFineTune you would `kubectl apply` (backend: sagemaker). It is
 validated as the API server would (the CRD's schema with its defaults, and its CEL rules),
 then submitted through the operator's own request builder. Credentials, region and
-endpoint come from the usual AWS variables and files (spec.sagemaker.region wins).
+endpoint come from the usual AWS variables and files (spec.sagemaker.region wins); the
+execution role from spec.sagemaker.roleArn, else ALPACA_SAGEMAKER_ROLE_ARN.
 
 Exit codes: 0 submitted / Completed; 1 the job Failed or an AWS error; 2 invalid input
 (the API server's messages); 3 the job was Stopped; 130 interrupted (the job goes on).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import uuid
@@ -73,7 +75,8 @@ def submit(run: Run, aws: Aws) -> str:
     if run.spec.deepspeed.config_map_ref is not None:
         raise UsageError("error: spec.deepspeed.configMapRef needs a cluster; use zeroStage and the offload switches")
     try:
-        req = build_request(run, 1, deadline_seconds=run.spec.run_policy.active_deadline_seconds)
+        req = build_request(run, 1, deadline_seconds=run.spec.run_policy.active_deadline_seconds,
+                            default_role=os.environ.get("ALPACA_SAGEMAKER_ROLE_ARN") or None)
     except RequestError as e:
         raise UsageError(f"error: {e}") from None
     region = (run.spec.sagemaker or {}).get("region")

@@ -224,13 +224,15 @@ class SageMakerSettings:
     tags: Mapping[str, str] = field(default_factory=dict)
 
 
-def parse_sagemaker(spec: FineTuneSpec) -> SageMakerSettings:
+def parse_sagemaker(spec: FineTuneSpec, default_role: str | None = None) -> SageMakerSettings:
     """The sagemaker block of a parsed spec. instanceCount defaults to resources.nodes, so the
-    Nodes column of `kubectl get aft` says how many instances train."""
+    Nodes column of `kubectl get aft` says how many instances train; roleArn to the
+    operator's default execution role (ALPACA_SAGEMAKER_ROLE_ARN, passed in)."""
     sm = spec.sagemaker or {}
-    role = sm.get("roleArn")
+    role = sm.get("roleArn") or default_role
     if not role:
-        raise SpecError("spec.sagemaker.roleArn is required when spec.backend is sagemaker")
+        raise SpecError("spec.sagemaker.roleArn is not set and the operator has no default execution role "
+                        "(ALPACA_SAGEMAKER_ROLE_ARN): set one of them")
     d = SageMakerSettings(role_arn="", image="")
     spot = sm.get("spot") or {}
     vpc = sm.get("vpcConfig")

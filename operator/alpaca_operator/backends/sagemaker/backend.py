@@ -212,7 +212,8 @@ class SageMakerBackend:
             resume += 1
         try:
             ds_config = await self._user_ds_config(run)
-            req = build_request(run, attempt, resume=resume, deadline_seconds=deadline_seconds, ds_config=ds_config)
+            req = build_request(run, attempt, resume=resume, deadline_seconds=deadline_seconds, ds_config=ds_config,
+                                default_role=os.environ.get("ALPACA_SAGEMAKER_ROLE_ARN") or None)
         except RequestError as e:
             return Observation(WorkloadState.FAILED, attempt=attempt, reason=mapping.REASON_INVALID_REQUEST,
                                permanent=True, message=str(e))

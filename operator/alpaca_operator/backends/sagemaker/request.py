@@ -139,11 +139,12 @@ def max_runtime(sm: SageMakerSettings, deadline_seconds: int | None) -> int:
 
 
 def build_request(run: Run, attempt: int, *, resume: int = 0, deadline_seconds: int | None = None,
-                  ds_config: Mapping[str, Any] | None = None) -> TrainingJobRequest:
+                  ds_config: Mapping[str, Any] | None = None, default_role: str | None = None) -> TrainingJobRequest:
     """deadline_seconds: what is left of runPolicy.activeDeadlineSeconds (the job's
-    StoppingCondition, so SageMaker enforces it even while the operator is down)."""
+    StoppingCondition, so SageMaker enforces it even while the operator is down);
+    default_role: the execution role when spec.sagemaker.roleArn is absent."""
     spec = run.spec
-    sm = parse_sagemaker(spec)
+    sm = parse_sagemaker(spec, default_role)
     name = training_job_name(run.name, run.uid, attempt, resume)
     hp, extra = training_arguments(spec)
     prefix = config_prefix(spec, name)
