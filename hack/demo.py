@@ -299,7 +299,7 @@ def load_yaml(path: Path) -> dict:
 def run_manifests(sm) -> list[dict]:
     """hack/demo/*.yaml, with this stand-in's endpoint in spec.env (the pods and the
     training job reach S3 through it)."""
-    env = dict(sm.env, **TRAIN_ENV)
+    env = dict(sm.env, **TRAIN_ENV, TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"))
     env.pop("S3_ENDPOINT_URL", None)
     docs = []
     for name, file in zip(RUNS, ("eks.yaml", "sagemaker.yaml")):
