@@ -48,9 +48,9 @@ BUCKET = "alpaca-demo"
 RUNS = ("tiny-eks", "tiny-sagemaker")
 LOCAL_EXEC = "alpaca.dev/local-exec"
 ROLE_ARN = "arn:aws:iam::123456789012:role/AlpacaDemoSageMaker"
-# Enough records for progress to move in `kubectl get aft` (rank 0 reports at most every
-# 10 s on EKS), few enough for a 2-core laptop.
-RECORDS = 64
+# Enough steps (3 epochs of these) for progress and loss to move in `kubectl get aft` (rank
+# 0 reports at most every 10 s on EKS, every 30 s on SageMaker), few enough for a 2-core laptop.
+RECORDS = 160
 PROMPT = "Give three tips for staying healthy."
 NEW_TOKENS = 12
 # What every training process needs here: DeepSpeed on CPU, its JIT builds kept, no Hub.
@@ -111,11 +111,11 @@ class Tools:
                         what=what, timeout=timeout)
 
 
-def port_free(port: int) -> bool:
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((host, port))
             return True
         except OSError:
             return False
@@ -306,13 +306,7 @@ def run_manifests(sm) -> list[dict]:
         doc = load_yaml(DEMO / file)
         assert doc["metadata"]["name"] == name, file
         doc["metadata"]["namespace"] = RUNS_NS
-        run_env = dict(env)
-        if doc["spec"].get("backend", "eks") == "eks":
-            # Local-exec pods share this machine's network: torch's rendezvous store must
-            # not take the fixed 29500 another training here may hold (the last
-            # PET_MASTER_PORT in the container's env wins over the operator's).
-            run_env["PET_MASTER_PORT"] = str(free_port())
-        doc["spec"]["env"] = [*doc["spec"].get("env", []), *({"name": k, "value": v} for k, v in run_env.items())]
+        doc["spec"]["env"] = [*doc["spec"].get("env", []), *({"name": k, "value": v} for k, v in env.items())]
         docs.append(doc)
     return docs
 
@@ -336,6 +330,21 @@ def delete_previous_runs(t: Tools) -> None:
         t.kubectl("delete", "-n", RUNS_NS, *names, "--ignore-not-found", "--wait=true", "--timeout=60s",
                   what="deleting the previous runs")
     say("  " + " ".join(names))
+
+
+def rendezvous_port_free(wait_s: float = 60) -> None:
+    """Local-exec pods share this machine's network, and rank 0's rendezvous store listens
+    on the operator's fixed port on every address: another training here must not hold it
+    (the previous demo's pods may take a moment to go)."""
+    from alpaca_operator.api import RENDEZVOUS_PORT
+
+    deadline = time.monotonic() + wait_s
+    while not port_free(RENDEZVOUS_PORT, "0.0.0.0"):
+        if time.monotonic() > deadline:
+            raise DemoError(f"port {RENDEZVOUS_PORT} is taken by another program (the EKS run's rendezvous; "
+                            f"local-exec pods share this machine's network): stop it (ss -ltnp "
+                            f"'sport = {RENDEZVOUS_PORT}'), then make demo again")
+        time.sleep(2)
 
 
 def apply_runs(t: Tools, docs: list[dict]) -> None:
@@ -368,7 +377,7 @@ def watch(t: Tools, timeout: float) -> dict[str, dict]:
         rows = table_rows(t.kubectl("get", "aft", "-n", RUNS_NS, *RUNS, what="kubectl get aft").stdout)
         if not widths:
             # One layout for every row, as `kubectl get --watch` would print them.
-            widths = [max(len(c) + 3, w) for c, w in zip(rows[0], (17, 12, 12, 8, 12, 11, 9, 5))]
+            widths = [max(len(c) + 3, w) for c, w in zip(rows[0], (17, 12, 12, 8, 12, 11, 19, 5))]
             say("".join(c.ljust(w) for c, w in zip(rows[0], widths)).rstrip())
         for cells in rows[1:]:
             if last.get(cells[0]) != cells[:-1]:  # not the age
@@ -479,6 +488,7 @@ def up(args) -> int:
     sm = start_standin(state)
     seed_s3(sm, state)
     install_operator(t, sm, state)
+    rendezvous_port_free()
     apply_runs(t, run_manifests(sm))
     runs = watch(t, args.timeout)
     ok = results(t, sm, runs, state)
