@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -31,8 +32,24 @@ def operator(cluster, crd, tmp_path_factory):
     op.stop()
 
 
+@pytest.fixture(scope="module")
+def deepspeed_ops():
+    """DeepSpeed JIT-builds its CPU communication op on first use and caches it in
+    TORCH_EXTENSIONS_DIR: build it once here, not in two pods racing under a run's deadline."""
+    ext = CACHE / "torch_extensions"
+    ext.mkdir(parents=True, exist_ok=True)
+    build = ("from deepspeed.accelerator import get_accelerator; "
+             "get_accelerator().create_op_builder('ShareMemCommBuilder').load()")
+    # The pods' PATH starts with the virtualenv, so their ninja is its ninja: build with the
+    # same one, or the pods find another ninja's build log and build it all again.
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ext), DS_ACCELERATOR="cpu",
+               PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
+    run_cmd([sys.executable, "-c", build], env, timeout=900).ok()
+    return ext
+
+
 @pytest.fixture
-def inputs(s3, bucket, tiny_model, seed_records, tmp_path):
+def inputs(s3, bucket, tiny_model, seed_records, tmp_path, deepspeed_ops):
     data = write_records(tmp_path / "alpaca_data.json", seed_records[:RECORDS])
     env = dict(os.environ, **s3.env)
     return upload_inputs(s3, bucket, tiny_model, data, env)
@@ -104,7 +121,7 @@ def diagnose(cluster, namespace: str, operator: OperatorProcess) -> str:
     return "\n".join(out)
 
 
-def wait_finished(cluster, namespace, name, operator, timeout=300) -> dict:
+def wait_finished(cluster, namespace, name, operator, timeout=600) -> dict:
     def done():
         body = get_json(cluster, "aft", name, "-n", namespace)
         return body if body.get("status", {}).get("phase") in ("Succeeded", "Failed") else None
