@@ -34,12 +34,14 @@ def operator(cluster, crd, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def deepspeed_ops():
-    """DeepSpeed JIT-builds its CPU communication op on first use and caches it in
-    TORCH_EXTENSIONS_DIR: build it once here, not in two pods racing under a run's deadline."""
+    """DeepSpeed JIT-builds its CPU ops on first use and caches them in TORCH_EXTENSIONS_DIR
+    (minutes on a busy 2-core machine): build them once here, not in two pods racing under
+    a run's deadline."""
     ext = CACHE / "torch_extensions"
     ext.mkdir(parents=True, exist_ok=True)
+    # The gloo communication op, and the Adam the operator's DeepSpeed config asks for.
     build = ("from deepspeed.accelerator import get_accelerator; "
-             "get_accelerator().create_op_builder('ShareMemCommBuilder').load()")
+             "[get_accelerator().create_op_builder(b).load() for b in ('ShareMemCommBuilder', 'FusedAdamBuilder')]")
     # The pods' PATH starts with the virtualenv, so their ninja is its ninja: build with the
     # same one, or the pods find another ninja's build log and build it all again.
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ext), DS_ACCELERATOR="cpu",
