@@ -21,7 +21,10 @@ from operator_harness import OperatorProcess, get_json, wait_for
 
 LOCAL_EXEC = {"alpaca.dev/local-exec": "true"}
 TOLERATE = {"key": "alpaca.dev/local-exec", "operator": "Exists", "effect": "NoSchedule"}
-RECORDS = 48  # 48 records / (2 nodes x batch 2) = 12 steps
+# 160 records / (2 nodes x batch 2) = 40 steps: long enough for rank 0's progress reports
+# (at most one per 10 s) to show the step and the loss moving.
+RECORDS = 160
+STEPS = 40
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +78,7 @@ def finetune(name: str, bucket: str, model_uri: str, data_uri: str, s3) -> dict:
             "model": {"uri": model_uri}, "data": {"uri": data_uri},
             "output": {"uri": f"s3://{bucket}/runs/{name}/"},
             "training": {"epochs": 1, "learningRate": 1e-3, "perDeviceBatchSize": 2, "gradientAccumulationSteps": 1,
-                         "maxSeqLength": 128, "warmupRatio": 0, "saveSteps": 3, "saveTotalLimit": 2,
+                         "maxSeqLength": 128, "warmupRatio": 0, "saveSteps": 10, "saveTotalLimit": 2,
                          "loggingSteps": 1, "precision": "bf16"},
             "deepspeed": {"zeroStage": 2},
             "resources": {"nodes": 2, "gpusPerNode": 1, "instanceType": "p4d.24xlarge",
@@ -91,9 +94,13 @@ class TableWatch:
 
     def __init__(self, env: dict, namespace: str, name: str):
         self.rows: list[dict] = []
+        # The Progress and Loss columns of `kubectl get aft`, by their JSON paths (a plain
+        # table's empty cells cannot be told apart when split).
+        columns = "PHASE:.status.phase,PROGRESS:.status.progress.display,LOSS:.status.progress.loss"
         self.proc = subprocess.Popen(
             [str(BIN / "kubectl"), "get", "aft", "-n", namespace, "--watch", "--field-selector",
-             f"metadata.name={name}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             f"metadata.name={name}", "-o", f"custom-columns={columns}"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
@@ -101,10 +108,10 @@ class TableWatch:
         header = None
         for line in self.proc.stdout:
             cols = line.split()
-            if cols and cols[0] == "NAME":
+            if cols and cols[0] == "PHASE":
                 header = cols
                 continue
-            if header and len(cols) >= 5:
+            if header and len(cols) == len(header):
                 self.rows.append(dict(zip(header, cols)))
 
     def stop(self) -> list[dict]:
@@ -150,14 +157,16 @@ def test_a_finetune_trains_for_real_through_the_operator(cluster, served, operat
     assert all(p["spec"]["nodeName"].startswith("ip-192-168-200-") for p in pods), "on the local-exec GPU node"
     assert body["status"]["progress"]["stage"] == "done"
     # What `kubectl get aft` showed while it trained: steps moving, loss changing.
-    training = [(r["PROGRESS"], r["LOSS"]) for r in rows if r.get("PROGRESS", "<none>") not in ("<none>",)]
+    training = [(r["PROGRESS"], r["LOSS"]) for r in rows if r["PROGRESS"] != "<none>"]
     steps = {p for p, _ in training}
     losses = {loss for _, loss in training if loss != "<none>"}
     assert len(steps) >= 2 and len(losses) >= 2, rows
+    table_now = cluster.kubectl("-n", served, "get", "aft", "real").stdout
+    assert "Succeeded" in table_now and f"{STEPS}/{STEPS}" in table_now, table_now
     objects = keys(s3, bucket, "runs/real/")
     assert {"runs/real/config.json", "runs/real/model.safetensors", "runs/real/manifest.json"} <= set(objects)
     m = manifest(s3, bucket, "real")
-    assert m["world_size"] == 2 and m["result"]["global_step"] == m["result"]["max_steps"] == 12
+    assert m["world_size"] == 2 and m["result"]["global_step"] == m["result"]["max_steps"] == STEPS
     assert m["result"]["resumed_from"] is None
     # Rank 0 logged the rendezvous through the headless Service's name.
     rank0 = next(p for p in pods if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0")
@@ -189,4 +198,4 @@ def test_a_killed_worker_restarts_the_gang_which_resumes_from_s3(cluster, served
     assert body["status"]["attempts"] >= 2
     m = manifest(s3, bucket, "phoenix")
     assert m["result"]["resumed_from"], m["result"]
-    assert m["result"]["global_step"] == m["result"]["max_steps"] == 12
+    assert m["result"]["global_step"] == m["result"]["max_steps"] == STEPS
