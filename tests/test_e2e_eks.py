@@ -9,18 +9,23 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT
+from conftest import BIN
 from fixtures_train import CACHE, assert_generates, keys, run_cmd, upload_inputs, write_records, VENV_BIN
 from operator_harness import OperatorProcess, get_json, wait_for
 
 LOCAL_EXEC = {"alpaca.dev/local-exec": "true"}
 TOLERATE = {"key": "alpaca.dev/local-exec", "operator": "Exists", "effect": "NoSchedule"}
-RECORDS = 48  # 48 records / (2 nodes x batch 2) = 12 steps
+# 3 epochs of 160 records / (2 nodes x batch 2) = 120 steps (a few tenths of a second
+# each): long enough for rank 0's progress reports (at most one per 10 s) to show the step
+# and the loss moving.
+RECORDS = 160
+STEPS = 120
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +36,26 @@ def operator(cluster, crd, tmp_path_factory):
     op.stop()
 
 
+@pytest.fixture(scope="module")
+def deepspeed_ops():
+    """DeepSpeed JIT-builds its CPU ops on first use and caches them in TORCH_EXTENSIONS_DIR
+    (minutes on a busy 2-core machine): build them once here, not in two pods racing under
+    a run's deadline."""
+    ext = CACHE / "torch_extensions"
+    ext.mkdir(parents=True, exist_ok=True)
+    # The gloo communication op, and the Adam the operator's DeepSpeed config asks for.
+    build = ("from deepspeed.accelerator import get_accelerator; "
+             "[get_accelerator().create_op_builder(b).load() for b in ('ShareMemCommBuilder', 'FusedAdamBuilder')]")
+    # The pods' PATH starts with the virtualenv, so their ninja is its ninja: build with the
+    # same one, or the pods find another ninja's build log and build it all again.
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ext), DS_ACCELERATOR="cpu",
+               PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
+    run_cmd([sys.executable, "-c", build], env, timeout=900).ok()
+    return ext
+
+
 @pytest.fixture
-def inputs(s3, bucket, tiny_model, seed_records, tmp_path):
+def inputs(s3, bucket, tiny_model, seed_records, tmp_path, deepspeed_ops):
     data = write_records(tmp_path / "alpaca_data.json", seed_records[:RECORDS])
     env = dict(os.environ, **s3.env)
     return upload_inputs(s3, bucket, tiny_model, data, env)
@@ -55,8 +78,8 @@ def finetune(name: str, bucket: str, model_uri: str, data_uri: str, s3) -> dict:
         "spec": {
             "model": {"uri": model_uri}, "data": {"uri": data_uri},
             "output": {"uri": f"s3://{bucket}/runs/{name}/"},
-            "training": {"epochs": 1, "learningRate": 1e-3, "perDeviceBatchSize": 2, "gradientAccumulationSteps": 1,
-                         "maxSeqLength": 128, "warmupRatio": 0, "saveSteps": 3, "saveTotalLimit": 2,
+            "training": {"epochs": 3, "learningRate": 1e-3, "perDeviceBatchSize": 2, "gradientAccumulationSteps": 1,
+                         "maxSeqLength": 128, "warmupRatio": 0, "saveSteps": 40, "saveTotalLimit": 2,
                          "loggingSteps": 1, "precision": "bf16"},
             "deepspeed": {"zeroStage": 2},
             "resources": {"nodes": 2, "gpusPerNode": 1, "instanceType": "p4d.24xlarge",
@@ -72,9 +95,13 @@ class TableWatch:
 
     def __init__(self, env: dict, namespace: str, name: str):
         self.rows: list[dict] = []
+        # The Progress and Loss columns of `kubectl get aft`, by their JSON paths (a plain
+        # table's empty cells cannot be told apart when split).
+        columns = "PHASE:.status.phase,PROGRESS:.status.progress.display,LOSS:.status.progress.loss"
         self.proc = subprocess.Popen(
             [str(BIN / "kubectl"), "get", "aft", "-n", namespace, "--watch", "--field-selector",
-             f"metadata.name={name}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             f"metadata.name={name}", "-o", f"custom-columns={columns}"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
@@ -82,10 +109,10 @@ class TableWatch:
         header = None
         for line in self.proc.stdout:
             cols = line.split()
-            if cols and cols[0] == "NAME":
+            if cols and cols[0] == "PHASE":
                 header = cols
                 continue
-            if header and len(cols) >= 5:
+            if header and len(cols) == len(header):
                 self.rows.append(dict(zip(header, cols)))
 
     def stop(self) -> list[dict]:
@@ -104,7 +131,7 @@ def diagnose(cluster, namespace: str, operator: OperatorProcess) -> str:
     return "\n".join(out)
 
 
-def wait_finished(cluster, namespace, name, operator, timeout=300) -> dict:
+def wait_finished(cluster, namespace, name, operator, timeout=600) -> dict:
     def done():
         body = get_json(cluster, "aft", name, "-n", namespace)
         return body if body.get("status", {}).get("phase") in ("Succeeded", "Failed") else None
@@ -131,14 +158,16 @@ def test_a_finetune_trains_for_real_through_the_operator(cluster, served, operat
     assert all(p["spec"]["nodeName"].startswith("ip-192-168-200-") for p in pods), "on the local-exec GPU node"
     assert body["status"]["progress"]["stage"] == "done"
     # What `kubectl get aft` showed while it trained: steps moving, loss changing.
-    training = [(r["PROGRESS"], r["LOSS"]) for r in rows if r.get("PROGRESS", "<none>") not in ("<none>",)]
+    training = [(r["PROGRESS"], r["LOSS"]) for r in rows if r["PROGRESS"] != "<none>"]
     steps = {p for p, _ in training}
     losses = {loss for _, loss in training if loss != "<none>"}
     assert len(steps) >= 2 and len(losses) >= 2, rows
+    table_now = cluster.kubectl("-n", served, "get", "aft", "real").stdout
+    assert "Succeeded" in table_now and f"{STEPS}/{STEPS}" in table_now, table_now
     objects = keys(s3, bucket, "runs/real/")
     assert {"runs/real/config.json", "runs/real/model.safetensors", "runs/real/manifest.json"} <= set(objects)
     m = manifest(s3, bucket, "real")
-    assert m["world_size"] == 2 and m["result"]["global_step"] == m["result"]["max_steps"] == 12
+    assert m["world_size"] == 2 and m["result"]["global_step"] == m["result"]["max_steps"] == STEPS
     assert m["result"]["resumed_from"] is None
     # Rank 0 logged the rendezvous through the headless Service's name.
     rank0 = next(p for p in pods if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0")
@@ -165,7 +194,9 @@ def test_a_killed_worker_restarts_the_gang_which_resumes_from_s3(cluster, served
     os.killpg(int(record["pid"]), signal.SIGKILL)  # the worker's whole process tree, like a node loss
 
     body = wait_finished(cluster, served, "phoenix", operator)
-    assert body["status"]["attempts"] == 2
+    # Pods share the host's ports here: a new rank 0 that starts while the old one still
+    # holds the rendezvous port fails once more, so a third attempt is no error.
+    assert body["status"]["attempts"] >= 2
     m = manifest(s3, bucket, "phoenix")
     assert m["result"]["resumed_from"], m["result"]
-    assert m["result"]["global_step"] == m["result"]["max_steps"] == 12
+    assert m["result"]["global_step"] == m["result"]["max_steps"] == STEPS

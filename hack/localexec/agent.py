@@ -80,6 +80,22 @@ def write_in_place(path: Path, text: str) -> None:
         os.close(fd)
 
 
+def busy_ports(container: dict) -> list[int]:
+    """The container's declared TCP ports that something on the host listens on."""
+    import socket
+    busy = []
+    for port in container.get("ports") or []:
+        if port.get("protocol", "TCP") != "TCP":
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("0.0.0.0", int(port["containerPort"])))
+            except OSError:
+                busy.append(int(port["containerPort"]))
+    return busy
+
+
 def _selector_matches(selector: str, labels: dict) -> bool:
     for term in filter(None, (t.strip() for t in selector.split(","))):
         key, eq, value = term.partition("=")
@@ -680,6 +696,12 @@ class Agent:
             self._delete(ps)
 
     def _start_or_wait(self, ps: PodState, c: dict, restarts: int, last: dict | None) -> None:
+        busy = busy_ports(c)
+        if busy:
+            # Pods share the host's ports: a restarted gang's rank 0 waits until the old one,
+            # still in its grace period, has let go of the rendezvous port.
+            return self._waiting(ps, {c["name"]: c}, "PortInUse",
+                                 f"container port(s) {', '.join(map(str, busy))} in use on the host")
         try:
             self.start(ps, c, restarts, last)
         except ConfigError as e:
