@@ -141,8 +141,11 @@ def test_lifecycle_to_completed_one_event_per_secondary_status(cluster, operator
     assert tags["alpaca.dev/uid"] == uid and tags["alpaca.dev/namespace"] == namespace
     cfg = sagemaker_local.client("s3").get_object(Bucket=sm_bucket, Key=f"runs/{name}/.alpaca/{job}/ds_config.json")
     assert json.loads(cfg["Body"].read())["zero_optimization"]["stage"] == 3
-    # Polling stops once the job is finished: no describe of it after a few more intervals.
+    # Bounded polling: at most two describes per interval of the job's life (POLL here, 30 s
+    # by default), and none once the job is finished.
+    life = (desc["TrainingEndTime"] - desc["CreationTime"]).total_seconds()
     before = sagemaker_local.calls(job).get("DescribeTrainingJob", 0)
+    assert before <= 2 * life / POLL + 4, (before, life)
     time.sleep(3 * POLL)
     assert sagemaker_local.calls(job).get("DescribeTrainingJob", 0) == before
     assert jobs_of(sagemaker_local, name) == [job]
@@ -327,3 +330,20 @@ def test_without_aws_credentials_the_run_says_so(cluster, operator, crd, sm_buck
     finally:
         bare.stop()
         operator.start()
+
+
+def test_permanent_aws_errors_fail_the_run_without_retries(cluster, operator, sagemaker_local, sm_bucket, namespace):
+    name = "sm-limit"
+    with sagemaker_local.faults(error=("ResourceLimitExceeded", 400, "The account-level service limit "
+                                       "'ml.m5.xlarge for training job usage' is 0 Instances"),
+                                error_count=-1, operations=["CreateTrainingJob"]):
+        apply(cluster, namespace, finetune(name, sm_bucket, run_policy={"backoffLimit": 3}))
+        body = wait_for("Failed", phase_is(cluster, namespace, name, "Failed"), timeout=60,
+                        on_timeout=dump(cluster, namespace, operator, sagemaker_local))
+        job = training_job_name(name, body["metadata"]["uid"], 1)
+        time.sleep(3 * POLL)    # a retry would show now
+        calls = sagemaker_local.calls(job)
+    cond = _condition(body, "Failed")
+    assert cond["reason"] == "ResourceLimitExceeded" and "account-level service limit" in cond["message"], cond
+    assert calls.get("CreateTrainingJob") == 1, calls
+    assert body["status"]["attempts"] == 1 and jobs_of(sagemaker_local, f"{name}-") == []

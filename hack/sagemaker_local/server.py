@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         from executor import Executor
 
         work = args.work_dir or Path(tempfile.mkdtemp(prefix="sagemaker-local-"))
-        train = args.train_command.split() if args.train_command else None
+        train = shlex.split(args.train_command) if args.train_command else None
         executor = Executor(work, grace_seconds=args.grace_seconds, train_command=train)
     app = build_app(args.step_seconds, executor, args.seed)
 

@@ -7,7 +7,7 @@ the job's tags carry this run's uid. A job of that name tagged for anything else
 adopted: the run fails with a message naming the job.
 
 Polling: a job is described at most once per poll interval (ALPACA_SAGEMAKER_POLL_SECONDS,
-default 30, with +-20 % jitter so runs created together spread out), whatever triggers the
+default 30, plus 0-25 % jitter so runs created together spread out), whatever triggers the
 reconcile, and never again once finished. Each describe of a running job also reads the
 job's progress.json (AGREEMENTS.md) from the output prefix.
 """
@@ -79,7 +79,9 @@ class SageMakerBackend:
                               "credentials and a region: spec.sagemaker.region or AWS_REGION)") from None
 
     def _jitter(self) -> float:
-        return self.interval * random.uniform(0.8, 1.2)
+        # Never sooner than the interval (the call budget), up to a quarter later (to spread
+        # runs created together).
+        return self.interval * random.uniform(1.0, 1.25)
 
     async def describe(self, run: Run, job: str, *, fresh: bool = False) -> dict[str, Any] | None:
         seen = self._seen.get(job)
