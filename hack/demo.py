@@ -196,7 +196,7 @@ def stop_standin(state: Path) -> None:
     (state / "standin.json").unlink(missing_ok=True)
 
 
-def start_standin(state: Path) -> "object":
+def start_standin(state: Path):
     section("the SageMaker stand-in in execution mode (also the local S3)")
     stop_standin(state)
     work = state / "sagemaker"
@@ -306,7 +306,8 @@ def run_manifests(sm) -> list[dict]:
     docs = []
     for name, file in zip(RUNS, ("eks.yaml", "sagemaker.yaml")):
         doc = load_yaml(DEMO / file)
-        assert doc["metadata"]["name"] == name, file
+        if doc["metadata"]["name"] != name:
+            raise DemoError(f"hack/demo/{file} must name its run {name} (it names it {doc['metadata']['name']})")
         doc["metadata"]["namespace"] = RUNS_NS
         doc["spec"]["env"] = [*doc["spec"].get("env", []), *({"name": k, "value": v} for k, v in env.items())]
         docs.append(doc)
