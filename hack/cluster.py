@@ -6,7 +6,14 @@ kube-scheduler run as local processes from the binaries `hack/build-controlplane
 built; kwok plays the kubelets. Like controller-runtime's envtest, but with a scheduler,
 controllers and nodes, so Jobs really get scheduled, run and complete.
 
+Beside kwok's nodes, local-exec nodes (label and taint alpaca.dev/local-exec=true) whose
+pods the node agent hack/localexec/agent.py runs as real processes on this machine; kwok
+does not manage them. The agent is one more component: `down` stops it and every
+process it started.
+
     python hack/cluster.py up   [--dir .cluster] [--gpu-nodes 4] [--system-nodes 2] [--port 36443]
+                                [--local-exec-gpu-nodes 1] [--local-exec-system-nodes 1]
+                                [--local-exec-max-procs 2]
     python hack/cluster.py down [--dir .cluster]
     python hack/cluster.py status [--dir .cluster]
 
@@ -28,9 +35,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("BIN", ROOT / ".bin"))
 STAGES = ROOT / "hack" / "kwok-stages.yaml"
+LOCALEXEC = ROOT / "hack" / "localexec"
+sys.path.insert(0, str(LOCALEXEC))
+import procs as localexec_procs  # noqa: E402  (standard library only, like this file)
 
 # Order matters: each component needs the ones before it.
 COMPONENTS = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"]
+AGENT = "localexec-agent"
+
+LOCAL_EXEC_LABEL = "alpaca.dev/local-exec"
+LOCAL_EXEC_TAINT = {"key": LOCAL_EXEC_LABEL, "value": "true", "effect": "NoSchedule"}
+MAX_PROCS_LABEL = "alpaca.dev/local-exec-max-procs"
 
 GPU_NODEGROUP = "gpu-p4d"
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}
@@ -52,6 +67,8 @@ class Cluster:
         self.logs = self.dir / "logs"
         self.pids = self.dir / "pids"
         self.kubeconfig = self.dir / "kubeconfig"
+        self.agent_state = self.dir / "localexec"
+        self.layout_file = self.dir / "local-exec.json"
         self._procs: dict[str, subprocess.Popen] = {}
 
     # ---- certificates -------------------------------------------------------------
@@ -79,6 +96,16 @@ class Cluster:
         self._sign("admin", "/O=system:masters/CN=alpaca-admin", client_ext)
         self._openssl("genrsa", "-out", p("sa.key"), "2048")
         self._openssl("rsa", "-in", p("sa.key"), "-pubout", "-out", p("sa.pub"))
+
+    def make_agent_pki(self) -> None:
+        """The local-exec agent's serving certificate, and the client certificate the API
+        server shows it when it proxies `kubectl logs` (only the API server may read logs)."""
+        if (self.pki / "kubelet-client.crt").exists():
+            return
+        server_ext = self.pki / "localexec.ext"
+        server_ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+        self._sign("localexec", "/CN=alpaca-localexec-agent", server_ext)
+        self._sign("kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client", self.pki / "client.ext")
 
     def _sign(self, name: str, subject: str, ext: Path) -> None:
         p = lambda n: str(self.pki / n)  # noqa: E731
@@ -133,6 +160,9 @@ class Cluster:
                 f"--client-ca-file={pki / 'ca.crt'}",
                 "--service-cluster-ip-range=10.0.0.0/24", "--allow-privileged=true",
                 "--authorization-mode=RBAC",
+                f"--kubelet-client-certificate={pki / 'kubelet-client.crt'}",
+                f"--kubelet-client-key={pki / 'kubelet-client.key'}",
+                "--kubelet-preferred-address-types=InternalIP",
                 "--service-account-issuer=https://kubernetes.default.svc",
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
@@ -161,6 +191,12 @@ class Cluster:
                 f"--config={STAGES}", "--node-lease-duration-seconds=40",
                 "--cidr=10.128.0.1/16", "--node-ip=10.127.0.1",
             ]
+        if name == AGENT:
+            return [
+                str(LOCALEXEC / "agent.py"), f"--kubeconfig={kc}", f"--state-dir={self.agent_state}",
+                f"--cert={pki / 'localexec.crt'}", f"--key={pki / 'localexec.key'}",
+                f"--client-ca={pki / 'ca.crt'}", f"--venv-bin={ROOT / '.venv' / 'bin'}",
+            ]
         raise ValueError(name)
 
     def _write_scheduler_config(self) -> None:
@@ -181,19 +217,37 @@ class Cluster:
         except FileNotFoundError:
             return None
         # A recycled pid belongs to some other program: not ours to signal.
+        if name == AGENT:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            return pid if len(args) > 1 and args[1].decode().endswith("localexec/agent.py") else None
         return pid if os.path.basename(cmdline.decode()) == name else None
 
+    def local_exec_layout(self) -> dict:
+        try:
+            return json.loads(self.layout_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {"gpu_nodes": 0, "system_nodes": 0}
+
+    def components(self) -> list[str]:
+        layout = self.local_exec_layout()
+        return COMPONENTS + ([AGENT] if layout["gpu_nodes"] + layout["system_nodes"] > 0 else [])
+
     def running(self) -> dict[str, int | None]:
-        return {name: self._pid(name) for name in COMPONENTS}
+        return {name: self._pid(name) for name in self.components()}
 
     def _start(self, name: str) -> None:
-        binary = BIN / name
-        if not binary.exists():
-            raise ClusterError(f"{binary} is missing: run `make setup` (hack/build-controlplane.sh)")
+        if name == AGENT:
+            python = ROOT / ".venv" / "bin" / "python"
+            command = [str(python if python.exists() else sys.executable), *self._args(name)]
+        else:
+            binary = BIN / name
+            if not binary.exists():
+                raise ClusterError(f"{binary} is missing: run `make setup` (hack/build-controlplane.sh)")
+            command = [str(binary), *self._args(name)]
         self.logs.mkdir(parents=True, exist_ok=True)
         self.pids.mkdir(parents=True, exist_ok=True)
         with open(self.logs / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen([str(binary), *self._args(name)], stdout=log, stderr=log,
+            proc = subprocess.Popen(command, stdout=log, stderr=log,
                                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.dir)
         self._procs[name] = proc
         (self.pids / f"{name}.pid").write_text(str(proc.pid))
@@ -242,14 +296,26 @@ class Cluster:
     def healthy(self) -> bool:
         return all(self.running().values()) and self._api_ready()
 
-    def up(self, gpu_nodes: int, system_nodes: int) -> None:
-        if self.healthy():
-            self.ensure_nodes(gpu_nodes, system_nodes)
+    def _control_plane_healthy(self) -> bool:
+        return all(self._pid(name) for name in COMPONENTS) and self._api_ready()
+
+    def up(self, gpu_nodes: int, system_nodes: int, local_exec_gpu_nodes: int = 0,
+           local_exec_system_nodes: int = 0, local_exec_max_procs: int = 0) -> None:
+        exec_nodes = local_exec_gpu_nodes + local_exec_system_nodes
+        if self._control_plane_healthy():
+            self._write_layout(local_exec_gpu_nodes, local_exec_system_nodes)
+            self.ensure_nodes(gpu_nodes, system_nodes, local_exec_gpu_nodes, local_exec_system_nodes,
+                              local_exec_max_procs)
+            # A restarted agent finds the processes of the one that died.
+            if exec_nodes and not self._pid(AGENT):
+                self.start_agent()
             return
         # Half a cluster (a crash, a reboot) is not worth repairing: start clean.
         self.down()
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._write_layout(local_exec_gpu_nodes, local_exec_system_nodes)
         self.make_pki()
+        self.make_agent_pki()
         self.write_kubeconfig()
         self._write_scheduler_config()
         self._start("etcd")
@@ -258,11 +324,30 @@ class Cluster:
         self._wait("kube-apiserver /readyz", self._api_ready, 120, "kube-apiserver")
         for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
             self._start(name)
-        self.ensure_nodes(gpu_nodes, system_nodes)
+        self.ensure_nodes(gpu_nodes, system_nodes, local_exec_gpu_nodes, local_exec_system_nodes,
+                          local_exec_max_procs)
+        if exec_nodes:
+            self._start(AGENT)
         self._wait("the default ServiceAccount (controller-manager up)",
                    lambda: self.kubectl("get", "serviceaccount", "default", check=False).returncode == 0,
                    120, "kube-controller-manager")
-        self._wait("all nodes Ready", lambda: self._nodes_ready(gpu_nodes + system_nodes), 120, "kwok")
+        self._wait("all nodes Ready", lambda: self._nodes_ready(gpu_nodes + system_nodes + exec_nodes), 120,
+                   AGENT if exec_nodes else "kwok")
+
+    def _write_layout(self, gpu_nodes: int, system_nodes: int) -> None:
+        self.layout_file.write_text(json.dumps({"gpu_nodes": gpu_nodes, "system_nodes": system_nodes}))
+
+    def start_agent(self) -> None:
+        self._start(AGENT)
+        self._wait("the local-exec agent's heartbeat", lambda: self._local_exec_ready(), 60, AGENT)
+
+    def _local_exec_ready(self) -> bool:
+        out = self.kubectl("get", "nodes", "-l", f"{LOCAL_EXEC_LABEL}=true", "-o",
+                           "jsonpath={range .items[*]}{.status.daemonEndpoints.kubeletEndpoint.Port}{'\\n'}{end}",
+                           check=False).stdout.split()
+        pid = self._pid(AGENT)
+        return bool(out) and pid is not None and all(
+            _listening(int(port)) for port in out if port.isdigit() and port != "0") and "0" not in out
 
     def _nodes_ready(self, want: int) -> bool:
         out = self.kubectl("get", "nodes", "-o",
@@ -270,13 +355,29 @@ class Cluster:
                            check=False).stdout.split()
         return out.count("True") >= want
 
-    def ensure_nodes(self, gpu_nodes: int, system_nodes: int) -> None:
+    def ensure_nodes(self, gpu_nodes: int, system_nodes: int, local_exec_gpu_nodes: int = 0,
+                     local_exec_system_nodes: int = 0, local_exec_max_procs: int = 0) -> None:
         nodes = [gpu_node(i) for i in range(gpu_nodes)] + [system_node(i) for i in range(system_nodes)]
+        nodes += [local_exec(gpu_node(i, subnet=200), local_exec_max_procs) for i in range(local_exec_gpu_nodes)]
+        nodes += [local_exec(system_node(i, subnet=20), 0) for i in range(local_exec_system_nodes)]
         doc = {"apiVersion": "v1", "kind": "List", "items": nodes}
         self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
                      input=json.dumps(doc), timeout=300)
 
     def down(self) -> None:
+        # The agent first, while the API server still answers: its SIGTERM stops every pod
+        # process (SIGTERM, then SIGKILL after its grace).
+        agent = self._pid(AGENT)
+        if agent is not None:
+            os.kill(agent, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and _alive(agent):
+                time.sleep(0.1)
+            if _alive(agent):
+                os.killpg(agent, signal.SIGKILL)
+        # Whatever an agent that was killed outright left behind.
+        if self.agent_state.exists():
+            localexec_procs.sweep(self.agent_state)
         pids = {name: pid for name, pid in self.running().items() if pid is not None}
         for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
             for pid in pids.values():
@@ -295,6 +396,17 @@ class Cluster:
         # State does not outlive the processes: the next `up` starts from an empty etcd.
         shutil.rmtree(self.dir / "etcd", ignore_errors=True)
         shutil.rmtree(self.pids, ignore_errors=True)
+        if self.agent_state.exists() and not localexec_procs.mounts_under(self.agent_state):
+            shutil.rmtree(self.agent_state, ignore_errors=True)
+
+
+def _listening(port: int) -> bool:
+    import socket
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 def _alive(pid: int) -> bool:
@@ -312,9 +424,9 @@ def _eks_name(i: int, subnet: int) -> str:
     return f"ip-192-168-{subnet + i // 250}-{10 + i % 250}.us-west-2.compute.internal"
 
 
-def gpu_node(i: int) -> dict:
+def gpu_node(i: int, subnet: int = 100) -> dict:
     """A p4d.24xlarge of the EKS managed nodegroup `gpu-p4d`, as kwok will play it."""
-    name = _eks_name(i, 100)
+    name = _eks_name(i, subnet)
     resources = {"cpu": "96", "memory": "1152Gi", "pods": "110", "ephemeral-storage": "8Ti",
                  "nvidia.com/gpu": "8", "vpc.amazonaws.com/efa": "4"}
     return _node(name, {
@@ -326,8 +438,8 @@ def gpu_node(i: int) -> dict:
     }, resources, [GPU_TAINT])
 
 
-def system_node(i: int) -> dict:
-    name = _eks_name(i, 10)
+def system_node(i: int, subnet: int = 10) -> dict:
+    name = _eks_name(i, subnet)
     resources = {"cpu": "4", "memory": "16Gi", "pods": "58", "ephemeral-storage": "100Gi"}
     return _node(name, {
         "eks.amazonaws.com/nodegroup": "system",
@@ -335,6 +447,19 @@ def system_node(i: int) -> dict:
         "node.kubernetes.io/instance-type": "m5.xlarge",
         "topology.kubernetes.io/zone": "us-west-2a",
     }, resources, [])
+
+
+def local_exec(node: dict, max_procs: int) -> dict:
+    """The same node, run by the local-exec agent instead of kwok: no kwok annotation (kwok
+    manages only annotated nodes), its label, and a taint so only pods that ask land there."""
+    meta = node["metadata"]
+    del meta["annotations"]["kwok.x-k8s.io/node"]
+    meta["labels"].pop("type")
+    meta["labels"][LOCAL_EXEC_LABEL] = "true"
+    if max_procs:
+        meta["labels"][MAX_PROCS_LABEL] = str(max_procs)
+    node["spec"]["taints"] = [*node["spec"]["taints"], LOCAL_EXEC_TAINT]
+    return node
 
 
 def _node(name: str, labels: dict, resources: dict, taints: list) -> dict:
@@ -359,14 +484,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("CLUSTER_PORT", "36443")))
     parser.add_argument("--gpu-nodes", type=int, default=int(os.environ.get("GPU_NODES", "4")))
     parser.add_argument("--system-nodes", type=int, default=int(os.environ.get("SYSTEM_NODES", "2")))
+    parser.add_argument("--local-exec-gpu-nodes", type=int,
+                        default=int(os.environ.get("LOCAL_EXEC_GPU_NODES", "1")))
+    parser.add_argument("--local-exec-system-nodes", type=int,
+                        default=int(os.environ.get("LOCAL_EXEC_SYSTEM_NODES", "1")))
+    parser.add_argument("--local-exec-max-procs", type=int,
+                        default=int(os.environ.get("LOCAL_EXEC_MAX_PROCS", "2")),
+                        help="cap on training processes per pod on the local-exec GPU nodes (0: none)")
     args = parser.parse_args(argv)
     cluster = Cluster(Path(args.dir), args.port)
     try:
         if args.command == "up":
             t0 = time.monotonic()
-            cluster.up(args.gpu_nodes, args.system_nodes)
+            cluster.up(args.gpu_nodes, args.system_nodes, args.local_exec_gpu_nodes,
+                       args.local_exec_system_nodes, args.local_exec_max_procs)
             print(f"control plane up in {time.monotonic() - t0:.1f}s "
-                  f"({args.gpu_nodes} GPU nodes, {args.system_nodes} system nodes)", file=sys.stderr)
+                  f"({args.gpu_nodes} GPU nodes, {args.system_nodes} system nodes, local-exec: "
+                  f"{args.local_exec_gpu_nodes} GPU, {args.local_exec_system_nodes} system)", file=sys.stderr)
             print(f"export KUBECONFIG={cluster.kubeconfig}")
         elif args.command == "down":
             cluster.down()

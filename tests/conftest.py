@@ -75,7 +75,7 @@ def cluster():
             break
     assert own is not None, "no free ports for a test control plane"
     try:
-        own.up(gpu_nodes=4, system_nodes=2)
+        own.up(gpu_nodes=4, system_nodes=2, local_exec_gpu_nodes=1, local_exec_system_nodes=1)
     except hack_cluster.ClusterError as e:
         own.down()
         pytest.fail(f"the control plane could not start: {e}", pytrace=False)

@@ -23,6 +23,7 @@ NON_DEFAULT = {
     "replicaCount": 3,
     "watchNamespaces": ["team-a", "team-b"],
     "image": {"repository": "registry.example.com/ml/alpaca-operator", "digest": DIGEST},
+    "healthPort": 8181,
     "metrics": {"enabled": True, "port": 9191, "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
     "serviceAccount": {"irsaRoleArn": "arn:aws:iam::123456789012:role/alpaca-operator"},
     "defaults": {"trainingImage": "registry.example.com/ml/alpaca-train:1.2"},
@@ -104,6 +105,7 @@ def test_peering_priorities_from_pod_ips_are_distinct():
     ({"serviceAccount": {"irsaRoleArn": "alpaca-operator"}}, "/serviceAccount/irsaRoleArn"),
     ({"sagemaker": {"region": "Europe"}}, "/sagemaker/region"),
     ({"metrics": {"port": 8080}}, "/metrics/port"),
+    ({"healthPort": 80}, "/healthPort"),
     ({"tolerations": [{"key": "k", "effect": "Never"}]}, "/tolerations/0/effect"),
     ({"nodeSelector": {"alpaca.dev/local-exec": True}}, "/nodeSelector/alpaca.dev~1local-exec"),
     ({"resources": {"limits": {"memory": "lots"}}}, "/resources/limits/memory"),
@@ -204,7 +206,9 @@ def test_non_default_values(tmp_path):
     assert c["resources"] == NON_DEFAULT["resources"]
     # Standbys spread over nodes.
     assert pod["affinity"]["podAntiAffinity"]
-    assert {"--namespace=team-a", "--namespace=team-b", "--metrics-port=9191", "--debug"} <= set(c["args"])
+    assert {"--namespace=team-a", "--namespace=team-b", "--metrics-port=9191", "--debug",
+            "--liveness=http://0.0.0.0:8181/healthz"} <= set(c["args"])
+    assert {"name": "health", "containerPort": 8181} in c["ports"]
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["ALPACA_TRAINING_IMAGE"] == "registry.example.com/ml/alpaca-train:1.2"
     assert env["AWS_REGION"] == "eu-west-1"
@@ -228,6 +232,12 @@ def test_non_default_values(tmp_path):
     assert mon["spec"]["endpoints"][0]["port"] == "metrics"
     assert all(mon["spec"]["selector"]["matchLabels"][k] == v for k, v in svc["metadata"]["labels"].items()
                if k in mon["spec"]["selector"]["matchLabels"])
+
+
+def test_metrics_and_health_on_one_port_are_refused_naming_both(tmp_path):
+    proc = helm("template", "x", str(CHART), "-f", values_file(tmp_path, {"healthPort": 9090}), check=False)
+    assert proc.returncode != 0 and "metrics.port and healthPort must differ (both are 9090)" in proc.stderr, proc.stderr
+    helm("template", "x", str(CHART), "-f", values_file(tmp_path, {"healthPort": 9090, "metrics": {"enabled": False}}))
 
 
 def test_pod_identity_notes_and_ack_association(tmp_path):

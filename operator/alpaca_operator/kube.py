@@ -27,7 +27,7 @@ import logging
 import os
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Protocol
 from urllib.parse import quote
 
@@ -108,11 +108,20 @@ def _kubeconfig_needs_client() -> bool:
     return bool(user.get("exec") or user.get("auth-provider"))
 
 
+def in_cluster_server(env: Mapping[str, str]) -> str:
+    """The API server as the kubelet tells its pods (KUBERNETES_SERVICE_HOST/PORT), like
+    client-go's in-cluster config; kopf alone assumes kubernetes.default.svc:443."""
+    host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
+    if not (host and port):
+        return "https://kubernetes.default.svc"
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
+
 def login(settings: kopf.OperatorSettings, logger: logging.Logger | Any = log) -> kopf.ConnectionInfo | None:
     """In a pod: its service account. Else $KUBECONFIG (or ~/.kube/config)."""
     info = kopf.login_with_service_account(settings=settings, logger=logger)
     if info is not None:
-        return info
+        return replace(info, server=in_cluster_server(os.environ))
     if _kubeconfig_needs_client():
         # Only now pay for the kubernetes client (see __main__ for why it is kept out).
         if sys.modules.get("kubernetes", False) is None:

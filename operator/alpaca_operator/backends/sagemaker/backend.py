@@ -101,7 +101,7 @@ class SageMakerBackend:
                 raise
             desc = None
         self._seen[job] = _Seen(desc, now, seen.progress if seen else None)
-        if desc is not None and desc.get("TrainingJobStatus") == "InProgress":
+        if desc is not None and desc.get("TrainingJobStatus") in ("InProgress", *mapping.FINISHED):
             self._seen[job].progress = await self._progress(run, job)
         return desc
 
