@@ -258,8 +258,9 @@ def install_operator(t: Tools, sm, state: Path) -> None:
     values_file.write_text(json.dumps(values, indent=1))
     proc = t.helm("upgrade", "--install", RELEASE, str(CHART), "--namespace", OPERATOR_NS,
                   "-f", str(CHART / "ci" / "local-exec-values.yaml"), "-f", str(values_file),
-                  # The CRD may be there without helm's labels (kubectl apply -f manifests/crd/).
-                  "--take-ownership", "--wait", "--timeout", "180s", what="helm", check=False, timeout=240)
+                  # The CRD may be there without helm's labels (kubectl apply -f manifests/crd/),
+                  # or an older one that kubectl applied: the repo's is the one to have.
+                  "--take-ownership", "--force-conflicts", "--wait", "--timeout", "180s", what="helm", check=False, timeout=240)
     if proc.returncode != 0:
         raise DemoError(f"helm install of the operator failed: {(proc.stderr or proc.stdout).strip()[-500:]}"
                         f"{operator_pod_trouble(t)}\n  (kubectl -n {OPERATOR_NS} describe pods; "

@@ -63,8 +63,9 @@ def cluster_wide(cluster, tmp_path_factory):
     cluster.kubectl("create", "namespace", rel.namespace)
     try:
         # --take-ownership: the CRD may be there already (kubectl apply -f manifests/crd/,
-        # as the other tests and users without helm do).
-        rel.install({}, CHART, "install", "--take-ownership")
+        # as the other tests and users without helm do); --force-conflicts: kubectl then
+        # co-owns its fields, and the chart's copy wins.
+        rel.install({}, CHART, "install", "--take-ownership", "--force-conflicts")
         yield rel
     finally:
         rel.uninstall()
