@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from support import free_port, port_free
+from support import free_port, three_free_ports
 
 # The training-image tests' fixtures (tiny model, training environment) and the SageMaker stand-in's.
 pytest_plugins = ["fixtures_train", "fixtures_sagemaker"]
@@ -66,14 +66,7 @@ def cluster():
     if shared.kubeconfig.exists() and shared.healthy():
         yield ClusterHandle(str(shared.kubeconfig), _env_with(shared.kubeconfig))
         return
-    # etcd takes the two ports below the apiserver's: find three in a row that are free.
-    own = None
-    for _ in range(20):
-        port = free_port()
-        if port > 20000 and all(port_free(p) for p in (port - 2, port - 1)):
-            own = hack_cluster.Cluster(Path(tempfile.mkdtemp(prefix="alpaca-cluster-")), port)
-            break
-    assert own is not None, "no free ports for a test control plane"
+    own = hack_cluster.Cluster(Path(tempfile.mkdtemp(prefix="alpaca-cluster-")), three_free_ports())
     try:
         own.up(gpu_nodes=4, system_nodes=2, local_exec_gpu_nodes=1, local_exec_system_nodes=1)
     except hack_cluster.ClusterError as e:

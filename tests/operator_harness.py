@@ -176,3 +176,19 @@ def service_account_env(cluster, path: Path, namespace: str, name: str) -> dict:
     }
     path.write_text(json.dumps(config))
     return {**cluster.env, "KUBECONFIG": str(path)}
+
+
+def apply(cluster, namespace: str, *docs: dict) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input="\n---\n".join(json.dumps(d) for d in docs))
+
+
+def aft(cluster, namespace: str, name: str) -> dict:
+    return get_json(cluster, "alpacafinetune", name, "-n", namespace)
+
+
+def phase_is(cluster, namespace, name, *phases):
+    """A wait_for check: the run's body once its phase is one of these."""
+    def check():
+        body = aft(cluster, namespace, name)
+        return body if body.get("status", {}).get("phase") in phases else None
+    return check

@@ -21,6 +21,15 @@ def port_free(port: int) -> bool:
             return False
 
 
+def three_free_ports() -> int:
+    """A port P with P-1 and P-2 free too (a control plane's etcd sits below its API server)."""
+    for _ in range(50):
+        port = free_port()
+        if port > 20000 and all(port_free(p) for p in (port - 1, port - 2)):
+            return port
+    raise AssertionError("no three free ports in a row")
+
+
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 60, interval: float = 0.3,
              on_timeout: Callable[[], str] | None = None) -> Any:
     deadline = time.monotonic() + timeout

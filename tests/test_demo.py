@@ -16,31 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from support import three_free_ports
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "hack" / "demo.py"
 _spec = importlib.util.spec_from_file_location("demo_script", DEMO)
 demo_module = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(demo_module)
-
-
-def three_free_ports() -> int:
-    """A port P with P-1 and P-2 free too (etcd sits below the API server)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port > 20000 and all(_free(p) for p in (port - 1, port - 2)):
-            return port
-    raise AssertionError("no three free ports in a row")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def demo(*args: str, timeout: float) -> subprocess.CompletedProcess:

@@ -16,8 +16,8 @@ import yaml
 from alpaca_operator.backends.base import Run
 from alpaca_operator.backends.eks import render
 from alpaca_operator.spec import parse_spec
-from operator_harness import (OperatorProcess, PhaseRecorder, assert_subset, get_json, kubectl_as, token_env,
-                              wait_for)
+from operator_harness import (OperatorProcess, PhaseRecorder, aft, apply, assert_subset, get_json, kubectl_as,
+                              phase_is, token_env, wait_for)
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "manifests" / "samples"
@@ -54,21 +54,6 @@ def finetune(name: str, *, nodes: int = 1, gpus: int = 8, run_for: str = "3s", f
             **spec,
         },
     }
-
-
-def apply(cluster, namespace: str, *docs: dict) -> None:
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input="\n---\n".join(json.dumps(d) for d in docs))
-
-
-def aft(cluster, namespace: str, name: str) -> dict:
-    return get_json(cluster, "alpacafinetune", name, "-n", namespace)
-
-
-def phase_is(cluster, namespace, name, *phases):
-    def check():
-        body = aft(cluster, namespace, name)
-        return body if body.get("status", {}).get("phase") in phases else None
-    return check
 
 
 def jobs(cluster, namespace: str, name: str) -> list[dict]:

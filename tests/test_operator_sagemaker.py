@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from alpaca_operator.backends.sagemaker.names import training_job_name
-from operator_harness import OperatorProcess, PhaseRecorder, get_json, wait_for
+from operator_harness import OperatorProcess, PhaseRecorder, aft, apply, get_json, phase_is, wait_for
 
 POLL = 1.0
 ROLE = "arn:aws:iam::123456789012:role/alpaca-sagemaker"
@@ -55,21 +55,6 @@ def finetune(name: str, bucket: str, run_policy: dict | None = None, annotations
                           **sagemaker},
         },
     }
-
-
-def apply(cluster, namespace: str, *docs: dict) -> None:
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input="\n---\n".join(json.dumps(d) for d in docs))
-
-
-def aft(cluster, namespace: str, name: str) -> dict:
-    return get_json(cluster, "alpacafinetune", name, "-n", namespace)
-
-
-def phase_is(cluster, namespace, name, *phases):
-    def check():
-        body = aft(cluster, namespace, name)
-        return body if body.get("status", {}).get("phase") in phases else None
-    return check
 
 
 def events(cluster, namespace: str, name: str) -> list[dict]:
