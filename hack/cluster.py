@@ -378,6 +378,9 @@ class Cluster:
         # Whatever an agent that was killed outright left behind.
         if self.agent_state.exists():
             localexec_procs.sweep(self.agent_state)
+        cgroups = localexec_procs.cgroup_root()
+        if cgroups is not None:
+            localexec_procs.cgroup_remove(cgroups / f"cluster-{self.api_port}")
         pids = {name: pid for name, pid in self.running().items() if pid is not None}
         for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
             for pid in pids.values():

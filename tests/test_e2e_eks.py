@@ -21,11 +21,11 @@ from operator_harness import OperatorProcess, get_json, wait_for
 
 LOCAL_EXEC = {"alpaca.dev/local-exec": "true"}
 TOLERATE = {"key": "alpaca.dev/local-exec", "operator": "Exists", "effect": "NoSchedule"}
-# 3 epochs of 160 records / (2 nodes x batch 2) = 120 steps (a few tenths of a second
-# each): long enough for rank 0's progress reports (at most one per 10 s) to show the step
-# and the loss moving.
+# 15 epochs of 160 records / (2 nodes x batch 2) = 600 steps of a tiny model (about 40 s
+# on an idle 2-core machine): long enough for rank 0's progress reports, at most one per
+# 10 s, to show the step and the loss moving in between the first and the last.
 RECORDS = 160
-STEPS = 120
+STEPS = 600
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +78,8 @@ def finetune(name: str, bucket: str, model_uri: str, data_uri: str, s3) -> dict:
         "spec": {
             "model": {"uri": model_uri}, "data": {"uri": data_uri},
             "output": {"uri": f"s3://{bucket}/runs/{name}/"},
-            "training": {"epochs": 3, "learningRate": 1e-3, "perDeviceBatchSize": 2, "gradientAccumulationSteps": 1,
-                         "maxSeqLength": 128, "warmupRatio": 0, "saveSteps": 40, "saveTotalLimit": 2,
+            "training": {"epochs": 15, "learningRate": 1e-3, "perDeviceBatchSize": 2, "gradientAccumulationSteps": 1,
+                         "maxSeqLength": 128, "warmupRatio": 0, "saveSteps": 150, "saveTotalLimit": 2,
                          "loggingSteps": 1, "precision": "bf16"},
             "deepspeed": {"zeroStage": 2},
             "resources": {"nodes": 2, "gpusPerNode": 1, "instanceType": "p4d.24xlarge",
