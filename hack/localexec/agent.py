@@ -459,7 +459,8 @@ class Agent:
         self._write_hosts(ps)
         if self.cgroups and not (ps.dir / "cgroup").exists():
             cg = self.cgroups / ps.uid
-            cg.mkdir(exist_ok=True)
+            # parents: the cluster's own group may have gone (a cleanup of another run's).
+            cg.mkdir(parents=True, exist_ok=True)
             (ps.dir / "cgroup").write_text(str(cg))
         ps.prepared = True
         self._save(ps)
@@ -557,7 +558,7 @@ class Agent:
         cgroup = None
         if ps.cgroup:
             cgroup = ps.cgroup / f"{name}-{restarts}"
-            cgroup.mkdir(exist_ok=True)
+            cgroup.mkdir(parents=True, exist_ok=True)
         launch = {
             "argv": argv, "env": env, "cwd": container.get("workingDir") or "/",
             "hostname": podspec.hostname(pod), "hosts": str(ps.dir / "hosts"), "hostname_file": str(ps.dir / "hostname"),

@@ -184,7 +184,8 @@ def run_seen(body: Mapping[str, Any], deleted: bool = False) -> None:
 @_safe
 def status_written(old: Mapping[str, Any], new: Mapping[str, Any] | None) -> None:
     """The operator wrote a run's status (old: the body it decided on, new: what the API
-    server returned): the phase, the first Running, a new attempt and its cause."""
+    server returned): the phase, the first Running. (Restarts come from the plan that
+    starts them: restart().)"""
     if not new:
         return
     backend = backend_of(new)
@@ -196,9 +197,6 @@ def status_written(old: Mapping[str, Any], new: Mapping[str, Any] | None) -> Non
         created = _parse_time(meta.get("creationTimestamp"))
         if created is not None:
             time_to_running(backend, (dt.datetime.now(dt.timezone.utc) - created).total_seconds())
-    if (before.get("attempts") or 0) >= 1 and (after.get("attempts") or 0) > before["attempts"]:
-        cond = next((c for c in after.get("conditions") or () if c.get("type") == "Restarting"), {})
-        restart(backend, cond.get("reason") or "Unknown")
 
 
 def instrument_boto3(client: Any, system: str) -> Any:
