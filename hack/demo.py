@@ -478,6 +478,27 @@ def diagnose(t: Tools, name: str) -> None:
 
 # ---- main --------------------------------------------------------------------------
 
+def deepspeed_ops() -> None:
+    """DeepSpeed JIT-builds its CPU ops on first use (minutes on a 2-core machine, once per
+    checkout): build them here, once, rather than in two pods and a training job racing for
+    the build lock under the runs' clocks."""
+    section("DeepSpeed's CPU ops (built once per checkout, in .cache/torch_extensions)")
+    ext = ROOT / ".cache" / "torch_extensions"
+    ext.mkdir(parents=True, exist_ok=True)
+    build = ("from deepspeed.accelerator import get_accelerator; "
+             "[get_accelerator().create_op_builder(b).load() for b in ('ShareMemCommBuilder', 'FusedAdamBuilder')]")
+    # The pods' PATH starts with the virtualenv: build with its ninja, or they build again.
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ext), DS_ACCELERATOR="cpu",
+               PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
+    t0 = time.monotonic()
+    proc = subprocess.run([str(VENV_BIN / "python"), "-c", build], env=env, capture_output=True, text=True,
+                          timeout=1800)
+    if proc.returncode != 0:
+        raise DemoError("building DeepSpeed's CPU ops failed: "
+                        + ((proc.stderr or proc.stdout).strip().splitlines() or ["(no output)"])[-1])
+    say(f"ready ({time.monotonic() - t0:.0f}s)")
+
+
 def up(args) -> int:
     t0 = time.monotonic()
     t = Tools(args.dir)
@@ -492,6 +513,7 @@ def up(args) -> int:
     sm = start_standin(state)
     seed_s3(sm, state)
     install_operator(t, sm, state)
+    deepspeed_ops()
     rendezvous_port_free()
     apply_runs(t, run_manifests(sm))
     runs = watch(t, args.timeout)
