@@ -79,7 +79,8 @@ def test_dockerfile_copy_sources_exist_and_cmd_is_train_without_entrypoint():
 
 def test_image_cmd_runs_as_sagemaker_runs_it(train_env, tmp_path):
     """`docker run IMAGE` (CMD, exec form) and SageMaker's `docker run IMAGE train`: an empty
-    /opt/ml fails with the reason in output/failure."""
+    /opt/ml fails as a bad configuration (exit 64: no retry can fix it) with the reason in
+    output/failure."""
     ins = _instructions()
     cmd = json.loads([a for i, a in ins if i == "CMD"][-1])
     workdir = tmp_path / [a for i, a in ins if i == "WORKDIR"][-1].lstrip("/")
@@ -88,7 +89,7 @@ def test_image_cmd_runs_as_sagemaker_runs_it(train_env, tmp_path):
     env["PATH"] = f"{VENV_BIN}:{env['PATH']}"
     for argv in (cmd, ["train"]):
         proc = run_cmd(argv, env, cwd=workdir, timeout=60)
-        assert proc.returncode == 1, proc.output
+        assert proc.returncode == 64, proc.output
         reason = (tmp_path / "opt-ml" / "output" / "failure").read_text()
         assert reason.startswith("no base model: set the hyperparameter model_name_or_path"), reason
 
