@@ -131,6 +131,7 @@ def test_environment_and_volumes_as_the_pod_declares_them(cluster, served):
             "labels": open("/etc/podinfo/labels").read(), "sa": sorted(os.listdir(sa)),
             "namespace_file": open(sa + "/namespace").read(),
             "scratch_writable": os.access("/scratch", os.W_OK), "cache_fs": mounts.get("/cache"),
+            "tmp_writable": os.access("/tmp", os.W_OK),
             "config_writable": os.access("/etc/cfg", os.W_OK),
             "whoami": whoami.stdout or whoami.stderr,
             "path0": os.environ["PATH"].split(":")[0],
@@ -143,6 +144,8 @@ def test_environment_and_volumes_as_the_pod_declares_them(cluster, served):
                    {"name": "creds", "secret": {"secretName": "creds"}},
                    {"name": "scratch", "emptyDir": {}},
                    {"name": "cache", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+                   # Over /tmp, where the agent's own state (the other volumes' sources) may live.
+                   {"name": "tmp", "emptyDir": {}},
                    {"name": "podinfo", "downwardAPI": {"items": [
                        {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
                ],
@@ -162,7 +165,7 @@ def test_environment_and_volumes_as_the_pod_declares_them(cluster, served):
                    "volumeMounts": [
                        {"name": "cfg", "mountPath": "/etc/cfg"}, {"name": "creds", "mountPath": "/etc/creds"},
                        {"name": "scratch", "mountPath": "/scratch"}, {"name": "cache", "mountPath": "/cache"},
-                       {"name": "podinfo", "mountPath": "/etc/podinfo"},
+                       {"name": "podinfo", "mountPath": "/etc/podinfo"}, {"name": "tmp", "mountPath": "/tmp"},
                    ]})
     apply(cluster, ns, spec)
     done = wait_phase(cluster, ns, "envvol")
@@ -180,7 +183,7 @@ def test_environment_and_volumes_as_the_pod_declares_them(cluster, served):
     assert report["config"] == '{"zero": 2}' and report["secret"] == "s3cr3t"
     assert 'tier="test"' in report["labels"]
     assert report["sa"] == ["ca.crt", "namespace", "token"] and report["namespace_file"] == ns
-    assert report["scratch_writable"] and not report["config_writable"]
+    assert report["scratch_writable"] and report["tmp_writable"] and not report["config_writable"]
     assert report["cache_fs"] == "tmpfs"
     assert report["path0"] == str(ROOT / ".venv" / "bin")
     whoami = json.loads(report["whoami"])

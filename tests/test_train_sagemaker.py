@@ -315,7 +315,7 @@ def test_two_instances_stopped_while_training_then_resumed_by_the_next_job(sagem
     logs = job_logs(sagemaker_exec, first)
     assert "--node_rank=0" in logs["algo-1"] and "--node_rank=1" in logs["algo-2"]
     assert "--master_addr=algo-1" in logs["algo-2"]
-    assert "SIGTERM: passing it to 1 training process(es)" in logs["algo-1"]
+    assert "SIGTERM: asking 1 worker(s) to save a checkpoint and stop" in logs["algo-1"]
     # Complete = both nodes' upload markers are there (alpaca_train.outputs).
     markers = [k.split("/checkpoint-")[1].split("/") for k in keys_of(sagemaker_exec, bucket, f"runs/{run}/")
                if "/checkpoint-" in k and "/.alpaca-uploaded-node" in k]

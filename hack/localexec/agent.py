@@ -568,6 +568,9 @@ class Agent:
             "shm_size": DEFAULT_SHM, "log": str(run_dir / "log"), "state": str(run_dir),
             "dev_stage": str(run_dir / ".dev"), "cgroup": str(cgroup) if cgroup else None,
             "image": container.get("image", ""), "containerID": cid,
+            # The "image" is this checkout (its .venv): a volume over one of its parents
+            # (an emptyDir at /tmp, for a checkout under /tmp) must not hide it.
+            "keep_visible": [str(Path(self.venv_bin).parent.parent)],
         }
         write_json(run_dir / "launch.json", launch)
         with open(run_dir / "shim.log", "ab") as shim_log:

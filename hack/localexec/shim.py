@@ -101,11 +101,30 @@ def setup_namespaces(spec: dict) -> None:
     for source, target in ((spec["hosts"], "/etc/hosts"), (spec["hostname_file"], "/etc/hostname")):
         ensure_mountpoint(target, source)
         bind(source, target, read_only=True)
+    # Every source is opened before anything is mounted: a volume at /tmp would otherwise hide
+    # the sources that live below it (the agent's state directory may be under /tmp), and a
+    # bind from /proc/self/fd/N reaches the opened directory whatever is mounted over its path.
+    opened = []
     for m in spec["mounts"]:
-        if not os.path.exists(m["source"]):
-            raise StartError(f"mount source {m['source']} for {m['target']} does not exist")
-        ensure_mountpoint(m["target"], m["source"])
-        bind(m["source"], m["target"], m["read_only"])
+        try:
+            opened.append((m, os.open(m["source"], os.O_PATH | os.O_CLOEXEC)))
+        except FileNotFoundError:
+            raise StartError(f"mount source {m['source']} for {m['target']} does not exist") from None
+    keep = [(k, os.open(k, os.O_PATH | os.O_CLOEXEC)) for k in spec.get("keep_visible") or () if os.path.isdir(k)]
+    # Parents before children (/tmp before /tmp/x), as a kubelet's runtime mounts them.
+    for m, fd in sorted(opened, key=lambda mf: len(Path(mf[0]["target"]).parts)):
+        source = f"/proc/self/fd/{fd}"
+        ensure_mountpoint(m["target"], source)
+        bind(source, m["target"], m["read_only"])
+        os.close(fd)
+    # What stands in for the image's files stays visible under a volume mounted above it.
+    targets = [Path(m["target"]) for m, _ in opened]
+    for path, fd in keep:
+        if any(Path(path) != t and Path(path).is_relative_to(t) for t in targets):
+            source = f"/proc/self/fd/{fd}"
+            ensure_mountpoint(path, source)
+            bind(source, path)
+        os.close(fd)
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -119,6 +138,8 @@ def child(spec: dict, err_fd: int) -> None:
         os.setsid()  # its own process group: a delete signals the whole group
         if spec.get("cgroup"):
             Path(spec["cgroup"], "cgroup.procs").write_text(str(os.getpid()))
+        # Opened on the host's paths, before any volume can hide them (one at /tmp may).
+        log = os.open(spec["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         setup_namespaces(spec)
         env = spec["env"]
         argv = spec["argv"]
@@ -128,7 +149,6 @@ def child(spec: dict, err_fd: int) -> None:
         exe = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env.get("PATH", ""))
         if not exe or not os.access(exe, os.X_OK):
             raise StartError(f'exec: "{argv[0]}": executable file not found in $PATH')
-        log = os.open(spec["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         devnull = os.open("/dev/null", os.O_RDONLY)
         os.dup2(devnull, 0)
         os.dup2(log, 1)
