@@ -68,7 +68,8 @@ def test_make_demo_trains_both_backends_to_the_end(demo_dir):
     assert len({p for p, _ in training if p}) >= 2 and len({loss for _, loss in training if loss}) >= 2, table
     # Each run ends with all its steps done.
     final = out.split("== the runs, finished")[1].split("\n\n")[0]
-    assert all(re.search(rf"^{n} +Succeeded +\S+ .* 120/120 ", final, re.M) for n in ("tiny-eks", "tiny-sagemaker")), final
+    assert all(re.search(rf"^{n} +Succeeded +\S+ .* {steps} ", final, re.M)
+               for n, steps in (("tiny-eks", "600/600"), ("tiny-sagemaker", "120/120"))), final
     for name, backend in (("tiny-eks", "eks"), ("tiny-sagemaker", "sagemaker")):
         assert f"\n{name} ({backend}): Succeeded" in out, out[-6000:]
         assert f"model in the local S3: s3://alpaca-demo/runs/{name}/" in out

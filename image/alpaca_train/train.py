@@ -408,7 +408,10 @@ def checkpoint_identity(model_args, model_path: str, data_path: Path, output_uri
         run_uid=os.environ.get("ALPACA_RUN_UID") or None,
         output_uri=output_uri,
         settings={
-            "model": model_args.model_name_or_path,
+            # A URI or hub id names the model; a local path does not (SageMaker's model
+            # channel, a volume): where it was mounted may differ from job to job, so there
+            # the model's config identifies it.
+            "model": None if Path(model_args.model_name_or_path).exists() else model_args.model_name_or_path,
             "model_config_sha256": data.file_sha256(Path(model_path) / "config.json"),
             "data_sha256": data.file_sha256(data_path),
             "world_size": world_size,
