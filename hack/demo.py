@@ -48,7 +48,7 @@ BUCKET = "alpaca-demo"
 RUNS = ("tiny-eks", "tiny-sagemaker")
 LOCAL_EXEC = "alpaca.dev/local-exec"
 ROLE_ARN = "arn:aws:iam::123456789012:role/AlpacaDemoSageMaker"
-# Enough steps (3 epochs of these) for progress and loss to move in `kubectl get aft` (rank
+# Enough steps (15 epochs of these for the EKS run, 3 for SageMaker) for progress and loss to move in `kubectl get aft` (rank
 # 0 reports at most every 10 s on EKS, every 30 s on SageMaker), few enough for a 2-core laptop.
 RECORDS = 160
 PROMPT = "Give three tips for staying healthy."
