@@ -297,12 +297,7 @@ def bench(n: int, gpus: int, args, kube_client: str | None = None) -> dict:
                 f"{n - len(observer.succeeded)} did not succeed in {args.timeout}s; see {op_log}")
         return result
     finally:
-        if op is not None and op.poll() is None:
-            op.send_signal(signal.SIGTERM)
-            try:
-                op.wait(15)
-            except subprocess.TimeoutExpired:
-                op.kill()
+        stop_operator(op)
         if not args.keep:
             cluster.down()
 
@@ -427,12 +422,7 @@ def bench_sagemaker(n: int, args) -> dict:
             }
             return result
     finally:
-        if op is not None and op.poll() is None:
-            op.send_signal(signal.SIGTERM)
-            try:
-                op.wait(15)
-            except subprocess.TimeoutExpired:
-                op.kill()
+        stop_operator(op)
         if not args.keep:
             cluster.down()
 
@@ -460,6 +450,16 @@ def machine() -> str:
     mem = int(Path("/proc/meminfo").read_text().split()[1]) // 2**20
     return f"{os.cpu_count()} vCPU ({cpu}), {mem} GiB RAM, {platform.system()} {platform.release()}, " \
            f"Python {platform.python_version()}"
+
+
+def stop_operator(op: subprocess.Popen | None) -> None:
+    """SIGTERM, then SIGKILL after 15 s: the operator of one benchmark round."""
+    if op is not None and op.poll() is None:
+        op.send_signal(signal.SIGTERM)
+        try:
+            op.wait(15)
+        except subprocess.TimeoutExpired:
+            op.kill()
 
 
 def main() -> int:
