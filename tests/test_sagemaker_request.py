@@ -199,7 +199,7 @@ def test_bad_specs_get_a_clear_error():
 
 
 def test_metric_definitions_match_the_line_the_progress_callback_prints():
-    # The agreed format (NOTES-sm.md, AGREEMENTS.md): one line per logging step from rank 0.
+    # The format of docs/contract.md: one line per logging step from rank 0.
     line = "alpaca-progress step=12/40 loss=1.2345 learning_rate=2e-05 tokens_per_second=812.5 epoch=0.3"
     got = {m["Name"]: re.search(m["Regex"], line).group(1) for m in METRIC_DEFINITIONS}
     assert got == {"train:loss": "1.2345", "train:learning_rate": "2e-05",

@@ -77,6 +77,19 @@ def test_dockerfile_copy_sources_exist_and_cmd_is_train_without_entrypoint():
     assert base.startswith("pytorch/pytorch:") and "cuda" in base
 
 
+def test_efa_installer_pin_was_chosen_for_the_locked_nccl():
+    """The EFA installer's aws-ofi-nccl must speak the net plugin interface of the NCCL
+    that the locked torch brings. The Dockerfile says which NCCL its pin was chosen for; a
+    lock that moves NCCL fails here until someone checks AWS's release notes again."""
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^ARG EFA_INSTALLER_VERSION=\d+\.\d+\.\d+$", text, re.M)
+    checked = re.search(r"\(nvidia-nccl-(cu\d+) ([\d.]+)\)", text)
+    assert checked, "the Dockerfile no longer says which NCCL the EFA installer pin was chosen for"
+    package, version = f"nvidia-nccl-{checked.group(1)}", checked.group(2)
+    assert _lock().get(package) == version, (
+        f"requirements.lock has {package}=={_lock().get(package)}, the EFA installer pin was chosen for {version}")
+
+
 def test_image_cmd_runs_as_sagemaker_runs_it(train_env, tmp_path):
     """`docker run IMAGE` (CMD, exec form) and SageMaker's `docker run IMAGE train`: an empty
     /opt/ml fails as a bad configuration (exit 64: no retry can fix it) with the reason in

@@ -215,7 +215,7 @@ def exec_inputs(sagemaker_exec, tiny_model, seed_records, tmp_path_factory):
 
 
 def exec_request(name: str, bucket: str, run: str, hp: dict, instances: int = 1, **overrides) -> dict:
-    """As the operator sends it (NOTES-sm.md): channels training, model, config; output URI in Environment."""
+    """As the operator sends it (docs/operator.md, SageMaker): channels training, model, config; output URI in Environment."""
     s3 = f"s3://{bucket}"
     output = f"{s3}/runs/{run}"
     channels = [

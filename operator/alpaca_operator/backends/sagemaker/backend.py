@@ -9,7 +9,7 @@ adopted: the run fails with a message naming the job.
 Polling: a job is described at most once per poll interval (ALPACA_SAGEMAKER_POLL_SECONDS,
 default 30, plus 0-25 % jitter so runs created together spread out), whatever triggers the
 reconcile, and never again once finished. Each describe of a running job also reads the
-job's progress.json (AGREEMENTS.md) from the output prefix.
+job's progress.json (docs/contract.md) from the output prefix.
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ REASON_INVALID_REQUEST = "InvalidTrainingJobRequest"
 REASON_MAX_WAIT = "SpotMaxWaitTimeExceeded"
 REASON_MAX_RUNTIME = "MaxRuntimeExceeded"
 
-# Exit codes a retry cannot fix (image/alpaca_train/exitcodes.py, AGREEMENTS.md).
+# Exit codes a retry cannot fix (image/alpaca_train/exitcodes.py, docs/contract.md).
 PERMANENT_EXIT_CODES = frozenset({64, 65, 66})
 _EXIT_CODE = re.compile(r"exit(?:ed with)? ?code[: =]+(\d+)", re.IGNORECASE)
 

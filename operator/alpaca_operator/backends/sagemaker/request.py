@@ -1,6 +1,6 @@
 """(run, attempt) -> the CreateTrainingJob request of the SageMaker backend. Pure.
 
-What the image reads from it is AGREEMENTS.md/docs/contract.md's SageMaker contract:
+What the image reads from it is docs/contract.md's SageMaker contract:
 training arguments as string hyperparameters, the DeepSpeed JSON and the arguments too long
 for a hyperparameter in the `config` channel (written to S3 by the backend before the
 create), the data and an S3 model as channels, checkpoints under the output prefix.
