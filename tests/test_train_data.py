@@ -9,7 +9,7 @@ import torch
 
 from fixtures_train import ALPACA_DS_CONFIG, load_reference
 
-from alpaca_train import compat, data
+from alpaca_train import attention, compat, data
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +95,22 @@ def test_packing_keeps_every_example_once_within_capacity(tokenizer, seed_record
     assert sum(sizes) / (512 * len(sizes)) > 0.85, "packs are mostly full"
 
 
-@pytest.mark.parametrize("flatten", [False, True], ids=["rows", "one-row"])
-def test_packed_and_padded_batches_give_the_same_loss(tiny_model, tokenizer, seed_records, flatten):
-    """Examples sharing a row must not attend to each other: same loss as one padded batch."""
+@pytest.mark.parametrize("flatten,implementation", [(False, "sdpa"), (False, attention.NAME), (True, "sdpa")],
+                         ids=["rows-block-mask", "rows-sdpa-per-example", "one-row"])
+def test_packed_and_padded_batches_give_the_same_loss(tiny_model, tokenizer, seed_records, flatten, implementation):
+    """Examples sharing a row must not attend to each other: same loss as one padded batch,
+    with transformers' block-diagonal mask and with our SDPA call per example."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    padded_model = model
+    if implementation == attention.NAME:
+        import copy
+
+        padded_model = copy.deepcopy(model)
+        model.set_attn_implementation(attention.register())
+        padded_model.eval()
     model.eval()
     ds = data.SupervisedDataset.from_records(seed_records[:6], tokenizer, 512)
     lengths = [len(ds.example(i)) for i in range(6)]
@@ -115,7 +124,7 @@ def test_packed_and_padded_batches_give_the_same_loss(tiny_model, tokenizer, see
     with torch.no_grad():
         # use_cache=False as in training (the Trainer sets it): with a cache, transformers
         # does not look for packed sequences.
-        out_padded = model(**padded, use_cache=False)
+        out_padded = padded_model(**padded, use_cache=False)
         out_packed = model(**packed, use_cache=False)
         # Without the restart of position ids the examples would see each other.
         leaky = model(input_ids=packed["input_ids"], use_cache=False).logits
@@ -126,6 +135,50 @@ def test_packed_and_padded_batches_give_the_same_loss(tiny_model, tokenizer, see
     got_leaky = torch.cat([leaky[r, : sum(lengths[i] for i in members)] for r, members in rows])
     assert torch.allclose(expected, got, atol=1e-4)
     assert (expected - got_leaky).abs().max() > 1e-2
+
+
+def test_padding_mask_is_left_out_only_where_it_changes_nothing(tiny_model, tokenizer, seed_records):
+    """Right padding under causal attention: no labelled token sees a pad, so the batch
+    without the mask has the same loss and logits; a pad token inside the text (which
+    the reference masks) keeps the mask."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.eval()
+    ds = data.SupervisedDataset.from_records(seed_records[:6], tokenizer, 512)
+    batch = [ds[i] for i in range(6)]
+    masked = data.DataCollatorForSupervisedDataset(tokenizer.pad_token_id)(batch)
+    unmasked = data.DataCollatorForSupervisedDataset(tokenizer.pad_token_id, mask_padding=False)(batch)
+    assert "attention_mask" not in unmasked and masked["attention_mask"].logical_not().any(), "there is padding"
+    assert torch.equal(masked["input_ids"], unmasked["input_ids"]) and torch.equal(masked["labels"], unmasked["labels"])
+    with torch.no_grad():
+        out_masked = model(**masked, use_cache=False)
+        out_unmasked = model(**unmasked, use_cache=False)
+    assert torch.allclose(out_masked.loss, out_unmasked.loss, atol=1e-6), (out_masked.loss, out_unmasked.loss)
+    real = masked["attention_mask"]
+    assert torch.allclose(out_masked.logits[real], out_unmasked.logits[real], atol=1e-5)
+    spelled = dict(batch[0], input_ids=batch[0]["input_ids"].copy())
+    spelled["input_ids"][spelled["prompt_len"] + 1] = tokenizer.pad_token_id
+    kept = data.DataCollatorForSupervisedDataset(tokenizer.pad_token_id, mask_padding=False)([spelled, batch[1]])
+    assert kept["attention_mask"][0].logical_not().sum() == 1 + (kept["input_ids"].shape[1] - len(spelled["input_ids"]))
+
+
+def test_training_picks_the_maskless_collator_and_per_example_sdpa_for_packing(tiny_model, tokenizer, seed_records):
+    from transformers import AutoModelForCausalLM
+
+    from alpaca_train.train import DataArguments, TrainingArguments, make_data_module
+
+    args = TrainingArguments(output_dir="/tmp/unused", report_to="none")
+    for packing, expected in ((False, "sdpa"), (True, attention.NAME)):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
+        module = make_data_module(seed_records[:8], tokenizer, model, DataArguments(packing=packing), args)
+        assert model.config._attn_implementation == expected
+        if not packing:
+            assert module["data_collator"].mask_padding is False
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="eager")
+    module = make_data_module(seed_records[:8], tokenizer, model, DataArguments(packing=True), args)
+    assert model.config._attn_implementation == "eager", "only SDPA is replaced"
 
 
 def test_pad_token_added_with_mean_embeddings(tiny_model):

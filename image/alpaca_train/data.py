@@ -406,21 +406,34 @@ def pack_examples(lengths: Sequence[int], capacity: int, seed: int = 42) -> list
 
 @dataclass
 class DataCollatorForSupervisedDataset:
-    """Alpaca's collator: dynamic padding to the longest; labels padded with IGNORE_INDEX."""
+    """Alpaca's collator: dynamic padding to the longest; labels padded with IGNORE_INDEX.
+
+    `mask_padding=False` leaves the attention mask out where it changes nothing: the
+    padding is on the right and attention is causal, so no token with a label can see a
+    pad, and the loss is the same. SDPA then runs its causal kernel instead of building
+    and applying a padding mask (tests/test_train_data.py; docs/benchmarks.md).
+    """
 
     pad_token_id: int
+    mask_padding: bool = True
 
     def __call__(self, instances: Sequence[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(x["input_ids"]) for x in instances)
         ids = torch.full((len(instances), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(instances), longest), IGNORE_INDEX, dtype=torch.long)
+        lengths = []
         for row, x in enumerate(instances):
             n, p = len(x["input_ids"]), min(x["prompt_len"], len(x["input_ids"]))
             ids[row, :n] = torch.from_numpy(x["input_ids"])
             labels[row, p:n] = ids[row, p:n]
+            lengths.append(n)
         # The reference derives the mask from the pad id, so a pad token spelled in the
-        # text is masked there too; keep that.
-        return {"input_ids": ids, "labels": labels, "attention_mask": ids.ne(self.pad_token_id)}
+        # text is masked there too; keep that, and keep the mask for such a batch.
+        mask = ids.ne(self.pad_token_id)
+        batch = {"input_ids": ids, "labels": labels}
+        if self.mask_padding or int(mask.sum()) != sum(lengths):
+            batch["attention_mask"] = mask
+        return batch
 
 
 @dataclass

@@ -29,7 +29,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer
 
 from alpaca_train import __version__
-from alpaca_train import compat, data, exitcodes, outputs, progress, s3io, stopping
+from alpaca_train import attention, compat, data, exitcodes, outputs, progress, s3io, stopping
 from alpaca_train.exitcodes import ImageError, MissingInputError, Terminated, UsageError
 from alpaca_train.outputs import CheckpointIdentity, Topology
 from alpaca_train.s3io import S3NotFound, S5cmd, is_s3
@@ -386,13 +386,19 @@ def make_data_module(records, tokenizer, model, data_args: DataArguments, traini
         packing=data_args.packing, pack_seed=training_args.seed,
     )
     log.info("%d records, %d training examples, %d tokens", len(records), len(dataset), dataset.num_tokens)
+    implementation = model.config._attn_implementation
     if (data_args.packing or data_args.padding_free) and data_args.collator == "transformers":
         collator = data.FlatteningCollator()
     elif data_args.packing or data_args.padding_free:
-        flatten = model.config._attn_implementation.startswith("flash_attention")
-        collator = data.PackedCollator(pad_token_id=tokenizer.pad_token_id, flatten=flatten)
+        if implementation == "sdpa":
+            # The same SDPA, once per example instead of over a block-diagonal mask.
+            model.set_attn_implementation(attention.register())
+        collator = data.PackedCollator(pad_token_id=tokenizer.pad_token_id,
+                                       flatten=implementation.startswith("flash_attention"))
     else:
-        collator = data.DataCollatorForSupervisedDataset(pad_token_id=tokenizer.pad_token_id)
+        # FlashAttention skips padding by the mask; SDPA and eager only apply it.
+        collator = data.DataCollatorForSupervisedDataset(pad_token_id=tokenizer.pad_token_id,
+                                                         mask_padding=implementation not in ("sdpa", "eager"))
     return {"train_dataset": dataset, "data_collator": collator}
 
 
