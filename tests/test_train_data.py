@@ -1,6 +1,7 @@
 """Alpaca's data recipe, checked token for token against Stanford Alpaca's own code."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -106,8 +107,6 @@ def test_packed_and_padded_batches_give_the_same_loss(tiny_model, tokenizer, see
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     padded_model = model
     if implementation == attention.NAME:
-        import copy
-
         padded_model = copy.deepcopy(model)
         model.set_attn_implementation(attention.register())
         padded_model.eval()
@@ -164,12 +163,13 @@ def test_padding_mask_is_left_out_only_where_it_changes_nothing(tiny_model, toke
     assert kept["attention_mask"][0].logical_not().sum() == 1 + (kept["input_ids"].shape[1] - len(spelled["input_ids"]))
 
 
-def test_training_picks_the_maskless_collator_and_per_example_sdpa_for_packing(tiny_model, tokenizer, seed_records):
+def test_training_picks_the_maskless_collator_and_per_example_sdpa_for_packing(tiny_model, tokenizer, seed_records,
+                                                                               tmp_path):
     from transformers import AutoModelForCausalLM
 
     from alpaca_train.train import DataArguments, TrainingArguments, make_data_module
 
-    args = TrainingArguments(output_dir="/tmp/unused", report_to="none")
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
     for packing, expected in ((False, "sdpa"), (True, attention.NAME)):
         model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
         module = make_data_module(seed_records[:8], tokenizer, model, DataArguments(packing=packing), args)
@@ -177,7 +177,7 @@ def test_training_picks_the_maskless_collator_and_per_example_sdpa_for_packing(t
         if not packing:
             assert module["data_collator"].mask_padding is False
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="eager")
-    module = make_data_module(seed_records[:8], tokenizer, model, DataArguments(packing=True), args)
+    make_data_module(seed_records[:8], tokenizer, model, DataArguments(packing=True), args)
     assert model.config._attn_implementation == "eager", "only SDPA is replaced"
 
 
