@@ -250,7 +250,7 @@ def markdown(pre: dict, tr: dict, when: str, where: str, args) -> str:
         ("**Targets missed in this run: " + "; ".join(missed) + ".** `make bench-train` exited non-zero."
          if missed else "Every target was met in this run."),
         "",
-        f"Tokens per second are the Trainer's count of non-padding input tokens over the wall time of steps",
+        "Tokens per second are the Trainer's count of non-padding input tokens over the wall time of steps",
         f"{WARMUP_STEPS + 1} to {tr['steps']}, both scripts timed by the same callback (`STEP_CLOCK` in the",
         "benchmark), so start-up, the data loader's start and the first steps count for neither.",
         "",
