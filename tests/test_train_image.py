@@ -86,8 +86,8 @@ def test_efa_installer_pin_was_chosen_for_the_locked_nccl():
     checked = re.search(r"\(nvidia-nccl-(cu\d+) ([\d.]+)\)", text)
     assert checked, "the Dockerfile no longer says which NCCL the EFA installer pin was chosen for"
     package, version = f"nvidia-nccl-{checked.group(1)}", checked.group(2)
-    assert _lock().get(package) == version, (
-        f"requirements.lock has {package}=={_lock().get(package)}, the EFA installer pin was chosen for {version}")
+    locked = _lock().get(package)
+    assert locked == version, f"requirements.lock has {package}=={locked}, the EFA installer pin was chosen for {version}"
 
 
 def test_image_cmd_runs_as_sagemaker_runs_it(train_env, tmp_path):

@@ -11,21 +11,26 @@ transformers' own `sdpa_attention_forward`.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import find_packed_sequence_indices
 
 NAME = "alpaca_packed_sdpa"
 
 
 def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """(start, end) of each example per row: a new one wherever the position ids restart."""
+    """(start, end) of each example per row, where transformers' own packed-sequence
+    detection (the one its block-diagonal mask is built from) puts them."""
+    index = find_packed_sequence_indices(position_ids)
+    if index is None:
+        return [[(0, position_ids.shape[-1])]] * position_ids.shape[0]
     rows = []
-    for row in position_ids.tolist():
-        starts = [i for i, p in enumerate(row) if p == 0 or (i and p != row[i - 1] + 1)] or [0]
-        if starts[0] != 0:
-            starts.insert(0, 0)
-        rows.append(list(zip(starts, starts[1:] + [len(row)])))
+    for row in index:
+        ends = list(itertools.accumulate(torch.unique_consecutive(row, return_counts=True)[1].tolist()))
+        rows.append(list(zip([0, *ends[:-1]], ends)))
     return rows
 
 
