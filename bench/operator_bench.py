@@ -302,6 +302,9 @@ def bench(n: int, gpus: int, args, kube_client: str | None = None) -> dict:
             cluster.down()
 
 
+# EKS: up to this many runs all Running within the time after the last apply; the
+# operator's peak memory in every round.
+EKS_TARGET_RUNS, EKS_TARGET_RUNNING_S, EKS_TARGET_RSS_MIB = 500, 60.0, 200.0
 SM_TARGET_PER_RUN_MINUTE = 3.0
 SM_REFERENCE_PER_RUN_MINUTE = 2.0     # ACK's SageMaker controller: one describe per 30 s
 
@@ -517,7 +520,13 @@ def main() -> int:
             write_docs(markdown(report))
         if sagemaker:
             write_docs(sagemaker_markdown(report), "## Operator, SageMaker backend")
-    missed = [f"{r['runs']} sagemaker runs: {r['sagemaker_calls_per_run_minute_max']} SageMaker calls per run "
+    missed = [f"{r['runs']} runs: last all Running {r['all_running_after_last_apply_s']} s after the last apply "
+              f"(target {EKS_TARGET_RUNNING_S} s), {r['all_running']} of {r['runs']} Running" for r in results
+              if r["runs"] <= EKS_TARGET_RUNS and (r["all_running"] != r["runs"]
+                                                   or r["all_running_after_last_apply_s"] > EKS_TARGET_RUNNING_S)]
+    missed += [f"{r['runs']} runs: operator peak {r['operator_peak_rss_mib']} MiB (target < {EKS_TARGET_RSS_MIB})"
+               for r in results if r["operator_peak_rss_mib"] >= EKS_TARGET_RSS_MIB]
+    missed += [f"{r['runs']} sagemaker runs: {r['sagemaker_calls_per_run_minute_max']} SageMaker calls per run "
               f"per minute (target {SM_TARGET_PER_RUN_MINUTE})" for r in sagemaker
               if r["sagemaker_calls_per_run_minute_max"] is None
               or r["sagemaker_calls_per_run_minute_max"] > SM_TARGET_PER_RUN_MINUTE or r["succeeded"] != r["runs"]]
