@@ -14,6 +14,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from alpaca_operator.__main__ import priority_from_ip
+from alpaca_operator.status import parse_time
 from operator_harness import OperatorProcess, free_port, get_json, service_account_env, wait_for
 from test_chart import CHART, helm, values_file
 from test_operator_eks import apply, finetune, phase_is
@@ -241,6 +242,15 @@ def test_cluster_wide_account_drives_a_lifecycle(cluster, cluster_wide, namespac
         assert body["status"]["phase"] == "Succeeded", body["status"]
         assert sample(scrape(port), f"{P}_runs", phase="Succeeded", backend="eks") >= 1
         assert_no_forbidden(op)
+        # Under the chart's account (no `bind` verb) a RoleBinding to a Role not created yet
+        # is refused: a normal run must neither warn nor wait for the retry.
+        warnings = [f"{e['involvedObject']['kind']}/{e['involvedObject']['name']}: {e['reason']}: {e['message']}"
+                    for e in get_json(cluster, "events", "-n", namespace,
+                                      "--field-selector", "type=Warning")["items"]]
+        assert not warnings, warnings
+        job = get_json(cluster, "job", "cw-a1", "-n", namespace)
+        delay = parse_time(job["metadata"]["creationTimestamp"]) - parse_time(body["metadata"]["creationTimestamp"])
+        assert delay.total_seconds() <= 3, f"the Job was created {delay} after the run"
     finally:
         op.stop()
 

@@ -258,8 +258,14 @@ class EksBackend:
         ds_config = await self._user_ds_config(run)
         *children, job = render.render_children(run, attempt, deadline_seconds=deadline_seconds,
                                                 ds_config=ds_config)
-        # The rest of the attempt is independent: create it at once. The Job strictly after.
-        await asyncio.gather(*(self._ensure(run, obj) for obj in children))
+        # The rest of the attempt is independent, but for the RoleBinding: an operator without
+        # the `bind` verb (the chart's) may bind only a Role that exists, whose rules it then
+        # holds itself; the API server refuses a binding to a missing Role with NotFound.
+        # So everything else at once, then the binding, and the Job strictly after.
+        bindings = [obj for obj in children if obj["kind"] == "RoleBinding"]
+        await asyncio.gather(*(self._ensure(run, obj) for obj in children if obj["kind"] != "RoleBinding"))
+        for obj in bindings:
+            await self._ensure(run, obj)
         if await self._old_pods_linger(run, attempt):
             return None
         if not await self._ensure(run, job):
