@@ -106,9 +106,9 @@ class Tools:
     def apply(self, doc: dict, what: str) -> None:
         self.kubectl("apply", "-f", "-", input=json.dumps(doc), what=what)
 
-    def cluster(self, *args: str, what: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    def cluster(self, *args: str, what: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
         return self.run(sys.executable, str(ROOT / "hack" / "cluster.py"), *args, "--dir", str(self.dir),
-                        what=what, timeout=timeout)
+                        what=what, timeout=timeout, check=check)
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -139,8 +139,10 @@ def kubeconfig_port(kubeconfig: Path) -> int | None:
 
 def control_plane(t: Tools, port: int, gpu_nodes: int) -> None:
     section(f"the local control plane ({t.dir}, port {port})")
-    healthy = t.cluster("status", "--port", str(port), what="cluster status", timeout=60).returncode == 0 \
-        if (t.dir / "kubeconfig").exists() else False
+    # A cluster stopped by `make demo-down` or `make cluster-down` keeps its kubeconfig; status
+    # then exits 1, which only means "start it".
+    healthy = t.cluster("status", "--port", str(port), what="cluster status", timeout=60,
+                        check=False).returncode == 0 if (t.dir / "kubeconfig").exists() else False
     if not healthy:
         # etcd listens just below the API server (hack/cluster.py).
         taken = [p for p in (port, port - 1, port - 2) if not port_free(p)]

@@ -80,3 +80,20 @@ def test_make_demo_trains_both_backends_to_the_end(demo_dir):
     assert Path(f"/proc/{pid}").exists()
     assert demo("down", "--dir", str(demo_dir), timeout=180).returncode == 0
     assert not (demo_dir / "demo" / "standin.json").exists()
+
+
+def test_a_stopped_cluster_is_started_again_not_an_error(demo_dir):
+    """`make demo-down` (or `make cluster-down`) keeps the kubeconfig; the next `make demo`
+    must start the stopped control plane, as `make cluster-up` would."""
+    port = three_free_ports()
+    t = demo_module.Tools(demo_dir)
+    t.cluster("up", "--port", str(port), "--gpu-nodes", "1", "--local-exec-gpu-nodes", "0",
+              "--local-exec-system-nodes", "0", what="cluster up")
+    assert demo("down", "--dir", str(demo_dir), timeout=180).returncode == 0
+    assert (demo_dir / "kubeconfig").exists()
+    status = ("status", "--port", str(port))
+    assert t.cluster(*status, what="status", check=False).returncode == 1
+    demo_module.control_plane(t, port, 1)
+    assert t.cluster(*status, what="status", check=False).returncode == 0
+    nodes = t.get("nodes")["items"]
+    assert any(n["metadata"]["labels"].get(demo_module.LOCAL_EXEC) == "true" for n in nodes)
