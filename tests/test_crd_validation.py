@@ -143,6 +143,8 @@ def test_samples_cover_the_documented_cases():
     assert any(s.get("resources", {}).get("nodes") == 2 and s["resources"].get("efa")
                and s.get("deepspeed", {}).get("offloadOptimizer") for s in specs.values())
     assert set(specs["minimal.yaml"]) == {"model", "data", "output"}
+    assert any(s.get("training", {}).get("peft", {}).get("method") == "lora" and s["resources"].get("gpusPerNode") == 1
+               and s["resources"].get("instanceType") == "g5.2xlarge" for s in specs.values())
     ref = [s["deepspeed"]["configMapRef"] for s in specs.values() if "configMapRef" in s.get("deepspeed", {})]
     assert ref, "a sample with deepspeed.configMapRef"
     configmaps = [d for ds in docs.values() for d in ds if d["kind"] == "ConfigMap"]
@@ -182,6 +184,22 @@ BAD_INPUT = [
     ("extra-args-deepspeed", {"spec.training.extraArgs": ["--deepspeed=/tmp/ds.json"]},
      ["spec.training.extraArgs", "--deepspeed"]),
     ("zero-stage-1", {"spec.deepspeed": {"zeroStage": 1}}, ["spec.deepspeed.zeroStage"]),
+    ("offload-optimizer-without-deepspeed", {"spec.deepspeed": {"zeroStage": 0, "offloadOptimizer": True}},
+     ["spec.deepspeed.offloadOptimizer", "zeroStage 2 or 3"]),
+    ("qlora-fp32", {"spec.training.precision": "fp32", "spec.training.peft": {"method": "qlora"}},
+     ["spec.training.peft.method", "qlora needs precision bf16 or fp16"]),
+    ("lora-r-zero", {"spec.training.peft": {"method": "lora", "r": 0}},
+     ["spec.training.peft.r", "greater than or equal to 1"]),
+    ("lora-r-above-1024", {"spec.training.peft": {"method": "lora", "r": 2048}},
+     ["spec.training.peft.r", "less than or equal to 1024"]),
+    ("peft-method-unknown", {"spec.training.peft": {"method": "dora"}},
+     ['spec.training.peft.method: Unsupported value: "dora"']),
+    ("peft-without-method", {"spec.training.peft": {"r": 8}}, ["spec.training.peft.method: Required value"]),
+    ("lora-target-module-invalid", {"spec.training.peft": {"method": "lora", "targetModules": ["q proj"]}},
+     ["spec.training.peft.targetModules[0]"]),
+    ("data-format-unknown", {"spec.data.format": "sharegpt"}, ['spec.data.format: Unsupported value: "sharegpt"']),
+    ("chat-template-with-alpaca-format", {"spec.data.chatTemplate": "{{ messages }}"},
+     ["spec.data.chatTemplate", "needs format chat"]),
     ("offload-params-with-zero-2", {"spec.deepspeed": {"zeroStage": 2, "offloadParams": True}},
      ["spec.deepspeed.offloadParams", "zeroStage 3"]),
     ("config-map-ref-with-zero-stage",
@@ -314,7 +332,7 @@ def assert_subset(want, got, path="spec"):
 DEFAULTED_SPEC = {
     "backend": "eks",
     "model": {"uri": "s3://alpaca-demo/models/llama-7b/"},
-    "data": {"uri": "s3://alpaca-demo/data/alpaca_data.json", "promptTemplate": "alpaca"},
+    "data": {"uri": "s3://alpaca-demo/data/alpaca_data.json", "promptTemplate": "alpaca", "format": "alpaca"},
     "output": {"uri": "s3://alpaca-demo/runs/minimal/"},
     "training": {
         "epochs": 3, "learningRate": 2e-5, "perDeviceBatchSize": 4, "gradientAccumulationSteps": 8,
@@ -348,6 +366,17 @@ def test_defaults_fill_inside_a_partial_block(cluster, crd, namespace):
     assert spec["resources"] == {**DEFAULTED_SPEC["resources"], "nodes": 2}
     # configMapRef excludes zeroStage and the offloads: nothing is defaulted next to it.
     assert spec["deepspeed"] == {"configMapRef": {"name": "my-ds", "key": "ds_config.json"}}
+
+
+def test_peft_gets_the_documented_defaults(cluster, crd, namespace):
+    obj = with_changes(aft("lora"), {"spec.training": {"peft": {"method": "lora"}}, "spec.deepspeed": {"zeroStage": 0},
+                                     "spec.data.format": "chat", "spec.data.chatTemplate": "{{ messages }}"})
+    apply(cluster, namespace, obj, check=True)
+    spec = get_json(cluster, "-n", namespace, "aft", "lora")["spec"]
+    # targetModules has no default in the CRD: the trainer's (every linear projection) applies.
+    assert spec["training"]["peft"] == {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.05, "merge": True}
+    assert spec["deepspeed"] == {"zeroStage": 0}   # a given block: the operator reads the omitted offloads as false
+    assert spec["data"]["format"] == "chat"
 
 
 def test_explain_prints_descriptions(cluster, crd):

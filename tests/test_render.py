@@ -72,6 +72,10 @@ def test_defaults_agree_with_the_crd():
     {**MINIMAL, "backend": "slurm"},
     {**MINIMAL, "deepspeed": {"zeroStage": 1}},
     {**MINIMAL, "deepspeed": {"zeroStage": 2, "offloadParams": True}},
+    {**MINIMAL, "deepspeed": {"zeroStage": 0, "offloadOptimizer": True}},
+    {**MINIMAL, "training": {"precision": "fp32", "peft": {"method": "qlora"}}},
+    {**MINIMAL, "training": {"peft": {"method": "lora", "r": 0}}},
+    {**MINIMAL, "data": {**MINIMAL["data"], "format": "sharegpt"}},
 ])
 def test_unrunnable_specs_are_refused(bad):
     with pytest.raises(SpecError):
@@ -133,6 +137,32 @@ def test_training_args_precision(precision, flags):
     args = render_training_args(parse_spec({**MINIMAL, "training": {"precision": precision}}))
     assert [a for a in args if a in ("--bf16", "--fp16")] == flags[:1]
     assert "--deepspeed" not in args   # alpaca-launch adds it
+
+
+def test_training_args_lora_and_chat():
+    spec = parse_spec({**MINIMAL, "data": {**MINIMAL["data"], "format": "chat", "chatTemplate": "{{ messages }}"},
+                       "training": {"peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.1,
+                                             "targetModules": ["q_proj", "v_proj"], "merge": False}}})
+    args = render_training_args(spec)
+    assert args[args.index("--data_format"):] == [
+        "--data_format", "chat", "--chat_template", "{{ messages }}",
+        "--peft", "lora", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.1", "--merge_lora", "false",
+        "--lora_target_modules", "q_proj,v_proj",
+    ]
+    # The documented defaults; no target list, so the trainer's own (every linear projection).
+    defaults = render_training_args(parse_spec({**MINIMAL, "training": {"peft": {"method": "qlora"}}}))
+    assert defaults[defaults.index("--peft"):] == [
+        "--peft", "qlora", "--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0.05", "--merge_lora", "true"]
+    # A full fine-tune of Alpaca records renders none of them: the recipe's command line as before.
+    plain = render_training_args(parse_spec(MINIMAL))
+    assert not {"--peft", "--data_format", "--chat_template"} & set(plain)
+
+
+def test_zero_stage_0_trains_without_deepspeed():
+    r = run_of({**MINIMAL, "deepspeed": {"zeroStage": 0}, "training": {"peft": {"method": "lora"}}})
+    assert render_deepspeed_config(r.spec) is None
+    # No ds_config.json in the pods' config: alpaca-launch then passes no --deepspeed.
+    assert set(render.render_config_map(r)["data"]) == {"train_args.json"}
 
 
 # ---- the children ------------------------------------------------------------------------

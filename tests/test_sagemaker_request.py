@@ -153,6 +153,20 @@ def test_every_option_reaches_the_request():
     assert json.loads(build_request(run, 1, ds_config=own).config_files["ds_config.json"]) == own
 
 
+def test_lora_without_deepspeed_on_one_gpu():
+    spec = _spec(training={"peft": {"method": "lora", "targetModules": ["q_proj", "v_proj"]}},
+                 data={"uri": "s3://data/chat.jsonl", "format": "chat"}, deepspeed={"zeroStage": 0},
+                 sagemaker={"roleArn": ROLE, "instanceType": "ml.g5.2xlarge"})
+    req = build_request(_run(spec), 1)
+    hp = req.params["HyperParameters"]
+    # The same arguments as on EKS, as hyperparameters where they fit.
+    assert (hp["peft"], hp["lora_r"], hp["lora_alpha"], hp["merge_lora"]) == ("lora", "16", "32", "true")
+    assert (hp["lora_target_modules"], hp["data_format"]) == ("q_proj,v_proj", "chat")
+    # zeroStage 0: no ds_config.json in the config channel, so the container passes no --deepspeed.
+    assert set(req.config_files) == {"train_args.json"}
+    validate(req.params)
+
+
 def test_every_request_is_valid_against_botocores_model():
     validator = ParamValidator()
     shape = _operation_model().input_shape

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .spec import FineTuneSpec
+from .spec import ZERO_NONE, FineTuneSpec
 
 
-def render_deepspeed_config(spec: FineTuneSpec) -> dict[str, Any]:
+def render_deepspeed_config(spec: FineTuneSpec) -> dict[str, Any] | None:
+    """None for zeroStage 0: the pods then get no ds_config.json and train without DeepSpeed."""
     ds = spec.deepspeed
+    if ds.zero_stage == ZERO_NONE:
+        return None
     zero: dict[str, Any] = {
         "stage": ds.zero_stage,
         "overlap_comm": True,

@@ -25,6 +25,18 @@ def _get(d: Mapping[str, Any] | None, key: str, default: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class Peft:
+    """spec.training.peft: LoRA adapters (QLoRA: over a 4-bit base). An empty target list
+    means the trainer's default, every linear projection of attention and MLP."""
+    method: str = "lora"
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ()
+    merge: bool = True
+
+
+@dataclass(frozen=True)
 class Training:
     epochs: float = 3
     learning_rate: float = 2.0e-5
@@ -39,6 +51,14 @@ class Training:
     logging_steps: int = 1
     precision: str = "bf16"
     extra_args: tuple[str, ...] = ()
+    peft: Peft | None = None
+
+
+PEFT_METHODS = ("lora", "qlora")
+DATA_FORMATS = ("alpaca", "chat")
+# No DeepSpeed at all (PyTorch DDP): enough for LoRA, whose optimizer state is tiny.
+ZERO_NONE = 0
+ZERO_STAGES = (ZERO_NONE, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -89,6 +109,8 @@ class FineTuneSpec:
     output_uri: str
     backend: str = "eks"
     prompt_template: str = "alpaca"
+    data_format: str = "alpaca"
+    chat_template: str | None = None
     training: Training = Training()
     deepspeed: DeepSpeed = DeepSpeed()
     resources: Resources = Resources()
@@ -142,18 +164,21 @@ def parse_spec(spec: Mapping[str, Any] | None) -> FineTuneSpec:
         logging_steps=int(_get(t, "loggingSteps", d.logging_steps)),
         precision=_get(t, "precision", d.precision),
         extra_args=tuple(str(a) for a in _get(t, "extraArgs", ())),
+        peft=_parse_peft(t.get("peft")),
     )
 
     ds = spec.get("deepspeed") or {}
     ref = ds.get("configMapRef")
     deepspeed = DeepSpeed(
-        zero_stage=int(_get(ds, "zeroStage", 3)),
+        zero_stage=int(_get(ds, "zeroStage", DeepSpeed.zero_stage)),
         offload_optimizer=bool(_get(ds, "offloadOptimizer", False)),
         offload_params=bool(_get(ds, "offloadParams", False)),
         config_map_ref=ConfigMapRef(ref["name"], _get(ref, "key", "ds_config.json")) if ref else None,
     )
-    if deepspeed.zero_stage not in (2, 3):
-        raise SpecError(f"spec.deepspeed.zeroStage must be 2 or 3, not {deepspeed.zero_stage}")
+    if deepspeed.zero_stage not in ZERO_STAGES:
+        raise SpecError(f"spec.deepspeed.zeroStage must be 0 (no DeepSpeed), 2 or 3, not {deepspeed.zero_stage}")
+    if deepspeed.offload_optimizer and deepspeed.zero_stage == ZERO_NONE:
+        raise SpecError("spec.deepspeed.offloadOptimizer requires zeroStage 2 or 3")
     if deepspeed.offload_params and deepspeed.zero_stage != 3:
         raise SpecError("spec.deepspeed.offloadParams requires zeroStage 3")
 
@@ -182,13 +207,22 @@ def parse_spec(spec: Mapping[str, Any] | None) -> FineTuneSpec:
         failed_jobs_history_limit=int(_get(rp, "failedJobsHistoryLimit", RunPolicy.failed_jobs_history_limit)),
     )
 
+    data = spec.get("data") or {}
+    data_format = _get(data, "format", FineTuneSpec.data_format)
+    if data_format not in DATA_FORMATS:
+        raise SpecError(f"spec.data.format {data_format!r} is not one of {', '.join(DATA_FORMATS)}")
+    if training.peft and training.peft.method == "qlora" and training.precision == "fp32":
+        raise SpecError("spec.training.peft.method qlora needs precision bf16 or fp16")
+
     pm = spec.get("podMetadata") or {}
     return FineTuneSpec(
         model_uri=model_uri,
         data_uri=data_uri,
         output_uri=output_uri,
         backend=backend,
-        prompt_template=_get(spec.get("data"), "promptTemplate", "alpaca"),
+        prompt_template=_get(data, "promptTemplate", FineTuneSpec.prompt_template),
+        data_format=data_format,
+        chat_template=data.get("chatTemplate") or None,
         training=training,
         deepspeed=deepspeed,
         resources=resources,
@@ -203,6 +237,25 @@ def parse_spec(spec: Mapping[str, Any] | None) -> FineTuneSpec:
         run_policy=run_policy,
         sagemaker=dict(_get(spec, "sagemaker", {})),
     )
+
+
+def _parse_peft(p: Mapping[str, Any] | None) -> Peft | None:
+    if not p:
+        return None
+    d = Peft()
+    peft = Peft(
+        method=_get(p, "method", d.method),
+        r=int(_get(p, "r", d.r)),
+        alpha=int(_get(p, "alpha", d.alpha)),
+        dropout=float(_get(p, "dropout", d.dropout)),
+        target_modules=tuple(str(m) for m in _get(p, "targetModules", ())),
+        merge=bool(_get(p, "merge", d.merge)),
+    )
+    if peft.method not in PEFT_METHODS:
+        raise SpecError(f"spec.training.peft.method {peft.method!r} is not one of {', '.join(PEFT_METHODS)}")
+    if not 1 <= peft.r <= 1024:
+        raise SpecError(f"spec.training.peft.r must be 1..1024, not {peft.r}")
+    return peft
 
 
 # ---- the sagemaker block (backend sagemaker) --------------------------------------

@@ -39,4 +39,14 @@ def render_training_args(spec: FineTuneSpec) -> list[str]:
         args += ["--bf16", "true"]
     elif t.precision == "fp16":
         args += ["--fp16", "true"]
+    if spec.data_format != "alpaca":
+        args += ["--data_format", spec.data_format]
+    if spec.chat_template:
+        args += ["--chat_template", spec.chat_template]
+    if t.peft:
+        p = t.peft
+        args += ["--peft", p.method, "--lora_r", str(p.r), "--lora_alpha", str(p.alpha),
+                 "--lora_dropout", _num(p.dropout), "--merge_lora", "true" if p.merge else "false"]
+        if p.target_modules:
+            args += ["--lora_target_modules", ",".join(p.target_modules)]
     return args + list(t.extra_args)

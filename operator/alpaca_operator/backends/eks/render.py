@@ -59,14 +59,14 @@ def pod_service_account(run: Run) -> str:
 def render_config_map(run: Run, ds_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """ds_config: a user's complete DeepSpeed JSON (deepspeed.configMapRef), else generated."""
     config = ds_config if ds_config is not None else render_deepspeed_config(run.spec)
+    data = {"train_args.json": json.dumps(render_training_args(run.spec)) + "\n"}
+    if config is not None:     # zeroStage 0: no file, so alpaca-launch passes no --deepspeed
+        data["ds_config.json"] = json.dumps(config, indent=2, sort_keys=True) + "\n"
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta(run, api.config_map_name(run.name)),
-        "data": {
-            "ds_config.json": json.dumps(config, indent=2, sort_keys=True) + "\n",
-            "train_args.json": json.dumps(render_training_args(run.spec)) + "\n",
-        },
+        "data": data,
     }
 
 

@@ -201,11 +201,10 @@ def build_request(run: Run, attempt: int, *, resume: int = 0, deadline_seconds: 
                                "Subnets": list(sm.vpc.subnets)}
     if sm.retry_attempts:
         params["RetryStrategy"] = {"MaximumRetryAttempts": int(sm.retry_attempts)}
-    files = {
-        "ds_config.json": json.dumps(dict(ds_config) if ds_config is not None
-                                     else render_deepspeed_config(spec), indent=2, sort_keys=True) + "\n",
-        "train_args.json": json.dumps(extra) + "\n",
-    }
+    ds = dict(ds_config) if ds_config is not None else render_deepspeed_config(spec)
+    files = {"train_args.json": json.dumps(extra) + "\n"}
+    if ds is not None:     # zeroStage 0: no file, so the container trains without DeepSpeed
+        files["ds_config.json"] = json.dumps(ds, indent=2, sort_keys=True) + "\n"
     validate(params)
     return TrainingJobRequest(name=name, params=params, config_prefix=prefix, config_files=files)
 
