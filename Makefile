@@ -12,6 +12,8 @@ export KUBECONFIG ?= $(CURDIR)/.cluster/kubeconfig
 # DeepSpeed JIT-builds its CPU ops once; keep them between runs of this checkout.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 GPU_NODES ?= 4
+# One-GPU g5.2xlarge nodes beside them (a LoRA fine-tune's shape).
+G5_NODES ?= 1
 # Nodes whose pods run as real processes on this machine (hack/localexec); 0 for none.
 LOCAL_EXEC_GPU_NODES ?= 1
 LOCAL_EXEC_SYSTEM_NODES ?= 1
@@ -43,7 +45,7 @@ controlplane: ## etcd, kube-apiserver, -controller-manager, -scheduler and kwok 
 	@BIN=$(CURDIR)/$(BIN) hack/build-controlplane.sh
 
 cluster-up: setup ## start the local control plane: simulated GPU nodegroup (GPU_NODES=4) and local-exec nodes (LOCAL_EXEC_GPU_NODES=1, LOCAL_EXEC_SYSTEM_NODES=1)
-	@$(PY) hack/cluster.py up --gpu-nodes $(GPU_NODES) --local-exec-gpu-nodes $(LOCAL_EXEC_GPU_NODES) \
+	@$(PY) hack/cluster.py up --gpu-nodes $(GPU_NODES) --g5-nodes $(G5_NODES) --local-exec-gpu-nodes $(LOCAL_EXEC_GPU_NODES) \
 	  --local-exec-system-nodes $(LOCAL_EXEC_SYSTEM_NODES) --local-exec-max-procs $(LOCAL_EXEC_MAX_PROCS)
 
 cluster-down: ## stop it (the local-exec agent and every pod process too); no process stays behind

@@ -11,7 +11,7 @@ pods the node agent hack/localexec/agent.py runs as real processes on this machi
 does not manage them. The agent is one more component: `down` stops it and every
 process it started.
 
-    python hack/cluster.py up   [--dir .cluster] [--gpu-nodes 4] [--system-nodes 2] [--port 36443]
+    python hack/cluster.py up   [--dir .cluster] [--gpu-nodes 4] [--g5-nodes 1] [--system-nodes 2] [--port 36443]
                                 [--local-exec-gpu-nodes 1] [--local-exec-system-nodes 1]
                                 [--local-exec-max-procs 2]
     python hack/cluster.py down [--dir .cluster]
@@ -48,6 +48,8 @@ LOCAL_EXEC_TAINT = {"key": LOCAL_EXEC_LABEL, "value": "true", "effect": "NoSched
 MAX_PROCS_LABEL = "alpaca.dev/local-exec-max-procs"
 
 GPU_NODEGROUP = "gpu-p4d"
+# A one-GPU nodegroup beside it: the shape of a LoRA fine-tune (one 24 GB A10G).
+G5_NODEGROUP = "gpu-g5"
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}
 
 
@@ -300,12 +302,12 @@ class Cluster:
         return all(self._pid(name) for name in COMPONENTS) and self._api_ready()
 
     def up(self, gpu_nodes: int, system_nodes: int, local_exec_gpu_nodes: int = 0,
-           local_exec_system_nodes: int = 0, local_exec_max_procs: int = 0) -> None:
+           local_exec_system_nodes: int = 0, local_exec_max_procs: int = 0, g5_nodes: int = 0) -> None:
         exec_nodes = local_exec_gpu_nodes + local_exec_system_nodes
         if self._control_plane_healthy():
             self._write_layout(local_exec_gpu_nodes, local_exec_system_nodes)
             self.ensure_nodes(gpu_nodes, system_nodes, local_exec_gpu_nodes, local_exec_system_nodes,
-                              local_exec_max_procs)
+                              local_exec_max_procs, g5_nodes)
             # A restarted agent finds the processes of the one that died.
             if exec_nodes and not self._pid(AGENT):
                 self.start_agent()
@@ -325,7 +327,7 @@ class Cluster:
         for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
             self._start(name)
         self.ensure_nodes(gpu_nodes, system_nodes, local_exec_gpu_nodes, local_exec_system_nodes,
-                          local_exec_max_procs)
+                          local_exec_max_procs, g5_nodes)
         if exec_nodes:
             self._start(AGENT)
         self._wait("the default ServiceAccount (controller-manager up)",
@@ -356,8 +358,9 @@ class Cluster:
         return out.count("True") >= want
 
     def ensure_nodes(self, gpu_nodes: int, system_nodes: int, local_exec_gpu_nodes: int = 0,
-                     local_exec_system_nodes: int = 0, local_exec_max_procs: int = 0) -> None:
+                     local_exec_system_nodes: int = 0, local_exec_max_procs: int = 0, g5_nodes: int = 0) -> None:
         nodes = [gpu_node(i) for i in range(gpu_nodes)] + [system_node(i) for i in range(system_nodes)]
+        nodes += [g5_node(i) for i in range(g5_nodes)]
         nodes += [local_exec(gpu_node(i, subnet=200), local_exec_max_procs) for i in range(local_exec_gpu_nodes)]
         nodes += [local_exec(system_node(i, subnet=20), 0) for i in range(local_exec_system_nodes)]
         doc = {"apiVersion": "v1", "kind": "List", "items": nodes}
@@ -441,6 +444,19 @@ def gpu_node(i: int, subnet: int = 100) -> dict:
     }, resources, [GPU_TAINT])
 
 
+def g5_node(i: int, subnet: int = 110) -> dict:
+    """A g5.2xlarge (one A10G) of the managed nodegroup `gpu-g5`, as kwok will play it."""
+    name = _eks_name(i, subnet)
+    resources = {"cpu": "8", "memory": "32Gi", "pods": "58", "ephemeral-storage": "450Gi", "nvidia.com/gpu": "1"}
+    return _node(name, {
+        "eks.amazonaws.com/nodegroup": G5_NODEGROUP,
+        "eks.amazonaws.com/capacityType": "ON_DEMAND",
+        "node.kubernetes.io/instance-type": "g5.2xlarge",
+        "nvidia.com/gpu.present": "true",
+        "topology.kubernetes.io/zone": "us-west-2a",
+    }, resources, [GPU_TAINT])
+
+
 def system_node(i: int, subnet: int = 10) -> dict:
     name = _eks_name(i, subnet)
     resources = {"cpu": "4", "memory": "16Gi", "pods": "58", "ephemeral-storage": "100Gi"}
@@ -487,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("CLUSTER_PORT", "36443")))
     parser.add_argument("--gpu-nodes", type=int, default=int(os.environ.get("GPU_NODES", "4")))
     parser.add_argument("--system-nodes", type=int, default=int(os.environ.get("SYSTEM_NODES", "2")))
+    parser.add_argument("--g5-nodes", type=int, default=int(os.environ.get("G5_NODES", "1")),
+                        help="g5.2xlarge nodes (one GPU each) of the simulated nodegroup gpu-g5")
     parser.add_argument("--local-exec-gpu-nodes", type=int,
                         default=int(os.environ.get("LOCAL_EXEC_GPU_NODES", "1")))
     parser.add_argument("--local-exec-system-nodes", type=int,
@@ -500,9 +518,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             t0 = time.monotonic()
             cluster.up(args.gpu_nodes, args.system_nodes, args.local_exec_gpu_nodes,
-                       args.local_exec_system_nodes, args.local_exec_max_procs)
+                       args.local_exec_system_nodes, args.local_exec_max_procs, args.g5_nodes)
             print(f"control plane up in {time.monotonic() - t0:.1f}s "
-                  f"({args.gpu_nodes} GPU nodes, {args.system_nodes} system nodes, local-exec: "
+                  f"({args.gpu_nodes} p4d and {args.g5_nodes} g5 GPU nodes, {args.system_nodes} system nodes, local-exec: "
                   f"{args.local_exec_gpu_nodes} GPU, {args.local_exec_system_nodes} system)", file=sys.stderr)
             print(f"export KUBECONFIG={cluster.kubeconfig}")
         elif args.command == "down":

@@ -48,6 +48,16 @@ class ClusterHandle:
                                  f"{proc.stdout}\n{proc.stderr}")
         return proc
 
+    def wait_established(self, crd: str, timeout: float = 60) -> None:
+        """`kubectl wait --for=condition=Established` fails outright ("accessor error") when
+        it reads the CRD before the API server wrote its first status: poll instead."""
+        path = '{.status.conditions[?(@.type=="Established")].status}'
+        deadline = time.monotonic() + timeout
+        while self.kubectl("get", f"crd/{crd}", "-o", f"jsonpath={path}", check=False).stdout.strip() != "True":
+            if time.monotonic() > deadline:
+                raise AssertionError(f"CRD {crd} not Established in {timeout:.0f}s")
+            time.sleep(0.2)
+
     def api_client(self):
         from kubernetes import client, config
         return config.new_client_from_config(config_file=self.kubeconfig)
@@ -68,7 +78,7 @@ def cluster():
         return
     own = hack_cluster.Cluster(Path(tempfile.mkdtemp(prefix="alpaca-cluster-")), three_free_ports())
     try:
-        own.up(gpu_nodes=4, system_nodes=2, local_exec_gpu_nodes=1, local_exec_system_nodes=1)
+        own.up(gpu_nodes=4, system_nodes=2, local_exec_gpu_nodes=1, local_exec_system_nodes=1, g5_nodes=1)
     except hack_cluster.ClusterError as e:
         own.down()
         pytest.fail(f"the control plane could not start: {e}", pytrace=False)
@@ -92,8 +102,7 @@ def namespace(cluster, request):
 @pytest.fixture(scope="session")
 def crd(cluster):
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "manifests" / "crd"))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                    "crd/alpacafinetunes.alpaca.dev")
+    cluster.wait_established("alpacafinetunes.alpaca.dev")
     return "alpacafinetunes.alpaca.dev"
 
 

@@ -269,7 +269,7 @@ def test_every_object_passes_the_api_servers_openapi(cluster, tmp_path):
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
                     input="\n---\n".join(json.dumps(d) for d in source_crds()))
     for crd in source_crds():
-        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{crd['metadata']['name']}")
+        cluster.wait_established(crd["metadata"]["name"])
     for name in (ns, *watched):
         cluster.kubectl("create", "namespace", name)
     try:

@@ -40,6 +40,6 @@ def test_kustomize_builds_and_the_api_server_accepts_it(cluster):
     # a dry run. kubectl reads the text itself: PyYAML would read Go's 2e-05 as a string.
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(gen.MANIFESTS / "crd"),
                     "-f", str(gen.MANIFESTS / "peering"), "-f", str(gen.MANIFESTS / "rbac" / "namespace.yaml"))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/clusterkopfpeerings.kopf.dev")
+    cluster.wait_established("clusterkopfpeerings.kopf.dev")
     proc = cluster.kubectl("apply", "--dry-run=server", "--validate=strict", "-k", str(gen.MANIFESTS))
     assert proc.stdout.count("(server dry run)") == len(kinds), proc.stdout

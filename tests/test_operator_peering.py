@@ -18,7 +18,7 @@ LIFETIME = 6    # seconds a silent replica is still taken for alive
 def operator_rbac(cluster, crd):
     cluster.kubectl("apply", "-f", str(ROOT / "manifests" / "rbac"), "-f", str(ROOT / "manifests" / "peering"))
     for crd_name in ("clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"):
-        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{crd_name}")
+        cluster.wait_established(crd_name)
     cluster.kubectl("apply", "-f", str(ROOT / "manifests" / "operator" / "peering.yaml"))
 
 
