@@ -112,6 +112,27 @@ def test_trainer_writes_only_its_own_progress(cluster, policy, namespace, tmp_pa
     denied = _patch(plain, namespace, "alpha", progress)
     assert denied.returncode != 0 and "did not authenticate with a pod-bound token" in denied.stderr, denied.stderr
 
+    # Reports that cannot be true: refused (a negative step by the CRD's schema already).
+    for report, why in (({"step": 999999, "totalSteps": 1}, "may not exceed status.progress.totalSteps"),
+                        ({"loss": -1}, "status.progress.loss may not be negative"),
+                        ({"step": -1}, "status.progress.step")):
+        denied = _patch(rank0, namespace, "alpha", {"progress": report})
+        assert denied.returncode != 0 and why in denied.stderr, (report, denied.stderr)
+
+    # A bare pod named like alpha's pods, under another account that someone bound to
+    # alpha's Role: the name alone proved nothing; the account is not alpha's trainer.
+    k("create", "serviceaccount", "intruder", "-n", namespace)
+    k("create", "rolebinding", "intruder-alpha", "-n", namespace, "--role=alpha-progress",
+      f"--serviceaccount={namespace}:intruder")
+    fake = _pod(cluster, namespace, "alpha-a1-0-zzzzz", "intruder")
+    token = k("create", "token", "intruder", "-n", namespace, "--bound-object-kind=Pod",
+              f"--bound-object-name={fake['metadata']['name']}", f"--bound-object-uid={fake['metadata']['uid']}")
+    intruder = token_env(cluster, token.stdout.strip(), tmp_path / "intruder.kubeconfig")
+    denied = _patch(intruder, namespace, "alpha", progress)
+    assert denied.returncode != 0 and "only the trainer account shared of AlpacaFineTune alpha" in denied.stderr, \
+        denied.stderr
+
     st = get_json(cluster, "aft", "alpha", "-n", namespace)["status"]
     assert st["phase"] == "Running" and st["attempts"] == 1 and st["startTime"] == "2026-12-01T00:00:00Z"
+    assert st["progress"]["step"] == 10 and st["progress"]["loss"] == 1.5
     assert get_json(cluster, "aft", "beta", "-n", namespace)["status"].get("progress") is None
