@@ -368,6 +368,29 @@ def test_defaults_fill_inside_a_partial_block(cluster, crd, namespace):
     assert spec["deepspeed"] == {"configMapRef": {"name": "my-ds", "key": "ds_config.json"}}
 
 
+def test_every_owned_argument_in_extra_args_is_refused_in_every_form(cluster, crd, bad_ns):
+    """--flag value, --flag=value and --flag-with-dashes, of every argument the operator or
+    the image owns (training_args.OWNED_ARGS), in one server-side dry run of one run each."""
+    from alpaca_operator.training_args import OWNED_ARGS, spellings
+
+    forms = {f"{flag}-{i}": args for i, owned in enumerate(OWNED_ARGS) for flag, args in (
+        ("sep", [spellings(owned)[-1], "x"]), ("eq", [f"{owned}=x"]))}
+    items = [with_changes(aft(name), {"spec.training.extraArgs": ["--gradient_checkpointing", "true", *args]})
+             for name, args in forms.items()]
+    proc = cluster.kubectl("apply", "--dry-run=server", "-n", bad_ns, "-f", "-", check=False,
+                           input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}), timeout=120)
+    assert proc.returncode != 0
+    for name, args in forms.items():
+        refusal = next((ln for ln in proc.stderr.splitlines() if f'"{name}"' in ln), "")
+        assert f"spec.training.extraArgs may not set {args[-2] if len(args) > 1 else args[0]}: the operator owns it" \
+            in refusal, (name, refusal or proc.stderr[-2000:])
+    # An argument nobody owns passes, with or without a value.
+    ok = with_changes(aft("ok"), {"spec.training.extraArgs": ["--gradient_checkpointing", "true", "--max_steps=10",
+                                                              "--save_safetensors", "--logging_first_step"]})
+    assert apply(cluster, bad_ns, ok).returncode == 0
+    cluster.kubectl("delete", "aft", "ok", "-n", bad_ns)
+
+
 def test_peft_gets_the_documented_defaults(cluster, crd, namespace):
     obj = with_changes(aft("lora"), {"spec.training": {"peft": {"method": "lora"}}, "spec.deepspeed": {"zeroStage": 0},
                                      "spec.data.format": "chat", "spec.data.chatTemplate": "{{ messages }}"})

@@ -158,6 +158,24 @@ def test_training_args_lora_and_chat():
     assert not {"--peft", "--data_format", "--chat_template"} & set(plain)
 
 
+def test_owned_arguments_are_what_the_operator_renders_and_the_crd_refuses():
+    from alpaca_operator.training_args import IMAGE_OWNED_ARGS, OWNED_ARGS, RENDERED_ARGS, spellings
+
+    specs = [MINIMAL, {**MINIMAL, "training": {"precision": "fp16"}},
+             {**MINIMAL, "data": {**MINIMAL["data"], "format": "chat", "chatTemplate": "{{ messages }}"},
+              "training": {"peft": {"method": "lora", "targetModules": ["q_proj"]}}}]
+    flags = {a for s in specs for a in render_training_args(parse_spec(s)) if a.startswith("--")}
+    assert flags == set(RENDERED_ARGS)
+    crd = yaml.safe_load((ROOT / "manifests/crd/alpacafinetunes.alpaca.dev.yaml").read_text())
+    extra = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
+        "training"]["properties"]["extraArgs"]
+    (rule,) = extra["items"]["x-kubernetes-validations"]
+    listed = rule["rule"].split("[", 1)[1].split("]", 1)[0]
+    assert [x.strip().strip("'") for x in listed.split(",")] == [f for a in OWNED_ARGS for f in spellings(a)]
+    api_md = (ROOT / "docs/api.md").read_text()
+    assert all(f"`{a}`" in api_md for a in OWNED_ARGS + IMAGE_OWNED_ARGS)
+
+
 def test_zero_stage_0_trains_without_deepspeed():
     r = run_of({**MINIMAL, "deepspeed": {"zeroStage": 0}, "training": {"peft": {"method": "lora"}}})
     assert render_deepspeed_config(r.spec) is None

@@ -129,7 +129,9 @@ def workdir() -> Path:
 def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
     """Values of every argument, after the legacy renames and the CPU fallbacks."""
     argv = compat.translate_legacy_args(argv)
-    parser = _Parser(PARSER_TYPES)
+    # No abbreviations: `--save_strat no` would otherwise switch off what the operator owns
+    # (docs/api.md, training.extraArgs) under a name its check does not know.
+    parser = _Parser(PARSER_TYPES, allow_abbrev=False)
     ns, rest = parser.parse_known_args(argv)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

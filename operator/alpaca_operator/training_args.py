@@ -10,6 +10,29 @@ from __future__ import annotations
 
 from .spec import FineTuneSpec
 
+# Arguments `training.extraArgs` may not give (the CRD refuses them at apply, in either form,
+# `--flag value` or `--flag=value`; tests/test_render.py keeps this list equal to the CRD's
+# rule and to what render_training_args can emit): every one the operator renders from
+# the spec, and those the image and the safety nets own: the output, checkpoints, resume,
+# progress reporting, the DeepSpeed config, the launcher's rank.
+RENDERED_ARGS = (
+    "--model_name_or_path", "--data_path", "--prompt_template", "--num_train_epochs", "--learning_rate",
+    "--per_device_train_batch_size", "--gradient_accumulation_steps", "--model_max_length", "--warmup_steps",
+    "--lr_scheduler_type", "--weight_decay", "--save_strategy", "--save_steps", "--save_total_limit",
+    "--logging_steps", "--bf16", "--fp16", "--data_format", "--chat_template", "--peft", "--lora_r",
+    "--lora_alpha", "--lora_dropout", "--merge_lora", "--lora_target_modules",
+)
+# --warmup_ratio is the image's legacy spelling of --warmup_steps (alpaca_train.compat).
+IMAGE_OWNED_ARGS = ("--deepspeed", "--output_dir", "--output_uri", "--resume_from_checkpoint", "--report_to",
+                    "--local_rank", "--warmup_ratio")
+OWNED_ARGS = RENDERED_ARGS + IMAGE_OWNED_ARGS
+
+
+def spellings(flag: str) -> tuple[str, ...]:
+    """The trainer's parser takes --save_steps and --save-steps alike."""
+    dashed = "--" + flag[2:].replace("_", "-")
+    return (flag,) if dashed == flag else (flag, dashed)
+
 
 def _num(x: float | int) -> str:
     # repr keeps 2e-05 exact and round-trips through float(); ints stay ints.
