@@ -43,7 +43,7 @@ def test_s3_inputs_checkpoints_model_and_manifest(tiny_model, seed_records, trai
         body = s3.client.get_object(Bucket=bucket, Key=f"run/{f['path']}")["Body"].read()
         assert len(body) == f["size"] and hashlib.sha256(body).hexdigest() == f["sha256"], f["path"]
     assert manifest["base_model"]["uri"] == model_uri
-    assert manifest["data"] == {"uri": data_uri, "sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
+    assert manifest["data"] == {"uri": data_uri, "format": "alpaca", "sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
                                 "records": 16, "examples": 16}
     assert manifest["training_arguments"]["argv"] == argv
     assert manifest["training_arguments"]["trainer"]["max_steps"] == 4

@@ -16,6 +16,7 @@ by absolute name.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -69,7 +70,19 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data_path: str | None = field(
-        default=None, metadata={"help": "Alpaca data: an s3:// object or a local file (JSON list or JSON Lines)."}
+        default=None, metadata={"help": "Training data: an s3:// object or a local file (JSON list or JSON Lines)."}
+    )
+    data_format: str = field(
+        default="alpaca",
+        metadata={"help": "alpaca: {instruction, input, output} records; chat: {messages: [{role, content}]} "
+                          "records, rendered with the tokenizer's chat template and trained on the assistant "
+                          "turns only (docs/contract.md).",
+                  "choices": ["alpaca", "chat"]},
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "With --data_format chat: a Jinja chat template (inline, or a file holding it) that "
+                          "replaces the tokenizer's own and is saved with the model."},
     )
     prompt_template: str = field(
         default="alpaca",
@@ -178,11 +191,17 @@ def check_local_inputs(model_args: ModelArguments, data_args: DataArguments, out
             raise MissingInputError(f"model path {spec} does not exist")
         if not (p / "config.json").is_file():
             raise MissingInputError(f"model path {spec} has no config.json: not a Hugging Face model directory")
+    if data_args.data_format != "chat" and data_args.chat_template:
+        raise InputError("--chat_template is for --data_format chat")
+    if data_args.data_format == "chat" and data_args.prompt_template not in (None, "", "alpaca"):
+        # A chat template replaces the Alpaca prompts: a custom one would silently do nothing.
+        raise InputError("--prompt_template is for --data_format alpaca; chat data takes --chat_template")
     if not is_s3(data_args.data_path) and _data_is_local(data_args.data_path):
-        data.load_records(data_args.data_path)  # raises DataError with the file, line and reason
+        data.load_data(data_args.data_path, data_args.data_format)  # raises DataError with the file, line and reason
     if out_args.output_uri and not is_s3(out_args.output_uri):
         raise InputError(f"output URI {out_args.output_uri} is not an s3:// URI")
     data.PromptTemplate.parse(data_args.prompt_template)
+    data.read_chat_template(data_args.chat_template)
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -237,7 +256,7 @@ def resolve_data(spec: str, inputs: Path, cache_dir: str | None, s5: S5cmd) -> P
     files = sorted(p for p in snapshot.rglob("*") if p.suffix in (".json", ".jsonl") and p.is_file())
     if len(files) != 1:
         found = ", ".join(str(p.relative_to(snapshot)) for p in files) or "none"
-        raise data.DataError(f"data set {spec!r} must hold exactly one .json or .jsonl file of Alpaca records "
+        raise data.DataError(f"data set {spec!r} must hold exactly one .json or .jsonl file of records "
                          f"(found: {found}); give the file's s3:// URI or path instead")
     return files[0]
 
@@ -351,13 +370,17 @@ def run(argv: list[str], stop: stopping.GracefulStop | None = None) -> int:
             reporter.close()
 
 
-def load_model_and_tokenizer(model_path: str, model_args: ModelArguments, training_args: TrainingArguments, values: dict):
+def load_model_and_tokenizer(model_path: str, model_args: ModelArguments, training_args: TrainingArguments, values: dict,
+                             data_args: DataArguments | None = None):
     tokenizer = AutoTokenizer.from_pretrained(
         model_path,
         cache_dir=training_args.cache_dir,
         model_max_length=training_args.model_max_length,
         padding_side="right",
     )
+    if data_args is not None and data_args.data_format == "chat":
+        # Before the model loads: a tokenizer without a template fails in seconds, not minutes.
+        data.use_chat_template(tokenizer, data_args.chat_template, model_args.model_name_or_path)
     dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
     model = AutoModelForCausalLM.from_pretrained(
         model_path,
@@ -383,10 +406,15 @@ def load_model_and_tokenizer(model_path: str, model_args: ModelArguments, traini
 
 
 def make_data_module(records, tokenizer, model, data_args: DataArguments, training_args: TrainingArguments) -> dict:
-    dataset = data.SupervisedDataset.from_records(
-        records, tokenizer, training_args.model_max_length, data.PromptTemplate.parse(data_args.prompt_template),
-        packing=data_args.packing, pack_seed=training_args.seed,
-    )
+    if data_args.data_format == "chat":
+        dataset = data.SupervisedDataset.from_conversations(
+            records, tokenizer, training_args.model_max_length, packing=data_args.packing, pack_seed=training_args.seed,
+        )
+    else:
+        dataset = data.SupervisedDataset.from_records(
+            records, tokenizer, training_args.model_max_length, data.PromptTemplate.parse(data_args.prompt_template),
+            packing=data_args.packing, pack_seed=training_args.seed,
+        )
     log.info("%d records, %d training examples, %d tokens", len(records), len(dataset), dataset.num_tokens)
     implementation = model.config._attn_implementation
     if (data_args.packing or data_args.padding_free) and data_args.collator == "transformers":
@@ -412,20 +440,25 @@ def zero_stage(values: dict) -> int | None:
 def checkpoint_identity(model_args, model_path: str, data_path: Path, output_uri: str | None, world_size: int,
                         values: dict) -> CheckpointIdentity:
     """What a checkpoint must share with this run to be resumed (docs/contract.md)."""
-    return CheckpointIdentity(
-        run_uid=os.environ.get("ALPACA_RUN_UID") or None,
-        output_uri=output_uri,
-        settings={
-            # A URI or hub id names the model; a local path does not (SageMaker's model
-            # channel, a volume): where it was mounted may differ from job to job, so there
-            # the model's config identifies it.
-            "model": None if Path(model_args.model_name_or_path).exists() else model_args.model_name_or_path,
-            "model_config_sha256": data.file_sha256(Path(model_path) / "config.json"),
-            "data_sha256": data.file_sha256(data_path),
-            "world_size": world_size,
-            "zero_stage": zero_stage(values),
-        },
-    )
+    settings = {
+        # A URI or hub id names the model; a local path does not (SageMaker's model
+        # channel, a volume): where it was mounted may differ from job to job, so there
+        # the model's config identifies it.
+        "model": None if Path(model_args.model_name_or_path).exists() else model_args.model_name_or_path,
+        "model_config_sha256": data.file_sha256(Path(model_path) / "config.json"),
+        "data_sha256": data.file_sha256(data_path),
+        "world_size": world_size,
+        "zero_stage": zero_stage(values),
+    }
+    if values.get("data_format", "alpaca") != "alpaca":
+        # Added for chat runs only, so an Alpaca run's identity (and so its checkpoints
+        # written before chat data existed) stays what it was; a chat checkpoint then
+        # differs from any Alpaca one in this key, and from another template's in the next.
+        settings["data_format"] = values["data_format"]
+        template = data.read_chat_template(values.get("chat_template"))
+        settings["chat_template_sha256"] = hashlib.sha256(template.encode()).hexdigest() if template else None
+    return CheckpointIdentity(run_uid=os.environ.get("ALPACA_RUN_UID") or None, output_uri=output_uri,
+                              settings=settings)
 
 
 def _train(values, original_argv, model_args, data_args, out_args, topo, reporter, stop) -> int:
@@ -468,8 +501,8 @@ def _train(values, original_argv, model_args, data_args, out_args, topo, reporte
         elastic = bool(((values.get("deepspeed") or {}).get("zero_optimization") or {}).get("elastic_checkpoint"))
         resume = outputs.choose_resume(identity, output_uri, output_dir, topo, s5, group, all_shards=elastic)
 
-    records = data.load_records(data_path)
-    model, tokenizer = load_model_and_tokenizer(model_path, model_args, training_args, values)
+    records = data.load_data(data_path, data_args.data_format)
+    model, tokenizer = load_model_and_tokenizer(model_path, model_args, training_args, values, data_args)
     data_module = make_data_module(records, tokenizer, model, data_args, training_args)
     callbacks = [progress.ProgressCallback(reporter), stop]
     sync = None
@@ -505,8 +538,11 @@ def _train(values, original_argv, model_args, data_args, out_args, topo, reporte
         "run_id": run_id,
         "base_model": {"uri": model_args.model_name_or_path,
                        "config_sha256": data.file_sha256(Path(model_path) / "config.json")},
-        "data": {"uri": data_args.data_path, "sha256": data.file_sha256(data_path), "records": len(records),
-                 "examples": len(data_module["train_dataset"])},
+        "data": {"uri": data_args.data_path, "format": data_args.data_format,
+                 "sha256": data.file_sha256(data_path), "records": len(records),
+                 "examples": len(data_module["train_dataset"]),
+                 **({"chat_template_sha256": hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()}
+                    if data_args.data_format == "chat" else {})},
         "training_arguments": {
             "argv": original_argv,
             "model": asdict(model_args),
