@@ -200,6 +200,8 @@ BAD_INPUT = [
     ("data-format-unknown", {"spec.data.format": "sharegpt"}, ['spec.data.format: Unsupported value: "sharegpt"']),
     ("chat-template-with-alpaca-format", {"spec.data.chatTemplate": "{{ messages }}"},
      ["spec.data.chatTemplate", "needs format chat"]),
+    ("prompt-template-with-chat-format", {"spec.data.format": "chat", "spec.data.promptTemplate": "Q: {instruction}"},
+     ["spec.data.promptTemplate", "format alpaca only"]),
     ("offload-params-with-zero-2", {"spec.deepspeed": {"zeroStage": 2, "offloadParams": True}},
      ["spec.deepspeed.offloadParams", "zeroStage 3"]),
     ("config-map-ref-with-zero-stage",
