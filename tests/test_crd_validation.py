@@ -335,7 +335,7 @@ DEFAULTED_SPEC = {
     "backend": "eks",
     "model": {"uri": "s3://alpaca-demo/models/llama-7b/"},
     "data": {"uri": "s3://alpaca-demo/data/alpaca_data.json", "promptTemplate": "alpaca", "format": "alpaca"},
-    "output": {"uri": "s3://alpaca-demo/runs/minimal/"},
+    "output": {"uri": "s3://alpaca-demo/runs/minimal/", "overwrite": False},
     "training": {
         "epochs": 3, "learningRate": 2e-5, "perDeviceBatchSize": 4, "gradientAccumulationSteps": 8,
         "maxSeqLength": 512, "warmupRatio": 0.03, "lrScheduler": "cosine", "weightDecay": 0,

@@ -132,8 +132,46 @@ def test_finished_run_is_neither_redone_nor_overwritten(tiny_model, seed_records
     s3.client.put_object(Bucket=bucket, Key="run/manifest.json", Body=json.dumps({"run_id": "another run"}))
     assert train_module.main(argv) == 64
     assert "already holds the manifest.json of a different finished run" in (tmp_path / "failure").read_text()
-    run_id = outputs.fingerprint({"argv": argv})
-    s3.client.put_object(Bucket=bucket, Key="run/manifest.json", Body=json.dumps({"run_id": run_id}))
+    monkeypatch.setenv("ALPACA_RUN_UID", "uid-1")
+    ours = {"run_id": outputs.fingerprint({"argv": argv}), "run_uid": "uid-1",
+            "data": {"sha256": hashlib.sha256(data.read_bytes()).hexdigest()},
+            "base_model": {"config_sha256": hashlib.sha256((tiny_model / "config.json").read_bytes()).hexdigest()}}
+    s3.client.put_object(Bucket=bucket, Key="run/manifest.json", Body=json.dumps(ours))
     with caplog.at_level(logging.WARNING):
         assert train_module.main(argv) == 0
     assert "already holds this run's manifest.json: nothing to do" in caplog.text
+
+    # No stale success: the same spec re-created (another uid), or the data replaced at the
+    # same URI, never reports the old model: refused, naming why, with nothing overwritten.
+    for uid, records, why in (("uid-2", seed_records[:4], "written by run uid-1, this is run uid-2"),
+                              ("uid-1", seed_records[4:8], f"the data at {data} changed since")):
+        monkeypatch.setenv("ALPACA_RUN_UID", uid)
+        write_records(data, records)
+        assert train_module.main(argv) == 64
+        assert why in (tmp_path / "failure").read_text() and "output.overwrite: true" in (tmp_path / "failure").read_text()
+        assert json.loads(s3.client.get_object(Bucket=bucket, Key="run/manifest.json")["Body"].read()) == ours
+
+
+def test_overwrite_trains_anew_over_another_runs_model_and_checkpoints(tiny_model, seed_records, tmp_path, s3, bucket,
+                                                                      monkeypatch):
+    for k, v in s3.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("ALPACA_WORKDIR", str(tmp_path / "work"))
+    data = write_records(tmp_path / "alpaca_data.json", seed_records[:8])
+    uri = f"s3://{bucket}/over/"
+    base = ["--model_name_or_path", str(tiny_model), "--data_path", str(data), "--output_uri", uri,
+            "--max_steps", "2", "--save_steps", "2", "--per_device_train_batch_size", "2", "--report_to", "none"]
+    monkeypatch.setenv("ALPACA_RUN_UID", "old-run")
+    assert train_module.main(base) == 0
+    old = json.loads(s3.client.get_object(Bucket=bucket, Key="over/manifest.json")["Body"].read())
+    assert old["run_uid"] == "old-run"
+    # The same spec, re-created, over data replaced at the same URI, asks to overwrite.
+    monkeypatch.setenv("ALPACA_RUN_UID", "new-run")
+    write_records(data, seed_records[8:16])
+    monkeypatch.setenv("ALPACA_WORKDIR", str(tmp_path / "work2"))
+    assert train_module.main([*base, "--overwrite_output", "true"]) == 0
+    new = json.loads(s3.client.get_object(Bucket=bucket, Key="over/manifest.json")["Body"].read())
+    assert new["run_uid"] == "new-run" and new["data"]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    assert new["result"]["resumed_from"] is None, "the old run's checkpoint was not resumed"
+    identity = json.loads(s3.client.get_object(Bucket=bucket, Key=f"over/checkpoint-2/{outputs.IDENTITY}")["Body"].read())
+    assert identity["run_uid"] == "new-run"

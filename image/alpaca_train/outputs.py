@@ -159,14 +159,24 @@ def read_identity(uri: str, step: int, s5: S5cmd, tmp_dir: Path) -> CheckpointId
         dest.unlink(missing_ok=True)
 
 
-def plan_remote_resume(uri: str, s5: S5cmd, identity: CheckpointIdentity, tmp_dir: Path) -> int | None:
+def plan_remote_resume(uri: str, s5: S5cmd, identity: CheckpointIdentity, tmp_dir: Path,
+                       discard_foreign: bool = False) -> int | None:
     """The step every rank resumes from (rank 0 alone decides; None: start afresh).
 
     Incomplete checkpoints newer than it are leftovers of an attempt that died while
     uploading; they are deleted so that this attempt's own upload of the same step can
-    never be completed by a stale marker. A checkpoint of another run is refused.
+    never be completed by a stale marker. A checkpoint of another run is refused, or
+    deleted where the user asked to overwrite the output (discard_foreign).
     """
     listing = s5.list(uri)
+    if discard_foreign:
+        for step in remote_checkpoints(uri, s5, listing):
+            theirs = read_identity(uri, step, s5, tmp_dir)
+            why = "no identity" if theirs is None else identity.mismatch(theirs)
+            if why:
+                log.warning("deleting %s (%s), as --overwrite_output asks", join(uri, f"checkpoint-{step}"), why)
+                s5.remove_prefix(join(uri, f"checkpoint-{step}"))
+        listing = s5.list(uri)
     found = remote_checkpoints(uri, s5, listing)
     complete = sorted(step for step, ok in found.items() if ok)
     newest = complete[-1] if complete else None
@@ -261,7 +271,7 @@ def check_restored(ckpt: Path, topo: Topology) -> None:
 
 
 def choose_resume(identity: CheckpointIdentity, output_uri: str | None, output_dir: Path, topo: Topology,
-                  s5: S5cmd, group=None, *, all_shards: bool = False) -> str | None:
+                  s5: S5cmd, group=None, *, all_shards: bool = False, discard_foreign: bool = False) -> str | None:
     """One decision for the whole gang: rank 0 picks the step, every rank loads it.
 
     Called by every rank once the process group exists. Without an output URI the
@@ -271,7 +281,7 @@ def choose_resume(identity: CheckpointIdentity, output_uri: str | None, output_d
 
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     if output_uri:
-        step = decided_by_rank0(lambda: plan_remote_resume(output_uri, s5, identity, tmp), group)
+        step = decided_by_rank0(lambda: plan_remote_resume(output_uri, s5, identity, tmp, discard_foreign), group)
     else:
         step = decided_by_rank0(lambda: plan_local_resume(output_dir, identity), group)
     if step is None:

@@ -174,6 +174,9 @@ class S5cmd:
     def remove_prefix(self, uri: str) -> None:
         self.run("rm", uri.rstrip("/") + "/*", what=f"removal of {uri}")
 
+    def remove_file(self, uri: str) -> None:
+        self.run("rm", uri, what=f"removal of {uri}")
+
 
 def fetch(uri: str, dest: Path, s5: S5cmd | None = None, *, is_dir: bool) -> Path:
     """Copy an s3:// object (is_dir False) or prefix (True) to `dest` once.

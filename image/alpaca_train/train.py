@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -118,6 +119,11 @@ class OutputArguments:
     )
     inputs_dir: str | None = field(
         default=None, metadata={"help": "Where inputs fetched from S3 go (default: $ALPACA_WORKDIR/inputs)."}
+    )
+    overwrite_output: bool = field(
+        default=False,
+        metadata={"help": "Replace another run's final model and checkpoints under output_uri instead of "
+                          "refusing to (the AlpacaFineTune's output.overwrite)."},
     )
 
 
@@ -461,6 +467,34 @@ def checkpoint_identity(model_args, model_path: str, data_path: Path, output_uri
                               settings=settings)
 
 
+def _other_run(done: dict, run_id: str, model_spec: str, data_spec: str, s5: S5cmd) -> str | None:
+    """Why the finished run whose manifest is `done` is not this one; None if it is.
+
+    The same command line is not enough: a run re-created with the same spec (another
+    uid), or data or a base model replaced at the same URI, must not report the old model.
+    """
+    uid = os.environ.get("ALPACA_RUN_UID") or None
+    if done.get("run_id") != run_id:
+        return "other training arguments"
+    if done.get("run_uid") != uid:
+        return f"written by run {done.get('run_uid')}, this is run {uid}"
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f".previous-inputs-{os.getpid()}"
+    try:
+        if is_s3(data_spec) or _data_is_local(data_spec):
+            path = (_fetch_input("data", data_spec, tmp / "data", s5, is_dir=False) if is_s3(data_spec)
+                    else Path(data_spec).expanduser())
+            if data.file_sha256(path) != (done.get("data") or {}).get("sha256"):
+                return f"the data at {data_spec} changed since"
+        if is_s3(model_spec) or _looks_like_path(model_spec):
+            config = (_fetch_input("model", s3io.join(model_spec, "config.json"), tmp / "config.json", s5,
+                                   is_dir=False) if is_s3(model_spec) else Path(model_spec).expanduser() / "config.json")
+            if data.file_sha256(config) != (done.get("base_model") or {}).get("config_sha256"):
+                return f"the base model at {model_spec} changed since"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return None
+
+
 def _train(values, original_argv, model_args, data_args, out_args, topo, reporter, stop) -> int:
     if reporter:
         reporter.report(force=True, stage="loading")
@@ -470,16 +504,25 @@ def _train(values, original_argv, model_args, data_args, out_args, topo, reporte
     inputs = Path(out_args.inputs_dir) if out_args.inputs_dir else workdir() / "inputs"
     run_id = outputs.fingerprint({"argv": [a for a in original_argv if not a.startswith("--local_rank")]})
 
+    overwrite = out_args.overwrite_output
     if output_uri:
         done = outputs.finished_run(output_uri, s5, Path(os.environ.get("TMPDIR", "/tmp")))
         if done is not None:
-            if done.get("run_id") == run_id:
+            why = _other_run(done, run_id, model_args.model_name_or_path, data_args.data_path, s5)
+            if why is None:
                 log.warning("%s already holds this run's manifest.json: nothing to do", output_uri)
                 if reporter:
                     reporter.report(force=True, stage="done")
                 return 0
-            raise InputError(f"{output_uri} already holds the manifest.json of a different finished run; "
-                             "choose another output URI (nothing was overwritten)")
+            if not overwrite:
+                raise InputError(f"{output_uri} already holds the manifest.json of a different finished run ({why}); "
+                                 "choose another output URI, or set output.overwrite: true (--overwrite_output "
+                                 "true) to replace it (nothing was overwritten)")
+            log.warning("%s holds the final model of a different finished run (%s): training anew and replacing "
+                        "it, as --overwrite_output asks", output_uri, why)
+            if topo.is_global_main:
+                # First, so that an attempt that dies before its own upload leaves no stale success.
+                s5.remove_file(s3io.join(output_uri, outputs.MANIFEST))
 
     init_cpu_distributed(values)
     try:
@@ -499,7 +542,8 @@ def _train(values, original_argv, model_args, data_args, out_args, topo, reporte
     resume = training_args.resume_from_checkpoint
     if resume is None:
         elastic = bool(((values.get("deepspeed") or {}).get("zero_optimization") or {}).get("elastic_checkpoint"))
-        resume = outputs.choose_resume(identity, output_uri, output_dir, topo, s5, group, all_shards=elastic)
+        resume = outputs.choose_resume(identity, output_uri, output_dir, topo, s5, group, all_shards=elastic,
+                                       discard_foreign=overwrite)
 
     records = data.load_data(data_path, data_args.data_format)
     model, tokenizer = load_model_and_tokenizer(model_path, model_args, training_args, values, data_args)
@@ -536,6 +580,7 @@ def _train(values, original_argv, model_args, data_args, out_args, topo, reporte
         reporter.report(force=True, stage="uploading", **steps)
     manifest = outputs.build_manifest(final_dir, output_uri, {
         "run_id": run_id,
+        "run_uid": os.environ.get("ALPACA_RUN_UID") or None,
         "base_model": {"uri": model_args.model_name_or_path,
                        "config_sha256": data.file_sha256(Path(model_path) / "config.json")},
         "data": {"uri": data_args.data_path, "format": data_args.data_format,

@@ -111,6 +111,7 @@ class FineTuneSpec:
     prompt_template: str = "alpaca"
     data_format: str = "alpaca"
     chat_template: str | None = None
+    overwrite_output: bool = False
     training: Training = Training()
     deepspeed: DeepSpeed = DeepSpeed()
     resources: Resources = Resources()
@@ -223,6 +224,7 @@ def parse_spec(spec: Mapping[str, Any] | None) -> FineTuneSpec:
         prompt_template=_get(data, "promptTemplate", FineTuneSpec.prompt_template),
         data_format=data_format,
         chat_template=data.get("chatTemplate") or None,
+        overwrite_output=bool(_get(spec.get("output"), "overwrite", FineTuneSpec.overwrite_output)),
         training=training,
         deepspeed=deepspeed,
         resources=resources,

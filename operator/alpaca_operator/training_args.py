@@ -20,7 +20,7 @@ RENDERED_ARGS = (
     "--per_device_train_batch_size", "--gradient_accumulation_steps", "--model_max_length", "--warmup_steps",
     "--lr_scheduler_type", "--weight_decay", "--save_strategy", "--save_steps", "--save_total_limit",
     "--logging_steps", "--bf16", "--fp16", "--data_format", "--chat_template", "--peft", "--lora_r",
-    "--lora_alpha", "--lora_dropout", "--merge_lora", "--lora_target_modules",
+    "--lora_alpha", "--lora_dropout", "--merge_lora", "--lora_target_modules", "--overwrite_output",
 )
 # --warmup_ratio is the image's legacy spelling of --warmup_steps (alpaca_train.compat).
 IMAGE_OWNED_ARGS = ("--deepspeed", "--output_dir", "--output_uri", "--resume_from_checkpoint", "--report_to",
@@ -66,6 +66,8 @@ def render_training_args(spec: FineTuneSpec) -> list[str]:
         args += ["--data_format", spec.data_format]
     if spec.chat_template:
         args += ["--chat_template", spec.chat_template]
+    if spec.overwrite_output:
+        args += ["--overwrite_output", "true"]
     if t.peft:
         p = t.peft
         args += ["--peft", p.method, "--lora_r", str(p.r), "--lora_alpha", str(p.alpha),
