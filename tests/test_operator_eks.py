@@ -416,15 +416,20 @@ def test_a_recreated_run_never_sees_the_old_runs_job(cluster, operator, namespac
         body = aft(cluster, namespace, "again")
         return body if (conditions(body).get("Created") or {}).get("reason") == "NameConflict" else None
     body = wait_for("NameConflict", refused, timeout=20, on_timeout=dump(cluster, namespace, operator))
-    time.sleep(2)
+    time.sleep(12)     # two more looks at the leftovers: the same message, no second Event
     body = aft(cluster, namespace, "again")
     assert body["status"]["phase"] == "Pending" and "completionTime" not in body["status"], body["status"]
     assert get_json(cluster, "job", "again-a1", "-n", namespace)["metadata"]["uid"] == old_job["metadata"]["uid"]
-    # The user removes the leftovers: the new run starts on its own.
-    cluster.kubectl("delete", "job,sa,role,rolebinding,configmap,service", "-n", namespace,
-                    "-l", "alpaca.dev/finetune=again", "--wait=true", timeout=60)
-    cluster.kubectl("annotate", "aft", "again", "-n", namespace, "example.com/poke=1")
-    wait_for("Succeeded", phase_is(cluster, namespace, "again", "Succeeded"), timeout=60,
+    # Every leftover in one message, in a fixed order, with the command that removes them.
+    message = conditions(body)["Created"]["message"]
+    stale = ["serviceaccount/again-trainer", "role/again-progress", "rolebinding/again-progress",
+             "configmap/again-config", "service/again", "job/again-a1"]
+    assert f"6 object(s) with this run's names already exist" in message and ", ".join(stale) in message, message
+    assert f"kubectl -n {namespace} delete {' '.join(stale)}" in message, message
+    assert [e["reason"] for e in events(cluster, namespace, "again")].count("NameConflict") == 1
+    # The user removes the leftovers: the new run starts on its own, without a poke.
+    cluster.kubectl("-n", namespace, "delete", *stale, "--wait=true", timeout=60)
+    wait_for("Succeeded", phase_is(cluster, namespace, "again", "Succeeded"), timeout=40,
              on_timeout=dump(cluster, namespace, operator))
     new_job = get_json(cluster, "job", "again-a1", "-n", namespace)
     assert new_job["metadata"]["ownerReferences"][0]["uid"] == aft(cluster, namespace, "again")["metadata"]["uid"]

@@ -211,6 +211,8 @@ class Reconciler:
                     blocked = status.invalid(run, self.clock(), e.reason, e.message)
                     if not blocked.empty:
                         await self._write(body, blocked)
+                if e.retry_after is not None:
+                    return e.retry_after
                 return min(LAUNCH_RETRY_MAX, LAUNCH_RETRY * 2 ** (st.blocked - 1))
             if plan.restart and backend is not None:
                 metrics.restart(backend.name, plan.restart)

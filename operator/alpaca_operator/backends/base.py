@@ -110,10 +110,13 @@ class LaunchError(Exception):
     growing delay, and at once when the run's spec changes.
     """
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str, retry_after: float | None = None):
         super().__init__(message)
         self.reason = reason
         self.message = message
+        # Set where the fix is the user's and cheap to look for (leftover objects deleted):
+        # look again this soon instead of backing off.
+        self.retry_after = retry_after
 
 
 class BackendUnavailable(Exception):

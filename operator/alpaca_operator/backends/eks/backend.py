@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 _EXIT_CODE = re.compile(r"exit code (\d+)")
 _POD = re.compile(r"for pod [^/\s]+/(\S+)|Pod [^/\s]+/(\S+) has condition")
 PROBE_AFTER = 3.0    # seconds a new Job's pods get before the operator asks why they do not run
+# Seconds between looks while leftover objects of a run's names stand in the way: nothing
+# the operator watches announces their deletion, and a look is a few GETs.
+ORPHAN_RECHECK = 5.0
 # Container waiting reasons that mean the worker will not start by itself.
 STUCK_WAITING = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
                  "CreateContainerError")
@@ -258,6 +261,34 @@ class EksBackend:
         ds_config = await self._user_ds_config(run)
         *children, job = render.render_children(run, attempt, deadline_seconds=deadline_seconds,
                                                 ds_config=ds_config)
+        try:
+            return await self._create(run, attempt, children, job)
+        except LaunchError as e:
+            if e.reason != Reason.NAME_CONFLICT:
+                raise
+            raise await self._in_the_way(run, [*children, job]) from None
+
+    async def _in_the_way(self, run: Run, objs: list[Mapping[str, Any]]) -> LaunchError | NotYet:
+        """Every object of this attempt's names that is not this run's, in one message (one
+        at a time, in whatever order the creates failed, a user fixes them one per retry)."""
+        stale = []
+        for obj in objs:
+            plural, name = KIND_TO_PLURAL[obj["kind"]], obj["metadata"]["name"]
+            existing = await self.kube.get(plural, run.namespace, name)
+            if existing is not None and not _owned_by(existing, run):
+                stale.append(f"{obj['kind'].lower()}/{name}")
+        if not stale:
+            return NotYet("the objects in the way are gone: creating again")
+        return LaunchError(
+            Reason.NAME_CONFLICT,
+            f"{len(stale)} object(s) with this run's names already exist and are not owned by this AlpacaFineTune "
+            f"{run.name} (uid {run.uid}), e.g. left by a deleted run of the same name (kubectl delete "
+            f"--cascade=orphan): {', '.join(stale)}. Delete them (kubectl -n {run.namespace} delete "
+            f"{' '.join(stale)}) or rename the run; it starts once they are gone",
+            retry_after=ORPHAN_RECHECK)
+
+    async def _create(self, run: Run, attempt: int, children: list[Mapping[str, Any]],
+                      job: Mapping[str, Any]) -> Observation | None:
         # The rest of the attempt is independent, but for the RoleBinding: an operator without
         # the `bind` verb (the chart's) may bind only a Role that exists, whose rules it then
         # holds itself; the API server refuses a binding to a missing Role with NotFound.
