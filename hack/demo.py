@@ -422,6 +422,7 @@ def results(t: Tools, sm, runs: dict[str, dict], state: Path) -> bool:
     for name in RUNS:
         st = runs[name].get("status", {})
         backend = runs[name]["spec"].get("backend", "eks")
+        peft = runs[name]["spec"].get("training", {}).get("peft")
         say(f"\n{name} ({backend}): {st.get('phase')}, {st.get('attempts', 0)} attempt(s): {st.get('message', '')}")
         if st.get("phase") != "Succeeded":
             ok = False
@@ -432,9 +433,14 @@ def results(t: Tools, sm, runs: dict[str, dict], state: Path) -> bool:
             say(f"  training job {st.get('sagemaker', {}).get('trainingJobName')}: "
                 f"{st.get('sagemaker', {}).get('trainingJobStatus')}")
         objs = model_keys(s3, out)
-        say(f"  model in the local S3: {out}")
+        say(f"  model in the local S3: {out}" + (" (merged: base plus adapter)" if peft else ""))
         for o in objs:
             say(f"    {o['Key'].rsplit('/', 1)[1]:28} {o['Size']:>10,} bytes")
+        if peft:
+            adapter = model_keys(s3, out.rstrip("/") + "/adapter/")
+            say(f"  LoRA adapter (r {peft.get('r')}): {out.rstrip('/')}/adapter/")
+            for o in adapter:
+                say(f"    {o['Key'].rsplit('/', 1)[1]:28} {o['Size']:>10,} bytes")
         local = state / "models" / name
         shutil.rmtree(local, ignore_errors=True)
         local.mkdir(parents=True)

