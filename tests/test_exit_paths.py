@@ -84,6 +84,14 @@ class SteppingTrainer:
         (ckpt / f"rng_state_{self.rank}.pth").write_bytes(b"rng")
         self._call("on_save", control)
 
+    def _wait_for_upload(self):
+        """Until this node's (slow) upload runs: the failure must find it in flight."""
+        pid_file = Path(os.environ["EXIT_RUN_DIR"], f"upload-pid-{self.rank}")
+        deadline = time.monotonic() + 30
+        while not pid_file.exists():
+            assert time.monotonic() < deadline, "the checkpoint upload never started"
+            time.sleep(0.01)
+
     def train(self, resume_from_checkpoint=None):
         import torch
         import torch.distributed as dist
@@ -110,6 +118,8 @@ class SteppingTrainer:
             self._call("on_step_end", control)
             if control.should_save or (self.case in ("crash", "loss-not-finite") and self.state.global_step == 2):
                 self._save(control)
+                if self.case in ("crash", "loss-not-finite"):
+                    self._wait_for_upload()
             if control.should_training_stop:
                 break
             time.sleep(0.01)
