@@ -263,7 +263,7 @@ def test_job_exactly():
             "podFailurePolicy": {"rules": [
                 {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
                 {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
-                                                      "values": [64, 65, 66]}},
+                                                      "values": [64, 65, 66, 67]}},
                 {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "NotIn",
                                                       "values": [0]}}]},
             "activeDeadlineSeconds": 1234,

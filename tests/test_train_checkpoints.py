@@ -5,6 +5,7 @@ writes one; a real SIGTERM'd two-node run is in test_train_launch.py."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -96,8 +97,16 @@ def rank_saves_checkpoint():
 
 
 def rank_resumes():
-    """What alpaca_train.train does between the process group and the model load."""
-    from alpaca_train import outputs
+    """What alpaca_train.train does between the process group and the model load, and how it
+    ends: with the image's own exit (a plain sys.exit right after the refusal's broadcast
+    died by SIGABRT about one run in two: alpaca_train/shutdown.py)."""
+    from alpaca_train import shutdown
+
+    shutdown.run_and_exit(_resumes, int(os.environ["RANK"]))
+
+
+def _resumes() -> int:
+    from alpaca_train import outputs, shutdown
     from alpaca_train.exitcodes import ImageError
     from alpaca_train.s3io import S5cmd
 
@@ -121,11 +130,11 @@ def rank_resumes():
         resume = outputs.choose_resume(CheckpointIdentity.from_json(cfg["identity"]), cfg["uri"], out, topo, s5)
     except ImageError as e:
         print(f"rank {topo.rank} exit {e.exit_code}: {e}", flush=True)
-        sys.exit(e.exit_code)
+        return shutdown.finish(e.exit_code, topo.rank)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not p.name.startswith("."))
     print("RESULT " + json.dumps({"rank": topo.rank, "resume": resume and Path(resume).name, "files": files}),
           flush=True)
-    dist.destroy_process_group()
+    return shutdown.finish(0, topo.rank)
 
 
 # --- the test's side ---------------------------------------------------------------------
@@ -162,7 +171,6 @@ class Gang:
             self.kill()
 
     def kill(self) -> None:
-        import os
         import signal
 
         for p in self.procs:

@@ -14,9 +14,15 @@ RETRYABLE = 1
 USAGE = 64       # EX_USAGE: an invalid argument or configuration
 DATAERR = 65     # EX_DATAERR: bad input data (unparseable records, no records, bad template)
 NOINPUT = 66     # EX_NOINPUT: a model or data that is not there
+# The loss became NaN or infinite. Not sysexits' EX_NOUSER, which means nothing in a training
+# container: the next free code after the three above. Permanent because the same run
+# diverges again from the same checkpoint; the user re-runs it with other settings.
+LOSS_NOT_FINITE = 67
 TERMINATED = 143  # 128 + SIGTERM: stopped, a checkpoint saved and synced first
 
-PERMANENT = frozenset({USAGE, DATAERR, NOINPUT})
+# The operator keeps its own copy (operator/alpaca_operator/backends/base.py: its image does
+# not install this package); tests/test_exit_paths.py keeps the two equal.
+PERMANENT = frozenset({USAGE, DATAERR, NOINPUT, LOSS_NOT_FINITE})
 
 
 class ImageError(Exception):
@@ -31,6 +37,12 @@ class UsageError(ImageError, ValueError):
 
 class MissingInputError(UsageError):
     exit_code = NOINPUT
+
+
+class LossNotFiniteError(ImageError):
+    """The training loss is NaN or infinite: nothing more is saved, the run fails (exit 67)."""
+
+    exit_code = LOSS_NOT_FINITE
 
 
 class Terminated(ImageError):

@@ -24,8 +24,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
-from alpaca_train import exitcodes
+from alpaca_train import exitcodes, shutdown
 from alpaca_train.exitcodes import ImageError
 
 log = logging.getLogger("alpaca_train.launch")
@@ -191,5 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     return supervise(cmd, env)
 
 
+def entry() -> NoReturn:
+    """The console script: main(), then exit with exactly its code (alpaca_train.shutdown)."""
+    shutdown.run_and_exit(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

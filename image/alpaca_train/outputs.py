@@ -386,6 +386,17 @@ class CheckpointSyncCallback(TrainerCallback):
 
     finish = wait
 
+    def abandon(self, timeout_s: float = 10.0) -> None:
+        """The process is ending on a failure: stop the upload in flight where it is.
+
+        Its s5cmd is stopped and no marker follows, so that checkpoint stays incomplete in
+        S3 and the next attempt deletes it; waiting for it could take longer than the
+        platform gives a failing pod, for a checkpoint the other nodes may not complete.
+        """
+        self.s5.cancel()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
     def prune(self, output_dir: Path) -> None:
         # The Trainer deleted older checkpoints locally (save_total_limit); delete them in
         # S3 too, but only behind the newest checkpoint that every node has uploaded.

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,40 @@ class S5cmd:
     attempts: int = field(default_factory=lambda: int(os.environ.get("ALPACA_S3_ATTEMPTS", "3")))
     backoff_s: float = field(default_factory=lambda: float(os.environ.get("ALPACA_S3_BACKOFF_S", "2")))
     request_retries: int = field(default_factory=lambda: int(os.environ.get("ALPACA_S3_REQUEST_RETRIES", "3")))
+    # The s5cmd processes running now, so that cancel() can stop them (the process is ending).
+    _running: set = field(default_factory=set, init=False, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+    _cancelled: bool = field(default=False, init=False, repr=False, compare=False)
+
+    def cancel(self) -> None:
+        """Stop every transfer of this instance, now and later: each raises S3Error.
+
+        An s5cmd left running would go on writing to S3 after its process has exited.
+        """
+        with self._lock:
+            self._cancelled = True
+            running = list(self._running)
+        for proc in running:
+            proc.terminate()
+
+    def _exec(self, cmd: list[str]) -> subprocess.CompletedProcess:
+        with self._lock:
+            if self._cancelled:
+                raise S3Error(f"s5cmd {cmd[-1]!r} not run: the process is exiting")
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self._running.add(proc)
+        try:
+            out, err = proc.communicate()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            with self._lock:
+                self._running.discard(proc)
+        if self._cancelled:
+            raise S3Error(f"s5cmd {cmd[-1]!r} stopped: the process is exiting")
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
     def _base(self, quiet: bool = True) -> list[str]:
         # s5cmd prints listings at log level info: only quiet for transfers.
@@ -84,7 +119,7 @@ class S5cmd:
         attempts = attempts or self.attempts
         last = ""
         for attempt in range(1, attempts + 1):
-            proc = subprocess.run(self._base() + list(args), capture_output=True, text=True)
+            proc = self._exec(self._base() + list(args))
             if proc.returncode == 0:
                 return proc.stdout
             text = proc.stderr + "\n" + proc.stdout
@@ -105,7 +140,7 @@ class S5cmd:
         cmd = self._base(quiet=False) + ["--json", "ls", prefix_uri + "*"]
         last = ""
         for attempt in range(1, self.attempts + 1):
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = self._exec(cmd)
             if proc.returncode == 0:
                 break
             text = proc.stderr + proc.stdout

@@ -37,8 +37,9 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
-from alpaca_train import exitcodes
+from alpaca_train import exitcodes, shutdown
 from alpaca_train.launch import LaunchError, default_nproc, supervise, torchrun_command, wait_for_host
 
 log = logging.getLogger("alpaca_train.sagemaker")
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("running %s", " ".join(cmd))
     sys.stdout.flush()
     # The same supervisor as the pods': SIGTERM goes to the workers (each saves a checkpoint
-    # in SageMaker's 120 s), and the workers' own exit codes (64/65/66/143) come back.
+    # in SageMaker's 120 s), and the workers' own exit codes (64/65/66/67/143) come back.
     rc = supervise(cmd, env)
     if rc == exitcodes.TERMINATED:
         if not failure.exists():
@@ -257,5 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     return rc if 0 < rc < 256 else (0 if rc == 0 else 1)
 
 
+def entry() -> NoReturn:
+    """The console script: main(), then exit with exactly its code (alpaca_train.shutdown)."""
+    shutdown.run_and_exit(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

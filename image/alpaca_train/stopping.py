@@ -22,7 +22,8 @@ class GracefulStop(TrainerCallback):
         self.stopped_at: int | None = None
         self.group = None
         # starting: nothing to save yet, so the signal ends the process at once;
-        # training: finish the step, save and stop; finishing: let the final upload end.
+        # training: finish the step, save and stop; finishing: let the final upload end;
+        # ending: the exit code is decided, and the process is on its way out.
         self.phase = "starting"
 
     def install(self) -> "GracefulStop":
@@ -32,8 +33,16 @@ class GracefulStop(TrainerCallback):
     def uninstall(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
 
+    def ending(self) -> None:
+        """From now on a SIGTERM changes nothing: an exception raised from the handler
+        would interrupt the ending (the uploader's stop, the process group's teardown)."""
+        self.phase = "ending"
+
     def _on_signal(self, signum, frame):
         self.requested = True
+        if self.phase == "ending":
+            log.warning("SIGTERM: already exiting")
+            return
         if self.phase == "starting":
             raise Terminated("stopped by SIGTERM before training began: nothing to save")
         log.warning("SIGTERM: saving a checkpoint after this step, then stopping")

@@ -25,13 +25,14 @@ import sys
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer
 
 from alpaca_train import __version__
-from alpaca_train import attention, compat, data, exitcodes, outputs, progress, s3io, stopping
+from alpaca_train import attention, compat, data, exitcodes, outputs, progress, s3io, shutdown, stopping
 from alpaca_train.exitcodes import ImageError, MissingInputError, Terminated, UsageError
 from alpaca_train.outputs import CheckpointIdentity, Topology
 from alpaca_train.s3io import S3NotFound, S5cmd, is_s3
@@ -552,6 +553,9 @@ def _train(values, original_argv, model_args, data_args, out_args, topo, reporte
     sync = None
     if output_uri:
         sync = outputs.CheckpointSyncCallback(output_uri, s5, topo, identity, group)
+        # On a failure the upload in flight is cut off, not waited for: its checkpoint stays
+        # incomplete (no marker), which the next attempt deletes.
+        shutdown.on_exit("stopping the checkpoint upload", sync.abandon)
         callbacks.append(sync)
     else:
         callbacks.append(outputs.IdentityCallback(identity))
@@ -610,25 +614,41 @@ def _train(values, original_argv, model_args, data_args, out_args, topo, reporte
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train; return the contract's exit code (docs/contract.md), every thread stopped and the
+    process group left. `entry` (the command) then exits with it."""
     argv = sys.argv[1:] if argv is None else argv
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
     stop = stopping.GracefulStop().install()
     try:
-        code = run(argv, stop)
+        return shutdown.finish(_outcome(argv, stop), rank)
+    finally:
+        stop.uninstall()
+
+
+def _outcome(argv: list[str], stop: stopping.GracefulStop) -> int:
+    """run(); its exit code, the reason of a failure logged and written for the platform."""
+    try:
+        try:
+            return run(argv, stop)
+        finally:
+            stop.ending()  # the code is decided: a SIGTERM from here on must not interrupt the ending
     except ImageError as e:
         code = exitcodes.code_for(e)
         (log.warning if code == exitcodes.TERMINATED else log.error)("%s", e)
         write_failure(str(e))
+        return code
     except Exception as e:
-        exitcodes.record(exitcodes.RETRYABLE, rank)
+        log.exception("%s: %s", type(e).__name__, e)
         write_failure(f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        stop.uninstall()
-    exitcodes.record(code, rank)
-    return code
+        return exitcodes.RETRYABLE
+
+
+def entry(argv: list[str] | None = None) -> NoReturn:
+    """`alpaca-train`, `python -m alpaca_train.train`, `deepspeed train.py`: main(), then
+    exit with its code whatever threads are still alive (alpaca_train.shutdown says why)."""
+    shutdown.run_and_exit(lambda: main(argv), int(os.environ.get("RANK", "0")))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -57,7 +57,7 @@ class Reason:
     RESTARTING = "Restarting"
     WORKER_FAILED = "WorkerFailed"            # a restart counted against backoffLimit
     DISRUPTED = "Disrupted"                   # a restart counted against disruptionLimit
-    PERMANENT_FAILURE = "PermanentFailure"    # not retried (exit 64/65/66, out of memory)
+    PERMANENT_FAILURE = "PermanentFailure"    # not retried (exit 64/65/66/67, out of memory)
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     DISRUPTION_LIMIT_EXCEEDED = "DisruptionLimitExceeded"
     DEADLINE_EXCEEDED = "DeadlineExceeded"

@@ -30,13 +30,16 @@ class FailureKind(str, enum.Enum):
     PERMANENT = "Permanent"    # a retry cannot fix it (bad input, missing model): fail now
 
 
-# The training image's exit codes (docs/contract.md, image/alpaca_train/exitcodes.py).
+# The training image's exit codes (docs/contract.md, image/alpaca_train/exitcodes.py): a copy,
+# since the operator's image does not install the training package. Both backends use this
+# one; tests/test_exit_paths.py keeps it equal to the image's.
 EXIT_SIGTERM = 143
-PERMANENT_EXIT_CODES = frozenset({64, 65, 66})
+PERMANENT_EXIT_CODES = frozenset({64, 65, 66, 67})
 EXIT_CODE_MEANING = {
     64: "invalid argument or configuration",
     65: "bad input data",
     66: "missing model or data",
+    67: "loss not finite",
     137: "killed (SIGKILL)",
     EXIT_SIGTERM: "stopped by SIGTERM",
 }
