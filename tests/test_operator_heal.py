@@ -124,6 +124,9 @@ def test_node_evidence():
                 "uncorrectable ECC error encountered", "ncclSystemError: System call failed"):
         assert node_evidence(msg, "", "", None), msg
     assert node_evidence("ValueError: bad learning rate", "", "", None) == ""
+    # The run's own CUDA errors: too large a batch, a bad index in a kernel.
+    assert node_evidence("RuntimeError: CUDA error: out of memory", "", "", None) == ""
+    assert node_evidence("RuntimeError: CUDA error: device-side assert triggered", "", "", None) == ""
     assert node_evidence("", "Evicted", "The node was low on resource: memory.", None).startswith(
         "evicted for node pressure")
     assert node_evidence("", "Evicted", "Pod was evicted by an API-initiated eviction", None) == ""

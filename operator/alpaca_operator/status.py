@@ -111,6 +111,9 @@ NODE_ERROR = re.compile(
     r"\bXid\b|CUDA error|CUDA_ERROR_\w+|cudaError\w*|NCCL error|ncclSystemError|ncclInternalError"
     r"|ncclUnhandledCudaError|uncorrectable ECC|ECC error|GPU has fallen off the bus",
     re.IGNORECASE)
+# CUDA errors that are the run's own (a batch too large, an index out of range in a
+# kernel): a CUDA error message saying one of these blames the run, not the node.
+RUN_CUDA_ERROR = re.compile(r"out of memory|device-side assert", re.IGNORECASE)
 # The kubelet's eviction messages for node pressure ("The node was low on resource: memory").
 NODE_PRESSURE = re.compile(r"node was low on resource|node had condition: \[\w*Pressure\]", re.IGNORECASE)
 
@@ -345,14 +348,15 @@ def node_evidence(termination_message: str, pod_reason: str, pod_message: str,
     trainer's own termination message naming a GPU/NCCL error (NODE_ERROR), an eviction for
     node pressure, or the node not Ready (node_conditions None: the node could not be read)."""
     found = NODE_ERROR.search(termination_message or "")
-    if found:
+    if found and not RUN_CUDA_ERROR.search(termination_message):
         start = max(0, found.start() - 80)
         return f"termination message: {termination_message[start:found.end() + 160].strip()}"
     if pod_reason == "Evicted" and NODE_PRESSURE.search(pod_message or ""):
         return f"evicted for node pressure: {pod_message.strip()}"
     for c in node_conditions or ():
         if c.get("type") == "Ready" and c.get("status") != "True":
-            return f"node not Ready ({c.get('reason') or c.get('status')}: {c.get('message') or ''})".rstrip(": )") + ")"
+            why = ": ".join(str(x) for x in (c.get("reason"), c.get("message")) if x) or f"status {c.get('status')}"
+            return f"node not Ready ({why})"
     return ""
 
 

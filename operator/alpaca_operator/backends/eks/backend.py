@@ -59,6 +59,12 @@ class PodFailure:
     pod_message: str = ""
 
 
+def _pod_failure(pod: Mapping[str, Any], code: int | None, message: str, reason: str, disrupted: bool) -> PodFailure:
+    st = pod.get("status") or {}
+    return PodFailure(pod["metadata"]["name"], code, message, reason, disrupted,
+                      (pod.get("spec") or {}).get("nodeName") or "", st.get("reason") or "", st.get("message") or "")
+
+
 def first_failure(pods: list[Mapping[str, Any]]) -> PodFailure | None:
     """The pod whose trainer failed first on its own. Pods the Job controller deleted after
     that (the rest of the gang, exit 137/143) are the effect, not the cause, so they rank
@@ -71,20 +77,15 @@ def first_failure(pods: list[Mapping[str, Any]]) -> PodFailure | None:
             term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
             if cs.get("name") == api.TRAINER_CONTAINER and term and (term.get("exitCode") or disrupted):
                 code = int(term.get("exitCode") or 0)
-                st = pod.get("status") or {}
-                failure = PodFailure(pod["metadata"]["name"], code, (term.get("message") or "").strip(),
-                                     term.get("reason") or "", disrupted, (pod.get("spec") or {}).get("nodeName") or "",
-                                     st.get("reason") or "", st.get("message") or "")
+                failure = _pod_failure(pod, code, (term.get("message") or "").strip(), term.get("reason") or "",
+                                       disrupted)
                 found.append((not disrupted, bool(pod["metadata"].get("deletionTimestamp")), code in KILLED,
                               term.get("finishedAt") or "", failure))
         if disrupted and not any(f[-1].pod == pod["metadata"]["name"] for f in found):
             # Evicted, or its node went away (NotReady, deleted): the container may never
             # have reported its end, but the pod and its node are still the cause.
-            st = pod.get("status") or {}
             found.append((False, bool(pod["metadata"].get("deletionTimestamp")), False, "",
-                          PodFailure(pod["metadata"]["name"], None, "", "", True,
-                                     (pod.get("spec") or {}).get("nodeName") or "",
-                                     st.get("reason") or "", st.get("message") or "")))
+                          _pod_failure(pod, None, "", "", True)))
     if not found:
         return None
     return min(found, key=lambda f: f[:4])[-1]
