@@ -2,9 +2,12 @@
 No cluster; tests/test_operator_eks.py and tests/test_e2e_eks.py run them for real."""
 from __future__ import annotations
 
+import asyncio
+
 from alpaca_operator.backends.base import FailureKind, Observation, Run, WorkloadState as W
 from alpaca_operator.backends.eks import render
-from alpaca_operator.backends.eks.backend import first_failure
+from alpaca_operator.backends.eks.backend import EksBackend, PodFailure, first_failure
+from alpaca_operator.kube import ApiError
 from alpaca_operator.spec import parse_spec
 from alpaca_operator.status import (Action, Reason, avoided_nodes, decide, gpu_health, node_evidence,
                                     progress_deadline)
@@ -211,3 +214,17 @@ def test_an_evicted_pod_without_a_container_end_still_names_its_node():
     f = first_failure([pod])
     assert f.node == "gpu-2" and f.disrupted and f.exit_code is None
     assert node_evidence(f.message, f.pod_reason, f.pod_message, None).startswith("evicted for node pressure")
+
+
+def test_without_node_access_the_failure_is_still_blamed_from_the_pod_alone():
+    """A namespaced install may not read nodes: a 403 means less to say, not an error."""
+    class NoNodes:
+        async def request(self, method, url, **kw):
+            raise ApiError(403, "Forbidden")
+
+    failure = PodFailure("ft-a1-0-x", 1, "NCCL error: unhandled system error", "Error", False, "gpu-1")
+    got = asyncio.run(EksBackend(NoNodes())._suspect_node(run(), 1, failure))
+    assert got == {"node": "gpu-1", "node_evidence": "termination message: NCCL error: unhandled system error",
+                   "node_health": "", "nodes_suffice": None}
+    plan = decide(run(running()), failed_on("gpu-1", suffice=None), at(50))
+    assert "the nodes could not be counted" in next(e for e in plan.events if e.reason == Reason.NODE_SUSPECTED).message
