@@ -161,7 +161,8 @@ def test_the_account_may_do_what_the_operator_calls_and_nothing_else(cluster, cl
     elsewhere = "default"
     cluster_scoped = {"customresourcedefinitions.apiextensions.k8s.io": {"list", "watch"}}
     assert allowed(cluster_wide, elsewhere) == {**RUN_NAMESPACE_RULES, **cluster_scoped,
-                                                "clusterkopfpeerings.kopf.dev": {"get", "list", "watch", "patch"}}
+                                                "clusterkopfpeerings.kopf.dev": {"get", "list", "watch", "patch"},
+                                                "nodes": {"get", "list"}}
     assert allowed(namespaced, namespaced.watched) == {**RUN_NAMESPACE_RULES, **cluster_scoped,
                                                        "namespaces": {"list", "watch"},
                                                        "kopfpeerings.kopf.dev": {"get", "list", "watch", "patch"}}

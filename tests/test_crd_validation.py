@@ -245,6 +245,9 @@ BAD_INPUT = [
      ["spec.podMetadata.labels"]),
     ("backoff-limit-negative", {"spec.runPolicy": {"backoffLimit": -1}}, ["spec.runPolicy.backoffLimit"]),
     ("disruption-limit-negative", {"spec.runPolicy": {"disruptionLimit": -1}}, ["spec.runPolicy.disruptionLimit"]),
+    ("progress-deadline-negative", {"spec.runPolicy": {"progressDeadlineSeconds": -1}},
+     ["spec.runPolicy.progressDeadlineSeconds"]),
+    ("avoid-failed-nodes-too-many", {"spec.runPolicy": {"avoidFailedNodes": 101}}, ["spec.runPolicy.avoidFailedNodes"]),
     ("active-deadline-zero", {"spec.runPolicy": {"activeDeadlineSeconds": 0}},
      ["spec.runPolicy.activeDeadlineSeconds"]),
     ("suspend-not-a-boolean", {"spec.runPolicy": {"suspend": "yes"}}, ["spec.runPolicy.suspend", "boolean"]),
@@ -346,7 +349,8 @@ DEFAULTED_SPEC = {
     "image": "ghcr.io/alpaca-operator/train:0.1.0",
     "imagePullPolicy": "IfNotPresent",
     "terminationGracePeriodSeconds": 300,
-    "runPolicy": {"backoffLimit": 3, "disruptionLimit": 20, "failedJobsHistoryLimit": 1, "suspend": False},
+    "runPolicy": {"backoffLimit": 3, "disruptionLimit": 20, "failedJobsHistoryLimit": 1, "suspend": False,
+                  "progressDeadlineSeconds": 1800, "startupDeadlineSeconds": 3600, "avoidFailedNodes": 2},
 }
 
 

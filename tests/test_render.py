@@ -62,6 +62,9 @@ def test_defaults_agree_with_the_crd():
     assert rp["backoffLimit"]["default"] == s.run_policy.backoff_limit
     assert rp["disruptionLimit"]["default"] == s.run_policy.disruption_limit
     assert rp["failedJobsHistoryLimit"]["default"] == s.run_policy.failed_jobs_history_limit
+    assert rp["progressDeadlineSeconds"]["default"] == s.run_policy.progress_deadline_seconds
+    assert rp["startupDeadlineSeconds"]["default"] == s.run_policy.startup_deadline_seconds
+    assert rp["avoidFailedNodes"]["default"] == s.run_policy.avoid_failed_nodes
     assert props["terminationGracePeriodSeconds"]["default"] == s.termination_grace_period_seconds
     assert props["image"]["default"] == s.image
     assert props["deepspeed"]["default"]["zeroStage"] == s.deepspeed.zero_stage

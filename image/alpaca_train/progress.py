@@ -228,12 +228,23 @@ class ProgressCallback(TrainerCallback):
         return " ".join(parts)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        # No report here: the stage stays `loading` (reported when the trainer started) until
+        # the first step completes, so the operator's startupDeadlineSeconds, not its
+        # progressDeadlineSeconds, covers DeepSpeed's set-up and the first step.
         self._t0 = time.monotonic()
         self._step0 = state.global_step
         self._window = (self._t0, int(getattr(state, "num_input_tokens_seen", 0) or 0))
         self._line_window = self._window
-        if self.reporter and state.is_world_process_zero:
-            self.reporter.report(force=True, **self._progress(state, "training"))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # A report as steps complete (at most every 10 s), not only on logging steps: the
+        # operator reads a report older than progressDeadlineSeconds as a hung gang, and
+        # logging steps may be far apart. A logging step is reported by on_log, with its loss.
+        if not (self.reporter and state.is_world_process_zero) or control.should_log:
+            return
+        first = state.global_step == self._step0 + 1
+        if first or self.reporter.due():
+            self.reporter.report(force=first, **self._progress(state, "training"))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -243,8 +254,9 @@ class ProgressCallback(TrainerCallback):
             self.lr = float(logs["learning_rate"])
         if state.is_world_process_zero and "loss" in logs:
             print(self.metric_line(state), flush=True)
-        if self.reporter and state.is_world_process_zero and self.reporter.due():
-            self.reporter.report(**self._progress(state, "training"))
+        if self.reporter and state.is_world_process_zero and (
+                self.reporter.due() or state.global_step == self._step0 + 1):
+            self.reporter.report(force=True, **self._progress(state, "training"))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.reporter and state.is_world_process_zero:

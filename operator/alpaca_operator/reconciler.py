@@ -192,6 +192,9 @@ class Reconciler:
             try:
                 if plan.status_first:
                     body = await self._write(body, plan)
+                    # Act on what was just written: a new attempt renders from it (the
+                    # nodes it avoids are in the attemptHistory entry just recorded).
+                    run = replace(run, status=body.get("status") or {})
                     known = await self._act(run, backend, plan)
                 else:
                     known = await self._act(run, backend, plan)

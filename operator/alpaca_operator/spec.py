@@ -100,6 +100,17 @@ class RunPolicy:
     # Failed Jobs of earlier attempts kept for `kubectl logs` (the last failed attempt's is
     # kept at least until the next attempt runs, whatever this says).
     failed_jobs_history_limit: int = 1
+    # A training attempt whose step has not advanced for this long is hung (an NCCL
+    # collective waiting for a frozen rank keeps every pod Running): it is ended and the
+    # next attempt resumes from the last checkpoint. 0: no check. Far above the trainer's
+    # report interval (10 s on EKS; 30 s plus the operator's poll on SageMaker).
+    progress_deadline_seconds: int = 1800
+    # The same for the loading stage (model download, DeepSpeed JIT builds) up to the first
+    # step, which may take much longer than any step.
+    startup_deadline_seconds: int = 3600
+    # Attempts after a node-attributed failure (GPU/NCCL error, node NotReady, node-pressure
+    # eviction) that keep off that node.
+    avoid_failed_nodes: int = 2
 
 
 @dataclass(frozen=True)
@@ -206,6 +217,9 @@ def parse_spec(spec: Mapping[str, Any] | None) -> FineTuneSpec:
         ttl_seconds_after_finished=rp.get("ttlSecondsAfterFinished"),
         suspend=bool(_get(rp, "suspend", False)),
         failed_jobs_history_limit=int(_get(rp, "failedJobsHistoryLimit", RunPolicy.failed_jobs_history_limit)),
+        progress_deadline_seconds=int(_get(rp, "progressDeadlineSeconds", RunPolicy.progress_deadline_seconds)),
+        startup_deadline_seconds=int(_get(rp, "startupDeadlineSeconds", RunPolicy.startup_deadline_seconds)),
+        avoid_failed_nodes=int(_get(rp, "avoidFailedNodes", RunPolicy.avoid_failed_nodes)),
     )
 
     data = spec.get("data") or {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -74,6 +75,9 @@ class Reason:
     UNSCHEDULABLE = "Unschedulable"
     IMAGE_PULL_FAILED = "ImagePullFailed"
     FAILED_CREATE = "FailedCreate"
+    # Self-healing (issue 19).
+    PROGRESS_DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"  # hung: no step within the deadline
+    NODE_SUSPECTED = "NodeSuspected"          # a failure attributed to a node; later attempts avoid it
 
 
 class Outcome:
@@ -96,6 +100,22 @@ HISTORY_MAX = 50            # attemptHistory entries kept (the CRD's maxItems)
 # hundreds of runs must not turn into a poll of every pod.
 PROBE_INTERVAL = 5.0
 PROBE_MAX = 30.0
+# A hang is acted on this long after its deadline: the status write of the last report and
+# the timer that wakes the operator need not race to the second.
+DEADLINE_SLACK = 1.0
+# What in a trainer's termination message blames the GPU node rather than the run: NVIDIA
+# Xid errors, CUDA runtime/driver errors, NCCL errors (a link flap, a dead peer's NIC), ECC
+# errors. docs/contract.md lists them; the run's own bugs (a Python exception, an OOM of
+# host memory) do not match.
+NODE_ERROR = re.compile(
+    r"\bXid\b|CUDA error|CUDA_ERROR_\w+|cudaError\w*|NCCL error|ncclSystemError|ncclInternalError"
+    r"|ncclUnhandledCudaError|uncorrectable ECC|ECC error|GPU has fallen off the bus",
+    re.IGNORECASE)
+# CUDA errors that are the run's own (a batch too large, an index out of range in a
+# kernel): a CUDA error message saying one of these blames the run, not the node.
+RUN_CUDA_ERROR = re.compile(r"out of memory|device-side assert", re.IGNORECASE)
+# The kubelet's eviction messages for node pressure ("The node was low on resource: memory").
+NODE_PRESSURE = re.compile(r"node was low on resource|node had condition: \[\w*Pressure\]", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -229,7 +249,7 @@ class _Draft:
     def event(self, reason: str, message: str, warning: bool = False) -> None:
         self.events.append(Event("Warning" if warning else "Normal", reason, message))
 
-    def history(self, obs: Observation, outcome: str, reason: str, message: str) -> None:
+    def history(self, obs: Observation, outcome: str, reason: str, message: str, **extra: Any) -> None:
         """Record how attempt obs.attempt ended (once: a later decision sees it there)."""
         entries = list(self.new.get("attemptHistory") or ())
         if any(e.get("attempt") == obs.attempt for e in entries):
@@ -243,6 +263,11 @@ class _Draft:
             entry["exitCode"] = obs.exit_code
         if obs.failed_worker:
             entry["worker"] = obs.failed_worker
+        if obs.node and obs.node_evidence:
+            entry["node"] = obs.node
+            entry["evidence"] = obs.node_evidence[:1024]
+            entry["nodeAvoided"] = self.run.spec.run_policy.avoid_failed_nodes > 0 and obs.nodes_suffice is not False
+        entry.update({k: v for k, v in extra.items() if v is not None})
         self.new["attemptHistory"] = (entries + [entry])[-HISTORY_MAX:]
 
     def plan(self, **kw: Any) -> Plan:
@@ -271,6 +296,83 @@ def failure_detail(obs: Observation) -> str:
     if obs.termination_message:
         out += f": {obs.termination_message}"
     return out
+
+
+# ---- hangs and bad nodes -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ProgressDeadline:
+    """When the running attempt is hung unless rank 0 reports again."""
+    due: dt.datetime
+    seconds: int
+    setting: str                # the runPolicy field that set it
+    stage: str
+    step: int | None
+    reported_at: str            # progress.updatedAt of the last report
+
+
+def progress_deadline(run: Run, obs: Observation) -> ProgressDeadline | None:
+    """The deadline of the attempt `obs` shows, from the last progress report, or None when
+    there is none to keep.
+
+    Rank 0 reports as steps complete (at most every 10 s; SageMaker: 30 s, read on each
+    poll), once at the start of loading, and not while blocked, so `updatedAt` is when the
+    step last advanced. In the loading stage (model download, DeepSpeed set-up, up to the
+    first step) startupDeadlineSeconds applies, in training progressDeadlineSeconds; not
+    while uploading. An attempt that has reported nothing yet is not checked: an image
+    that cannot reach the API server trains on, and a previous attempt's report (older
+    than this attempt's workload) says nothing about this one."""
+    rp = run.spec.run_policy
+    progress = run.status.get("progress") or {}
+    updated = parse_time(progress.get("updatedAt"))
+    created = parse_time(obs.created_at)
+    if updated is None or (created is not None and updated < created):
+        return None
+    stage = progress.get("stage")
+    if stage == "loading":
+        seconds, setting = rp.startup_deadline_seconds, "startupDeadlineSeconds"
+    elif stage == "training":
+        seconds, setting = rp.progress_deadline_seconds, "progressDeadlineSeconds"
+    else:
+        return None
+    if not seconds:
+        return None
+    step = progress.get("step")
+    return ProgressDeadline(updated + dt.timedelta(seconds=seconds), seconds, setting, str(stage),
+                            int(step) if isinstance(step, (int, float)) else None, progress["updatedAt"])
+
+
+def node_evidence(termination_message: str, pod_reason: str, pod_message: str,
+                  node_conditions: list[Mapping[str, Any]] | None) -> str:
+    """Why a failed worker's node, not the run, is to blame; "" when nothing says so. The
+    trainer's own termination message naming a GPU/NCCL error (NODE_ERROR), an eviction for
+    node pressure, or the node not Ready (node_conditions None: the node could not be read)."""
+    found = NODE_ERROR.search(termination_message or "")
+    if found and not RUN_CUDA_ERROR.search(termination_message):
+        start = max(0, found.start() - 80)
+        return f"termination message: {termination_message[start:found.end() + 160].strip()}"
+    if pod_reason == "Evicted" and NODE_PRESSURE.search(pod_message or ""):
+        return f"evicted for node pressure: {pod_message.strip()}"
+    for c in node_conditions or ():
+        if c.get("type") == "Ready" and c.get("status") != "True":
+            why = ": ".join(str(x) for x in (c.get("reason"), c.get("message")) if x) or f"status {c.get('status')}"
+            return f"node not Ready ({why})"
+    return ""
+
+
+def gpu_health(node_conditions: list[Mapping[str, Any]] | None) -> str:
+    """The node's GPU-health conditions as node-problem-detector or DCGM publish them (a
+    condition type naming the GPU, True meaning a problem), for the Event: "" if none."""
+    bad = [c for c in node_conditions or ()
+           if "gpu" in str(c.get("type", "")).lower() and c.get("status") == "True"]
+    return "; ".join(f"{c['type']}: {c.get('reason') or ''} {c.get('message') or ''}".strip() for c in bad)
+
+
+def avoided_nodes(history: list[Mapping[str, Any]] | None, attempt: int, window: int) -> list[str]:
+    """The nodes attempt `attempt` keeps off: those a failure in one of the `window`
+    attempts before it was attributed to (and that were not kept for too few nodes)."""
+    return sorted({e["node"] for e in history or () if e.get("node") and e.get("nodeAvoided")
+                   and attempt - window <= int(e.get("attempt") or 0) < attempt})
 
 
 def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: bool = True) -> Plan:
@@ -366,6 +468,13 @@ def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: b
     if state is WorkloadState.RUNNING or was_running:
         # Pods of an Indexed Job finish one by one: once running, an attempt stays Running
         # until the Job itself says Complete or Failed.
+        deadline = progress_deadline(run, obs)
+        if deadline is not None and now >= deadline.due + dt.timedelta(seconds=DEADLINE_SLACK):
+            return _hung(d, obs, attempt, remaining, deadline)
+        if deadline is not None:
+            # Wake up when it would pass (a new report moves it; the timer then finds it
+            # later and sets the next one): one look per deadline, not a poll.
+            requeue = max(DEADLINE_SLACK, (deadline.due - now).total_seconds() + DEADLINE_SLACK)
         progress = run.status.get("progress") or {}
         updated = parse_time(progress.get("updatedAt"))
         created = parse_time(obs.created_at)
@@ -399,26 +508,63 @@ def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: b
     return d.plan(actions=actions, requeue_after=requeue)
 
 
-def _attempt_failed(d: _Draft, obs: Observation, attempt: int, remaining: int | None) -> Plan:
+def _hung(d: _Draft, obs: Observation, attempt: int, remaining: int | None, dl: ProgressDeadline) -> Plan:
+    """A hang is a failure of the attempt (counted against backoffLimit): ended like one.
+    The launch of the next attempt ends this one's workload (EKS deletes its Job,
+    SageMaker stops its job); with no restart left, a suspend does."""
+    at = f"step {dl.step}" if dl.step is not None else "no step"
+    message = (f"hung: {at} in stage {dl.stage}, reported at {dl.reported_at}, and no progress since "
+               f"for {dl.seconds}s ({dl.setting})")
+    failed = Observation(WorkloadState.FAILED, attempt=attempt, ready=obs.ready, total=obs.total,
+                         created_at=obs.created_at, finished_at=fmt_time(d.now),
+                         reason=Reason.PROGRESS_DEADLINE_EXCEEDED, message=message, workload=obs.workload)
+    plan = _attempt_failed(d, failed, attempt, remaining, cause=Reason.PROGRESS_DEADLINE_EXCEEDED,
+                           step=dl.step, lastProgressTime=dl.reported_at)
+    if not any(a.kind == "launch" for a in plan.actions):
+        plan.actions.append(Action("suspend", attempt))
+    return plan
+
+
+def _node_event(d: _Draft, obs: Observation, attempt: int) -> None:
+    if not (obs.node and obs.node_evidence):
+        return
+    window = d.run.spec.run_policy.avoid_failed_nodes
+    msg = f"attempt {attempt} failed on node {obs.node}: {obs.node_evidence}"
+    if obs.node_health:
+        msg += f"; the node reports GPU health: {obs.node_health}"
+    if window == 0:
+        msg += "; not avoided (runPolicy.avoidFailedNodes is 0)"
+    elif obs.nodes_suffice is False:
+        msg += (f"; too few nodes would be left for the gang without it, so the next attempt runs anyway "
+                f"and may use it")
+    else:
+        msg += (f"; the next {window} attempt{'s' if window > 1 else ''} keep off it (nothing is cordoned"
+                + ("; the nodes could not be counted" if obs.nodes_suffice is None else "") + ")")
+    d.event(Reason.NODE_SUSPECTED, msg, warning=True)
+
+
+def _attempt_failed(d: _Draft, obs: Observation, attempt: int, remaining: int | None,
+                    cause: str = Reason.WORKER_FAILED, **extra: Any) -> Plan:
     spec, rp = d.run.spec, d.run.spec.run_policy
     detail = failure_detail(obs)
+    _node_event(d, obs, attempt)
     if obs.reason == Reason.DEADLINE_EXCEEDED or (remaining is not None and remaining <= 0):
         msg = f"activeDeadlineSeconds {rp.active_deadline_seconds} exceeded in attempt {attempt}"
-        d.history(obs, Outcome.FAILED, Reason.DEADLINE_EXCEEDED, msg)
+        d.history(obs, Outcome.FAILED, Reason.DEADLINE_EXCEEDED, msg, **extra)
         return _fail(d, obs, Reason.DEADLINE_EXCEEDED, msg)
     if obs.failure_kind is FailureKind.PERMANENT or obs.permanent:
         # A backend that knows the precise cause (SageMaker: ResourceLimitExceeded, a job
         # stopped by someone else) names it; the EKS exit codes are PermanentFailure.
         reason = (obs.reason if obs.permanent else "") or Reason.PERMANENT_FAILURE
         msg = f"attempt {attempt} failed: {detail}; a retry cannot fix this, so the run is not restarted"
-        d.history(obs, Outcome.PERMANENT_FAILURE, reason, detail)
+        d.history(obs, Outcome.PERMANENT_FAILURE, reason, detail, **extra)
         return _fail(d, obs, reason, msg)
     disruptions = int(d.new.get("disruptions") or 0)
     failures = attempt - 1 - disruptions        # restarts counted against backoffLimit
     new = attempt + 1
     if obs.failure_kind is FailureKind.DISRUPTION:
         if disruptions >= rp.disruption_limit:
-            d.history(obs, Outcome.DISRUPTED, Reason.DISRUPTED, detail)
+            d.history(obs, Outcome.DISRUPTED, Reason.DISRUPTED, detail, **extra)
             return _fail(d, obs, Reason.DISRUPTION_LIMIT_EXCEEDED,
                          f"attempt {attempt}: {detail}; no restarts left after disruptions "
                          f"(disruptionLimit {rp.disruption_limit})")
@@ -429,13 +575,13 @@ def _attempt_failed(d: _Draft, obs: Observation, attempt: int, remaining: int | 
                f"backoffLimit not used)")
     else:
         if failures >= rp.backoff_limit:
-            d.history(obs, Outcome.FAILED, Reason.WORKER_FAILED, detail)
+            d.history(obs, Outcome.FAILED, cause, detail, **extra)
             return _fail(d, obs, Reason.BACKOFF_LIMIT_EXCEEDED,
                          f"attempt {attempt} failed: {detail}; no restarts left (backoffLimit {rp.backoff_limit})")
-        cause, outcome = Reason.WORKER_FAILED, Outcome.FAILED
+        outcome = Outcome.FAILED
         msg = (f"attempt {attempt} failed: {detail}; restarting all {spec.resources.nodes} "
                f"pods as attempt {new} (restart {failures + 1} of {rp.backoff_limit})")
-    d.history(obs, outcome, cause, detail)
+    d.history(obs, outcome, cause, detail, **extra)
     d.new["attempts"] = new
     d.to(Phase.LAUNCHING, Reason.RESTARTING, msg, warning=True)
     if d.phase == Phase.LAUNCHING and d.old.get("phase") == Phase.LAUNCHING:

@@ -102,6 +102,14 @@ class Observation:
     stale_attempts: tuple[int, ...] = ()  # older attempts whose workload still exists
     workload: Mapping[str, str] = field(default_factory=dict)  # status.workload names
     permanent: bool = False               # FAILED in a way no new attempt can fix
+    # FAILED: the node the failed worker ran on and, when the failure is the node's (a GPU or
+    # NCCL error, the node NotReady, a node-pressure eviction), why (status.node_evidence).
+    node: str | None = None
+    node_evidence: str = ""
+    node_health: str = ""                 # the node's own GPU-health conditions, if published
+    # Would the next attempt's gang still fit without the nodes it is to avoid? None: unknown
+    # (no permission to read nodes); the nodes are avoided anyway.
+    nodes_suffice: bool | None = None
     extras: Extras | None = None
 
 

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from ... import api
 from ...cache import Cache
 from ...kube import KIND_TO_PLURAL, ApiError, Kube, path
-from ...status import Reason, fmt_time, parse_time
+from ...status import Reason, avoided_nodes, fmt_time, gpu_health, node_evidence, parse_time
 from ..base import (EXIT_SIGTERM, PERMANENT_EXIT_CODES, FailureKind, LaunchError, NotYet, Observation,
                     Run, WorkloadState)
 from . import render
@@ -57,6 +57,15 @@ class PodFailure:
     message: str = ""        # the trainer's termination message
     reason: str = ""         # the container's termination reason (Error, OOMKilled)
     disrupted: bool = False  # the pod has the DisruptionTarget condition
+    node: str = ""           # where it ran
+    pod_reason: str = ""     # the pod's status.reason (Evicted) and message
+    pod_message: str = ""
+
+
+def _pod_failure(pod: Mapping[str, Any], code: int | None, message: str, reason: str, disrupted: bool) -> PodFailure:
+    st = pod.get("status") or {}
+    return PodFailure(pod["metadata"]["name"], code, message, reason, disrupted,
+                      (pod.get("spec") or {}).get("nodeName") or "", st.get("reason") or "", st.get("message") or "")
 
 
 def first_failure(pods: list[Mapping[str, Any]]) -> PodFailure | None:
@@ -71,10 +80,15 @@ def first_failure(pods: list[Mapping[str, Any]]) -> PodFailure | None:
             term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
             if cs.get("name") == api.TRAINER_CONTAINER and term and (term.get("exitCode") or disrupted):
                 code = int(term.get("exitCode") or 0)
-                failure = PodFailure(pod["metadata"]["name"], code, (term.get("message") or "").strip(),
-                                     term.get("reason") or "", disrupted)
+                failure = _pod_failure(pod, code, (term.get("message") or "").strip(), term.get("reason") or "",
+                                       disrupted)
                 found.append((not disrupted, bool(pod["metadata"].get("deletionTimestamp")), code in KILLED,
                               term.get("finishedAt") or "", failure))
+        if disrupted and not any(f[-1].pod == pod["metadata"]["name"] for f in found):
+            # Evicted, or its node went away (NotReady, deleted): the container may never
+            # have reported its end, but the pod and its node are still the cause.
+            found.append((False, bool(pod["metadata"].get("deletionTimestamp")), False, "",
+                          _pod_failure(pod, None, "", "", True)))
     if not found:
         return None
     return min(found, key=lambda f: f[:4])[-1]
@@ -181,11 +195,12 @@ class EksBackend:
                 failure = PodFailure(next((g for g in p.groups() if g), "") if p else "",
                                      int(m.group(1)) if m else None,
                                      disrupted="DisruptionTarget" in message)
+            node = await self._suspect_node(run, attempt, failure)
             return Observation(WorkloadState.FAILED, reason=cond.get("reason") or "Failed",
                                message=message, exit_code=failure.exit_code, failed_worker=failure.pod or None,
                                failure_kind=classify(failure, message),
                                termination_message=failure.message[:1024],
-                               finished_at=cond.get("lastTransitionTime"), **common)
+                               finished_at=cond.get("lastTransitionTime"), **node, **common)
         if common["ready"] >= total:
             return Observation(WorkloadState.RUNNING, **common)
         created = parse_time(common["created_at"])
@@ -194,6 +209,34 @@ class EksBackend:
             if reason:
                 return Observation(WorkloadState.STARTING, reason=reason, message=why, **common)
         return Observation(WorkloadState.STARTING, **common)
+
+    async def _read_nodes(self, name: str | None = None) -> Any:
+        """A node (name) or all nodes; None where the operator may not read nodes (a
+        namespaced install: the chart grants nodes only cluster-wide) or the node is gone."""
+        try:
+            return await self.kube.request("GET", "/api/v1/nodes" + (f"/{name}" if name else ""))
+        except ApiError as e:
+            if e.status in (401, 403, 404):
+                log.debug("cannot read node %s: %s", name or "list", e)
+                return None
+            raise
+
+    async def _suspect_node(self, run: Run, attempt: int, failure: PodFailure) -> dict[str, Any]:
+        """The failed pod's node, the evidence against it and whether the next gang fits
+        without it, as Observation fields ({} when the failure is not the node's)."""
+        if not failure.node:
+            return {}
+        node = await self._read_nodes(failure.node)
+        conditions = ((node or {}).get("status") or {}).get("conditions") if node is not None else None
+        evidence = node_evidence(failure.message, failure.pod_reason, failure.pod_message, conditions)
+        if not evidence:
+            return {"node": failure.node}
+        avoid = set(avoided_nodes(run.status.get("attemptHistory"), attempt + 1,
+                                  run.spec.run_policy.avoid_failed_nodes)) | {failure.node}
+        listing = await self._read_nodes()
+        suffice = None if listing is None else render.gang_fits(run, listing.get("items") or [], avoid)
+        return {"node": failure.node, "node_evidence": evidence, "node_health": gpu_health(conditions),
+                "nodes_suffice": suffice}
 
     async def _pods(self, run: Run, job: Mapping[str, Any]) -> list[dict]:
         pods = await self.kube.list("pods", run.namespace, f"{api.LABEL_JOB_NAME}={job['metadata']['name']}")

@@ -12,11 +12,13 @@ from typing import Any, Mapping
 from ... import api
 from ...deepspeed_config import render_deepspeed_config
 from ...training_args import render_training_args
+from ...status import avoided_nodes
 from ..base import PERMANENT_EXIT_CODES, Run
 
 GPU_RESOURCE = "nvidia.com/gpu"
 EFA_RESOURCE = "vpc.amazonaws.com/efa"
 INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
+HOSTNAME_LABEL = "kubernetes.io/hostname"
 # EFA devices per instance (all of them: NCCL spreads rings across the adapters).
 EFA_PER_INSTANCE = {
     "p4d.24xlarge": 4, "p4de.24xlarge": 4,
@@ -197,6 +199,13 @@ def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None) -
     }
     if node_selector:
         pod_spec["nodeSelector"] = node_selector
+    avoid = avoided_nodes(run.status.get("attemptHistory"), attempt, run.spec.run_policy.avoid_failed_nodes)
+    if avoid:
+        # Nodes a recent attempt's failure was attributed to (a GPU error, NotReady): the
+        # gang keeps off them for runPolicy.avoidFailedNodes attempts. Nothing is cordoned.
+        pod_spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [
+                {"key": HOSTNAME_LABEL, "operator": "NotIn", "values": avoid}]}]}}}
 
     job_spec: dict[str, Any] = {
         "completionMode": "Indexed",
@@ -238,6 +247,33 @@ def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None) -
         "metadata": _meta(run, name, labels),
         "spec": job_spec,
     }
+
+
+def _gpus(node: Mapping[str, Any]) -> int:
+    try:
+        return int(((node.get("status") or {}).get("allocatable") or {}).get(GPU_RESOURCE) or 0)
+    except ValueError:
+        return 0
+
+
+def gang_fits(run: Run, nodes: list[Mapping[str, Any]], avoid: set[str]) -> bool:
+    """Would the gang's pods fit, by GPUs alone, on the Ready, schedulable nodes its node
+    selector picks, without the `avoid` nodes? An estimate (taints and other pods are not
+    weighed): enough to tell "too few nodes are left" from "plenty"."""
+    r = run.spec.resources
+    selector = {INSTANCE_TYPE_LABEL: r.instance_type} if r.instance_type else {}
+    selector.update(r.node_selector)
+    slots = 0
+    for node in nodes:
+        meta, spec = node.get("metadata") or {}, node.get("spec") or {}
+        labels = meta.get("labels") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                    for c in (node.get("status") or {}).get("conditions") or ())
+        if meta.get("name") in avoid or spec.get("unschedulable") or not ready \
+                or any(labels.get(k) != v for k, v in selector.items()):
+            continue
+        slots += _gpus(node) // r.gpus_per_node
+    return slots >= r.nodes
 
 
 def render_children(run: Run, attempt: int, *, deadline_seconds: int | None = None,

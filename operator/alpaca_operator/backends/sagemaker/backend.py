@@ -200,7 +200,24 @@ class SageMakerBackend:
             stopped_by = mapping.STOP_DEADLINE
         return self._observation(run, attempt, desc, stopped_by)
 
+    async def _end_previous(self, run: Run, attempt: int) -> None:
+        """An attempt the operator ended while its job still ran (hung: status.py) has that
+        job stopped before the next one starts: two jobs must never share the checkpoints.
+        Here, not as an action of its own, so a crash between the status write and the stop
+        cannot leave it running."""
+        name, desc, _ = await self._current(run, attempt)
+        if desc is None or not await self._ours(run, desc):
+            return
+        status = desc.get("TrainingJobStatus")
+        if status == "InProgress":
+            await self.stop(run, desc, mapping.STOP_RESTART)
+            status = "Stopping"
+        if status == "Stopping":
+            raise NotYet(f"training job {name} of attempt {attempt} is still stopping")
+
     async def launch(self, run: Run, attempt: int, *, deadline_seconds: int | None) -> Observation | None:
+        if attempt > 1:
+            await self._end_previous(run, attempt - 1)
         name, desc, stopped_by = await self._current(run, attempt)
         resume = (parse_job_name(name) or (attempt, 0))[1]
         if desc is not None:

@@ -36,6 +36,7 @@ _EXIT_CODE = re.compile(r"exit(?:ed with)? ?code[: =]+(\d+)", re.IGNORECASE)
 STOP_SUSPEND = "suspend"
 STOP_DEADLINE = "deadline"
 STOP_DELETE = "delete"
+STOP_RESTART = "restart"    # the attempt was ended (hung) and the next one starts
 
 
 def _time(value: Any) -> str | None:
