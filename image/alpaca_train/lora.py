@@ -127,9 +127,10 @@ def load_kwargs(args: PeftArguments, values: dict, zero_stage: int | None) -> di
             "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
 
 
-def wrap(model, args: PeftArguments, base_name: str):
+def wrap(model, args: PeftArguments, base_name: str, seed: int):
     """The resized base, frozen, with trainable adapters; what the Trainer trains."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
 
     if args.peft == "qlora":
         # Freezes the base and keeps norms and embeddings in fp32. Activation checkpointing
@@ -137,6 +138,9 @@ def wrap(model, args: PeftArguments, base_name: str):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=args.target_modules(), bias="none", task_type="CAUSAL_LM")
+    # The adapters' A matrices start random: with --seed, as the Trainer seeds everything
+    # after them, two runs start from the same adapter (and every rank from the same one).
+    set_seed(seed)
     try:
         model = get_peft_model(model, config)
     except ValueError as e:  # e.g. target modules that the model does not have
@@ -164,9 +168,10 @@ def manifest_info(model, args: PeftArguments, merged: bool) -> dict:
     import peft
 
     trainable, total = model.get_nb_trainable_parameters()
+    adapted = adapted_modules(model)
     info = {**args.settings(), "peft_version": peft.__version__,
-            "target_modules": sorted({name.rsplit(".", 1)[-1] for name in adapted_modules(model)}),
-            "adapted_modules": len(adapted_modules(model)),
+            # What the target list resolved to (all-linear names no module itself).
+            "adapted_modules": sorted({name.rsplit(".", 1)[-1] for name in adapted}), "adapted_count": len(adapted),
             "trainable_parameters": trainable, "total_parameters": total,
             "adapter": f"{ADAPTER_DIR}/", "merged": merged}
     if args.peft == "qlora":

@@ -484,7 +484,7 @@ def _train(values, original_argv, model_args, data_args, out_args, peft_args, to
                                                 **lora.load_kwargs(peft_args, values, zero_stage(values)))
     data_module = make_data_module(records, tokenizer, model, data_args, training_args)
     if peft_args.enabled:
-        model = lora.wrap(model, peft_args, model_args.model_name_or_path)
+        model = lora.wrap(model, peft_args, model_args.model_name_or_path, training_args.seed)
     callbacks = [progress.ProgressCallback(reporter), stop]
     sync = None
     if output_uri:
