@@ -232,7 +232,7 @@ def test_lora_on_two_ranks_with_deepspeed(zero, lora_base, seed_records, train_e
     curve = [e["loss"] for e in state["log_history"] if "loss" in e]
     assert curve[-1] < curve[0], curve
     peft = json.loads((out / "manifest.json").read_text())["peft"]
-    assert peft["adapted_modules"] == ["q_proj", "v_proj"] and peft["trainable_parameters"] == 2 * 4 * 4 * 128
+    assert peft["adapted_modules"] == ["q_proj", "v_proj"] and peft["trainable_parameters"] == 2 * 2 * 4 * 128
     # ZeRO-3 gathered the adapter from both ranks' partitions: trained, not its initial zeros.
     from safetensors.torch import load_file
 

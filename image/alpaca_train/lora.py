@@ -164,7 +164,7 @@ def adapted_modules(model) -> list[str]:
     return sorted(name for name, module in model.named_modules() if isinstance(module, LoraLayer))
 
 
-def manifest_info(model, args: PeftArguments, merged: bool) -> dict:
+def manifest_info(model, args: PeftArguments, merged: bool, values: dict) -> dict:
     import peft
 
     trainable, total = model.get_nb_trainable_parameters()
@@ -176,7 +176,7 @@ def manifest_info(model, args: PeftArguments, merged: bool) -> dict:
             "adapter": f"{ADAPTER_DIR}/", "merged": merged}
     if args.peft == "qlora":
         info["quantization"] = {"bits": 4, "quant_type": "nf4", "double_quant": True,
-                                "compute_dtype": str(model.config.quantization_config.bnb_4bit_compute_dtype)}
+                                "compute_dtype": str(_compute_dtype(values))}
     return info
 
 

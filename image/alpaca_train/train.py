@@ -513,7 +513,7 @@ def _train(values, original_argv, model_args, data_args, out_args, peft_args, to
         if peft_args.merge_lora:
             lora.merge(final_dir / lora.ADAPTER_DIR, final_dir,
                        lambda: load_model_and_tokenizer(model_path, model_args, training_args, values))
-        extra["peft"] = lora.manifest_info(model, peft_args, merged=peft_args.merge_lora)
+        extra["peft"] = lora.manifest_info(model, peft_args, merged=peft_args.merge_lora, values=values)
     if sync:
         sync.prune(output_dir)  # every node's last upload is complete: the rotation can catch up
 
