@@ -1,6 +1,7 @@
 """LoRA (`--peft lora`) on CPU: only the adapter trains, the loss falls, the adapter and the
 merged model both reproduce the trained model, resume continues the same loss curve, the
-checkpoints are small, DeepSpeed ZeRO-2/3 on two ranks; QLoRA is refused without CUDA."""
+checkpoints are small, DeepSpeed ZeRO-2/3 on two ranks with checkpoints synced to S3; QLoRA
+is refused without CUDA."""
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 from fixtures_train import (
-    ZERO2, ZERO3, VENV_BIN, assert_generates, free_port, python, run_cmd, trainer_state, write_json, write_records,
+    ZERO2, ZERO3, VENV_BIN, assert_generates, free_port, keys, python, run_cmd, trainer_state, write_json,
+    write_records,
 )
 
 import alpaca_train.train as train_module
@@ -218,7 +220,7 @@ def test_bad_peft_settings_exit_64_before_loading_anything(flags, message, tmp_p
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_lora_on_two_ranks_with_deepspeed(zero, lora_base, seed_records, train_env, tmp_path):
+def test_lora_on_two_ranks_with_deepspeed_to_s3(zero, lora_base, seed_records, train_env, tmp_path, s3, bucket):
     ds = write_json(tmp_path / "ds.json", {"zero2": ZERO2, "zero3": ZERO3}[zero])
     data = write_records(tmp_path / "alpaca_data.json", seed_records[:16])
     out = tmp_path / "out"
@@ -226,7 +228,12 @@ def test_lora_on_two_ranks_with_deepspeed(zero, lora_base, seed_records, train_e
              "--deepspeed", ds, "--peft", "lora", "--lora_r", "4", "--lora_target_modules", "q_proj,v_proj",
              "--model_name_or_path", lora_base, "--data_path", data, "--output_dir", out, "--num_train_epochs", "1",
              "--per_device_train_batch_size", "2", "--learning_rate", "3e-3", "--logging_steps", "1",
-             "--save_steps", "2"], train_env, timeout=400).ok()
+             "--save_steps", "2", "--output_uri", f"s3://{bucket}/{zero}/"],
+            dict(train_env, **s3.env, ALPACA_WORKDIR=str(tmp_path / "work")), timeout=400).ok()
+    uploaded = {k.split("/", 1)[1] for k in keys(s3, bucket, f"{zero}/")}
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "model.safetensors",
+            "manifest.json", "checkpoint-4/adapter_model.safetensors", "checkpoint-4/.alpaca-uploaded-node0-of-1",
+            } <= uploaded, sorted(uploaded)
     state = trainer_state(out)
     assert state["global_step"] == 4  # 16 records / (2 ranks x 2)
     curve = [e["loss"] for e in state["log_history"] if "loss" in e]
