@@ -103,3 +103,55 @@ def test_seed_command_with_fp16_on_the_gpu(tiny_model, seed_records, gpu_env, tm
     assert state["global_step"] == state["max_steps"] == -(-64 // (n * 2 * 2))
     assert all(e["loss"] == e["loss"] for e in state["log_history"] if "loss" in e), "no NaN loss under fp16"
     assert_generates(out)
+
+
+# Runs the training script in a process of its own and prints that process's peak CUDA
+# memory: weights, adapters, optimizer state and activations (the Trainer's own memory
+# metrics start after the model is on the GPU, so they would miss the weights).
+PEAK = ("import sys, torch, alpaca_train.train as t; rc = t.main(sys.argv[1:]); "
+        "print('PEAK-CUDA-BYTES', torch.cuda.max_memory_allocated()); sys.exit(rc)")
+
+
+def linear_heavy_llama(tiny_model, out):
+    """The tiny model's tokenizer on a LLaMA whose weights are mostly linear layers (~100M
+    parameters in them), where 4-bit storage of those layers shows in the peak memory."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from alpaca_train.testing import tiny_config_kwargs
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    config = LlamaConfig(**{**tiny_config_kwargs(len(tokenizer)), "hidden_size": 1024, "intermediate_size": 2816,
+                            "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 16})
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_qlora_trains_in_4_bit_with_less_memory_than_lora(tiny_model, records_file, gpu_env, tmp_path):
+    gpus()
+    import torch
+
+    base = linear_heavy_llama(tiny_model, tmp_path / "base")
+    data = records_file(64)
+    peaks = {}
+    for method in ("lora", "qlora"):
+        out = tmp_path / method
+        proc = run_cmd(python("-c", PEAK, "--peft", method, "--model_name_or_path", base, "--data_path", data,
+                              "--output_dir", out, "--max_steps", "5", "--per_device_train_batch_size", "4",
+                              "--learning_rate", "1e-3", "--logging_steps", "1", "--save_strategy", "no",
+                              "--bf16", "True", "--dtype", "bfloat16"), dict(gpu_env, CUDA_VISIBLE_DEVICES="0"),
+                       timeout=300).ok()
+        peaks[method] = int(proc.output.split("PEAK-CUDA-BYTES ")[1].split()[0])
+        state = trainer_state(out)
+        assert state["global_step"] == 5
+        assert all(torch.isfinite(torch.tensor(e["loss"])) for e in state["log_history"] if "loss" in e)
+        assert (out / "adapter" / "adapter_model.safetensors").is_file()
+        assert_generates(out)  # the merged model
+    peft = json.loads((tmp_path / "qlora" / "manifest.json").read_text())["peft"]
+    assert peft["method"] == "qlora"
+    assert peft["quantization"] == {"bits": 4, "quant_type": "nf4", "double_quant": True,
+                                    "compute_dtype": "torch.bfloat16"}
+    print("GPU-RESULT " + json.dumps({"check": "LoRA vs QLoRA peak CUDA memory (MiB)",
+                                      **{k: round(v / 2**20, 1) for k, v in peaks.items()}}))
+    # The linear layers' weights alone are ~200 MB in bf16 and ~55 MB in 4-bit NF4.
+    assert peaks["qlora"] < 0.75 * peaks["lora"], peaks
