@@ -127,6 +127,7 @@ def test_training_args_alpaca_recipe():
         "--save_steps", "500",
         "--save_total_limit", "3",
         "--logging_steps", "1",
+        "--nan_tolerance", "3",
         "--bf16", "true",
         "--gradient_checkpointing", "true",
     ]
@@ -244,7 +245,7 @@ def test_job_exactly():
             "podFailurePolicy": {"rules": [
                 {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
                 {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
-                                                      "values": [64, 65, 66]}},
+                                                      "values": [64, 65, 66, 67]}},
                 {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "NotIn",
                                                       "values": [0]}}]},
             "activeDeadlineSeconds": 1234,

@@ -14,9 +14,13 @@ RETRYABLE = 1
 USAGE = 64       # EX_USAGE: an invalid argument or configuration
 DATAERR = 65     # EX_DATAERR: bad input data (unparseable records, no records, bad template)
 NOINPUT = 66     # EX_NOINPUT: a model or data that is not there
+LOSS_NOT_FINITE = 67  # the loss was NaN or infinite for --nan_tolerance steps (guards.py)
+LOSS_SPIKE = 68  # a loss spike (guards.py): retried, skipping the spike's steps
 TERMINATED = 143  # 128 + SIGTERM: stopped, a checkpoint saved and synced first
 
-PERMANENT = frozenset({USAGE, DATAERR, NOINPUT})
+# A retry with the same arguments fails the same way. A non-finite loss is one: the same
+# data, seed and learning rate diverge again (the user lowers the learning rate).
+PERMANENT = frozenset({USAGE, DATAERR, NOINPUT, LOSS_NOT_FINITE})
 
 
 class ImageError(Exception):
@@ -31,6 +35,14 @@ class UsageError(ImageError, ValueError):
 
 class MissingInputError(UsageError):
     exit_code = NOINPUT
+
+
+class LossNotFiniteError(ImageError):
+    exit_code = LOSS_NOT_FINITE
+
+
+class LossSpikeError(ImageError):
+    exit_code = LOSS_SPIKE
 
 
 class Terminated(ImageError):
@@ -74,14 +86,18 @@ def combined(torchrun_rc: int, codes: dict[int, int], terminated: bool) -> int:
     """The launcher's exit code from torchrun's and its workers'.
 
     A permanent code from any rank wins (lowest rank first), so the reason the operator
-    shows is the one that cannot be retried; then 143 when the stop was a SIGTERM (every
-    rank of a stopping gang syncs before exiting 143); else torchrun's own code.
+    shows is the one that cannot be retried; then a loss spike (every rank stops at the
+    same step with it; the operator then skips the spike's steps); then 143 when the stop
+    was a SIGTERM (every rank of a stopping gang syncs before exiting 143); else torchrun's
+    own code.
     """
     if torchrun_rc == OK:
         return OK
     for rank in sorted(codes):
         if codes[rank] in PERMANENT:
             return codes[rank]
+    if LOSS_SPIKE in codes.values():
+        return LOSS_SPIKE
     if codes and all(c == TERMINATED for c in codes.values()):
         return TERMINATED
     if terminated and not codes:

@@ -192,7 +192,9 @@ class Reconciler:
             try:
                 if plan.status_first:
                     body = await self._write(body, plan)
-                    known = await self._act(run, backend, plan)
+                    # What the backend renders from the status (the steps a new attempt
+                    # skips, from attemptHistory) must be what was just written.
+                    known = await self._act(_run(body, run.spec), backend, plan)
                 else:
                     known = await self._act(run, backend, plan)
                     body = await self._write(body, plan)

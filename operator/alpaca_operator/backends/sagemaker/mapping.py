@@ -14,7 +14,7 @@ import re
 from typing import Any, Mapping
 
 from ...status import fmt_time
-from ..base import Extras, NamedEvent, Observation, WorkloadState
+from ..base import PERMANENT_EXIT_CODES, Extras, NamedEvent, Observation, WorkloadState
 
 RUNNING_SECONDARY = frozenset({"Training", "Uploading"})
 WARNING_SECONDARY = frozenset({"Failed", "Stopped", "Stopping", "Interrupted", "MaxRuntimeExceeded",
@@ -30,8 +30,6 @@ REASON_INVALID_REQUEST = "InvalidTrainingJobRequest"
 REASON_MAX_WAIT = "SpotMaxWaitTimeExceeded"
 REASON_MAX_RUNTIME = "MaxRuntimeExceeded"
 
-# Exit codes a retry cannot fix (image/alpaca_train/exitcodes.py, docs/contract.md).
-PERMANENT_EXIT_CODES = frozenset({64, 65, 66})
 _EXIT_CODE = re.compile(r"exit(?:ed with)? ?code[: =]+(\d+)", re.IGNORECASE)
 
 # Who stopped a job (the operator tags a job before it calls StopTrainingJob).
