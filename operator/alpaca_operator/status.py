@@ -293,7 +293,7 @@ def skip_steps(status: Mapping[str, Any]) -> str | None:
     """The steps every new attempt skips: those of each loss spike so far ("7-9,20-22"),
     for the trainer's ALPACA_SKIP_STEPS. From attemptHistory, so a relaunch, a resume or a
     restarted operator renders the same."""
-    ranges = [e["skipSteps"] for e in status.get("attemptHistory") or () if e.get("skipSteps")]
+    ranges = dict.fromkeys(e["skipSteps"] for e in status.get("attemptHistory") or () if e.get("skipSteps"))
     return ",".join(ranges) or None
 
 
