@@ -192,9 +192,10 @@ class Reconciler:
             try:
                 if plan.status_first:
                     body = await self._write(body, plan)
-                    # What the backend renders from the status (the steps a new attempt
-                    # skips, from attemptHistory) must be what was just written.
-                    known = await self._act(_run(body, run.spec), backend, plan)
+                    # Act on what was just written: a new attempt renders from it (the steps
+                    # it skips are in the attemptHistory entry just recorded).
+                    run = replace(run, status=body.get("status") or {})
+                    known = await self._act(run, backend, plan)
                 else:
                     known = await self._act(run, backend, plan)
                     body = await self._write(body, plan)
