@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from types import SimpleNamespace
 
 import pytest
 
@@ -83,6 +84,28 @@ def test_the_verdict_line_is_what_the_operator_parses():
     # Every rank stops with the spike's code; a permanent code of any rank still wins.
     assert exitcodes.combined(1, {0: 68, 1: 68}, False) == 68
     assert exitcodes.combined(1, {0: 68, 1: 64}, False) == 64 and exitcodes.combined(1, {0: 67}, False) == 67
+
+
+def test_no_checkpoint_is_saved_at_a_non_finite_step_not_even_one_a_sigterm_asked_for():
+    import torch
+
+    guard = guards.LossGuard(LossMonitor(2), skip=StepRanges.parse("6-6"))
+
+    def step(n: int, loss: float | None, save: bool = True) -> SimpleNamespace:
+        control = SimpleNamespace(should_save=save, should_training_stop=False)
+        guard.on_step_begin(None, None, control)
+        if loss is not None:
+            guard.add(torch.tensor(loss))
+        guard.on_step_end(None, SimpleNamespace(global_step=n), control)
+        return control
+
+    assert step(4, 2.0).should_save and not guard.vetoed
+    c = step(5, math.nan)
+    assert not c.should_save and not c.should_training_stop and guard.vetoed == {5}
+    assert step(6, None).should_save            # skipped: nothing to judge, the weights are step 5's
+    c = step(7, math.inf, save=False)
+    assert c.should_training_stop and guard.trip == Trip(NOT_FINITE, 5, 7, math.inf)
+    assert guard.logged_loss()[0] and guard.logged_loss() == (False, None)
 
 
 def test_a_non_finite_loss_is_reported_as_such():

@@ -149,17 +149,20 @@ class LossMonitor:
         # The baseline: the last `spike_window` finite losses that were not part of a
         # spike, so a long spike cannot raise its own baseline.
         self.window: deque[float] = deque(maxlen=spike_window)
+        # Judged steps only: a skipped step neither breaks a streak nor adds to it.
         self.bad_since: int | None = None
+        self.bad_count = 0
         self.spike_since: int | None = None
         self.spike_count = 0
 
     def observe(self, step: int, loss: float) -> Trip | None:
         if not math.isfinite(loss):
             self.bad_since = step if self.bad_since is None else self.bad_since
-            if step - self.bad_since + 1 >= self.nan_tolerance:
+            self.bad_count += 1
+            if self.bad_count >= self.nan_tolerance:
                 return Trip(NOT_FINITE, self.bad_since, step, loss)
             return None
-        self.bad_since = None
+        self.bad_since, self.bad_count = None, 0
         threshold = self.threshold()
         if threshold is not None and loss > threshold:
             self.spike_since = step if self.spike_since is None else self.spike_since
@@ -214,7 +217,6 @@ class LossGuard(TrainerCallback):
         self.group = group
         self.trip: Trip | None = None
         self.vetoed: set[int] = set()        # steps whose checkpoint was not saved
-        self.skipped: list[int] = []
         # Since the last log: the trained steps' losses, and whether a step was skipped or
         # not finite (then the Trainer's own figure is wrong: see logged_loss()).
         self._losses: list[float] = []
@@ -232,7 +234,6 @@ class LossGuard(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         if step in self.skip:
-            self.skipped.append(step)
             self._irregular = True
             log.warning("step %d skipped (%s=%s): its batches were dropped, the model was not updated",
                         step, SKIP_STEPS_ENV, self.skip)
