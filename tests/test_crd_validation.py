@@ -190,6 +190,8 @@ BAD_INPUT = [
      ["spec.training.peft.method", "qlora needs precision bf16 or fp16"]),
     ("lora-r-zero", {"spec.training.peft": {"method": "lora", "r": 0}},
      ["spec.training.peft.r", "greater than or equal to 1"]),
+    ("nan-tolerance-zero", {"spec.training.nanTolerance": 0}, ["spec.training.nanTolerance"]),
+    ("loss-spike-factor-one", {"spec.training.lossSpike": {"factor": 1}}, ["spec.training.lossSpike.factor"]),
     ("lora-r-above-1024", {"spec.training.peft": {"method": "lora", "r": 2048}},
      ["spec.training.peft.r", "less than or equal to 1024"]),
     ("peft-method-unknown", {"spec.training.peft": {"method": "dora"}},
@@ -342,7 +344,7 @@ DEFAULTED_SPEC = {
     "training": {
         "epochs": 3, "learningRate": 2e-5, "perDeviceBatchSize": 4, "gradientAccumulationSteps": 8,
         "maxSeqLength": 512, "warmupRatio": 0.03, "lrScheduler": "cosine", "weightDecay": 0,
-        "saveSteps": 500, "saveTotalLimit": 3, "loggingSteps": 1, "precision": "bf16",
+        "saveSteps": 500, "saveTotalLimit": 3, "loggingSteps": 1, "precision": "bf16", "nanTolerance": 3,
     },
     "deepspeed": {"zeroStage": 3, "offloadOptimizer": False, "offloadParams": False},
     "resources": {"nodes": 1, "gpusPerNode": 8, "efa": False, "sharedMemory": "64Gi"},
@@ -406,6 +408,13 @@ def test_peft_gets_the_documented_defaults(cluster, crd, namespace):
     assert spec["training"]["peft"] == {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.05, "merge": True}
     assert spec["deepspeed"] == {"zeroStage": 0}   # a given block: the operator reads the omitted offloads as false
     assert spec["data"]["format"] == "chat"
+
+
+def test_loss_spike_gets_the_documented_defaults(cluster, crd, namespace):
+    apply(cluster, namespace, with_changes(aft("spiky"), {"spec.training.lossSpike": {}}), check=True)
+    spec = get_json(cluster, "-n", namespace, "aft", "spiky")["spec"]
+    assert spec["training"]["lossSpike"] == {"factor": 3, "window": 50}
+    assert "`training.lossSpike.window` | integer | `50`" in (ROOT / "docs" / "api.md").read_text()
 
 
 def test_explain_prints_descriptions(cluster, crd):

@@ -452,3 +452,42 @@ def test_a_resumed_gang_waits_for_its_old_pods_to_go(cluster, operator, namespac
     wait_for("Running again", phase_is(cluster, namespace, "hold", "Running"), timeout=30,
              on_timeout=dump(cluster, namespace, operator))
     assert old not in {p["metadata"]["name"] for p in pods(cluster, namespace, "hold")}
+
+
+def _env_of(job: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_a_non_finite_loss_fails_the_run_at_once_with_the_step_and_the_last_good_checkpoint(
+        cluster, operator, namespace):
+    run = finetune("diverge", run_for="1s", fail=67, run_policy={"backoffLimit": 3})
+    run["spec"]["podMetadata"]["annotations"]["kwok.alpaca.dev/termination-message"] = (
+        "alpaca-loss: kind=not-finite first=12 last=14 checkpoint=10; the loss was not finite (nan) at steps 12-14")
+    apply(cluster, namespace, run)
+    body = wait_for("Failed", phase_is(cluster, namespace, "diverge", "Failed", "Succeeded"), timeout=60,
+                    on_timeout=dump(cluster, namespace, operator))
+    failed = conditions(body)["Failed"]
+    assert failed["reason"] == "LossNotFinite" and body["status"]["attempts"] == 1, body["status"]
+    assert "not finite at step 14" in failed["message"] and "checkpoint-10 in s3://alpaca-test/runs/diverge/" \
+        in failed["message"]
+    assert [j["metadata"]["name"] for j in jobs(cluster, namespace, "diverge")] == ["diverge-a1"]   # no retry
+    assert body["status"]["attemptHistory"][0]["resumeFromStep"] == 10
+
+
+def test_a_loss_spike_restarts_and_the_next_attempt_is_told_the_steps_to_skip(cluster, operator, namespace):
+    run = finetune("spike", run_for="1s", fail=68, run_policy={"backoffLimit": 1},
+                   training={"lossSpike": {"factor": 4}})
+    run["spec"]["podMetadata"]["annotations"]["kwok.alpaca.dev/termination-message"] = (
+        "alpaca-loss: kind=spike first=7 last=9 checkpoint=4; loss spike at steps 7-9")
+    apply(cluster, namespace, run)
+    body = wait_for("Failed", phase_is(cluster, namespace, "spike", "Failed", "Succeeded"), timeout=60,
+                    on_timeout=dump(cluster, namespace, operator))
+    st = body["status"]
+    assert st["attempts"] == 2 and conditions(body)["Failed"]["reason"] == "BackoffLimitExceeded", st
+    assert [(e["reason"], e["skipSteps"], e["resumeFromStep"]) for e in st["attemptHistory"]] == \
+        [("LossSpike", "7-9", 4)] * 2
+    env = {j["metadata"]["name"]: _env_of(j) for j in jobs(cluster, namespace, "spike")}
+    # The second attempt's Job, created right after the first failed, already has the range.
+    assert "ALPACA_SKIP_STEPS" not in env.get("spike-a1", {}) and env["spike-a2"]["ALPACA_SKIP_STEPS"] == "7-9"
+    assert "skipping steps 7-9" in next(e["message"] for e in events(cluster, namespace, "spike")
+                                        if e["reason"] == "Restarting")

@@ -130,6 +130,7 @@ def test_training_args_alpaca_recipe():
         "--save_steps", "500",
         "--save_total_limit", "3",
         "--logging_steps", "1",
+        "--nan_tolerance", "3",
         "--bf16", "true",
         "--gradient_checkpointing", "true",
     ]

@@ -86,7 +86,7 @@ def test_the_sample_request_field_by_field():
                   "per_device_train_batch_size": "4", "gradient_accumulation_steps": "8",
                   "model_max_length": "512", "warmup_steps": "0.03", "lr_scheduler_type": "cosine",
                   "weight_decay": "0.0", "save_strategy": "steps", "save_steps": "500",
-                  "save_total_limit": "3", "logging_steps": "1", "bf16": "true"}
+                  "save_total_limit": "3", "logging_steps": "1", "nan_tolerance": "3", "bf16": "true"}
     assert all(isinstance(v, str) for v in hp.values())
     assert p["Environment"] == {"ALPACA_OUTPUT_URI": "s3://alpaca-demo/runs/alpaca-7b-sagemaker/",
                                 "ALPACA_ATTEMPT": "1", "ALPACA_RUN_UID": run.uid}
@@ -181,7 +181,7 @@ def test_every_request_is_valid_against_botocores_model():
     (lambda p: p.update(TrainingJobName="bad_name"), "TrainingJobName"),
     (lambda p: p.update(TrainingJobName="x" * 64), "TrainingJobName: 64 characters"),
     (lambda p: p.update(RoleArn="arn:aws:iam::12:role/x" + "y" * 10), "RoleArn"),
-    (lambda p: p["HyperParameters"].update({f"k{i}": "v" for i in range(100)}), "HyperParameters: 114 entries"),
+    (lambda p: p["HyperParameters"].update({f"k{i}": "v" for i in range(100)}), "HyperParameters: 115 entries"),
     (lambda p: p["HyperParameters"].update(long="v" * 257), "at most 256"),
     (lambda p: p["Environment"].update({f"E{i}": "v" for i in range(100)}), "Environment: 103 entries"),
     (lambda p: p["Environment"].update({"1BAD": "v"}), "Environment key"),

@@ -18,6 +18,7 @@ NOINPUT = 66     # EX_NOINPUT: a model or data that is not there
 # container: the next free code after the three above. Permanent because the same run
 # diverges again from the same checkpoint; the user re-runs it with other settings.
 LOSS_NOT_FINITE = 67
+LOSS_SPIKE = 68  # a loss spike (guards.py): retried, skipping the spike's steps
 TERMINATED = 143  # 128 + SIGTERM: stopped, a checkpoint saved and synced first
 
 # The operator keeps its own copy (operator/alpaca_operator/backends/base.py: its image does
@@ -43,6 +44,12 @@ class LossNotFiniteError(ImageError):
     """The training loss is NaN or infinite: nothing more is saved, the run fails (exit 67)."""
 
     exit_code = LOSS_NOT_FINITE
+
+
+class LossSpikeError(ImageError):
+    """The loss spiked (guards.py): the attempt ends, the next skips the spike's steps (exit 68)."""
+
+    exit_code = LOSS_SPIKE
 
 
 class Terminated(ImageError):
@@ -86,14 +93,18 @@ def combined(torchrun_rc: int, codes: dict[int, int], terminated: bool) -> int:
     """The launcher's exit code from torchrun's and its workers'.
 
     A permanent code from any rank wins (lowest rank first), so the reason the operator
-    shows is the one that cannot be retried; then 143 when the stop was a SIGTERM (every
-    rank of a stopping gang syncs before exiting 143); else torchrun's own code.
+    shows is the one that cannot be retried; then a loss spike (every rank stops at the
+    same step with it; the operator then skips the spike's steps); then 143 when the stop
+    was a SIGTERM (every rank of a stopping gang syncs before exiting 143); else torchrun's
+    own code.
     """
     if torchrun_rc == OK:
         return OK
     for rank in sorted(codes):
         if codes[rank] in PERMANENT:
             return codes[rank]
+    if LOSS_SPIKE in codes.values():
+        return LOSS_SPIKE
     if codes and all(c == TERMINATED for c in codes.values()):
         return TERMINATED
     if terminated and not codes:

@@ -23,6 +23,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Container
 
 from transformers import TrainerCallback
 
@@ -159,14 +160,22 @@ def read_identity(uri: str, step: int, s5: S5cmd, tmp_dir: Path) -> CheckpointId
         dest.unlink(missing_ok=True)
 
 
+def newest_allowed(steps, exclude: Container[int] = ()) -> int | None:
+    """The newest of `steps` that is not in `exclude` (the steps of a skipped loss spike)."""
+    return max((s for s in steps if s not in exclude), default=None)
+
+
 def plan_remote_resume(uri: str, s5: S5cmd, identity: CheckpointIdentity, tmp_dir: Path,
-                       discard_foreign: bool = False) -> int | None:
+                       exclude: Container[int] = (), discard_foreign: bool = False) -> int | None:
     """The step every rank resumes from (rank 0 alone decides; None: start afresh).
 
     Incomplete checkpoints newer than it are leftovers of an attempt that died while
     uploading; they are deleted so that this attempt's own upload of the same step can
-    never be completed by a stale marker. A checkpoint of another run is refused, or
-    deleted where the user asked to overwrite the output (discard_foreign).
+    never be completed by a stale marker. So are complete ones newer than it in `exclude`
+    (saved during a loss spike that this attempt skips): never resumed, they would only
+    stand in the way of the rotation, which keeps whatever is behind the newest complete
+    checkpoint. A checkpoint of another run is refused, or deleted where the user asked to
+    overwrite the output (discard_foreign).
     """
     listing = s5.list(uri)
     if discard_foreign:
@@ -178,13 +187,14 @@ def plan_remote_resume(uri: str, s5: S5cmd, identity: CheckpointIdentity, tmp_di
                 s5.remove_prefix(join(uri, f"checkpoint-{step}"))
         listing = s5.list(uri)
     found = remote_checkpoints(uri, s5, listing)
-    complete = sorted(step for step, ok in found.items() if ok)
-    newest = complete[-1] if complete else None
-    for step in sorted(s for s, ok in found.items() if not ok and (newest is None or s > newest)):
+    newest = newest_allowed((step for step, ok in found.items() if ok), exclude)
+    for step in sorted(s for s in found if newest is None or s > newest):
         theirs = read_identity(uri, step, s5, tmp_dir)
         if theirs is not None and (why := identity.mismatch(theirs)):
             raise ForeignCheckpointError(_refusal(join(uri, f"checkpoint-{step}"), why))
-        log.warning("deleting incomplete %s (not every node uploaded its part)", join(uri, f"checkpoint-{step}"))
+        log.warning("deleting %s (%s)", join(uri, f"checkpoint-{step}"),
+                    "saved during a loss spike that this attempt skips" if found[step]
+                    else "incomplete: not every node uploaded its part")
         s5.remove_prefix(join(uri, f"checkpoint-{step}"))
     if newest is None:
         return None
@@ -197,19 +207,31 @@ def plan_remote_resume(uri: str, s5: S5cmd, identity: CheckpointIdentity, tmp_di
     return newest
 
 
-def plan_local_resume(output_dir: Path, identity: CheckpointIdentity) -> int | None:
-    """The newest checkpoint already on disk (SageMaker restores /opt/ml/checkpoints)."""
-    from transformers.trainer_utils import get_last_checkpoint
+def local_checkpoints(output_dir: Path) -> list[int]:
+    if not output_dir.is_dir():
+        return []
+    return [int(m.group(1)) for p in output_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
 
-    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-    if not last:
+
+def plan_local_resume(output_dir: Path, identity: CheckpointIdentity, exclude: Container[int] = ()) -> int | None:
+    """The newest checkpoint already on disk (SageMaker restores /opt/ml/checkpoints)."""
+    step = newest_allowed(local_checkpoints(output_dir), exclude)
+    if step is None:
         return None
+    last = str(output_dir / f"checkpoint-{step}")
     path = Path(last) / IDENTITY
     if not path.is_file():
         raise ForeignCheckpointError(_refusal(last, f"it has no {IDENTITY}, so nothing says which run wrote it"))
     if why := identity.mismatch(CheckpointIdentity.from_json(path.read_text())):
         raise ForeignCheckpointError(_refusal(last, why))
-    return int(CHECKPOINT_RE.match(Path(last).name).group(1))
+    return step
+
+
+def last_checkpoint(output_uri: str | None, output_dir: Path, s5: S5cmd, exclude: Container[int] = ()) -> int | None:
+    """The newest complete checkpoint not in `exclude`, in the output URI or else on disk."""
+    if output_uri:
+        return newest_allowed((step for step, ok in remote_checkpoints(output_uri, s5).items() if ok), exclude)
+    return newest_allowed(local_checkpoints(output_dir), exclude)
 
 
 # ZeRO shards and RNG states are per rank; everything else in a checkpoint is shared.
@@ -271,19 +293,22 @@ def check_restored(ckpt: Path, topo: Topology) -> None:
 
 
 def choose_resume(identity: CheckpointIdentity, output_uri: str | None, output_dir: Path, topo: Topology,
-                  s5: S5cmd, group=None, *, all_shards: bool = False, discard_foreign: bool = False) -> str | None:
+                  s5: S5cmd, group=None, *, all_shards: bool = False, exclude: Container[int] = (),
+                  discard_foreign: bool = False) -> str | None:
     """One decision for the whole gang: rank 0 picks the step, every rank loads it.
 
     Called by every rank once the process group exists. Without an output URI the
-    checkpoints on disk count (SageMaker restores /opt/ml/checkpoints).
+    checkpoints on disk count (SageMaker restores /opt/ml/checkpoints). `exclude`: steps
+    never resumed from (those of a skipped loss spike).
     """
     from .stopping import decided_by_rank0
 
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     if output_uri:
-        step = decided_by_rank0(lambda: plan_remote_resume(output_uri, s5, identity, tmp, discard_foreign), group)
+        step = decided_by_rank0(lambda: plan_remote_resume(output_uri, s5, identity, tmp, exclude, discard_foreign),
+                                group)
     else:
-        step = decided_by_rank0(lambda: plan_local_resume(output_dir, identity), group)
+        step = decided_by_rank0(lambda: plan_local_resume(output_dir, identity, exclude), group)
     if step is None:
         return None
     ckpt = output_dir / f"checkpoint-{step}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 import threading
 import time
@@ -32,6 +33,19 @@ SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 MIN_INTERVAL_S = 10.0
 S3_MIN_INTERVAL_S = 30.0
 METRIC_LINE_PREFIX = "alpaca-progress"
+# JSON has no NaN or infinity: a non-finite loss is reported as `lossNotFinite` (NaN,
+# Infinity or -Infinity) with `loss` removed, and a finite one removes `lossNotFinite`. These
+# two keys are sent as null to remove them (a merge patch keeps a key that is left out).
+NULLABLE = ("loss", "lossNotFinite")
+
+
+def loss_fields(loss: float | None) -> dict[str, Any]:
+    """The report's loss keys: none while the loss is unknown."""
+    if loss is None:
+        return {}
+    if math.isfinite(loss):
+        return {"loss": loss, "lossNotFinite": None}
+    return {"loss": None, "lossNotFinite": "NaN" if math.isnan(loss) else ("Infinity" if loss > 0 else "-Infinity")}
 
 
 def _now() -> str:
@@ -135,7 +149,7 @@ class ProgressReporter:
         if not force and now - self._last_sent < self.min_interval_s:
             return
         self._last_sent = now
-        progress = {k: v for k, v in progress.items() if v is not None}
+        progress = {k: v for k, v in progress.items() if v is not None or k in NULLABLE}
         progress["updatedAt"] = _now()
         with self._cv:
             self._pending = {"status": {"progress": progress}}
@@ -203,7 +217,7 @@ class ProgressCallback(TrainerCallback):
             totalSteps=int(state.max_steps or 0),
             display=f"{int(state.global_step)}/{int(state.max_steps or 0)}",
             epoch=round(float(state.epoch), 4) if state.epoch is not None else None,
-            loss=self.loss,
+            **loss_fields(self.loss),
             learningRate=self.lr,
             tokensPerSecond=self.tokens_per_second,
             eta=eta,
@@ -217,7 +231,7 @@ class ProgressCallback(TrainerCallback):
         tps = (tokens - tok_prev) / (now - t_prev) if now > t_prev and tokens > tok_prev and t_prev else None
         self._line_window = (now, tokens)
         parts = [METRIC_LINE_PREFIX, f"step={int(state.global_step)}/{int(state.max_steps or 0)}"]
-        if self.loss is not None:
+        if self.loss is not None and math.isfinite(self.loss):
             parts.append(f"loss={self.loss:.6g}")
         if self.lr is not None:
             parts.append(f"learning_rate={self.lr:.6g}")

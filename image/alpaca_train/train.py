@@ -34,10 +34,10 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from alpaca_train import __version__
-from alpaca_train import attention, compat, data, exitcodes, lora, outputs, progress, s3io, shutdown, stopping
+from alpaca_train import attention, compat, data, exitcodes, guards, lora, outputs, progress, s3io, shutdown, stopping
 from alpaca_train.exitcodes import ImageError, MissingInputError, Terminated, UsageError
 from alpaca_train.lora import PeftArguments
 from alpaca_train.outputs import CheckpointIdentity, Topology
@@ -135,6 +135,30 @@ class OutputArguments:
 
 
 @dataclass
+class GuardArguments:
+    """The safety nets on the loss (guards.py; the operator sets them from spec.training)."""
+    nan_tolerance: int = field(
+        default=guards.DEFAULT_NAN_TOLERANCE,
+        metadata={"help": "Stop (exit 67) once the loss was NaN or infinite this many optimizer steps running; "
+                          "no checkpoint is saved at such a step."},
+    )
+    loss_spike_factor: float | None = field(
+        default=None,
+        metadata={"help": "Stop (exit 68) at a loss above this factor times the median of the previous "
+                          "--loss_spike_window steps, 3 steps running (default: no spike check). The next "
+                          "attempt skips those steps ($ALPACA_SKIP_STEPS)."},
+    )
+    loss_spike_window: int = field(
+        default=guards.DEFAULT_SPIKE_WINDOW, metadata={"help": "Steps whose median loss a spike is measured against."}
+    )
+    test_scale_loss_at_step: str | None = field(
+        default=None,
+        metadata={"help": "Test hook, not for training: STEP:FACTOR or FIRST-LAST:FACTOR multiplies the loss of "
+                          "those steps by FACTOR (nan, inf allowed) to inject a spike or a divergence."},
+    )
+
+
+@dataclass
 class TrainingArguments(transformers.TrainingArguments):
     # The three fields Stanford Alpaca adds to the Trainer's arguments, same defaults.
     cache_dir: str | None = field(default=None)
@@ -145,7 +169,7 @@ class TrainingArguments(transformers.TrainingArguments):
     )
 
 
-PARSER_TYPES = (ModelArguments, DataArguments, OutputArguments, PeftArguments, TrainingArguments)
+PARSER_TYPES = (ModelArguments, DataArguments, OutputArguments, PeftArguments, GuardArguments, TrainingArguments)
 
 
 def workdir() -> Path:
@@ -371,17 +395,25 @@ def setup_logging(rank: int) -> None:
 def run(argv: list[str], stop: stopping.GracefulStop | None = None) -> int:
     original_argv = list(argv)
     values, argv = parse_args(argv)
-    model_args, data_args, out_args, peft_args = (build(c, values) for c in PARSER_TYPES[:4])
+    model_args, data_args, out_args, peft_args, guard_args = (build(c, values) for c in PARSER_TYPES[:5])
     lora.check(peft_args, argv, values, torch.cuda.is_available())
     check_local_inputs(model_args, data_args, out_args)
+    guard = loss_guard(guard_args, os.environ)
     topo = Topology.from_env()
     reporter = progress.ProgressReporter.from_env() if topo.is_global_main else None
     try:
         return _train(values, original_argv, model_args, data_args, out_args, peft_args, topo, reporter,
-                      stop or stopping.GracefulStop())
+                      stop or stopping.GracefulStop(), guard)
     finally:
         if reporter:
             reporter.close()
+
+
+def loss_guard(args: GuardArguments, env) -> guards.LossGuard:
+    """Bad values fail here, in seconds, before any process group or model load."""
+    monitor = guards.LossMonitor(args.nan_tolerance, args.loss_spike_factor, args.loss_spike_window)
+    return guards.LossGuard(monitor, guards.StepRanges.parse(env.get(guards.SKIP_STEPS_ENV)),
+                            guards.ScaleLoss.parse(args.test_scale_loss_at_step))
 
 
 def load_model_and_tokenizer(model_path: str, model_args: ModelArguments, training_args: TrainingArguments, values: dict,
@@ -507,7 +539,7 @@ def _other_run(done: dict, run_id: str, model_spec: str, data_spec: str, s5: S5c
     return None
 
 
-def _train(values, original_argv, model_args, data_args, out_args, peft_args, topo, reporter, stop) -> int:
+def _train(values, original_argv, model_args, data_args, out_args, peft_args, topo, reporter, stop, guard) -> int:
     if reporter:
         reporter.report(force=True, stage="loading")
     s5 = S5cmd()
@@ -543,7 +575,7 @@ def _train(values, original_argv, model_args, data_args, out_args, peft_args, to
         raise UsageError(str(e)) from None
     training_args.device  # noqa: B018 - from here the process group exists (accelerate sets it up)
     group = stopping.control_group()
-    stop.group = group
+    stop.group = guard.group = group
 
     with training_args.main_process_first(local=True, desc="fetching inputs"):
         inputs.mkdir(parents=True, exist_ok=True)
@@ -555,7 +587,7 @@ def _train(values, original_argv, model_args, data_args, out_args, peft_args, to
     if resume is None:
         elastic = bool(((values.get("deepspeed") or {}).get("zero_optimization") or {}).get("elastic_checkpoint"))
         resume = outputs.choose_resume(identity, output_uri, output_dir, topo, s5, group, all_shards=elastic,
-                                       discard_foreign=overwrite)
+                                       exclude=guard.skip, discard_foreign=overwrite)
 
     records = data.load_data(data_path, data_args.data_format)
     model, tokenizer = load_model_and_tokenizer(model_path, model_args, training_args, values, data_args,
@@ -563,7 +595,8 @@ def _train(values, original_argv, model_args, data_args, out_args, peft_args, to
     data_module = make_data_module(records, tokenizer, model, data_args, training_args)
     if peft_args.enabled:
         model = lora.wrap(model, peft_args, model_args.model_name_or_path, training_args.seed)
-    callbacks = [progress.ProgressCallback(reporter), stop]
+    # The guard after GracefulStop: its veto of a save must win over a SIGTERM's request.
+    callbacks = [progress.ProgressCallback(reporter), stop, guard]
     sync = None
     if output_uri:
         sync = outputs.CheckpointSyncCallback(output_uri, s5, topo, identity, group)
@@ -573,14 +606,27 @@ def _train(values, original_argv, model_args, data_args, out_args, peft_args, to
         callbacks.append(sync)
     else:
         callbacks.append(outputs.IdentityCallback(identity))
-    trainer = Trainer(model=model, args=training_args, processing_class=tokenizer, callbacks=callbacks, **data_module)
+    trainer = guards.GuardedTrainer(model=model, args=training_args, processing_class=tokenizer,
+                                    callbacks=callbacks, guard=guard, **data_module)
     result = trainer.train(resume_from_checkpoint=resume)
     if sync:
         sync.finish()
+    where = output_uri or str(output_dir)
+    if guard.trip is not None:
+        trip = guard.trip
+        # Every rank tripped at the same step; rank 0 reads which checkpoint is the one to
+        # go back to (every earlier upload is complete once all ranks are past finish()).
+        outputs.barrier(group)
+        back = stopping.decided_by_rank0(lambda: outputs.last_checkpoint(
+            output_uri, output_dir, s5, guards.FromStep(trip.first, guard.skip)), group)
+        leave_process_group()
+        raise guards.failure(trip, back, where, guard.skip)
     if stop.stopped_at is not None:
         # Every node's part of the checkpoint is in S3 once all ranks are past this.
         leave_process_group()
-        where = output_uri or str(output_dir)
+        if stop.stopped_at in guard.vetoed:
+            raise Terminated(f"stopped by SIGTERM at step {stop.stopped_at}, whose loss was not finite: no "
+                             f"checkpoint saved; the next attempt resumes from the newest one in {where}")
         raise Terminated(f"stopped by SIGTERM at step {stop.stopped_at}: checkpoint-{stop.stopped_at} "
                          f"saved to {where}; the next attempt resumes from it")
     trainer.save_state()

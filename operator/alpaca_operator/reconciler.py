@@ -193,7 +193,8 @@ class Reconciler:
                 if plan.status_first:
                     body = await self._write(body, plan)
                     # Act on what was just written: a new attempt renders from it (the
-                    # nodes it avoids are in the attemptHistory entry just recorded).
+                    # nodes it avoids and the steps it skips are in the attemptHistory entry
+                    # just recorded).
                     run = replace(run, status=body.get("status") or {})
                     known = await self._act(run, backend, plan)
                 else:

@@ -37,6 +37,14 @@ class Peft:
 
 
 @dataclass(frozen=True)
+class LossSpike:
+    """spec.training.lossSpike: a loss above factor x the median of the previous `window`
+    steps, 3 steps running, ends the attempt; the next one skips those steps."""
+    factor: float = 3.0
+    window: int = 50
+
+
+@dataclass(frozen=True)
 class Training:
     epochs: float = 3
     learning_rate: float = 2.0e-5
@@ -52,6 +60,9 @@ class Training:
     precision: str = "bf16"
     extra_args: tuple[str, ...] = ()
     peft: Peft | None = None
+    # Optimizer steps running with a NaN or infinite loss before the trainer stops (exit 67).
+    nan_tolerance: int = 3
+    loss_spike: LossSpike | None = None     # off unless given
 
 
 PEFT_METHODS = ("lora", "qlora")
@@ -177,6 +188,8 @@ def parse_spec(spec: Mapping[str, Any] | None) -> FineTuneSpec:
         precision=_get(t, "precision", d.precision),
         extra_args=tuple(str(a) for a in _get(t, "extraArgs", ())),
         peft=_parse_peft(t.get("peft")),
+        nan_tolerance=int(_get(t, "nanTolerance", d.nan_tolerance)),
+        loss_spike=_parse_loss_spike(t.get("lossSpike")),
     )
 
     ds = spec.get("deepspeed") or {}
@@ -272,6 +285,16 @@ def _parse_peft(p: Mapping[str, Any] | None) -> Peft | None:
     if not 1 <= peft.r <= 1024:
         raise SpecError(f"spec.training.peft.r must be 1..1024, not {peft.r}")
     return peft
+
+
+def _parse_loss_spike(p: Mapping[str, Any] | None) -> LossSpike | None:
+    if p is None:
+        return None
+    d = LossSpike()
+    spike = LossSpike(factor=float(_get(p, "factor", d.factor)), window=int(_get(p, "window", d.window)))
+    if not spike.factor > 1 or spike.window < 1:
+        raise SpecError(f"spec.training.lossSpike needs a factor above 1 and a window of at least 1, not {dict(p)}")
+    return spike
 
 
 # ---- the sagemaker block (backend sagemaker) --------------------------------------

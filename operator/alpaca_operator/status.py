@@ -18,7 +18,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .backends.base import EXIT_CODE_MEANING, Extras, FailureKind, Observation, Run, WorkloadState
+from .backends.base import (EXIT_CODE_MEANING, LOSS_NOT_FINITE, LOSS_SPIKE, Extras, FailureKind, LossFailure,
+                            Observation, Run, WorkloadState, parse_loss_failure)
 
 
 class Phase:
@@ -62,6 +63,8 @@ class Reason:
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     DISRUPTION_LIMIT_EXCEEDED = "DisruptionLimitExceeded"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
+    LOSS_NOT_FINITE = "LossNotFinite"         # the loss went NaN/inf: not retried
+    LOSS_SPIKE = "LossSpike"                  # a restart against backoffLimit, skipping the spike
     SUSPENDED = "Suspended"
     RESUMED = "Resumed"
     FAILED = "Failed"
@@ -249,7 +252,8 @@ class _Draft:
     def event(self, reason: str, message: str, warning: bool = False) -> None:
         self.events.append(Event("Warning" if warning else "Normal", reason, message))
 
-    def history(self, obs: Observation, outcome: str, reason: str, message: str, **extra: Any) -> None:
+    def history(self, obs: Observation, outcome: str, reason: str, message: str,
+                loss: LossFailure | None = None, **extra: Any) -> None:
         """Record how attempt obs.attempt ended (once: a later decision sees it there)."""
         entries = list(self.new.get("attemptHistory") or ())
         if any(e.get("attempt") == obs.attempt for e in entries):
@@ -268,6 +272,12 @@ class _Draft:
             entry["evidence"] = obs.node_evidence[:1024]
             entry["nodeAvoided"] = self.run.spec.run_policy.avoid_failed_nodes > 0 and obs.nodes_suffice is not False
         entry.update({k: v for k, v in extra.items() if v is not None})
+        if loss is not None:
+            # Where the run goes back to (0: the start), and for a spike the steps that every
+            # later attempt skips (skip_steps()).
+            entry["resumeFromStep"] = loss.checkpoint or 0
+            if loss.kind == LOSS_SPIKE:
+                entry["skipSteps"] = loss.steps
         self.new["attemptHistory"] = (entries + [entry])[-HISTORY_MAX:]
 
     def plan(self, **kw: Any) -> Plan:
@@ -373,6 +383,20 @@ def avoided_nodes(history: list[Mapping[str, Any]] | None, attempt: int, window:
     attempts before it was attributed to (and that were not kept for too few nodes)."""
     return sorted({e["node"] for e in history or () if e.get("node") and e.get("nodeAvoided")
                    and attempt - window <= int(e.get("attempt") or 0) < attempt})
+
+
+def loss_failure(obs: Observation) -> LossFailure | None:
+    """The trainer's verdict on the loss, from the failed worker's termination message (EKS)
+    or the backend's failure message (SageMaker's FailureReason)."""
+    return parse_loss_failure(obs.termination_message or obs.message, obs.exit_code)
+
+
+def skip_steps(status: Mapping[str, Any]) -> str | None:
+    """The steps every new attempt skips: those of each loss spike so far ("7-9,20-22"),
+    for the trainer's ALPACA_SKIP_STEPS. From attemptHistory, so a relaunch, a resume or a
+    restarted operator renders the same."""
+    ranges = dict.fromkeys(e["skipSteps"] for e in status.get("attemptHistory") or () if e.get("skipSteps"))
+    return ",".join(ranges) or None
 
 
 def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: bool = True) -> Plan:
@@ -552,6 +576,15 @@ def _attempt_failed(d: _Draft, obs: Observation, attempt: int, remaining: int | 
         msg = f"activeDeadlineSeconds {rp.active_deadline_seconds} exceeded in attempt {attempt}"
         d.history(obs, Outcome.FAILED, Reason.DEADLINE_EXCEEDED, msg, **extra)
         return _fail(d, obs, Reason.DEADLINE_EXCEEDED, msg)
+    loss = loss_failure(obs)
+    if loss is not None and loss.kind == LOSS_NOT_FINITE:
+        back = f"checkpoint-{loss.checkpoint}" if loss.checkpoint is not None else "no checkpoint (none was saved before it)"
+        msg = (f"attempt {attempt}: the loss was not finite at step {loss.last} (since step {loss.first}); "
+               f"the last good checkpoint is {back} in {spec.output_uri}. Not restarted: a retry diverges the "
+               "same way; re-run from that checkpoint with a lower learning rate (docs/contract.md, "
+               "'Diverging loss')")
+        d.history(obs, Outcome.PERMANENT_FAILURE, Reason.LOSS_NOT_FINITE, detail, loss)
+        return _fail(d, obs, Reason.LOSS_NOT_FINITE, msg)
     if obs.failure_kind is FailureKind.PERMANENT or obs.permanent:
         # A backend that knows the precise cause (SageMaker: ResourceLimitExceeded, a job
         # stopped by someone else) names it; the EKS exit codes are PermanentFailure.
@@ -574,14 +607,19 @@ def _attempt_failed(d: _Draft, obs: Observation, attempt: int, remaining: int | 
                f"from the newest checkpoint (disruption {disruptions + 1} of {rp.disruption_limit}; "
                f"backoffLimit not used)")
     else:
+        # A spike names itself; a hang came in as `cause`, any other failure as WorkerFailed.
+        cause, outcome = (Reason.LOSS_SPIKE if loss else cause), Outcome.FAILED
         if failures >= rp.backoff_limit:
-            d.history(obs, Outcome.FAILED, cause, detail, **extra)
+            d.history(obs, Outcome.FAILED, cause, detail, loss, **extra)
             return _fail(d, obs, Reason.BACKOFF_LIMIT_EXCEEDED,
                          f"attempt {attempt} failed: {detail}; no restarts left (backoffLimit {rp.backoff_limit})")
-        outcome = Outcome.FAILED
+        how = ""
+        if loss is not None:
+            back = f"checkpoint-{loss.checkpoint}" if loss.checkpoint is not None else "the start"
+            how = f" from {back}, skipping steps {loss.steps} (the loss spike's batches)"
         msg = (f"attempt {attempt} failed: {detail}; restarting all {spec.resources.nodes} "
-               f"pods as attempt {new} (restart {failures + 1} of {rp.backoff_limit})")
-    d.history(obs, outcome, cause, detail, **extra)
+               f"pods as attempt {new}{how} (restart {failures + 1} of {rp.backoff_limit})")
+    d.history(obs, outcome, cause, detail, loss, **extra)
     d.new["attempts"] = new
     d.to(Phase.LAUNCHING, Reason.RESTARTING, msg, warning=True)
     if d.phase == Phase.LAUNCHING and d.old.get("phase") == Phase.LAUNCHING:
@@ -652,13 +690,15 @@ def merged_progress(run: Run, extras: Extras | None) -> dict[str, Any] | None:
     if extras is None or not extras.progress:
         return None
     old = dict(run.status.get("progress") or {})
-    new = {**old, **extras.progress}
+    # A null in the report removes the key (the loss while it is not finite: lossNotFinite).
+    new = {k: v for k, v in {**old, **extras.progress}.items() if v is not None}
     if (parse_time(new.get("updatedAt")) or dt.datetime.min.replace(tzinfo=dt.timezone.utc)) < \
             (parse_time(old.get("updatedAt")) or dt.datetime.min.replace(tzinfo=dt.timezone.utc)):
         return None
     if new.get("step") is not None and new.get("totalSteps") is not None:
         new["display"] = f"{new['step']}/{new['totalSteps']}"
-    return None if new == old else new
+    # As a merge patch, a key left out would stay: those removed go as null.
+    return None if new == old else {**new, **{k: None for k in old if k not in new}}
 
 
 def apply_extras(run: Run, extras: Extras | None, plan: Plan,

@@ -57,7 +57,10 @@ def render_training_args(spec: FineTuneSpec) -> list[str]:
         "--save_steps", str(t.save_steps),
         "--save_total_limit", str(t.save_total_limit),
         "--logging_steps", str(t.logging_steps),
+        "--nan_tolerance", str(t.nan_tolerance),
     ]
+    if t.loss_spike:
+        args += ["--loss_spike_factor", _num(t.loss_spike.factor), "--loss_spike_window", str(t.loss_spike.window)]
     if t.precision == "bf16":
         args += ["--bf16", "true"]
     elif t.precision == "fp16":

@@ -8,6 +8,7 @@ name what it creates from (run name, attempt) alone, so a restarted operator fin
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
@@ -34,15 +35,48 @@ class FailureKind(str, enum.Enum):
 # since the operator's image does not install the training package. Both backends use this
 # one; tests/test_exit_paths.py keeps it equal to the image's.
 EXIT_SIGTERM = 143
-PERMANENT_EXIT_CODES = frozenset({64, 65, 66, 67})
+EXIT_LOSS_NOT_FINITE = 67
+EXIT_LOSS_SPIKE = 68
+PERMANENT_EXIT_CODES = frozenset({64, 65, 66, EXIT_LOSS_NOT_FINITE})
 EXIT_CODE_MEANING = {
     64: "invalid argument or configuration",
     65: "bad input data",
     66: "missing model or data",
-    67: "loss not finite",
+    EXIT_LOSS_NOT_FINITE: "the loss was not finite",
+    EXIT_LOSS_SPIKE: "loss spike",
     137: "killed (SIGKILL)",
     EXIT_SIGTERM: "stopped by SIGTERM",
 }
+
+# How the trainer says why the loss stopped it, first in its one-line reason (the pod's
+# termination message, SageMaker's FailureReason); image/alpaca_train/guards.py writes it.
+LOSS_NOT_FINITE, LOSS_SPIKE = "not-finite", "spike"
+_LOSS_MARKER = re.compile(r"alpaca-loss: kind=(not-finite|spike) first=(\d+) last=(\d+) checkpoint=(\d+|none)")
+_LOSS_EXIT_CODE = {LOSS_NOT_FINITE: EXIT_LOSS_NOT_FINITE, LOSS_SPIKE: EXIT_LOSS_SPIKE}
+# The steps the next attempt skips (a loss spike's), for the trainer: "7-9,20-22".
+SKIP_STEPS_ENV = "ALPACA_SKIP_STEPS"
+
+
+@dataclass(frozen=True)
+class LossFailure:
+    kind: str                   # LOSS_NOT_FINITE | LOSS_SPIKE
+    first: int                  # the streak's first step
+    last: int                   # the step the trainer stopped at
+    checkpoint: int | None      # the checkpoint to go back to (None: none, the start)
+
+    @property
+    def steps(self) -> str:
+        return f"{self.first}-{self.last}"
+
+
+def parse_loss_failure(text: str, exit_code: int | None) -> LossFailure | None:
+    """The trainer's loss verdict in a failure's text. With an exit code known, it must be the
+    verdict's own: a crash whose log tail happens to hold the line is not one."""
+    m = _LOSS_MARKER.search(text or "")
+    if m is None or (exit_code is not None and exit_code != _LOSS_EXIT_CODE[m.group(1)]):
+        return None
+    return LossFailure(m.group(1), int(m.group(2)), int(m.group(3)),
+                       None if m.group(4) == "none" else int(m.group(4)))
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from typing import Any, Mapping
 from ... import api
 from ...deepspeed_config import render_deepspeed_config
 from ...training_args import render_training_args
-from ...status import avoided_nodes
-from ..base import PERMANENT_EXIT_CODES, Run
+from ...status import avoided_nodes, skip_steps
+from ..base import PERMANENT_EXIT_CODES, SKIP_STEPS_ENV, Run
 
 GPU_RESOURCE = "nvidia.com/gpu"
 EFA_RESOURCE = "vpc.amazonaws.com/efa"
@@ -142,6 +142,8 @@ def _env(run: Run, attempt: int) -> list[dict[str, Any]]:
         {"name": "ALPACA_FINETUNE_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "ALPACA_ATTEMPT", "value": str(attempt)},
     ]
+    if skip := skip_steps(run.status):
+        env.append({"name": SKIP_STEPS_ENV, "value": skip})
     if r.efa:
         env += [dict(e) for e in EFA_ENV]
     return env + [dict(e) for e in run.spec.env]

@@ -20,8 +20,9 @@ from typing import Any, Mapping
 from ... import api
 from ...deepspeed_config import render_deepspeed_config
 from ...spec import FineTuneSpec, SageMakerSettings, SpecError, parse_sagemaker
+from ...status import skip_steps
 from ...training_args import render_training_args
-from ..base import Run
+from ..base import SKIP_STEPS_ENV, Run
 from .names import training_job_name
 
 HYPERPARAMETER_MAX = 100
@@ -115,6 +116,8 @@ def training_arguments(spec: FineTuneSpec) -> tuple[dict[str, str], list[str]]:
 
 def _environment(run: Run, attempt: int, sm: SageMakerSettings) -> dict[str, str]:
     env = {"ALPACA_OUTPUT_URI": run.spec.output_uri, "ALPACA_ATTEMPT": str(attempt), "ALPACA_RUN_UID": run.uid}
+    if skip := skip_steps(run.status):
+        env[SKIP_STEPS_ENV] = skip
     if sm.output_compression == "GZIP":
         # The image then leaves the model in /opt/ml/model for SageMaker to tar.
         env["ALPACA_MODEL_COMPRESSION"] = "GZIP"
