@@ -168,7 +168,8 @@ def test_owned_arguments_are_what_the_operator_renders_and_the_crd_refuses():
     specs = [MINIMAL, {**MINIMAL, "training": {"precision": "fp16"}},
              {**MINIMAL, "data": {**MINIMAL["data"], "format": "chat", "chatTemplate": "{{ messages }}"},
               "output": {**MINIMAL["output"], "overwrite": True},
-              "training": {"peft": {"method": "lora", "targetModules": ["q_proj"]}}}]
+              "training": {"peft": {"method": "lora", "targetModules": ["q_proj"]},
+                           "lossSpike": {"factor": 3, "window": 50}}}]
     flags = {a for s in specs for a in render_training_args(parse_spec(s)) if a.startswith("--")}
     assert flags == set(RENDERED_ARGS)
     crd = yaml.safe_load((ROOT / "manifests/crd/alpacafinetunes.alpaca.dev.yaml").read_text())

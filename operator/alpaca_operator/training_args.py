@@ -21,6 +21,7 @@ RENDERED_ARGS = (
     "--lr_scheduler_type", "--weight_decay", "--save_strategy", "--save_steps", "--save_total_limit",
     "--logging_steps", "--bf16", "--fp16", "--data_format", "--chat_template", "--peft", "--lora_r",
     "--lora_alpha", "--lora_dropout", "--merge_lora", "--lora_target_modules", "--overwrite_output",
+    "--nan_tolerance", "--loss_spike_factor", "--loss_spike_window",
 )
 # --warmup_ratio is the image's legacy spelling of --warmup_steps (alpaca_train.compat).
 IMAGE_OWNED_ARGS = ("--deepspeed", "--output_dir", "--output_uri", "--resume_from_checkpoint", "--report_to",
