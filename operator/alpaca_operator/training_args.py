@@ -23,9 +23,10 @@ RENDERED_ARGS = (
     "--lora_alpha", "--lora_dropout", "--merge_lora", "--lora_target_modules", "--overwrite_output",
     "--nan_tolerance", "--loss_spike_factor", "--loss_spike_window",
 )
-# --warmup_ratio is the image's legacy spelling of --warmup_steps (alpaca_train.compat).
+# --warmup_ratio is the image's legacy spelling of --warmup_steps (alpaca_train.compat);
+# --test_scale_loss_at_step injects loss spikes for the image's own tests.
 IMAGE_OWNED_ARGS = ("--deepspeed", "--output_dir", "--output_uri", "--resume_from_checkpoint", "--report_to",
-                    "--local_rank", "--warmup_ratio")
+                    "--local_rank", "--warmup_ratio", "--test_scale_loss_at_step")
 OWNED_ARGS = RENDERED_ARGS + IMAGE_OWNED_ARGS
 
 
