@@ -24,13 +24,19 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+# transformers' Trainer imports peft, and peft bitsandbytes (for --peft qlora). On a CPU with
+# AVX512-BF16, bitsandbytes then warns that an optional Hub kernel for 4-bit matmuls on the
+# CPU is missing: a path this script never takes (QLoRA is refused without CUDA).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer
 
 from alpaca_train import __version__
-from alpaca_train import attention, compat, data, exitcodes, outputs, progress, s3io, stopping
+from alpaca_train import attention, compat, data, exitcodes, lora, outputs, progress, s3io, stopping
 from alpaca_train.exitcodes import ImageError, MissingInputError, Terminated, UsageError
+from alpaca_train.lora import PeftArguments
 from alpaca_train.outputs import CheckpointIdentity, Topology
 from alpaca_train.s3io import S3NotFound, S5cmd, is_s3
 
@@ -119,7 +125,7 @@ class TrainingArguments(transformers.TrainingArguments):
     )
 
 
-PARSER_TYPES = (ModelArguments, DataArguments, OutputArguments, TrainingArguments)
+PARSER_TYPES = (ModelArguments, DataArguments, OutputArguments, PeftArguments, TrainingArguments)
 
 
 def workdir() -> Path:
@@ -337,19 +343,21 @@ def setup_logging(rank: int) -> None:
 def run(argv: list[str], stop: stopping.GracefulStop | None = None) -> int:
     original_argv = list(argv)
     values, argv = parse_args(argv)
-    model_args, data_args, out_args = (build(c, values) for c in PARSER_TYPES[:3])
+    model_args, data_args, out_args, peft_args = (build(c, values) for c in PARSER_TYPES[:4])
+    lora.check(peft_args, argv, values, torch.cuda.is_available())
     check_local_inputs(model_args, data_args, out_args)
     topo = Topology.from_env()
     reporter = progress.ProgressReporter.from_env() if topo.is_global_main else None
     try:
-        return _train(values, original_argv, model_args, data_args, out_args, topo, reporter,
+        return _train(values, original_argv, model_args, data_args, out_args, peft_args, topo, reporter,
                       stop or stopping.GracefulStop())
     finally:
         if reporter:
             reporter.close()
 
 
-def load_model_and_tokenizer(model_path: str, model_args: ModelArguments, training_args: TrainingArguments, values: dict):
+def load_model_and_tokenizer(model_path: str, model_args: ModelArguments, training_args: TrainingArguments, values: dict,
+                             **load_kwargs):
     tokenizer = AutoTokenizer.from_pretrained(
         model_path,
         cache_dir=training_args.cache_dir,
@@ -362,6 +370,7 @@ def load_model_and_tokenizer(model_path: str, model_args: ModelArguments, traini
         cache_dir=training_args.cache_dir,
         dtype=dtype,
         attn_implementation=attention_implementation(model_args.attn_implementation, values),
+        **load_kwargs,
     )
     special_tokens_dict = {}
     if tokenizer.pad_token is None:
@@ -408,12 +417,16 @@ def zero_stage(values: dict) -> int | None:
 
 
 def checkpoint_identity(model_args, model_path: str, data_path: Path, output_uri: str | None, world_size: int,
-                        values: dict) -> CheckpointIdentity:
+                        values: dict, peft_args: PeftArguments) -> CheckpointIdentity:
     """What a checkpoint must share with this run to be resumed (docs/contract.md)."""
+    # Only adapter runs carry the key, so a full fine-tune's identity is what it always was,
+    # and neither kind of run resumes the other's checkpoints.
+    peft = {"peft": peft_args.settings()} if peft_args.enabled else {}
     return CheckpointIdentity(
         run_uid=os.environ.get("ALPACA_RUN_UID") or None,
         output_uri=output_uri,
         settings={
+            **peft,
             # A URI or hub id names the model; a local path does not (SageMaker's model
             # channel, a volume): where it was mounted may differ from job to job, so there
             # the model's config identifies it.
@@ -426,7 +439,7 @@ def checkpoint_identity(model_args, model_path: str, data_path: Path, output_uri
     )
 
 
-def _train(values, original_argv, model_args, data_args, out_args, topo, reporter, stop) -> int:
+def _train(values, original_argv, model_args, data_args, out_args, peft_args, topo, reporter, stop) -> int:
     if reporter:
         reporter.report(force=True, stage="loading")
     s5 = S5cmd()
@@ -460,15 +473,18 @@ def _train(values, original_argv, model_args, data_args, out_args, topo, reporte
         output_dir.mkdir(parents=True, exist_ok=True)
         model_path = resolve_model(model_args.model_name_or_path, inputs, training_args.cache_dir, s5)
         data_path = resolve_data(data_args.data_path, inputs, training_args.cache_dir, s5)
-    identity = checkpoint_identity(model_args, model_path, data_path, output_uri, topo.world_size, values)
+    identity = checkpoint_identity(model_args, model_path, data_path, output_uri, topo.world_size, values, peft_args)
     resume = training_args.resume_from_checkpoint
     if resume is None:
         elastic = bool(((values.get("deepspeed") or {}).get("zero_optimization") or {}).get("elastic_checkpoint"))
         resume = outputs.choose_resume(identity, output_uri, output_dir, topo, s5, group, all_shards=elastic)
 
     records = data.load_records(data_path)
-    model, tokenizer = load_model_and_tokenizer(model_path, model_args, training_args, values)
+    model, tokenizer = load_model_and_tokenizer(model_path, model_args, training_args, values,
+                                                **lora.load_kwargs(peft_args, values, zero_stage(values)))
     data_module = make_data_module(records, tokenizer, model, data_args, training_args)
+    if peft_args.enabled:
+        model = lora.wrap(model, peft_args, model_args.model_name_or_path)
     callbacks = [progress.ProgressCallback(reporter), stop]
     sync = None
     if output_uri:
@@ -488,10 +504,16 @@ def _train(values, original_argv, model_args, data_args, out_args, topo, reporte
                          f"saved to {where}; the next attempt resumes from it")
     trainer.save_state()
     final_dir = Path(out_args.final_model_dir or training_args.output_dir)
-    trainer.save_model(str(final_dir))
+    trainer.save_model(str(final_dir / lora.ADAPTER_DIR if peft_args.enabled else final_dir))
     leave_process_group()
     if not topo.is_global_main:
         return 0
+    extra = {}
+    if peft_args.enabled:
+        if peft_args.merge_lora:
+            lora.merge(final_dir / lora.ADAPTER_DIR, final_dir,
+                       lambda: load_model_and_tokenizer(model_path, model_args, training_args, values))
+        extra["peft"] = lora.manifest_info(model, peft_args, merged=peft_args.merge_lora)
     if sync:
         sync.prune(output_dir)  # every node's last upload is complete: the rotation can catch up
 
@@ -515,6 +537,7 @@ def _train(values, original_argv, model_args, data_args, out_args, topo, reporte
                    "train_loss": result.training_loss, "resumed_from": resume},
         "world_size": topo.world_size,
         "versions": {"alpaca_train": __version__, "transformers": transformers.__version__, "torch": torch.__version__},
+        **extra,
     })
     if output_uri:
         outputs.upload_final(final_dir, output_uri, s5, manifest)
