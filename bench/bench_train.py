@@ -17,7 +17,8 @@ Same tiny LLaMA (alpaca_train.testing), same data (the Alpaca seed tasks replica
 
 --write-docs replaces the generated part of docs/benchmarks.md's Training section (between
 the markers BEGIN and END) with what this run measured, and leaves the rest of the file,
-the hand-kept history of earlier runs included, as it is.
+the hand-kept history of earlier runs included, as it is. With --only it writes the parts that
+ran and says which did not.
 
 Exits non-zero when a target is missed: preprocessing at least 5x with identical labels,
 and, as medians of at least 5 paired rounds, same batches at least 1.0x and packing 1.5x.
@@ -30,6 +31,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -446,7 +448,7 @@ def render(results: dict) -> str:
     """The generated part of the Training section, from one run's `results` alone."""
     setup = results["setup"]
     lines = [
-        f"`make bench-train` (`.venv/bin/python bench/bench_train.py --write-docs`), {results['when']}, "
+        f"`.venv/bin/python bench/bench_train.py {results['arguments']}`, {results['when']}, "
         f"{results['minutes']:.0f} minutes.",
         f"Machine: {results['machine']}; load average {results['load_start']:.1f} at the start, "
         f"{results['load_end']:.1f} at the end (a shared machine). CPU only, one process, the tiny LLaMA of",
@@ -457,6 +459,10 @@ def render(results: dict) -> str:
         "",
     ]
     pre, tr, lo = results.get("preprocessing"), results.get("training"), results.get("lora")
+    skipped = [PART_TITLES[part] for part in PARTS if results.get(part) is None]
+    if skipped:
+        lines += [f"Not measured in this run (`--only`): {', '.join(skipped)}; their latest figures are in the "
+                  "hand-kept history below.", ""]
     if pre is not None:
         lines += render_preprocessing(pre, setup)
     if tr is not None:
@@ -464,8 +470,11 @@ def render(results: dict) -> str:
     if lo is not None:
         lines += render_lora(lo)
     missed = missed_targets(pre, tr)
-    lines.append("**Targets missed in this run: " + "; ".join(missed) + ".** `make bench-train` exited non-zero."
-                 if missed else "Every target was met in this run.")
+    if pre is None and tr is None:
+        lines.append("No target was judged in this run: the targets are on preprocessing and training throughput.")
+    else:
+        lines.append("**Targets missed in this run: " + "; ".join(missed) + ".** `make bench-train` exited non-zero."
+                     if missed else "Every target was met in this run.")
     return "\n".join([BEGIN, *lines, END])
 
 
@@ -492,6 +501,8 @@ def model_setup(model_dir: Path, seed: list[dict], repeats: int) -> dict:
 
 
 PARTS = ("preprocessing", "training", "lora")
+PART_TITLES = {"preprocessing": "preprocessing", "training": "training throughput",
+               "lora": "full fine-tuning against LoRA"}
 
 
 def main(argv=None) -> int:
@@ -504,19 +515,17 @@ def main(argv=None) -> int:
     p.add_argument("--lora-rounds", type=int, default=MIN_ROUNDS,
                    help="rounds of full fine-tuning against LoRA (the docs say so when fewer than the minimum)")
     p.add_argument("--only", action="append", choices=PARTS,
-                   help="run this part alone (repeatable): a trial, so not with --write-docs")
+                   help="run this part alone (repeatable); with --write-docs the docs say which parts were not run")
     p.add_argument("--write-docs", action="store_true", help=f"write the generated part of {DOCS}'s Training section")
     args = p.parse_args(argv)
-    if args.write_docs and args.only:
-        p.error("--write-docs writes every part: leave out --only")
-    if args.write_docs and args.rounds < MIN_ROUNDS:
+    parts = args.only or PARTS
+    if args.write_docs and args.rounds < MIN_ROUNDS and "training" in parts:
         p.error(f"--rounds must be at least {MIN_ROUNDS} for --write-docs: a median of fewer paired rounds is not "
                 "a measurement")
     if args.lora_rounds < 1 or args.rounds < 1:
         p.error("--rounds and --lora-rounds must be at least 1")
     if args.steps <= WARMUP_STEPS:
         p.error(f"--steps must be more than the {WARMUP_STEPS} warm-up steps, which are not timed")
-    parts = args.only or PARTS
     if args.rounds < MIN_ROUNDS and "training" in parts:
         print(f"trial: {args.rounds} rounds, fewer than the {MIN_ROUNDS} a result needs", flush=True)
 
@@ -528,6 +537,7 @@ def main(argv=None) -> int:
     model_dir = testing.build()
     seed = load_records(SEED_TASKS)
     results = {"when": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine(), "load_start": load_start,
+               "arguments": shlex.join(sys.argv[1:] if argv is None else argv),
                "setup": model_setup(model_dir, seed, args.repeats)}
     print(results["machine"], f"load average {load_start:.1f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:

@@ -68,7 +68,7 @@ def fake_results(monkeypatch, tmp_path, seed=1, speeds=None, speedup=6.3456, ide
            "speedup": best["reference"] / best["ours"], "identical_labels": identical}
     records = [{"instruction": "x", "input": "", "output": "y"}] * TRAIN_RECORDS
     return {
-        "when": "2031-07-19 08:43", "machine": "a fake CPU, 97 cores, Python and torch of no version",
+        "when": "2031-07-19 08:43", "arguments": "--write-docs", "machine": "a fake CPU, 97 cores, Python and torch of no version",
         "load_start": rng.uniform(3, 9), "load_end": rng.uniform(3, 9), "minutes": rng.uniform(30, 90),
         "setup": SETUP, "preprocessing": pre,
         "training": bt.bench_training(tmp_path, records, STEPS, ROUNDS, tmp_path),
@@ -170,3 +170,12 @@ def test_the_docs_have_the_markers():
     text = (ROOT / "docs" / "benchmarks.md").read_text()
     assert text.count(bt.BEGIN) == 1 and text.count(bt.END) == 1
     assert text.index("## Training") < text.index(bt.BEGIN) < text.index(bt.END) < text.index("## Operator")
+
+
+def test_a_partial_run_says_what_it_did_not_measure(monkeypatch, tmp_path):
+    results = fake_results(monkeypatch, tmp_path)
+    del results["preprocessing"], results["training"]
+    text = generated(results)
+    assert "Not measured in this run (`--only`): preprocessing, training throughput;" in text
+    assert "No target was judged in this run" in text and "Every target was met" not in text
+    assert "### Full fine-tuning against LoRA" in text and "### Training throughput" not in text
