@@ -434,7 +434,8 @@ def render_lora(lo: dict) -> list[str]:
         f"{ratio['checkpoint_bytes']:.2f}x the size "
         f"({ratio_word(ratio['checkpoint_bytes'], 'larger', 'smaller', 'the same size')}).",
         "",
-        "Tokens/s are timed as above. Peak RSS is the whole process's (`ru_maxrss` from `wait4`):",
+        f"Tokens/s are the Trainer's non-padding input tokens over the wall time of steps {lo['warmup_steps'] + 1} "
+        f"to {lo['steps']} (`STEP_CLOCK`). Peak RSS is the whole process's (`ru_maxrss` from `wait4`):",
         "start-up, loading, training, saving and, for LoRA, merging the adapter into the model.",
         "",
     ]
