@@ -72,7 +72,7 @@ run-operator: setup ## run the operator locally against $$KUBECONFIG (kopf, stan
 bench-operator: setup ## N = 100 and 500 AlpacaFineTunes at once on their own simulated nodegroup, and 200 sagemaker runs against the stand-in; writes docs/benchmarks.md
 	$(PY) bench/operator_bench.py --runs 100 --runs 500 --sagemaker 200 --write-docs
 
-bench-train: setup ## our training script against Stanford Alpaca's, on CPU; writes docs/benchmarks.md
+bench-train: setup ## our training script against Stanford Alpaca's, and full fine-tuning against LoRA, on CPU; writes the generated part of docs/benchmarks.md
 	$(PY) bench/bench_train.py --write-docs
 
 manifests: kube-tools ## regenerate manifests/ (plain YAML, kustomize) from charts/alpaca-operator
