@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -78,6 +79,24 @@ class PeftArguments:
         """What an adapter checkpoint depends on (part of the checkpoint identity)."""
         return {"method": self.peft, "r": self.lora_r, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
                 "target_modules": self.target_modules()}
+
+
+def import_bitsandbytes_only_for_qlora(argv: list[str]) -> None:
+    """Call before transformers is imported.
+
+    transformers' Trainer imports peft, and peft imports bitsandbytes whenever it is
+    installed. bitsandbytes' import compiles its kernels' wrappers with torch.compile
+    (dynamo and inductor: about 3 CPU-seconds per process) and registers its ops in
+    torch; a run without QLoRA needs none of it. A None in sys.modules makes the package
+    look absent to importlib.util.find_spec, which is how transformers, accelerate and peft
+    look for it, so they take their paths without it.
+    """
+    if "qlora" in argv or "--peft=qlora" in argv:
+        # On a CPU with AVX512-BF16 bitsandbytes warns at import that an optional kernel
+        # for 4-bit matmuls on the CPU is missing; QLoRA here runs on CUDA only.
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    else:
+        sys.modules.setdefault("bitsandbytes", None)
 
 
 def check(args: PeftArguments, argv: list[str], values: dict, have_cuda: bool) -> None:

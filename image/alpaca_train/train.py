@@ -24,17 +24,16 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-# transformers' Trainer imports peft, and peft bitsandbytes (for --peft qlora). On a CPU with
-# AVX512-BF16, bitsandbytes then warns that an optional Hub kernel for 4-bit matmuls on the
-# CPU is missing: a path this script never takes (QLoRA is refused without CUDA).
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+from alpaca_train import lora
+
+lora.import_bitsandbytes_only_for_qlora(sys.argv)  # before transformers, which would import it
 
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer
 
 from alpaca_train import __version__
-from alpaca_train import attention, compat, data, exitcodes, lora, outputs, progress, s3io, stopping
+from alpaca_train import attention, compat, data, exitcodes, outputs, progress, s3io, stopping
 from alpaca_train.exitcodes import ImageError, MissingInputError, Terminated, UsageError
 from alpaca_train.lora import PeftArguments
 from alpaca_train.outputs import CheckpointIdentity, Topology
