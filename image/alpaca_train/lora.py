@@ -138,8 +138,8 @@ def load_kwargs(args: PeftArguments, values: dict, zero_stage: int | None) -> di
     quant = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
              "bnb_4bit_compute_dtype": dtype}
     if zero_stage == 3:
-        # ZeRO-3 partitions parameters by dtype; the packed 4-bit weights must be stored in
-        # the same float dtype as the rest to be partitioned with them (peft's DeepSpeed guide).
+        # ZeRO-3 shards every parameter, the packed 4-bit weights too: stored in the compute
+        # dtype rather than uint8 they shard like the rest (peft's guide to QLoRA with ZeRO-3).
         return {"quantization_config": BitsAndBytesConfig(**quant, bnb_4bit_quant_storage=dtype)}
     # Quantisation happens as the weights are placed: each process on its own GPU.
     return {"quantization_config": BitsAndBytesConfig(**quant),
