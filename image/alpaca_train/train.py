@@ -510,8 +510,9 @@ def _train(values, original_argv, model_args, data_args, out_args, peft_args, to
     extra = {}
     if peft_args.enabled:
         if peft_args.merge_lora:
+            # The merge runs on the CPU: no mixed-precision values, so "auto" attention is SDPA.
             lora.merge(final_dir / lora.ADAPTER_DIR, final_dir,
-                       lambda: load_model_and_tokenizer(model_path, model_args, training_args, values))
+                       lambda: load_model_and_tokenizer(model_path, model_args, training_args, {}))
         extra["peft"] = lora.manifest_info(model, peft_args, merged=peft_args.merge_lora, values=values)
     if sync:
         sync.prune(output_dir)  # every node's last upload is complete: the rotation can catch up
