@@ -200,6 +200,19 @@ def test_full_fine_tune_and_lora_never_resume_each_others_checkpoints(tiny_model
     assert "'r': 8" in adapter.mismatch(identity(PeftArguments(peft="lora", lora_r=8)))
 
 
+def test_bitsandbytes_is_imported_only_for_qlora(monkeypatch):
+    import importlib.util
+    import sys
+
+    monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)
+    lora.import_bitsandbytes_only_for_qlora(["--peft", "lora"])
+    assert sys.modules["bitsandbytes"] is None and importlib.util.find_spec("bitsandbytes") is None
+    monkeypatch.delitem(sys.modules, "bitsandbytes")
+    for argv in (["--peft", "qlora"], ["--peft=qlora"]):
+        lora.import_bitsandbytes_only_for_qlora(argv)
+        assert "bitsandbytes" not in sys.modules and importlib.util.find_spec("bitsandbytes") is not None
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--peft", "qlora", "--bf16", "True"],
      "--peft qlora needs a CUDA GPU and none was found: bitsandbytes' 4-bit NF4 quantisation runs only on CUDA"),

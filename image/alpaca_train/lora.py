@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -80,6 +81,24 @@ class PeftArguments:
                 "target_modules": self.target_modules()}
 
 
+def import_bitsandbytes_only_for_qlora(argv: list[str]) -> None:
+    """Call before transformers is imported.
+
+    transformers' Trainer imports peft, and peft imports bitsandbytes whenever it is
+    installed. bitsandbytes' import compiles its kernels' wrappers with torch.compile
+    (dynamo and inductor: about 3 CPU-seconds per process) and registers its ops in
+    torch; a run without QLoRA needs none of it. A None in sys.modules makes the package
+    look absent to importlib.util.find_spec, which is how transformers, accelerate and peft
+    look for it, so they take their paths without it.
+    """
+    if "qlora" in argv or "--peft=qlora" in argv:
+        # On a CPU with AVX512-BF16 bitsandbytes warns at import that an optional kernel
+        # for 4-bit matmuls on the CPU is missing; QLoRA here runs on CUDA only.
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    else:
+        sys.modules.setdefault("bitsandbytes", None)
+
+
 def check(args: PeftArguments, argv: list[str], values: dict, have_cuda: bool) -> None:
     """Refuse settings that cannot work, before any process group or model load (exit 64)."""
     if not args.enabled:
@@ -119,8 +138,8 @@ def load_kwargs(args: PeftArguments, values: dict, zero_stage: int | None) -> di
     quant = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
              "bnb_4bit_compute_dtype": dtype}
     if zero_stage == 3:
-        # ZeRO-3 partitions parameters by dtype; the packed 4-bit weights must be stored in
-        # the same float dtype as the rest to be partitioned with them (peft's DeepSpeed guide).
+        # ZeRO-3 shards every parameter, the packed 4-bit weights too: stored in the compute
+        # dtype rather than uint8 they shard like the rest (peft's guide to QLoRA with ZeRO-3).
         return {"quantization_config": BitsAndBytesConfig(**quant, bnb_4bit_quant_storage=dtype)}
     # Quantisation happens as the weights are placed: each process on its own GPU.
     return {"quantization_config": BitsAndBytesConfig(**quant),

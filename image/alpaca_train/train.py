@@ -27,17 +27,16 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import NoReturn
 
-# transformers' Trainer imports peft, and peft bitsandbytes (for --peft qlora). On a CPU with
-# AVX512-BF16, bitsandbytes then warns that an optional Hub kernel for 4-bit matmuls on the
-# CPU is missing: a path this script never takes (QLoRA is refused without CUDA).
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+from alpaca_train import lora
+
+lora.import_bitsandbytes_only_for_qlora(sys.argv)  # before transformers, which would import it
 
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from alpaca_train import __version__
-from alpaca_train import attention, compat, data, exitcodes, guards, lora, outputs, progress, s3io, shutdown, stopping
+from alpaca_train import attention, compat, data, exitcodes, guards, outputs, progress, s3io, shutdown, stopping
 from alpaca_train.exitcodes import ImageError, MissingInputError, Terminated, UsageError
 from alpaca_train.lora import PeftArguments
 from alpaca_train.outputs import CheckpointIdentity, Topology
@@ -638,8 +637,9 @@ def _train(values, original_argv, model_args, data_args, out_args, peft_args, to
     extra = {}
     if peft_args.enabled:
         if peft_args.merge_lora:
+            # The merge runs on the CPU: no mixed-precision values, so "auto" attention is SDPA.
             lora.merge(final_dir / lora.ADAPTER_DIR, final_dir,
-                       lambda: load_model_and_tokenizer(model_path, model_args, training_args, values, data_args))
+                       lambda: load_model_and_tokenizer(model_path, model_args, training_args, {}, data_args))
         extra["peft"] = lora.manifest_info(model, peft_args, merged=peft_args.merge_lora, values=values)
     if sync:
         sync.prune(output_dir)  # every node's last upload is complete: the rotation can catch up
