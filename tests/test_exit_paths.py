@@ -64,10 +64,10 @@ FROZEN_EXIT_TIMEOUT_S = 2
 class SteppingTrainer:
     """transformers.Trainer's callback protocol around steps that only all-reduce."""
 
-    def __init__(self, model=None, args=None, processing_class=None, callbacks=(), **_):
+    def __init__(self, model=None, args=None, processing_class=None, callbacks=(), guard=None, **_):
         from transformers.trainer_callback import TrainerState
 
-        self.args, self.callbacks = args, list(callbacks)
+        self.args, self.callbacks, self.guard = args, list(callbacks), guard
         self.rank = int(os.environ["RANK"])
         self.case = os.environ["EXIT_CASE"]
         self.state = TrainerState(max_steps=10_000, is_world_process_zero=self.rank == 0,
@@ -104,6 +104,8 @@ class SteppingTrainer:
         Path(os.environ["EXIT_RUN_DIR"], f"training-{self.rank}").touch()
         while self.state.global_step < self.state.max_steps:
             dist.all_reduce(torch.ones(4))  # the step's gradients
+            if self.guard is not None:
+                self.guard.add(torch.tensor(2.0))  # a finite loss, as GuardedTrainer.training_step feeds it
             self.state.global_step += 1
             control = TrainerControl()
             if self.case == "crash" and self.state.global_step == 3 and self.rank == 1:
@@ -145,7 +147,7 @@ def _child(cfg: dict) -> None:
     os.environ.update(cfg["env"])
     train.load_model_and_tokenizer = lambda *a, **k: (None, None)
     train.make_data_module = lambda *a, **k: {}
-    train.Trainer = SteppingTrainer
+    train.guards.GuardedTrainer = SteppingTrainer   # the Trainer the script builds (with its loss guard)
     if cfg["env"]["EXIT_CASE"] in ("crash", "loss-not-finite"):
         train.S5cmd = SlowUploads
     train.entry(cfg["argv"])
@@ -171,15 +173,15 @@ def zygote() -> None:
         if pid == 0:
             _child(cfg)  # never returns: entry() ends the process
         run_dir = Path(cfg["env"]["EXIT_RUN_DIR"])
+        reaped = (0, 0)
         if cfg.get("signal"):
             signum, marker = cfg["signal"]
-            while not (run_dir / marker).exists() and os.waitpid(pid, os.WNOHANG) == (0, 0):
+            while not (run_dir / marker).exists() and (reaped := os.waitpid(pid, os.WNOHANG)) == (0, 0):
                 time.sleep(0.01)
-            try:
+            if reaped == (0, 0):
                 os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
-        _, status = os.waitpid(pid, 0)
+        # A rank that ended before its signal was due was reaped by the wait above.
+        _, status = reaped if reaped != (0, 0) else os.waitpid(pid, 0)
         (run_dir / f"exited-{cfg['env']['RANK']}").touch()
         print(json.dumps({"code": os.waitstatus_to_exitcode(status), "seconds": time.monotonic() - t0}),
               flush=True)
