@@ -527,12 +527,13 @@ def test_chat_data_module_uses_the_conversations(tiny_model, chat_tokenizer, cha
 
 
 def test_chat_checkpoints_are_never_resumed_by_an_alpaca_run(tiny_model):
+    from alpaca_train.lora import PeftArguments
     from alpaca_train.train import ModelArguments, checkpoint_identity
 
     margs = ModelArguments(model_name_or_path=str(tiny_model))
 
     def identity(**values):
-        return checkpoint_identity(margs, str(tiny_model), CHAT_DATA, None, 1, values)
+        return checkpoint_identity(margs, str(tiny_model), CHAT_DATA, None, 1, values, PeftArguments())
 
     alpaca = identity()
     assert set(alpaca.settings) == {"model", "model_config_sha256", "data_sha256", "world_size", "zero_stage"}, \
