@@ -171,6 +171,11 @@ class TrainingArguments(transformers.TrainingArguments):
 PARSER_TYPES = (ModelArguments, DataArguments, OutputArguments, PeftArguments, GuardArguments, TrainingArguments)
 
 
+def run_uid() -> str | None:
+    """The operator's identity of the run (the AlpacaFineTune's metadata.uid), when it set one."""
+    return os.environ.get("ALPACA_RUN_UID") or None
+
+
 def workdir() -> Path:
     return Path(os.environ.get("ALPACA_WORKDIR") or "/tmp/alpaca")
 
@@ -506,7 +511,7 @@ def checkpoint_identity(model_args, model_path: str, data_path: Path, output_uri
         settings["data_format"] = values["data_format"]
         template = data.read_chat_template(values.get("chat_template"))
         settings["chat_template_sha256"] = hashlib.sha256(template.encode()).hexdigest() if template else None
-    return CheckpointIdentity(run_uid=os.environ.get("ALPACA_RUN_UID") or None, output_uri=output_uri,
+    return CheckpointIdentity(run_uid=run_uid(), output_uri=output_uri,
                               settings=settings)
 
 
@@ -516,7 +521,7 @@ def _other_run(done: dict, run_id: str, model_spec: str, data_spec: str, s5: S5c
     The same command line is not enough: a run re-created with the same spec (another
     uid), or data or a base model replaced at the same URI, must not report the old model.
     """
-    uid = os.environ.get("ALPACA_RUN_UID") or None
+    uid = run_uid()
     if done.get("run_id") != run_id:
         return "other training arguments"
     if done.get("run_uid") != uid:
@@ -650,7 +655,7 @@ def _train(values, original_argv, model_args, data_args, out_args, peft_args, to
         reporter.report(force=True, stage="uploading", **steps)
     manifest = outputs.build_manifest(final_dir, output_uri, {
         "run_id": run_id,
-        "run_uid": os.environ.get("ALPACA_RUN_UID") or None,
+        "run_uid": run_uid(),
         "base_model": {"uri": model_args.model_name_or_path,
                        "config_sha256": data.file_sha256(Path(model_path) / "config.json")},
         "data": {"uri": data_args.data_path, "format": data_args.data_format,
