@@ -56,6 +56,10 @@ def test_defaults_agree_with_the_crd():
     assert t["learningRate"]["default"] == s.training.learning_rate
     assert t["gradientAccumulationSteps"]["default"] == s.training.gradient_accumulation_steps
     assert t["precision"]["default"] == s.training.precision
+    from alpaca_operator.spec import Peft
+    peft = t["peft"]["properties"]
+    assert (peft["r"]["default"], peft["alpha"]["default"], peft["dropout"]["default"], peft["merge"]["default"]) \
+        == (Peft.r, Peft.alpha, Peft.dropout, Peft.merge)
     r = props["resources"]["properties"]
     assert (r["nodes"]["default"], r["gpusPerNode"]["default"], r["sharedMemory"]["default"]) == (1, 8, "64Gi")
     rp = props["runPolicy"]["properties"]
