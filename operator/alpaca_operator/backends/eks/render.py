@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from ... import api
+from ... import api, instances
 from ...deepspeed_config import render_deepspeed_config
 from ...training_args import render_training_args
 from ...status import avoided_nodes, skip_steps
@@ -19,13 +19,6 @@ GPU_RESOURCE = "nvidia.com/gpu"
 EFA_RESOURCE = "vpc.amazonaws.com/efa"
 INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
 HOSTNAME_LABEL = "kubernetes.io/hostname"
-# EFA devices per instance (all of them: NCCL spreads rings across the adapters).
-EFA_PER_INSTANCE = {
-    "p4d.24xlarge": 4, "p4de.24xlarge": 4,
-    "p5.48xlarge": 32, "p5e.48xlarge": 32, "p5en.48xlarge": 16,
-    "trn1.32xlarge": 8, "trn1n.32xlarge": 16,
-    "g5.48xlarge": 1, "g6.48xlarge": 1,
-}
 # Tells libfabric/NCCL to use the adapters; spec.env comes after and may override.
 EFA_ENV = [
     {"name": "FI_PROVIDER", "value": "efa"},
@@ -153,7 +146,9 @@ def _resources(run: Run) -> dict[str, Any]:
     r = run.spec.resources
     amounts: dict[str, str] = {GPU_RESOURCE: str(r.gpus_per_node)}
     if r.efa:
-        amounts[EFA_RESOURCE] = str(EFA_PER_INSTANCE.get(r.instance_type or "", 1))
+        known = instances.lookup(r.instance_type)
+        # All of an instance's adapters: NCCL spreads rings across them.
+        amounts[EFA_RESOURCE] = str(known.efa if known and known.efa else 1)
     if r.cpu:
         amounts["cpu"] = r.cpu
     if r.memory:
