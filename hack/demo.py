@@ -50,6 +50,9 @@ RUNS = ("tiny-eks", "tiny-sagemaker", "tiny-lora")
 RUN_FILES = ("eks.yaml", "sagemaker.yaml", "lora.yaml")
 LOCAL_EXEC = "alpaca.dev/local-exec"
 ROLE_ARN = "arn:aws:iam::123456789012:role/AlpacaDemoSageMaker"
+# SageMaker pulls from ECR only, so the chart's sagemaker.image is an ECR URI; the stand-in
+# runs our `train` whatever the URI names.
+SAGEMAKER_IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/alpaca-train:0.1.0"
 # Enough steps (15 epochs of these for the EKS run, 3 for SageMaker) for progress and loss to move in `kubectl get aft` (rank
 # 0 reports at most every 10 s on EKS, every 30 s on SageMaker), few enough for a 2-core laptop.
 RECORDS = 160
@@ -251,7 +254,7 @@ def install_operator(t: Tools, sm, state: Path) -> None:
     values = {
         "healthPort": health,
         "metrics": {"port": metrics},
-        "sagemaker": {"region": sm.env["AWS_REGION"], "roleArn": ROLE_ARN},
+        "sagemaker": {"region": sm.env["AWS_REGION"], "roleArn": ROLE_ARN, "image": SAGEMAKER_IMAGE},
         # Where AWS is: the stand-in (credentials of moto's, not secrets).
         "extraEnv": [{"name": k, "value": sm.env[k]} for k in
                      ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_EC2_METADATA_DISABLED")]

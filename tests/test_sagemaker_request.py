@@ -17,13 +17,16 @@ from alpaca_operator.backends.base import Run, WorkloadState
 from alpaca_operator.backends.sagemaker import mapping
 from alpaca_operator.backends.sagemaker.names import NAME_PATTERN, parse_job_name, training_job_name
 from alpaca_operator.backends.sagemaker.request import (
-    METRIC_DEFINITIONS, RequestError, TAG_UID, _operation_model, build_request, validate)
+    DATA_MANIFEST, METRIC_DEFINITIONS, RequestError, TAG_UID, build_request, validate)
 from alpaca_operator.deepspeed_config import render_deepspeed_config
-from alpaca_operator.spec import parse_spec
+from alpaca_operator.sagemaker_limits import ECR_IMAGE_PATTERN, operation_model
+from alpaca_operator.spec import SpecError, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 UID = "0f8e9a1b-2c3d-4e5f-8a9b-0c1d2e3f4a5b"
 ROLE = "arn:aws:iam::123456789012:role/AlpacaSageMakerExecution"
+IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/alpaca-train:0.1.0"
+VPC = {"securityGroupIds": ["sg-0123"], "subnets": ["subnet-a"]}
 
 
 def _run(spec: dict, name: str = "alpaca-7b", namespace: str = "ml", status: dict | None = None) -> Run:
@@ -31,9 +34,11 @@ def _run(spec: dict, name: str = "alpaca-7b", namespace: str = "ml", status: dic
 
 
 def _spec(**over) -> dict:
+    """A sagemaker spec; sagemaker= adds to (or, with None values, removes from) the role and image."""
+    sm = {k: v for k, v in {"roleArn": ROLE, "image": IMAGE, **over.pop("sagemaker", {})}.items() if v is not None}
     spec = {"backend": "sagemaker", "model": {"uri": "s3://models/llama-7b/"},
             "data": {"uri": "s3://data/alpaca_data.json"}, "output": {"uri": "s3://out/runs/a/"},
-            "sagemaker": {"roleArn": ROLE}}
+            "sagemaker": sm}
     spec.update(over)
     return spec
 
@@ -65,7 +70,8 @@ def test_the_sample_request_field_by_field():
     sm = body["spec"]["sagemaker"]
     assert p["TrainingJobName"] == req.name == "alpaca-7b-sagemaker-0f8e9a1b-a1"
     assert p["RoleArn"] == sm["roleArn"]
-    assert p["AlgorithmSpecification"]["TrainingImage"] == "ghcr.io/alpaca-operator/train:0.1.0"  # spec.image
+    assert p["AlgorithmSpecification"]["TrainingImage"] == sm["image"] and re.match(ECR_IMAGE_PATTERN, sm["image"])
+    assert "TrainingImageConfig" not in p["AlgorithmSpecification"]     # ECR: the platform's own access
     assert p["AlgorithmSpecification"]["TrainingInputMode"] == "File"
     assert p["ResourceConfig"] == {"InstanceType": "ml.p4d.24xlarge", "InstanceCount": 1, "VolumeSizeInGB": 500}
     assert p["StoppingCondition"] == {"MaxRuntimeInSeconds": 86400}
@@ -73,12 +79,15 @@ def test_the_sample_request_field_by_field():
                                      "CompressionType": "NONE"}
     assert p["CheckpointConfig"] == {"S3Uri": sm["checkpointS3Uri"], "LocalPath": "/opt/ml/checkpoints"}
     channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"] for c in p["InputDataConfig"]}
-    assert channels["training"]["S3Uri"] == "s3://alpaca-demo/data/alpaca_data.json"
     assert channels["model"]["S3Uri"] == "s3://alpaca-demo/models/llama-7b/"
     assert channels["config"]["S3Uri"] == req.config_prefix == \
         "s3://alpaca-demo/runs/alpaca-7b-sagemaker/.alpaca/alpaca-7b-sagemaker-0f8e9a1b-a1/"
-    assert all(c["S3DataType"] == "S3Prefix" and c["S3DataDistributionType"] == "FullyReplicated"
-               for c in channels.values())
+    assert all(c["S3DataDistributionType"] == "FullyReplicated" for c in channels.values())
+    assert channels["model"]["S3DataType"] == channels["config"]["S3DataType"] == "S3Prefix"
+    # The data: a manifest naming exactly the object, so alpaca_data.json.bak beside it stays out.
+    assert channels["training"] == {"S3DataType": "ManifestFile", "S3Uri": req.config_prefix + DATA_MANIFEST,
+                                    "S3DataDistributionType": "FullyReplicated"}
+    assert json.loads(req.config_files[DATA_MANIFEST]) == [{"prefix": "s3://alpaca-demo/data/"}, "alpaca_data.json"]
     # The model and data come as channels, so neither is a hyperparameter.
     hp = p["HyperParameters"]
     assert "model_name_or_path" not in hp and "data_path" not in hp
@@ -113,6 +122,8 @@ def test_every_option_reaches_the_request():
                    "outputKmsKeyId": "arn:aws:kms:us-east-1:123456789012:key/abc", "maxRuntimeInSeconds": 7200,
                    "outputCompression": "GZIP", "spot": {"enabled": True, "maxWaitTimeInSeconds": 10800},
                    "vpcConfig": {"securityGroupIds": ["sg-0123"], "subnets": ["subnet-a", "subnet-b"]},
+                   "imageRepositoryAccess": "Vpc",
+                   "imageRepositoryCredentialsProviderArn": "arn:aws:lambda:us-east-1:123456789012:function:creds",
                    "enableNetworkIsolation": True, "enableInterContainerTrafficEncryption": True,
                    "retryStrategy": {"maximumRetryAttempts": 2}, "tags": {"team": "nlp", "cost-center": "42"}},
         runPolicy={"activeDeadlineSeconds": 100000},
@@ -122,6 +133,9 @@ def test_every_option_reaches_the_request():
     p = req.params
     assert req.name == "alpaca-7b-0f8e9a1b-a3r1"
     assert p["AlgorithmSpecification"]["TrainingImage"].endswith("alpaca-train:0.1.0")
+    assert p["AlgorithmSpecification"]["TrainingImageConfig"] == {
+        "TrainingRepositoryAccessMode": "Vpc", "TrainingRepositoryAuthConfig": {
+            "TrainingRepositoryCredentialsProviderArn": "arn:aws:lambda:us-east-1:123456789012:function:creds"}}
     # instanceCount defaults to resources.nodes.
     assert p["ResourceConfig"] == {"InstanceType": "ml.p5.48xlarge", "InstanceCount": 2, "VolumeSizeInGB": 1000,
                                    "VolumeKmsKeyId": "alias/vol"}
@@ -156,21 +170,21 @@ def test_every_option_reaches_the_request():
 def test_lora_without_deepspeed_on_one_gpu():
     spec = _spec(training={"peft": {"method": "lora", "targetModules": ["q_proj", "v_proj"]}},
                  data={"uri": "s3://data/chat.jsonl", "format": "chat"}, deepspeed={"zeroStage": 0},
-                 sagemaker={"roleArn": ROLE, "instanceType": "ml.g5.2xlarge"})
+                 sagemaker={"instanceType": "ml.g5.2xlarge"})
     req = build_request(_run(spec), 1)
     hp = req.params["HyperParameters"]
     # The same arguments as on EKS, as hyperparameters where they fit.
     assert (hp["peft"], hp["lora_r"], hp["lora_alpha"], hp["merge_lora"]) == ("lora", "16", "32", "true")
     assert (hp["lora_target_modules"], hp["data_format"]) == ("q_proj,v_proj", "chat")
     # zeroStage 0: no ds_config.json in the config channel, so the container passes no --deepspeed.
-    assert set(req.config_files) == {"train_args.json"}
+    assert set(req.config_files) == {"train_args.json", DATA_MANIFEST}
     validate(req.params)
 
 
 def test_every_request_is_valid_against_botocores_model():
     validator = ParamValidator()
-    shape = _operation_model().input_shape
-    for spec in (_spec(), _spec(model={"uri": "org/model"}, sagemaker={"roleArn": ROLE, "spot": {"enabled": True}})):
+    shape = operation_model().input_shape
+    for spec in (_spec(), _spec(model={"uri": "org/model"}, sagemaker={"spot": {"enabled": True}})):
         p = build_request(_run(spec), 1).params
         report = validator.validate(p, shape)
         assert not report.has_errors(), report.generate_report()
@@ -192,6 +206,14 @@ def test_every_request_is_valid_against_botocores_model():
         {"Name": f"m{i}", "Regex": "x"} for i in range(40)), "MetricDefinitions: 44 items"),
     (lambda p: p["StoppingCondition"].update(MaxRuntimeInSeconds=0), "MaxRuntimeInSeconds"),
     (lambda p: p.pop("RoleArn"), "RoleArn"),
+    # AWS's documented limits that the service model leaves out:
+    (lambda p: p["AlgorithmSpecification"].update(TrainingImage="ghcr.io/alpaca-operator/train:0.1.0"),
+     "not an Amazon ECR image"),
+    (lambda p: p["AlgorithmSpecification"].update(TrainingImageConfig={"TrainingRepositoryAccessMode": "Vpc"}),
+     "needs a VpcConfig"),
+    (lambda p: p["Environment"].update({f"E{i}": "v" * 500 for i in range(70)}), "bytes of keys and values"),
+    (lambda p: p["Tags"].append({"Key": "aws:owner", "Value": "v"}), "aws: is reserved"),
+    (lambda p: p["ResourceConfig"].update(InstanceType="ml.t2.medium"), "InstanceType: 'ml.t2.medium' is not one of"),
 ])
 def test_validation_refuses_what_sagemaker_would(mutate, expected):
     p = copy.deepcopy(build_request(_run(_spec()), 1).params)
@@ -207,9 +229,77 @@ def test_bad_specs_get_a_clear_error():
     with pytest.raises(RequestError, match="maxWaitTimeInSeconds 100 is less"):
         build_request(_run(_spec(sagemaker={"roleArn": ROLE, "spot": {"enabled": True, "maxWaitTimeInSeconds": 100}})), 1)
     with pytest.raises(RequestError, match="alpaca.dev/uid"):
-        build_request(_run(_spec(sagemaker={"roleArn": ROLE, "tags": {TAG_UID: "x"}})), 1)
-    with pytest.raises(RequestError, match="TrainingImage"):
-        build_request(_run(_spec(sagemaker={"roleArn": ROLE, "image": "x" * 256})), 1)
+        build_request(_run(_spec(sagemaker={"tags": {TAG_UID: "x"}})), 1)
+    with pytest.raises(RequestError, match="TrainingImage: 256 characters"):
+        build_request(_run(_spec(sagemaker={"image": "x" * 256, "imageRepositoryAccess": "Vpc", "vpcConfig": VPC})), 1)
+
+
+GHCR = "ghcr.io/alpaca-operator/train:0.1.0"
+
+
+def test_a_sagemaker_image_outside_ecr_is_refused_naming_both_fixes():
+    for spec in (_spec(sagemaker={"image": GHCR}),
+                 _spec(sagemaker={"image": None})):       # spec.image, the CRD's default, is ghcr's
+        with pytest.raises(SpecError) as e:
+            build_request(_run(spec), 1)
+        msg = str(e.value)
+        assert GHCR in msg and "not in ECR" in msg
+        assert "ACCOUNT.dkr.ecr.REGION.amazonaws.com" in msg and "sagemaker.image" in msg     # fix 1
+        assert "imageRepositoryAccess: Vpc" in msg and "vpcConfig" in msg                     # fix 2
+
+
+def test_the_image_comes_from_the_run_then_the_operator_then_spec_image():
+    other = "210987654321.dkr.ecr.eu-west-1.amazonaws.com/team/train@sha256:" + "a" * 64
+    image = lambda spec, **kw: build_request(_run(spec), 1, **kw).params["AlgorithmSpecification"]["TrainingImage"]
+    assert image(_spec(), default_image=other) == IMAGE                               # the run's wins
+    assert image(_spec(sagemaker={"image": None}), default_image=other) == other       # the chart's sagemaker.image
+    assert image(_spec(sagemaker={"image": None}, image=IMAGE)) == IMAGE               # an ECR spec.image
+    for ok in ("123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn/train", other, IMAGE):
+        assert re.match(ECR_IMAGE_PATTERN, ok), ok
+    for bad in ("123456789012.dkr.ecr.us-east-1.amazonaws.com", "12345.dkr.ecr.us-east-1.amazonaws.com/t:1",
+                "123456789012.dkr.ecr.us-east-1.amazonaws.com/Train:1", "docker.io/library/python:3", GHCR):
+        assert not re.match(ECR_IMAGE_PATTERN, bad), bad
+
+
+def test_a_private_registry_through_the_vpc():
+    spec = _spec(sagemaker={"image": GHCR, "imageRepositoryAccess": "Vpc", "vpcConfig": VPC})
+    p = build_request(_run(spec), 1).params
+    assert p["AlgorithmSpecification"]["TrainingImage"] == GHCR
+    assert p["AlgorithmSpecification"]["TrainingImageConfig"] == {"TrainingRepositoryAccessMode": "Vpc"}
+    assert p["VpcConfig"] == {"SecurityGroupIds": ["sg-0123"], "Subnets": ["subnet-a"]}
+    with pytest.raises(SpecError, match="imageRepositoryAccess Vpc needs spec.sagemaker.vpcConfig"):
+        build_request(_run(_spec(sagemaker={"image": GHCR, "imageRepositoryAccess": "Vpc"})), 1)
+    with pytest.raises(SpecError, match="imageRepositoryCredentialsProviderArn needs imageRepositoryAccess: Vpc"):
+        build_request(_run(_spec(sagemaker={
+            "imageRepositoryCredentialsProviderArn": "arn:aws:lambda:us-east-1:123456789012:function:f"})), 1)
+
+
+def test_network_isolation_needs_sagemakers_own_outputs():
+    with pytest.raises(SpecError, match="enableNetworkIsolation needs outputCompression: GZIP"):
+        build_request(_run(_spec(sagemaker={"enableNetworkIsolation": True})), 1)
+    p = build_request(_run(_spec(sagemaker={"enableNetworkIsolation": True, "outputCompression": "GZIP"})), 1).params
+    assert p["EnableNetworkIsolation"] is True and p["Environment"]["ALPACA_MODEL_COMPRESSION"] == "GZIP"
+
+
+def test_the_data_channel_names_exactly_the_data():
+    def data(uri):
+        req = build_request(_run(_spec(data={"uri": uri})), 1)
+        src = next(c for c in req.params["InputDataConfig"] if c["ChannelName"] == "training")["DataSource"]
+        return src["S3DataSource"], req.config_files.get(DATA_MANIFEST)
+    src, manifest = data("s3://bkt/alpaca_data.json")        # at the bucket's root
+    assert src["S3DataType"] == "ManifestFile" and json.loads(manifest) == [{"prefix": "s3://bkt/"}, "alpaca_data.json"]
+    src, manifest = data("s3://bkt/a/b/train.jsonl")
+    assert json.loads(manifest) == [{"prefix": "s3://bkt/a/b/"}, "train.jsonl"]
+    # A prefix ending in "/" matches only what is under it: the channel stays a prefix.
+    src, manifest = data("s3://bkt/data/")
+    assert (src["S3DataType"], src["S3Uri"], manifest) == ("S3Prefix", "s3://bkt/data/", None)
+
+
+def test_the_crd_and_the_chart_check_the_image_with_the_same_pattern():
+    crd = (ROOT / "manifests" / "crd" / "alpacafinetunes.alpaca.dev.yaml").read_text()
+    assert 'self.sagemaker.image.matches("' + ECR_IMAGE_PATTERN.replace("\\", "\\\\") + '")' in crd
+    schema = json.loads((ROOT / "charts" / "alpaca-operator" / "values.schema.json").read_text())
+    assert schema["properties"]["sagemaker"]["properties"]["image"]["pattern"] == "^(" + ECR_IMAGE_PATTERN[1:-1] + ")?$"
 
 
 def test_metric_definitions_match_the_line_the_progress_callback_prints():
@@ -294,7 +384,7 @@ def test_each_transition_is_one_named_event_and_reported_ones_are_not_repeated()
 
 
 def test_the_role_defaults_to_the_operators_and_is_required_somewhere():
-    spec = _spec(sagemaker={"instanceType": "ml.p4d.24xlarge"})
+    spec = _spec(sagemaker={"roleArn": None, "instanceType": "ml.p4d.24xlarge"})
     default = "arn:aws:iam::123456789012:role/OperatorDefault"
     assert build_request(_run(spec), 1, default_role=default).params["RoleArn"] == default
     assert build_request(_run(_spec()), 1, default_role=default).params["RoleArn"] == ROLE   # the spec's wins

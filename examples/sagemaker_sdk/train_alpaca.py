@@ -26,11 +26,19 @@ from alpaca_operator.spec import parse_spec
 def model_trainer(params: dict, session=None):
     """ModelTrainer from CreateTrainingJob parameters (request.py's)."""
     from sagemaker.train import ModelTrainer
-    from sagemaker.train.configs import (CheckpointConfig, Compute, InputData, OutputDataConfig,
-                                         StoppingCondition, Tag)
+    from sagemaker.train.configs import (CheckpointConfig, Compute, InputData, OutputDataConfig, S3DataSource,
+                                         StoppingCondition, Tag, TrainingImageConfig)
 
     res = params["ResourceConfig"]
+    extra = {}
+    if image_config := params["AlgorithmSpecification"].get("TrainingImageConfig"):
+        # A private registry, reached through the job's VPC (spec.sagemaker.imageRepositoryAccess: Vpc).
+        extra["training_image_config"] = TrainingImageConfig(**{
+            {"TrainingRepositoryAccessMode": "training_repository_access_mode",
+             "TrainingRepositoryAuthConfig": "training_repository_auth_config"}[k]: v
+            for k, v in image_config.items()})
     return ModelTrainer(
+        **extra,
         sagemaker_session=session,
         training_image=params["AlgorithmSpecification"]["TrainingImage"],
         role=params["RoleArn"],
@@ -46,9 +54,11 @@ def model_trainer(params: dict, session=None):
                                             compression_type=params["OutputDataConfig"]["CompressionType"]),
         checkpoint_config=CheckpointConfig(s3_uri=params["CheckpointConfig"]["S3Uri"],
                                            local_path=params["CheckpointConfig"]["LocalPath"]),
-        input_data_config=[InputData(channel_name=c["ChannelName"],
-                                     data_source=c["DataSource"]["S3DataSource"]["S3Uri"])
-                           for c in params["InputDataConfig"]],
+        # As built, S3DataType included: the data channel is a ManifestFile naming one object.
+        input_data_config=[InputData(channel_name=c["ChannelName"], data_source=S3DataSource(
+            s3_data_type=src["S3DataType"], s3_uri=src["S3Uri"],
+            s3_data_distribution_type=src["S3DataDistributionType"]))
+            for c in params["InputDataConfig"] for src in [c["DataSource"]["S3DataSource"]]],
         hyperparameters=params["HyperParameters"],
         environment=params["Environment"],
         tags=[Tag(key=t["Key"], value=t["Value"]) for t in params["Tags"]],

@@ -270,21 +270,50 @@ class Run:
             raise JobError(f"ClientError: Data download failed: bucket {bucket} does not exist") from None
         return out
 
+    def _manifest(self, s3, channel: str, uri: str) -> tuple[str, list[tuple[str, str]]]:
+        """(bucket, [(key, path in the channel)]) of a ManifestFile: [{"prefix": "s3://b/p/"},
+        "rel", ...] names exactly those objects, each laid out under its relative path."""
+        bucket, key = _split(uri)
+        try:
+            body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            entries = json.loads(body)
+            prefix = entries[0]["prefix"]
+            rels = entries[1:]
+        except (s3.exceptions.NoSuchKey, s3.exceptions.NoSuchBucket):
+            raise JobError(f"ClientError: channel {channel}: manifest file {uri} does not exist") from None
+        except (ValueError, LookupError, TypeError):
+            raise JobError(f"ClientError: channel {channel}: manifest file {uri} is not "
+                           '[{"prefix": "s3://..."}, "relative/key", ...]') from None
+        data_bucket, base = _split(prefix)
+        out = []
+        for rel in rels:
+            try:
+                s3.head_object(Bucket=data_bucket, Key=base + rel)
+            except Exception:  # noqa: BLE001 - a 404 or 403 alike: SageMaker fails the download
+                raise JobError(f"ClientError: Data download failed: {prefix}{rel} (listed in the manifest file "
+                               f"{uri}) does not exist or cannot be read") from None
+            out.append((base + rel, rel))
+        return data_bucket, out
+
     def _download(self, s3) -> None:
         for channel in self.request.get("InputDataConfig") or []:
             src = channel.get("DataSource", {}).get("S3DataSource")
             name = channel["ChannelName"]
             if not src:
                 raise JobError(f"ClientError: channel {name}: only S3DataSource is supported here")
-            if src.get("S3DataType", "S3Prefix") != "S3Prefix":
-                raise JobError(f"ClientError: channel {name}: S3DataType {src['S3DataType']} is not supported here")
-            objects = self._objects(s3, src["S3Uri"])
+            kind = src.get("S3DataType", "S3Prefix")
+            if kind == "ManifestFile":
+                bucket, objects = self._manifest(s3, name, src["S3Uri"])
+            elif kind == "S3Prefix":
+                objects = self._objects(s3, src["S3Uri"])
+                bucket = _split(src["S3Uri"])[0]
+            else:
+                raise JobError(f"ClientError: channel {name}: S3DataType {kind} is not supported here")
             if not objects:
                 raise JobError(f"ClientError: Data download failed: No S3 objects found under S3 URL "
                                f"\"{src['S3Uri']}\" given in input data source. Please ensure that the bucket "
                                "exists in the selected region, that objects exist under that S3 prefix, and "
                                "that the role has permission to read them.")
-            bucket = _split(src["S3Uri"])[0]
             sharded = src.get("S3DataDistributionType") == "ShardedByS3Key"
             for i, (key, rel) in enumerate(objects):
                 targets = [self.hosts[i % len(self.hosts)]] if sharded else self.hosts

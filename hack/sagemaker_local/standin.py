@@ -1,8 +1,9 @@
 """What moto 5.2.5's SageMaker lacks, as a WSGI layer in front of moto's own app.
 
-moto speaks the real S3 and SageMaker wire protocols but marks a training job Completed
-the moment it is created, answers StopTrainingJob with HTTP 500, replaces a job of the
-same name, drops Environment and RetryStrategy, and says "Could not find training job"
+moto speaks the real S3 and SageMaker wire protocols but checks none of CreateTrainingJob's
+limits (this layer refuses what SageMaker refuses: alpaca_operator.sagemaker_limits), marks
+a training job Completed the moment it is created, answers StopTrainingJob with HTTP 500,
+replaces a job of the same name, drops Environment and RetryStrategy, and says "Could not find training job"
 where SageMaker says "Requested resource not found". This layer answers those calls as
 SageMaker does, drives each job through its states (by the clock, or from a real local
 run: executor.py), and adds what tests need: injected faults and per-job call counts.
@@ -276,6 +277,12 @@ class StandIn:
                            f"1 validation error detected: Value '{name}' at 'trainingJobName' failed to satisfy "
                            "constraint: Member must satisfy regular expression pattern: "
                            "^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
+        # The rest of what the real API refuses and moto lets through (image registry, limits).
+        from alpaca_operator.sagemaker_limits import create_training_job_errors
+        if errors := create_training_job_errors(params):
+            raise ApiError(400, "ValidationException",
+                           f"{len(errors)} validation error{'s' if len(errors) > 1 else ''} detected: "
+                           + "; ".join(errors))
         backend = self._backend(account, region)
         if name in backend.training_jobs:
             arn = backend.training_jobs[name].arn

@@ -8,7 +8,9 @@ run.yaml is the AlpacaFineTune you would `kubectl apply` (backend: sagemaker). I
 validated as the API server would (the CRD's schema with its defaults, and its CEL rules),
 then submitted through the operator's own request builder. Credentials, region and
 endpoint come from the usual AWS variables and files (spec.sagemaker.region wins); the
-execution role from spec.sagemaker.roleArn, else ALPACA_SAGEMAKER_ROLE_ARN.
+execution role from spec.sagemaker.roleArn, else ALPACA_SAGEMAKER_ROLE_ARN; the image from
+spec.sagemaker.image, else ALPACA_SAGEMAKER_IMAGE, else spec.image (an ECR image, or any
+registry with imageRepositoryAccess: Vpc; anything else is refused before the submit).
 
 Exit codes: 0 submitted / Completed; 1 the job Failed or an AWS error; 2 invalid input
 (the API server's messages); 3 the job was Stopped; 130 interrupted (the job goes on).
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import uuid
@@ -28,9 +29,9 @@ import yaml
 
 from .backends.base import Run
 from .backends.sagemaker.client import Aws, AwsError, AwsNotConfigured, AwsUnavailable, is_not_found
-from .backends.sagemaker.request import RequestError, build_request
+from .backends.sagemaker.request import build_request
 from .manifest_validation import ManifestError, UnknownFieldError, validate_manifest
-from .spec import SpecError, parse_spec
+from .spec import SpecError, parse_spec, sagemaker_defaults
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 FINISHED = {"Completed": EXIT_OK, "Failed": EXIT_FAILED, "Stopped": EXIT_STOPPED}
@@ -76,8 +77,8 @@ def submit(run: Run, aws: Aws) -> str:
         raise UsageError("error: spec.deepspeed.configMapRef needs a cluster; use zeroStage and the offload switches")
     try:
         req = build_request(run, 1, deadline_seconds=run.spec.run_policy.active_deadline_seconds,
-                            default_role=os.environ.get("ALPACA_SAGEMAKER_ROLE_ARN") or None)
-    except RequestError as e:
+                            **sagemaker_defaults())
+    except SpecError as e:      # RequestError included
         raise UsageError(f"error: {e}") from None
     region = (run.spec.sagemaker or {}).get("region")
     bucket, _, key = req.config_prefix.removeprefix("s3://").partition("/")

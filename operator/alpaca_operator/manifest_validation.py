@@ -19,7 +19,10 @@ from typing import Any, Mapping
 
 import yaml
 
-CRD_PATH = Path(__file__).resolve().parents[2] / "manifests" / "crd" / "alpacafinetunes.alpaca.dev.yaml"
+# Package data (pyproject.toml): in the source tree a symlink to the one CRD (manifests/crd/,
+# which the chart's files/crd/ links to), in a wheel its copy, so an installed
+# alpaca-finetune validates without the repository.
+CRD_PATH = Path(__file__).resolve().parent / "crd" / "alpacafinetunes.alpaca.dev.yaml"
 
 
 class ManifestError(ValueError):

@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .sagemaker_limits import is_ecr_image
+
 BACKENDS = ("eks", "sagemaker")
 
 
@@ -305,11 +307,26 @@ class VpcConfig:
     subnets: tuple[str, ...]
 
 
+IMAGE_ACCESS_PLATFORM, IMAGE_ACCESS_VPC = "Platform", "Vpc"
+IMAGE_FIXES = ("push the image to ECR and set spec.sagemaker.image (or the chart's sagemaker.image, the operator's "
+               "ALPACA_SAGEMAKER_IMAGE) to its URI, ACCOUNT.dkr.ecr.REGION.amazonaws.com[.cn]/REPO[:TAG|@DIGEST]; "
+               "or set spec.sagemaker.imageRepositoryAccess: Vpc with a vpcConfig whose subnets reach the registry")
+
+
+def sagemaker_defaults() -> dict[str, str | None]:
+    """The operator's defaults for what a run leaves out (the chart's sagemaker.roleArn and
+    sagemaker.image), as parse_sagemaker's keyword arguments."""
+    return {"default_role": os.environ.get("ALPACA_SAGEMAKER_ROLE_ARN") or None,
+            "default_image": os.environ.get("ALPACA_SAGEMAKER_IMAGE") or None}
+
+
 @dataclass(frozen=True)
 class SageMakerSettings:
     """spec.sagemaker with its defaults (the CRD's; docs/api.md lists them)."""
     role_arn: str
     image: str
+    image_repository_access: str = IMAGE_ACCESS_PLATFORM
+    image_credentials_provider_arn: str | None = None
     instance_type: str = "ml.p4d.24xlarge"
     instance_count: int = 1
     volume_size_gb: int = 500
@@ -329,10 +346,13 @@ class SageMakerSettings:
     tags: Mapping[str, str] = field(default_factory=dict)
 
 
-def parse_sagemaker(spec: FineTuneSpec, default_role: str | None = None) -> SageMakerSettings:
+def parse_sagemaker(spec: FineTuneSpec, default_role: str | None = None,
+                    default_image: str | None = None) -> SageMakerSettings:
     """The sagemaker block of a parsed spec. instanceCount defaults to resources.nodes, so the
     Nodes column of `kubectl get aft` says how many instances train; roleArn to the
-    operator's default execution role (ALPACA_SAGEMAKER_ROLE_ARN, passed in)."""
+    operator's default execution role (ALPACA_SAGEMAKER_ROLE_ARN, passed in); image to the
+    operator's default SageMaker image (ALPACA_SAGEMAKER_IMAGE, passed in), then spec.image.
+    Settings SageMaker would refuse, or that cannot work, raise SpecError."""
     sm = spec.sagemaker or {}
     role = sm.get("roleArn") or default_role
     if not role:
@@ -342,9 +362,11 @@ def parse_sagemaker(spec: FineTuneSpec, default_role: str | None = None) -> Sage
     spot = sm.get("spot") or {}
     vpc = sm.get("vpcConfig")
     retry = sm.get("retryStrategy") or {}
-    return SageMakerSettings(
+    settings = SageMakerSettings(
         role_arn=role,
-        image=_get(sm, "image", spec.image),
+        image=sm.get("image") or default_image or spec.image,
+        image_repository_access=_get(sm, "imageRepositoryAccess", d.image_repository_access),
+        image_credentials_provider_arn=sm.get("imageRepositoryCredentialsProviderArn") or None,
         instance_type=_get(sm, "instanceType", d.instance_type),
         instance_count=int(_get(sm, "instanceCount", spec.resources.nodes)),
         volume_size_gb=int(_get(sm, "volumeSizeInGB", d.volume_size_gb)),
@@ -363,3 +385,33 @@ def parse_sagemaker(spec: FineTuneSpec, default_role: str | None = None) -> Sage
         retry_attempts=retry.get("maximumRetryAttempts"),
         tags=dict(_get(sm, "tags", {})),
     )
+    _check_sagemaker(settings)
+    return settings
+
+
+def _check_sagemaker(sm: SageMakerSettings) -> None:
+    """What the CRD refuses where it can say it; here for runs that bypass it (a default
+    image from the operator, objects stored before the rules, the CLI's callers)."""
+    if sm.image_repository_access not in (IMAGE_ACCESS_PLATFORM, IMAGE_ACCESS_VPC):
+        raise SpecError(f"spec.sagemaker.imageRepositoryAccess {sm.image_repository_access!r} is not one of "
+                        f"{IMAGE_ACCESS_PLATFORM}, {IMAGE_ACCESS_VPC}")
+    if sm.image_repository_access == IMAGE_ACCESS_VPC:
+        if sm.vpc is None:
+            raise SpecError("spec.sagemaker.imageRepositoryAccess Vpc needs spec.sagemaker.vpcConfig "
+                            "(the subnets and security groups through which the job reaches the registry)")
+    elif not is_ecr_image(sm.image):
+        raise SpecError(f"the SageMaker training image {sm.image!r} is not in ECR, and SageMaker pulls from ECR "
+                        f"only: {IMAGE_FIXES}")
+    elif sm.image_credentials_provider_arn:
+        raise SpecError("spec.sagemaker.imageRepositoryCredentialsProviderArn needs imageRepositoryAccess: Vpc")
+    if sm.network_isolation and sm.output_compression != "GZIP":
+        raise SpecError(NETWORK_ISOLATION_MESSAGE)
+
+
+# Under isolation the container reaches nothing, S3 included, so it cannot write the model
+# and checkpoints to output.uri itself (outputCompression NONE); with GZIP it leaves them to
+# SageMaker's own output and checkpoint channels.
+NETWORK_ISOLATION_MESSAGE = (
+    "spec.sagemaker.enableNetworkIsolation needs outputCompression: GZIP: an isolated container cannot reach S3, "
+    "so it cannot upload the model and checkpoints to output.uri itself (outputCompression NONE); with GZIP "
+    "SageMaker uploads them (model.tar.gz, CheckpointConfig)")

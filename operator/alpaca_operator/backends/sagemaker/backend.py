@@ -25,7 +25,7 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from ...kube import Kube
-from ...spec import SpecError, parse_sagemaker
+from ...spec import SpecError, sagemaker_defaults
 from ...status import parse_time
 from ..base import BackendUnavailable, LaunchError, NotYet, Observation, Run, WorkloadState
 from . import mapping
@@ -233,7 +233,7 @@ class SageMakerBackend:
         try:
             ds_config = await self._user_ds_config(run)
             req = build_request(run, attempt, resume=resume, deadline_seconds=deadline_seconds, ds_config=ds_config,
-                                default_role=os.environ.get("ALPACA_SAGEMAKER_ROLE_ARN") or None)
+                                **sagemaker_defaults())
         except RequestError as e:
             return Observation(WorkloadState.FAILED, attempt=attempt, reason=mapping.REASON_INVALID_REQUEST,
                                permanent=True, message=str(e))

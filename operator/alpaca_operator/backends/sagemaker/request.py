@@ -6,31 +6,32 @@ for a hyperparameter in the `config` channel (written to S3 by the backend befor
 create), the data and an S3 model as channels, checkpoints under the output prefix.
 
 botocore validates only required fields and minimums, and moto nothing, so validate()
-also checks every max and pattern of the service model, and the documented limits the
-model is laxer about (256 characters per hyperparameter value).
+refuses what the real API refuses (sagemaker_limits: the service model's maximums,
+patterns and enums, and AWS's documented limits: an ECR image, 256 characters per
+hyperparameter value, the environment's total size, reserved tag keys).
 """
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Mapping
 
 from ... import api
 from ...deepspeed_config import render_deepspeed_config
-from ...spec import FineTuneSpec, SageMakerSettings, SpecError, parse_sagemaker
+from ...sagemaker_limits import HYPERPARAMETER_VALUE_MAX, create_training_job_errors
+from ...spec import IMAGE_ACCESS_VPC, FineTuneSpec, SageMakerSettings, SpecError, parse_sagemaker
 from ...status import skip_steps
 from ...training_args import render_training_args
 from ..base import SKIP_STEPS_ENV, Run
 from .names import training_job_name
 
 HYPERPARAMETER_MAX = 100
-HYPERPARAMETER_VALUE_MAX = 256      # AWS's documented limit; the service model says 2500
-ENVIRONMENT_MAX = 100
-TAGS_MAX = 50
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
 CONFIG_CHANNEL = "config"
+DATA_CHANNEL = "training"
+# The data channel's manifest, a config file: an S3Prefix channel of s3://b/alpaca_data.json
+# would also take alpaca_data.json.bak, and the image refuses a channel of two files.
+DATA_MANIFEST = "training.manifest"
 MAX_RUNTIME_LIMIT = 28 * 24 * 3600
 
 # Tags on every job: how a job is known to be this run's (there is no idempotency token).
@@ -128,10 +129,21 @@ def _environment(run: Run, attempt: int, sm: SageMakerSettings) -> dict[str, str
     return env
 
 
-def _channel(name: str, uri: str) -> dict[str, Any]:
+def _channel(name: str, uri: str, data_type: str = "S3Prefix") -> dict[str, Any]:
     return {"ChannelName": name, "InputMode": "File",
-            "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": uri,
+            "DataSource": {"S3DataSource": {"S3DataType": data_type, "S3Uri": uri,
                                             "S3DataDistributionType": "FullyReplicated"}}}
+
+
+def data_manifest(data_uri: str) -> str | None:
+    """The ManifestFile that names exactly the data object (SageMaker's format: the common
+    prefix, then keys relative to it; the object lands in the channel under its own name),
+    or None for a prefix ending in "/", which can only match the objects under it."""
+    bucket, _, key = data_uri.removeprefix("s3://").partition("/")
+    if not key or key.endswith("/"):
+        return None
+    folder, _, name = key.rpartition("/")
+    return json.dumps([{"prefix": _join(f"s3://{bucket}", folder) if folder else f"s3://{bucket}/"}, name]) + "\n"
 
 
 def max_runtime(sm: SageMakerSettings, deadline_seconds: int | None) -> int:
@@ -142,18 +154,26 @@ def max_runtime(sm: SageMakerSettings, deadline_seconds: int | None) -> int:
 
 
 def build_request(run: Run, attempt: int, *, resume: int = 0, deadline_seconds: int | None = None,
-                  ds_config: Mapping[str, Any] | None = None, default_role: str | None = None) -> TrainingJobRequest:
+                  ds_config: Mapping[str, Any] | None = None, default_role: str | None = None,
+                  default_image: str | None = None) -> TrainingJobRequest:
     """deadline_seconds: what is left of runPolicy.activeDeadlineSeconds (the job's
     StoppingCondition, so SageMaker enforces it even while the operator is down);
-    default_role: the execution role when spec.sagemaker.roleArn is absent."""
+    default_role, default_image: the operator's (spec.sagemaker_defaults()), for a run that
+    sets no roleArn or image."""
     spec = run.spec
-    sm = parse_sagemaker(spec, default_role)
+    sm = parse_sagemaker(spec, default_role, default_image)
     name = training_job_name(run.name, run.uid, attempt, resume)
     hp, extra = training_arguments(spec)
     prefix = config_prefix(spec, name)
+    files: dict[str, str] = {}
     channels = []
     if is_s3(spec.data_uri):
-        channels.append(_channel("training", spec.data_uri))
+        manifest = data_manifest(spec.data_uri)
+        if manifest is None:
+            channels.append(_channel(DATA_CHANNEL, spec.data_uri))
+        else:
+            files[DATA_MANIFEST] = manifest
+            channels.append(_channel(DATA_CHANNEL, prefix + DATA_MANIFEST, "ManifestFile"))
     if is_s3(spec.model_uri):
         channels.append(_channel("model", _join(spec.model_uri)))
     channels.append(_channel(CONFIG_CHANNEL, prefix))
@@ -182,11 +202,18 @@ def build_request(run: Run, attempt: int, *, resume: int = 0, deadline_seconds: 
         raise RequestError(f"spec.sagemaker.tags may not set {', '.join(clash)} (the operator sets them)")
     tags = [{"Key": k, "Value": v} for k, v in {**sm.tags, **own}.items()]
 
+    algorithm: dict[str, Any] = {"TrainingImage": sm.image, "TrainingInputMode": "File",
+                                 "MetricDefinitions": [dict(m) for m in METRIC_DEFINITIONS]}
+    if sm.image_repository_access == IMAGE_ACCESS_VPC:
+        image_config: dict[str, Any] = {"TrainingRepositoryAccessMode": IMAGE_ACCESS_VPC}
+        if sm.image_credentials_provider_arn:
+            image_config["TrainingRepositoryAuthConfig"] = {
+                "TrainingRepositoryCredentialsProviderArn": sm.image_credentials_provider_arn}
+        algorithm["TrainingImageConfig"] = image_config
     params: dict[str, Any] = {
         "TrainingJobName": name,
         "RoleArn": sm.role_arn,
-        "AlgorithmSpecification": {"TrainingImage": sm.image, "TrainingInputMode": "File",
-                                   "MetricDefinitions": [dict(m) for m in METRIC_DEFINITIONS]},
+        "AlgorithmSpecification": algorithm,
         "HyperParameters": hp,
         "InputDataConfig": channels,
         "OutputDataConfig": output,
@@ -205,75 +232,15 @@ def build_request(run: Run, attempt: int, *, resume: int = 0, deadline_seconds: 
     if sm.retry_attempts:
         params["RetryStrategy"] = {"MaximumRetryAttempts": int(sm.retry_attempts)}
     ds = dict(ds_config) if ds_config is not None else render_deepspeed_config(spec)
-    files = {"train_args.json": json.dumps(extra) + "\n"}
+    files["train_args.json"] = json.dumps(extra) + "\n"
     if ds is not None:     # zeroStage 0: no file, so the container trains without DeepSpeed
         files["ds_config.json"] = json.dumps(ds, indent=2, sort_keys=True) + "\n"
     validate(params)
     return TrainingJobRequest(name=name, params=params, config_prefix=prefix, config_files=files)
 
 
-# ---- validation ----------------------------------------------------------------------
-
-@lru_cache(maxsize=1)
-def _operation_model():
-    import botocore.session
-    return botocore.session.get_session().get_service_model("sagemaker").operation_model("CreateTrainingJob")
-
-
-def _pattern(p: str) -> re.Pattern:
-    # Java's Unicode classes in the tag patterns, in Python's terms: \w is letters, digits
-    # and "_" (which the tag pattern allows anyway).
-    p = p.replace(r"\p{L}", r"\w").replace(r"\p{Z}", r"\s").replace(r"\p{N}", r"\d")
-    return re.compile(p, re.DOTALL)
-
-
-_PATTERNS: dict[str, re.Pattern] = {}
-
-
-def _walk(shape, value: Any, path: str, errors: list[str]) -> None:
-    md = shape.metadata
-    kind = shape.type_name
-    if kind == "string" and isinstance(value, str):
-        if "max" in md and len(value) > md["max"]:
-            errors.append(f"{path}: {len(value)} characters, at most {md['max']} allowed")
-        if "pattern" in md:
-            rx = _PATTERNS.get(md["pattern"]) or _PATTERNS.setdefault(md["pattern"], _pattern(md["pattern"]))
-            if not rx.fullmatch(value):
-                errors.append(f"{path}: {value[:80]!r} does not match {md['pattern']}")
-        if shape.enum and value not in shape.enum:
-            errors.append(f"{path}: {value!r} is not one of {', '.join(shape.enum)}")
-    elif kind in ("integer", "long") and isinstance(value, int):
-        if "max" in md and value > md["max"]:
-            errors.append(f"{path}: {value} is more than {md['max']}")
-    elif kind == "structure" and isinstance(value, Mapping):
-        for key, v in value.items():
-            if key in shape.members:
-                _walk(shape.members[key], v, f"{path}.{key}" if path else key, errors)
-    elif kind == "list" and isinstance(value, list):
-        if "max" in md and len(value) > md["max"]:
-            errors.append(f"{path}: {len(value)} items, at most {md['max']} allowed")
-        for i, v in enumerate(value):
-            _walk(shape.member, v, f"{path}[{i}]", errors)
-    elif kind == "map" and isinstance(value, Mapping):
-        if "max" in md and len(value) > md["max"]:
-            errors.append(f"{path}: {len(value)} entries, at most {md['max']} allowed")
-        for k, v in value.items():
-            _walk(shape.key, k, f"{path} key {k[:40]!r}", errors)
-            _walk(shape.value, v, f"{path}[{k[:40]!r}]", errors)
-
-
 def validate(params: Mapping[str, Any]) -> None:
-    """Raise RequestError listing every problem: botocore's own checks (required, types,
-    minimums), the service model's maximums and patterns, and AWS's documented limits."""
-    from botocore.validate import ParamValidator
-    model = _operation_model()
-    errors: list[str] = []
-    report = ParamValidator().validate(params, model.input_shape)
-    if report.has_errors():
-        errors += [line.strip() for line in report.generate_report().splitlines() if line.strip()]
-    _walk(model.input_shape, params, "", errors)
-    for k, v in (params.get("HyperParameters") or {}).items():
-        if len(v) > HYPERPARAMETER_VALUE_MAX:
-            errors.append(f"HyperParameters[{k!r}]: {len(v)} characters, at most {HYPERPARAMETER_VALUE_MAX} allowed")
+    """Raise RequestError listing every reason SageMaker would refuse params (sagemaker_limits)."""
+    errors = create_training_job_errors(params)
     if errors:
         raise RequestError("invalid CreateTrainingJob request: " + "; ".join(errors))
