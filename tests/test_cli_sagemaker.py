@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 import time
 import tomllib
@@ -21,6 +22,8 @@ from alpaca_operator.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 ROLE = "arn:aws:iam::123456789012:role/alpaca-sagemaker"
+IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/alpaca-train:0.1.0"
+GHCR = "ghcr.io/alpaca-operator/train:0.1.0"
 
 
 def manifest(name: str, bucket: str, **spec) -> dict:
@@ -28,7 +31,8 @@ def manifest(name: str, bucket: str, **spec) -> dict:
             "spec": {"backend": "sagemaker", "model": {"uri": f"s3://{bucket}/models/tiny/"},
                      "data": {"uri": f"s3://{bucket}/data/alpaca_data.json"},
                      "output": {"uri": f"s3://{bucket}/runs/{name}/"},
-                     "sagemaker": {"roleArn": ROLE, "instanceType": "ml.m5.xlarge", "instanceCount": 2}, **spec}}
+                     "sagemaker": {"roleArn": ROLE, "image": IMAGE, "instanceType": "ml.m5.xlarge",
+                                   "instanceCount": 2}, **spec}}
 
 
 def cli(tmp_path, monkeypatch, env: dict, doc, *args: str) -> tuple[int, str, str]:
@@ -140,6 +144,67 @@ def test_bad_yaml_gets_the_api_servers_messages_and_exit_2(case, cluster, crd, n
         assert _lines(err) == _lines(server.stderr) and len(_lines(err)) >= 5, (err, server.stderr)
         name = yaml.safe_load(BAD[case])["metadata"]["name"]
         assert f'The AlpacaFineTune "{name}" is invalid:' in err
+
+
+def _moto_sagemaker(s3):
+    return boto3.client("sagemaker", endpoint_url=s3.endpoint, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def test_the_sagemaker_sample_sends_an_ecr_image_to_plain_moto(s3, tmp_path, monkeypatch):
+    sample = ROOT / "manifests" / "samples" / "sagemaker.yaml"
+    body = yaml.safe_load(sample.read_text())
+    bucket = body["spec"]["output"]["uri"].removeprefix("s3://").split("/")[0]
+    try:
+        s3.client.create_bucket(Bucket=bucket)
+    except s3.client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    monkeypatch.delenv("ALPACA_SAGEMAKER_IMAGE", raising=False)
+    rc, out, err = cli(tmp_path, monkeypatch, s3.env, sample.read_text(), "submit-sagemaker", "-f", "{file}")
+    assert rc == 0, err
+    desc = _moto_sagemaker(s3).describe_training_job(TrainingJobName=out.strip())
+    image = desc["AlgorithmSpecification"]["TrainingImage"]
+    assert image == body["spec"]["sagemaker"]["image"]
+    assert re.fullmatch(r"[0-9]{12}\.dkr\.ecr\.us-east-1\.amazonaws\.com/[a-z0-9._/-]+:[\w.-]+", image)
+    # The data channel is a manifest naming the one object, written beside the config files.
+    training = next(c for c in desc["InputDataConfig"] if c["ChannelName"] == "training")["DataSource"]["S3DataSource"]
+    assert training["S3DataType"] == "ManifestFile"
+    key = training["S3Uri"].removeprefix(f"s3://{bucket}/")
+    manifest = json.loads(s3.client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    assert manifest == [{"prefix": f"s3://{bucket}/data/"}, "alpaca_data.json"]
+
+
+def test_an_image_outside_ecr_without_vpc_access_is_refused_at_submit(s3, bucket, tmp_path, monkeypatch):
+    monkeypatch.delenv("ALPACA_SAGEMAKER_IMAGE", raising=False)
+    # Named in the run: the CRD's rule, as the API server would say it.
+    doc = manifest("cli-ghcr", bucket)
+    doc["spec"]["sagemaker"]["image"] = GHCR
+    rc, out, err = cli(tmp_path, monkeypatch, s3.env, doc, "submit-sagemaker", "-f", "{file}")
+    assert rc == 2 and out == "", err
+    assert "spec.sagemaker.image" in err and "Amazon ECR" in err and "imageRepositoryAccess: Vpc" in err
+    # Left out, with no operator default: spec.image (ghcr's, the CRD's default) is refused,
+    # naming both ways to fix it.
+    del doc["spec"]["sagemaker"]["image"]
+    doc["metadata"]["name"] = "cli-default"
+    rc, out, err = cli(tmp_path, monkeypatch, s3.env, doc, "submit-sagemaker", "-f", "{file}")
+    assert rc == 2 and out == "", err
+    assert GHCR in err and "not in ECR" in err and "ALPACA_SAGEMAKER_IMAGE" in err and "imageRepositoryAccess: Vpc" in err
+    sm = _moto_sagemaker(s3)
+    for name in ("cli-ghcr", "cli-default"):
+        assert sm.list_training_jobs(NameContains=name)["TrainingJobSummaries"] == []
+    # With the operator's default (the chart's sagemaker.image), the same file goes through.
+    other = "210987654321.dkr.ecr.us-east-1.amazonaws.com/team/alpaca-train:2"
+    rc, out, err = cli(tmp_path, monkeypatch, {**s3.env, "ALPACA_SAGEMAKER_IMAGE": other}, doc,
+                       "submit-sagemaker", "-f", "{file}")
+    assert rc == 0, err
+    assert sm.describe_training_job(TrainingJobName=out.strip())["AlgorithmSpecification"]["TrainingImage"] == other
+    # A private registry through the job's VPC: TrainingImageConfig.
+    doc["spec"]["sagemaker"].update(image=GHCR, imageRepositoryAccess="Vpc",
+                                    vpcConfig={"securityGroupIds": ["sg-1"], "subnets": ["subnet-1"]})
+    rc, out, err = cli(tmp_path, monkeypatch, s3.env, doc, "submit-sagemaker", "-f", "{file}")
+    assert rc == 0, err
+    algo = sm.describe_training_job(TrainingJobName=out.strip())["AlgorithmSpecification"]
+    assert algo["TrainingImage"] == GHCR
 
 
 def test_an_eks_run_or_a_missing_file_is_refused(s3, tmp_path, monkeypatch):

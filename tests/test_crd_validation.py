@@ -269,6 +269,23 @@ BAD_INPUT = [
     ("sagemaker-region-malformed",
      {"spec.backend": "sagemaker", "spec.sagemaker": {**SAGEMAKER_OK, "region": "Virginia"}},
      ["spec.sagemaker.region"]),
+    ("sagemaker-image-not-in-ecr",
+     {"spec.backend": "sagemaker", "spec.sagemaker": {**SAGEMAKER_OK, "image": "ghcr.io/alpaca-operator/train:0.1.0"}},
+     ["spec.sagemaker.image", "Amazon ECR", "ACCOUNT.dkr.ecr.REGION.amazonaws.com", "imageRepositoryAccess: Vpc"]),
+    ("sagemaker-vpc-image-access-without-vpc",
+     {"spec.backend": "sagemaker", "spec.sagemaker": {**SAGEMAKER_OK, "image": "ghcr.io/a/train:1",
+                                                       "imageRepositoryAccess": "Vpc"}},
+     ["spec.sagemaker.imageRepositoryAccess", "needs spec.sagemaker.vpcConfig"]),
+    ("sagemaker-registry-credentials-without-vpc",
+     {"spec.backend": "sagemaker", "spec.sagemaker": {
+         **SAGEMAKER_OK, "imageRepositoryCredentialsProviderArn": "arn:aws:lambda:us-east-1:123456789012:function:f"}},
+     ["spec.sagemaker.imageRepositoryCredentialsProviderArn", "needs imageRepositoryAccess Vpc"]),
+    ("sagemaker-network-isolation-with-direct-s3-output",
+     {"spec.backend": "sagemaker", "spec.sagemaker": {**SAGEMAKER_OK, "enableNetworkIsolation": True}},
+     ["spec.sagemaker.enableNetworkIsolation", "outputCompression: GZIP"]),
+    ("sagemaker-env-value-too-long",
+     {"spec.backend": "sagemaker", "spec.sagemaker": SAGEMAKER_OK, "spec.env": [{"name": "A", "value": "v" * 513}]},
+     ["spec.env", "at most 512 characters"]),
     ("unknown-field", {"spec.trainig": {"epochs": 1}}, ['unknown field "spec.trainig"']),
     ("unknown-nested-field", {"spec.resources.gpus": 8}, ['unknown field "spec.resources.gpus"']),
     ("name-starts-with-digit", {"metadata.name": "7b-run"}, ["metadata.name", "DNS-1035"]),
@@ -524,6 +541,16 @@ def test_sagemaker_block_is_validated_only_for_backend_sagemaker(cluster, crd, n
     partition = with_changes(aft("sm-cn"), {"spec.backend": "sagemaker", "spec.sagemaker": {
         "roleArn": "arn:aws-cn:iam::123456789012:role/service-role/AlpacaSageMaker"}})
     apply(cluster, namespace, partition, check=True)
+    # Any registry through the job's VPC; SageMaker's own outputs under network isolation.
+    private = with_changes(aft("sm-private"), {"spec.backend": "sagemaker", "spec.sagemaker": {
+        **SAGEMAKER_OK, "image": "registry.example.com/ml/train:1", "imageRepositoryAccess": "Vpc",
+        "imageRepositoryCredentialsProviderArn": "arn:aws:lambda:us-east-1:123456789012:function:creds",
+        "vpcConfig": {"securityGroupIds": ["sg-1"], "subnets": ["subnet-1"]},
+        "enableNetworkIsolation": True, "outputCompression": "GZIP"}})
+    apply(cluster, namespace, private, check=True)
+    ecr = with_changes(aft("sm-ecr"), {"spec.backend": "sagemaker", "spec.sagemaker": {
+        **SAGEMAKER_OK, "image": "123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn/alpaca/train@sha256:" + "0" * 64}})
+    apply(cluster, namespace, ecr, check=True)
 
 
 # --------------------------------------------------------------------------- status and columns

@@ -73,7 +73,8 @@ def test_a_loss_spike_restarts_skipping_its_steps_and_every_later_attempt_skips_
     # Attempt 2's workload carries the range, on either backend; attempt 1's did not.
     assert skip_env(render.render_job(run(st, **spec), 2)) == "7-9"
     assert skip_env(render.render_job(run(dict(RUNNING), **spec), 1)) is None
-    sm = run(st, backend="sagemaker", sagemaker={"roleArn": "arn:aws:iam::123456789012:role/r"}, **spec)
+    sm = run(st, backend="sagemaker", sagemaker={"roleArn": "arn:aws:iam::123456789012:role/r",
+                                                  "image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/train:1"}, **spec)
     assert build_request(sm, 2).params["Environment"]["ALPACA_SKIP_STEPS"] == "7-9"
     args = render_training_args(run(st, **spec).spec)
     i = args.index("--nan_tolerance")

@@ -34,6 +34,9 @@ def test_two_instances_zero2_progress_stop_resume_and_a_model_that_generates(
             s3.upload_file(str(p), bucket, f"models/tiny/{p.name}")
     s3.upload_file(str(write_records(tmp_path / "alpaca_data.json", seed_records[:48])), bucket,
                    "data/alpaca_data.json")
+    # A sibling the data URI is a prefix of: the exact-object channel leaves it out (with an
+    # S3Prefix channel the image would find two files and refuse them).
+    s3.put_object(Bucket=bucket, Key="data/alpaca_data.json.bak", Body=b"not the data")
     op = OperatorProcess({**cluster.env, **sagemaker_exec.env, "ALPACA_SAGEMAKER_POLL_SECONDS": "1"},
                          tmp_path / "operator.log")
     op.start()
@@ -55,7 +58,8 @@ def test_two_instances_zero2_progress_stop_resume_and_a_model_that_generates(
                              "lrScheduler": "constant", "precision": "fp32", "extraArgs": ["--max_steps", "600"]},
                 "deepspeed": {"configMapRef": {"name": "zero2"}},
                 "resources": {"nodes": 2},
-                "sagemaker": {"roleArn": ROLE, "instanceType": "ml.m5.xlarge", "volumeSizeInGB": 30},
+                "sagemaker": {"roleArn": ROLE, "instanceType": "ml.m5.xlarge", "volumeSizeInGB": 30,
+                              "image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/alpaca-train:0.1.0"},
             }})
         on_timeout = dump(cluster, namespace, op, sagemaker_exec)
 

@@ -293,7 +293,9 @@ def fake_request(name: str, bucket: str, mode: str, compression: str = "NONE") -
         OutputDataConfig={"S3OutputPath": f"s3://{bucket}/out", "CompressionType": compression},
         CheckpointConfig={"S3Uri": f"s3://{bucket}/ckpt/{name}/"},
         ResourceConfig={"InstanceType": "ml.c5.xlarge", "InstanceCount": 2, "VolumeSizeInGB": 10},
-        AlgorithmSpecification={"TrainingImage": "img", "TrainingInputMode": "File",
+        # Any ECR URI: the stand-in runs its --train-command whatever the image names.
+        AlgorithmSpecification={"TrainingImage": "123456789012.dkr.ecr.us-east-1.amazonaws.com/fake:1",
+                                "TrainingInputMode": "File",
                                 "MetricDefinitions": [{"Name": "loss", "Regex": r"loss=([0-9.]+)"}]})
 
 
@@ -400,3 +402,33 @@ def test_max_runtime_stops_an_executed_job(fake_exec):
     assert (done["TrainingJobStatus"], done["SecondaryStatus"]) == ("Stopped", "MaxRuntimeExceeded")
     assert [t["Status"] for t in done["SecondaryStatusTransitions"]][-2:] == ["Stopping", "MaxRuntimeExceeded"]
     assert sm.job(name)["run"]["exitCodes"] == {"algo-1": 143, "algo-2": 143}
+
+
+def test_a_manifest_channel_lays_out_exactly_the_objects_it_names(fake_exec):
+    from alpaca_operator.backends.sagemaker.request import data_manifest
+
+    sm, bucket = fake_exec
+    s3 = sm.client("s3")
+    s3.put_object(Bucket=bucket, Key="exact/alpaca_data.json", Body=b"[]")
+    s3.put_object(Bucket=bucket, Key="exact/alpaca_data.json.bak", Body=b"[old]")    # a prefix would take it too
+    s3.put_object(Bucket=bucket, Key="exact/training.manifest", Body=data_manifest(
+        f"s3://{bucket}/exact/alpaca_data.json").encode())
+    s3.put_object(Bucket=bucket, Key="exact/missing.manifest", Body=data_manifest(
+        f"s3://{bucket}/exact/nope.json").encode())
+
+    def request(name, manifest):
+        req = fake_request(name, bucket, "ok")
+        req["InputDataConfig"] = [{"ChannelName": "training", "DataSource": {"S3DataSource": {
+            "S3DataType": "ManifestFile", "S3Uri": f"s3://{bucket}/exact/{manifest}",
+            "S3DataDistributionType": "FullyReplicated"}}}]
+        return req
+    good, missing = unique("manifest"), unique("manifest-missing")
+    sm.client().create_training_job(**request(good, "training.manifest"))
+    sm.client().create_training_job(**request(missing, "missing.manifest"))
+    done = ended(sm, good)
+    assert done["TrainingJobStatus"] == "Completed", done.get("FailureReason")
+    report = json.loads(s3.get_object(Bucket=bucket, Key=f"out/{good}/output/model/algo-1.json")["Body"].read())
+    assert report["channels"] == ["training/alpaca_data.json"]
+    failed = ended(sm, missing)
+    assert failed["TrainingJobStatus"] == "Failed"
+    assert failed["FailureReason"].startswith("ClientError: Data download failed") and "nope.json" in failed["FailureReason"]
