@@ -27,7 +27,8 @@ NON_DEFAULT = {
     "metrics": {"enabled": True, "port": 9191, "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
     "serviceAccount": {"irsaRoleArn": "arn:aws:iam::123456789012:role/alpaca-operator"},
     "defaults": {"trainingImage": "registry.example.com/ml/alpaca-train:1.2"},
-    "sagemaker": {"region": "eu-west-1", "roleArn": "arn:aws:iam::123456789012:role/SageMakerExecution"},
+    "sagemaker": {"region": "eu-west-1", "roleArn": "arn:aws:iam::123456789012:role/SageMakerExecution",
+                  "image": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/alpaca-train:1.2"},
     "logLevel": "debug",
     "podAnnotations": {"example.com/team": "ml"},
     "resources": {"requests": {"cpu": "200m", "memory": "200Mi"}, "limits": {"memory": "300Mi"}},
@@ -104,6 +105,8 @@ def test_peering_priorities_from_pod_ips_are_distinct():
     ({"watchNamespaces": ["Team_A"]}, "/watchNamespaces/0"),
     ({"serviceAccount": {"irsaRoleArn": "alpaca-operator"}}, "/serviceAccount/irsaRoleArn"),
     ({"sagemaker": {"region": "Europe"}}, "/sagemaker/region"),
+    # SageMaker pulls from ECR only: the chart refuses another registry's image at install.
+    ({"sagemaker": {"image": "ghcr.io/alpaca-operator/train:0.1.0"}}, "/sagemaker/image"),
     ({"metrics": {"port": 8080}}, "/metrics/port"),
     ({"healthPort": 80}, "/healthPort"),
     ({"tolerations": [{"key": "k", "effect": "Never"}]}, "/tolerations/0/effect"),
@@ -213,6 +216,7 @@ def test_non_default_values(tmp_path):
     assert env["ALPACA_TRAINING_IMAGE"] == "registry.example.com/ml/alpaca-train:1.2"
     assert env["AWS_REGION"] == "eu-west-1"
     assert env["ALPACA_SAGEMAKER_ROLE_ARN"] == NON_DEFAULT["sagemaker"]["roleArn"]
+    assert env["ALPACA_SAGEMAKER_IMAGE"] == NON_DEFAULT["sagemaker"]["image"]
     assert "POD_IP" in env     # the peering priority
     sa = one(docs, "ServiceAccount")
     assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] == NON_DEFAULT["serviceAccount"]["irsaRoleArn"]
