@@ -332,3 +332,20 @@ def test_permanent_aws_errors_fail_the_run_without_retries(cluster, operator, sa
     assert cond["reason"] == "ResourceLimitExceeded" and "account-level service limit" in cond["message"], cond
     assert calls.get("CreateTrainingJob") == 1, calls
     assert body["status"]["attempts"] == 1 and jobs_of(sagemaker_local, f"{name}-") == []
+
+
+def test_an_image_outside_ecr_fails_at_once_naming_both_fixes(cluster, operator, sagemaker_local, sm_bucket,
+                                                             namespace):
+    # No sagemaker.image and no operator default (ALPACA_SAGEMAKER_IMAGE, the chart's
+    # sagemaker.image): spec.image, the CRD's ghcr default, which SageMaker cannot pull.
+    name = "sm-ghcr"
+    body = finetune(name, sm_bucket, run_policy={"backoffLimit": 3})
+    del body["spec"]["sagemaker"]["image"]
+    apply(cluster, namespace, body)
+    got = wait_for("Failed", phase_is(cluster, namespace, name, "Failed"), timeout=60,
+                   on_timeout=dump(cluster, namespace, operator, sagemaker_local))
+    cond = _condition(got, "Failed")
+    assert cond["reason"] == "InvalidSpec", cond
+    assert "ghcr.io/alpaca-operator/train:0.1.0" in cond["message"] and "not in ECR" in cond["message"]
+    assert "sagemaker.image" in cond["message"] and "imageRepositoryAccess: Vpc" in cond["message"], cond
+    assert got["status"]["attempts"] <= 1 and jobs_of(sagemaker_local, f"{name}-") == []
