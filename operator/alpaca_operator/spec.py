@@ -352,7 +352,7 @@ def parse_sagemaker(spec: FineTuneSpec, default_role: str | None = None,
     Nodes column of `kubectl get aft` says how many instances train; roleArn to the
     operator's default execution role (ALPACA_SAGEMAKER_ROLE_ARN, passed in); image to the
     operator's default SageMaker image (ALPACA_SAGEMAKER_IMAGE, passed in), then spec.image.
-    Settings SageMaker would refuse, or that cannot work, raise SpecError."""
+    check_sagemaker() says whether they can run."""
     sm = spec.sagemaker or {}
     role = sm.get("roleArn") or default_role
     if not role:
@@ -385,13 +385,14 @@ def parse_sagemaker(spec: FineTuneSpec, default_role: str | None = None,
         retry_attempts=retry.get("maximumRetryAttempts"),
         tags=dict(_get(sm, "tags", {})),
     )
-    _check_sagemaker(settings)
     return settings
 
 
-def _check_sagemaker(sm: SageMakerSettings) -> None:
-    """What the CRD refuses where it can say it; here for runs that bypass it (a default
-    image from the operator, objects stored before the rules, the CLI's callers)."""
+def check_sagemaker(sm: SageMakerSettings) -> None:
+    """Raise SpecError for settings SageMaker refuses or that cannot work. The CRD refuses
+    them where it can say it; this is for what it cannot see (an image from the operator's
+    default or spec.image) and objects stored before its rules. Apart from parse_sagemaker,
+    so a reader of the settings (the instance type, say) is not refused for the image."""
     if sm.image_repository_access not in (IMAGE_ACCESS_PLATFORM, IMAGE_ACCESS_VPC):
         raise SpecError(f"spec.sagemaker.imageRepositoryAccess {sm.image_repository_access!r} is not one of "
                         f"{IMAGE_ACCESS_PLATFORM}, {IMAGE_ACCESS_VPC}")

@@ -19,7 +19,8 @@ from typing import Any, Mapping
 from ... import api
 from ...deepspeed_config import render_deepspeed_config
 from ...sagemaker_limits import HYPERPARAMETER_VALUE_MAX, create_training_job_errors
-from ...spec import IMAGE_ACCESS_VPC, FineTuneSpec, SageMakerSettings, SpecError, parse_sagemaker
+from ...spec import (IMAGE_ACCESS_VPC, FineTuneSpec, SageMakerSettings, SpecError, check_sagemaker,
+                     parse_sagemaker)
 from ...status import skip_steps
 from ...training_args import render_training_args
 from ..base import SKIP_STEPS_ENV, Run
@@ -162,6 +163,7 @@ def build_request(run: Run, attempt: int, *, resume: int = 0, deadline_seconds: 
     sets no roleArn or image."""
     spec = run.spec
     sm = parse_sagemaker(spec, default_role, default_image)
+    check_sagemaker(sm)
     name = training_job_name(run.name, run.uid, attempt, resume)
     hp, extra = training_arguments(spec)
     prefix = config_prefix(spec, name)
