@@ -20,7 +20,7 @@ import yaml
 from alpaca_operator.backends.base import Run
 from alpaca_operator.backends.sagemaker.request import build_request
 from alpaca_operator.manifest_validation import validate_manifest
-from alpaca_operator.spec import parse_spec
+from alpaca_operator.spec import parse_spec, sagemaker_defaults
 
 
 def model_trainer(params: dict, session=None):
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     obj = validate_manifest(yaml.safe_load(open(args.run_yaml)))
     meta = obj["metadata"]
     run = Run(meta["name"], meta.get("namespace") or "default", str(uuid.uuid4()), 1, parse_spec(obj["spec"]), {})
-    req = build_request(run, 1)
+    req = build_request(run, 1, **sagemaker_defaults())
     s3 = boto3.client("s3")
     bucket, _, key = req.config_prefix.removeprefix("s3://").partition("/")
     for file, content in req.config_files.items():
