@@ -75,6 +75,11 @@ def test_model_trainer_submits_the_operators_job(sdk_python, sagemaker_local, tm
     assert desc["OutputDataConfig"]["CompressionType"] == "NONE"
     assert desc["CheckpointConfig"]["S3Uri"] == want["CheckpointConfig"]["S3Uri"]
     assert sorted(c["ChannelName"] for c in desc["InputDataConfig"]) == ["config", "model", "training"]
+    # Each channel as built, the data's a ManifestFile naming one object (not a prefix of it).
+    sources = lambda cfg: {c["ChannelName"]: (c["DataSource"]["S3DataSource"]["S3DataType"],
+                                              c["DataSource"]["S3DataSource"]["S3Uri"]) for c in cfg}
+    assert sources(desc["InputDataConfig"]) == sources(want["InputDataConfig"])
+    assert sources(desc["InputDataConfig"])["training"][0] == "ManifestFile"
     config = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in desc["InputDataConfig"]}["config"]
     key = config.split(f"s3://{bucket}/", 1)[1] + "ds_config.json"
     assert json.loads(sagemaker_local.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read())
