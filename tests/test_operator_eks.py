@@ -491,3 +491,45 @@ def test_a_loss_spike_restarts_and_the_next_attempt_is_told_the_steps_to_skip(cl
     assert "ALPACA_SKIP_STEPS" not in env.get("spike-a1", {}) and env["spike-a2"]["ALPACA_SKIP_STEPS"] == "7-9"
     assert "skipping steps 7-9" in next(e["message"] for e in events(cluster, namespace, "spike")
                                         if e["reason"] == "Restarting")
+
+
+def test_shared_cluster_pod_settings_reach_the_pods_and_the_run_succeeds(cluster, operator, namespace):
+    """spec.imagePullSecrets, volumes, volumeMounts, affinity, topologySpreadConstraints,
+    schedulerName and priorityClassName, as the scheduler and the kubelet get them."""
+    priority = f"alpaca-test-{namespace}"
+    cluster.kubectl("create", "priorityclass", priority, "--value=1000")
+    cluster.kubectl("create", "configmap", "shared-models", "-n", namespace, "--from-literal=README=models")
+    try:
+        run = finetune("shared", nodes=2, run_for="2s",
+                       imagePullSecrets=[{"name": "regcred"}],
+                       volumes=[{"name": "models", "configMap": {"name": "shared-models"}},
+                                {"name": "scratch", "emptyDir": {"sizeLimit": "10Gi"}}],
+                       volumeMounts=[{"name": "models", "mountPath": "/models", "readOnly": True},
+                                     {"name": "scratch", "mountPath": "/scratch"}],
+                       affinity={"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                           "nodeSelectorTerms": [{"matchExpressions": [
+                               {"key": "nvidia.com/gpu.present", "operator": "In", "values": ["true"]}]}]}}},
+                       topologySpreadConstraints=[{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                                   "whenUnsatisfiable": "DoNotSchedule",
+                                                   "labelSelector": {"matchLabels": {"alpaca.dev/finetune": "shared"}}}],
+                       schedulerName="default-scheduler", priorityClassName=priority)
+        apply(cluster, namespace, run)
+        body = wait_for("Succeeded", phase_is(cluster, namespace, "shared", "Succeeded", "Failed"), timeout=90,
+                        on_timeout=dump(cluster, namespace, operator))
+        assert body["status"]["phase"] == "Succeeded", body["status"]
+        live = pods(cluster, namespace, "shared")
+        assert len(live) == 2
+        for pod in live:
+            spec = pod["spec"]
+            assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+            assert {"name": "models", "configMap": {"name": "shared-models", "defaultMode": 420}} in spec["volumes"]
+            assert {"name": "models", "mountPath": "/models", "readOnly": True} in spec["containers"][0]["volumeMounts"]
+            assert spec["affinity"] == run["spec"]["affinity"]
+            assert spec["topologySpreadConstraints"] == run["spec"]["topologySpreadConstraints"]
+            # The admission plugin resolved the class: the scheduler ranks the pods by it.
+            assert (spec["schedulerName"], spec["priorityClassName"], spec["priority"]) == \
+                ("default-scheduler", priority, 1000)
+        # maxSkew 1 by hostname: the gang of two sits on two nodes.
+        assert len({p["spec"]["nodeName"] for p in live}) == 2
+    finally:
+        cluster.kubectl("delete", "priorityclass", priority, "--ignore-not-found")

@@ -66,6 +66,10 @@ class Training:
 
 
 PEFT_METHODS = ("lora", "qlora")
+# Pod settings of shared clusters: rendered into the EKS pods, refused with backend sagemaker
+# (the CRD's rule names the same list; tests/test_crd_validation.py keeps them equal).
+POD_ONLY_FIELDS = ("imagePullSecrets", "volumes", "volumeMounts", "affinity", "topologySpreadConstraints",
+                   "schedulerName", "priorityClassName")
 DATA_FORMATS = ("alpaca", "chat")
 # No DeepSpeed at all (PyTorch DDP): enough for LoRA, whose optimizer state is tiny.
 ZERO_NONE = 0
@@ -146,6 +150,14 @@ class FineTuneSpec:
     env: tuple[Mapping[str, Any], ...] = ()
     pod_labels: Mapping[str, str] = field(default_factory=dict)
     pod_annotations: Mapping[str, str] = field(default_factory=dict)
+    # What shared clusters set on pods (EKS only; the CRD refuses them with sagemaker).
+    image_pull_secrets: tuple[str, ...] = ()
+    volumes: tuple[Mapping[str, Any], ...] = ()
+    volume_mounts: tuple[Mapping[str, Any], ...] = ()
+    affinity: Mapping[str, Any] = field(default_factory=dict)
+    topology_spread_constraints: tuple[Mapping[str, Any], ...] = ()
+    scheduler_name: str | None = None
+    priority_class_name: str | None = None
     run_policy: RunPolicy = RunPolicy()
     sagemaker: Mapping[str, Any] = field(default_factory=dict)
 
@@ -241,6 +253,9 @@ def parse_spec(spec: Mapping[str, Any] | None) -> FineTuneSpec:
         raise SpecError(f"spec.data.format {data_format!r} is not one of {', '.join(DATA_FORMATS)}")
     if training.peft and training.peft.method == "qlora" and training.precision == "fp32":
         raise SpecError("spec.training.peft.method qlora needs precision bf16 or fp16")
+    if backend == "sagemaker" and (pod_only := [f for f in POD_ONLY_FIELDS if spec.get(f)]):
+        raise SpecError(f"spec.{', spec.'.join(pod_only)} apply to the pods of backend eks; a SageMaker "
+                        "training job has none: remove them")
 
     pm = spec.get("podMetadata") or {}
     return FineTuneSpec(
@@ -263,6 +278,13 @@ def parse_spec(spec: Mapping[str, Any] | None) -> FineTuneSpec:
         env=tuple(dict(e) for e in _get(spec, "env", ())),
         pod_labels=dict(_get(pm, "labels", {})),
         pod_annotations=dict(_get(pm, "annotations", {})),
+        image_pull_secrets=tuple(str(r["name"]) for r in _get(spec, "imagePullSecrets", ())),
+        volumes=tuple(dict(v) for v in _get(spec, "volumes", ())),
+        volume_mounts=tuple(dict(m) for m in _get(spec, "volumeMounts", ())),
+        affinity=dict(_get(spec, "affinity", {})),
+        topology_spread_constraints=tuple(dict(c) for c in _get(spec, "topologySpreadConstraints", ())),
+        scheduler_name=spec.get("schedulerName") or None,
+        priority_class_name=spec.get("priorityClassName") or None,
         run_policy=run_policy,
         sagemaker=dict(_get(spec, "sagemaker", {})),
     )

@@ -158,6 +158,23 @@ def _resources(run: Run) -> dict[str, Any]:
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
+def _affinity(given: Mapping[str, Any], avoid: list[str]) -> dict[str, Any]:
+    """The user's affinity, keeping the gang off the `avoid` nodes: a node a recent attempt's
+    failure was attributed to (a GPU error, NotReady), for runPolicy.avoidFailedNodes
+    attempts; nothing is cordoned. Node selector terms are ORed, so the NotIn goes into each."""
+    affinity = json.loads(json.dumps(given))    # deep copy: the spec is shared
+    if not avoid:
+        return affinity
+    not_in = {"key": HOSTNAME_LABEL, "operator": "NotIn", "values": avoid}
+    required = affinity.setdefault("nodeAffinity", {}).setdefault(
+        "requiredDuringSchedulingIgnoredDuringExecution", {})
+    terms = required.get("nodeSelectorTerms") or [{}]
+    for term in terms:
+        term["matchExpressions"] = [*(term.get("matchExpressions") or ()), dict(not_in)]
+    required["nodeSelectorTerms"] = terms
+    return affinity
+
+
 def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None) -> dict[str, Any]:
     spec, r = run.spec, run.spec.resources
     name = api.job_name(run.name, attempt)
@@ -186,23 +203,30 @@ def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None) -
                 {"name": "config", "mountPath": api.CONFIG_DIR, "readOnly": True},
                 {"name": "shm", "mountPath": "/dev/shm"},
                 {"name": "workspace", "mountPath": api.WORKDIR},
+                *[dict(m) for m in spec.volume_mounts],
             ],
         }],
         "volumes": [
             {"name": "config", "configMap": {"name": api.config_map_name(run.name)}},
             {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": r.shared_memory}},
             {"name": "workspace", "emptyDir": {}},
+            *[dict(v) for v in spec.volumes],
         ],
     }
     if node_selector:
         pod_spec["nodeSelector"] = node_selector
+    if spec.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in spec.image_pull_secrets]
+    if spec.topology_spread_constraints:
+        pod_spec["topologySpreadConstraints"] = [dict(c) for c in spec.topology_spread_constraints]
+    if spec.scheduler_name:
+        pod_spec["schedulerName"] = spec.scheduler_name
+    if spec.priority_class_name:
+        pod_spec["priorityClassName"] = spec.priority_class_name
     avoid = avoided_nodes(run.status.get("attemptHistory"), attempt, run.spec.run_policy.avoid_failed_nodes)
-    if avoid:
-        # Nodes a recent attempt's failure was attributed to (a GPU error, NotReady): the
-        # gang keeps off them for runPolicy.avoidFailedNodes attempts. Nothing is cordoned.
-        pod_spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-            "nodeSelectorTerms": [{"matchExpressions": [
-                {"key": HOSTNAME_LABEL, "operator": "NotIn", "values": avoid}]}]}}}
+    affinity = _affinity(spec.affinity, avoid)
+    if affinity:
+        pod_spec["affinity"] = affinity
 
     job_spec: dict[str, Any] = {
         "completionMode": "Indexed",
