@@ -128,7 +128,7 @@ def test_printer_columns_point_at_schema_fields():
     (version,) = crd_doc()["spec"]["versions"]
     known = {path for path, _ in iter_schema(openapi_schema())}
     names = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert names[:7] == ["Phase", "Backend", "Nodes", "GPUs/Node", "Progress", "Loss", "Age"]
+    assert names[:8] == ["Phase", "Backend", "Nodes", "GPUs/Node", "Reason", "Progress", "Loss", "Age"]
     for column in version["additionalPrinterColumns"]:
         assert column["jsonPath"] in known | {".metadata.creationTimestamp"}, column
 
@@ -252,6 +252,10 @@ BAD_INPUT = [
     ("disruption-limit-negative", {"spec.runPolicy": {"disruptionLimit": -1}}, ["spec.runPolicy.disruptionLimit"]),
     ("progress-deadline-negative", {"spec.runPolicy": {"progressDeadlineSeconds": -1}},
      ["spec.runPolicy.progressDeadlineSeconds"]),
+    ("when-unsatisfiable-unknown", {"spec.runPolicy": {"whenUnsatisfiable": "Retry"}},
+     ["spec.runPolicy.whenUnsatisfiable"]),
+    ("scheduling-timeout-negative", {"spec.runPolicy": {"schedulingTimeoutSeconds": -1}},
+     ["spec.runPolicy.schedulingTimeoutSeconds"]),
     ("avoid-failed-nodes-too-many", {"spec.runPolicy": {"avoidFailedNodes": 101}}, ["spec.runPolicy.avoidFailedNodes"]),
     ("active-deadline-zero", {"spec.runPolicy": {"activeDeadlineSeconds": 0}},
      ["spec.runPolicy.activeDeadlineSeconds"]),
@@ -379,7 +383,8 @@ DEFAULTED_SPEC = {
     "imagePullPolicy": "IfNotPresent",
     "terminationGracePeriodSeconds": 300,
     "runPolicy": {"backoffLimit": 3, "disruptionLimit": 20, "failedJobsHistoryLimit": 1, "suspend": False,
-                  "progressDeadlineSeconds": 1800, "startupDeadlineSeconds": 3600, "avoidFailedNodes": 2},
+                  "progressDeadlineSeconds": 1800, "startupDeadlineSeconds": 3600, "avoidFailedNodes": 2,
+                  "schedulingTimeoutSeconds": 600, "whenUnsatisfiable": "Fail"},
 }
 
 
@@ -617,14 +622,15 @@ def test_status_schema_and_printer_columns(cluster, crd, namespace):
                      "epoch": 0.9, "loss": 1.234, "learningRate": 1.9e-5, "tokensPerSecond": 5231.5,
                      "eta": "00:42:10", "updatedAt": "2026-11-28T04:10:00Z"},
         "message": "training",
+        "reason": "AllPodsRunning",
     }
     cluster.kubectl("patch", "-n", namespace, "aft", "run", "--subresource=status", "--type=merge",
                     "-p", json.dumps({"status": status}))
     stored = get_json(cluster, "-n", namespace, "aft", "run")["status"]
     assert stored == status  # nothing pruned: every field the operator writes is in the schema
     table = cluster.kubectl("get", "-n", namespace, "aft").stdout.splitlines()
-    assert table[0].split() == ["NAME", "PHASE", "BACKEND", "NODES", "GPUS/NODE", "PROGRESS", "LOSS", "AGE"]
-    assert table[1].split()[:7] == ["run", "Running", "eks", "1", "8", "120/400", "1.234"]
+    assert table[0].split() == ["NAME", "PHASE", "BACKEND", "NODES", "GPUS/NODE", "REASON", "PROGRESS", "LOSS", "AGE"]
+    assert table[1].split()[:8] == ["run", "Running", "eks", "1", "8", "AllPodsRunning", "120/400", "1.234"]
     wide = cluster.kubectl("get", "-n", namespace, "aft", "-o", "wide").stdout.splitlines()
     assert {"STAGE", "ETA", "ATTEMPTS", "DISRUPTIONS", "MESSAGE"} <= set(wide[0].split())
     header = wide[0].split()

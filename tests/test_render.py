@@ -69,6 +69,8 @@ def test_defaults_agree_with_the_crd():
     assert rp["progressDeadlineSeconds"]["default"] == s.run_policy.progress_deadline_seconds
     assert rp["startupDeadlineSeconds"]["default"] == s.run_policy.startup_deadline_seconds
     assert rp["avoidFailedNodes"]["default"] == s.run_policy.avoid_failed_nodes
+    assert rp["schedulingTimeoutSeconds"]["default"] == s.run_policy.scheduling_timeout_seconds
+    assert rp["whenUnsatisfiable"]["default"] == s.run_policy.when_unsatisfiable
     assert props["terminationGracePeriodSeconds"]["default"] == s.termination_grace_period_seconds
     assert props["image"]["default"] == s.image
     assert props["deepspeed"]["default"]["zeroStage"] == s.deepspeed.zero_stage
@@ -267,7 +269,7 @@ def test_job_exactly():
     assert job == {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": meta("ft-a3", **{"alpaca.dev/attempt": "3"}),
+        "metadata": {**meta("ft-a3", **{"alpaca.dev/attempt": "3"}), "annotations": {"alpaca.dev/generation": "1"}},
         "spec": {
             "completionMode": "Indexed",
             "completions": 2,

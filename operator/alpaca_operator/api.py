@@ -14,6 +14,9 @@ PLURAL = "alpacafinetunes"
 # Labels on everything the operator creates; the first one is how it finds its children.
 LABEL_FINETUNE = "alpaca.dev/finetune"
 LABEL_ATTEMPT = "alpaca.dev/attempt"
+# On a Job: the run's metadata.generation it was rendered from (a pending gang whose spec
+# changed since is replaced).
+ANNOTATION_GENERATION = "alpaca.dev/generation"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "alpaca-operator"
 # Set by the Job controller on every pod of a Job.

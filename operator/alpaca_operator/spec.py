@@ -65,6 +65,8 @@ class Training:
     loss_spike: LossSpike | None = None     # off unless given
 
 
+FAIL, WAIT = "Fail", "Wait"
+UNSATISFIABLE_POLICIES = (FAIL, WAIT)
 PEFT_METHODS = ("lora", "qlora")
 # Pod settings of shared clusters: rendered into the EKS pods, refused with backend sagemaker
 # (the CRD's rule names the same list; tests/test_crd_validation.py keeps them equal).
@@ -126,6 +128,12 @@ class RunPolicy:
     # Attempts after a node-attributed failure (GPU/NCCL error, node NotReady, node-pressure
     # eviction) that keep off that node.
     avoid_failed_nodes: int = 2
+    # A gang no set of the cluster's nodes could hold: Fail at once, or Wait (Pending) for
+    # nodes to be added (a nodegroup that scales up from zero has no nodes to count).
+    when_unsatisfiable: str = FAIL
+    # A gang not fully placed this long after its Job was created has its pods deleted and
+    # is placed again later (Kueue's waitForPodsReady, for clusters without Kueue). 0: off.
+    scheduling_timeout_seconds: int = 600
 
 
 @dataclass(frozen=True)
@@ -245,7 +253,11 @@ def parse_spec(spec: Mapping[str, Any] | None) -> FineTuneSpec:
         progress_deadline_seconds=int(_get(rp, "progressDeadlineSeconds", RunPolicy.progress_deadline_seconds)),
         startup_deadline_seconds=int(_get(rp, "startupDeadlineSeconds", RunPolicy.startup_deadline_seconds)),
         avoid_failed_nodes=int(_get(rp, "avoidFailedNodes", RunPolicy.avoid_failed_nodes)),
+        when_unsatisfiable=_get(rp, "whenUnsatisfiable", RunPolicy.when_unsatisfiable),
+        scheduling_timeout_seconds=int(_get(rp, "schedulingTimeoutSeconds", RunPolicy.scheduling_timeout_seconds)),
     )
+    if run_policy.when_unsatisfiable not in UNSATISFIABLE_POLICIES:
+        raise SpecError(f"spec.runPolicy.whenUnsatisfiable must be one of {', '.join(UNSATISFIABLE_POLICIES)}")
 
     data = spec.get("data") or {}
     data_format = _get(data, "format", FineTuneSpec.data_format)

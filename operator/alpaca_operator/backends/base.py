@@ -145,6 +145,10 @@ class Observation:
     # (no permission to read nodes); the nodes are avoided anyway.
     nodes_suffice: bool | None = None
     extras: Extras | None = None
+    # The workload holds what it asked for (every EKS pod running once; a SageMaker job
+    # exists). Until then the run has not started: its spec may still change.
+    placed: bool = True
+    generation: int | None = None         # the run's generation the workload was made from
 
 
 class LaunchError(Exception):

@@ -11,12 +11,14 @@ import datetime as dt
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ... import api
 from ...cache import Cache
 from ...kube import KIND_TO_PLURAL, ApiError, Kube, path
+from ...spec import WAIT
 from ...status import Reason, avoided_nodes, fmt_time, gpu_health, node_evidence, parse_time
 from ..base import (EXIT_SIGTERM, PERMANENT_EXIT_CODES, FailureKind, LaunchError, NotYet, Observation,
                     Run, WorkloadState)
@@ -30,6 +32,9 @@ PROBE_AFTER = 3.0    # seconds a new Job's pods get before the operator asks why
 # Seconds between looks while leftover objects of a run's names stand in the way: nothing
 # the operator watches announces their deletion, and a look is a few GETs.
 ORPHAN_RECHECK = 5.0
+# How old the node listing may be that launches check a gang against (nodes come and go
+# in minutes; a launch's check needs no fresher view).
+NODES_FRESH = 5.0
 # Container waiting reasons that mean the worker will not start by itself.
 STUCK_WAITING = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
                  "CreateContainerError")
@@ -117,6 +122,13 @@ def _controller_uid(obj: Mapping[str, Any]) -> str | None:
     return next((r.get("uid") for r in obj["metadata"].get("ownerReferences") or () if r.get("controller")), None)
 
 
+def _generation(job: Mapping[str, Any]) -> int | None:
+    try:
+        return int((job["metadata"].get("annotations") or {})[api.ANNOTATION_GENERATION])
+    except (KeyError, ValueError, TypeError):
+        return None     # made before the operator recorded it: never replaced
+
+
 def _failed(job: Mapping[str, Any]) -> bool:
     return "Failed" in _true_conditions(job)
 
@@ -127,6 +139,10 @@ class EksBackend:
     def __init__(self, kube: Kube, cache: Cache | None = None):
         self.kube = kube
         self.cache = cache or Cache()
+        # One node listing shared by every launch for NODES_FRESH seconds: 500 runs applied
+        # at once cost a few LISTs, not 500. (monotonic time, items or None: not readable)
+        self._nodes: tuple[float, list[dict] | None] | None = None
+        self._nodes_lock = asyncio.Lock()
 
     async def _jobs(self, run: Run) -> list[dict]:
         """The run's Jobs, fresh from the API server: those it owns (by UID), not merely
@@ -203,6 +219,9 @@ class EksBackend:
                                finished_at=cond.get("lastTransitionTime"), **node, **common)
         if common["ready"] >= total:
             return Observation(WorkloadState.RUNNING, **common)
+        # Not every pod runs: the gang is not placed yet. A status whose startTime is set
+        # (it ran once, and pods finish one by one) stays started whatever this says.
+        common.update(placed=False, generation=_generation(job))
         created = parse_time(common["created_at"])
         if created is not None and (dt.datetime.now(dt.timezone.utc) - created).total_seconds() >= PROBE_AFTER:
             reason, why = await self._why_not_running(run, job)
@@ -221,6 +240,31 @@ class EksBackend:
                 return None
             raise
 
+    async def _node_listing(self) -> list[dict] | None:
+        """Every node, at most NODES_FRESH seconds old; None where nodes cannot be read."""
+        async with self._nodes_lock:
+            now = time.monotonic()
+            if self._nodes is None or now - self._nodes[0] > NODES_FRESH:
+                listing = await self._read_nodes()
+                self._nodes = (now, None if listing is None else listing.get("items") or [])
+            return self._nodes[1]
+
+    async def _unsatisfiable(self, run: Run, attempt: int) -> Observation | None:
+        """A gang no set of this cluster's nodes could ever hold fails before any pod
+        exists (or, with runPolicy.whenUnsatisfiable Wait, waits Pending for nodes to be
+        added); None when it could fit or the nodes cannot be read."""
+        nodes = await self._node_listing()
+        if nodes is None:
+            return None
+        capacity = render.gang_capacity(run, nodes)
+        if capacity.slots >= run.spec.resources.nodes:
+            return None
+        message = render.unsatisfiable_message(run, capacity)
+        if run.spec.run_policy.when_unsatisfiable == WAIT:
+            raise LaunchError(Reason.UNSATISFIABLE, message + "; waiting for nodes (runPolicy.whenUnsatisfiable Wait)")
+        return Observation(WorkloadState.FAILED, attempt=attempt, reason=Reason.UNSATISFIABLE, permanent=True,
+                           total=run.spec.resources.nodes, message=message)
+
     async def _suspect_node(self, run: Run, attempt: int, failure: PodFailure) -> dict[str, Any]:
         """The failed pod's node, the evidence against it and whether the next gang fits
         without it, as Observation fields ({} when the failure is not the node's)."""
@@ -233,8 +277,8 @@ class EksBackend:
             return {"node": failure.node}
         avoid = set(avoided_nodes(run.status.get("attemptHistory"), attempt + 1,
                                   run.spec.run_policy.avoid_failed_nodes)) | {failure.node}
-        listing = await self._read_nodes()
-        suffice = None if listing is None else render.gang_fits(run, listing.get("items") or [], avoid)
+        listing = await self._node_listing()
+        suffice = None if listing is None else render.gang_fits(run, listing, avoid)
         return {"node": failure.node, "node_evidence": evidence, "node_health": gpu_health(conditions),
                 "nodes_suffice": suffice}
 
@@ -293,6 +337,8 @@ class EksBackend:
         return config
 
     async def launch(self, run: Run, attempt: int, *, deadline_seconds: int | None) -> Observation | None:
+        if (impossible := await self._unsatisfiable(run, attempt)) is not None:
+            return impossible
         # Older attempts first: their pods hold the GPUs the new gang needs. The last failed
         # Job stays (its pods hold nothing) for `kubectl logs` until this attempt runs.
         if attempt > 1:
@@ -345,7 +391,8 @@ class EksBackend:
         if not await self._ensure(run, job):
             return None     # it existed: what state it is in, only observing can tell
         return Observation(WorkloadState.STARTING, attempt=attempt, total=run.spec.resources.nodes,
-                           created_at=fmt_time(dt.datetime.now(dt.timezone.utc)), workload=render.workload_names(run, attempt))
+                           created_at=fmt_time(dt.datetime.now(dt.timezone.utc)), workload=render.workload_names(run, attempt),
+                           placed=False, generation=run.generation)
 
     async def _old_pods_linger(self, run: Run, attempt: int) -> bool:
         """Pods named like this attempt's, still there from an earlier incarnation (a

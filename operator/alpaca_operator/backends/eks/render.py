@@ -7,6 +7,7 @@ the attempt exists too (the crash-safety argument in backend.py relies on it).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ... import api, instances
@@ -158,6 +159,18 @@ def _resources(run: Run) -> dict[str, Any]:
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
+def _node_selector(run: Run) -> dict[str, str]:
+    r = run.spec.resources
+    selector = {INSTANCE_TYPE_LABEL: r.instance_type} if r.instance_type else {}
+    selector.update(r.node_selector)
+    return selector
+
+
+def _tolerations(run: Run) -> list[dict[str, Any]]:
+    return [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
+            *[dict(t) for t in run.spec.resources.tolerations]]
+
+
 def _affinity(given: Mapping[str, Any], avoid: list[str]) -> dict[str, Any]:
     """The user's affinity, keeping the gang off the `avoid` nodes: a node a recent attempt's
     failure was attributed to (a GPU error, NotReady), for runPolicy.avoidFailedNodes
@@ -179,15 +192,13 @@ def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None) -
     spec, r = run.spec, run.spec.resources
     name = api.job_name(run.name, attempt)
     labels = {api.LABEL_ATTEMPT: str(attempt)}
-    node_selector = {INSTANCE_TYPE_LABEL: r.instance_type} if r.instance_type else {}
-    node_selector.update(r.node_selector)
+    node_selector = _node_selector(run)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
         "subdomain": api.service_name(run.name),
         "serviceAccountName": pod_service_account(run),
-        "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
-                        *[dict(t) for t in r.tolerations]],
+        "tolerations": _tolerations(run),
         "containers": [{
             "name": api.TRAINER_CONTAINER,
             "image": spec.image,
@@ -262,19 +273,25 @@ def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None) -
     # one. The operator deletes all children itself (status.py, TTL).
     if deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = max(1, int(deadline_seconds))
+    meta = _meta(run, name, labels)
+    meta["annotations"] = {api.ANNOTATION_GENERATION: str(run.generation)}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _meta(run, name, labels),
+        "metadata": meta,
         "spec": job_spec,
     }
 
 
-def _gpus(node: Mapping[str, Any]) -> int:
+def _allocatable(node: Mapping[str, Any], resource: str) -> int:
     try:
-        return int(((node.get("status") or {}).get("allocatable") or {}).get(GPU_RESOURCE) or 0)
+        return int(((node.get("status") or {}).get("allocatable") or {}).get(resource) or 0)
     except ValueError:
         return 0
+
+
+def _gpus(node: Mapping[str, Any]) -> int:
+    return _allocatable(node, GPU_RESOURCE)
 
 
 def gang_fits(run: Run, nodes: list[Mapping[str, Any]], avoid: set[str]) -> bool:
@@ -282,8 +299,7 @@ def gang_fits(run: Run, nodes: list[Mapping[str, Any]], avoid: set[str]) -> bool
     selector picks, without the `avoid` nodes? An estimate (taints and other pods are not
     weighed): enough to tell "too few nodes are left" from "plenty"."""
     r = run.spec.resources
-    selector = {INSTANCE_TYPE_LABEL: r.instance_type} if r.instance_type else {}
-    selector.update(r.node_selector)
+    selector = _node_selector(run)
     slots = 0
     for node in nodes:
         meta, spec = node.get("metadata") or {}, node.get("spec") or {}
@@ -295,6 +311,60 @@ def gang_fits(run: Run, nodes: list[Mapping[str, Any]], avoid: set[str]) -> bool
             continue
         slots += _gpus(node) // r.gpus_per_node
     return slots >= r.nodes
+
+
+def _tolerates(tolerations: list[Mapping[str, Any]], taint: Mapping[str, Any]) -> bool:
+    """Kubernetes' matching of one taint by a pod's tolerations."""
+    for t in tolerations:
+        if t.get("effect") and t["effect"] != taint.get("effect"):
+            continue
+        if t.get("operator") == "Exists" and not t.get("key"):
+            return True
+        if t.get("key") == taint.get("key") and (
+                t.get("operator") == "Exists" or (t.get("value") or "") == (taint.get("value") or "")):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class Capacity:
+    nodes: int      # nodes that could ever hold one of the gang's pods
+    slots: int      # pods of the gang they could hold at once, all of them empty
+
+
+def gang_capacity(run: Run, nodes: list[Mapping[str, Any]]) -> Capacity:
+    """What the cluster could ever give this gang: the nodes its selector (instance type,
+    nodeSelector) picks, whose NoSchedule/NoExecute taints its tolerations accept, counted
+    by allocatable GPUs (and EFA adapters when asked). Ready, cordoned or busy does not
+    matter: those change; a missing label, taint or GPU does not (until nodes are added)."""
+    r = run.spec.resources
+    selector, tolerations = _node_selector(run), _tolerations(run)
+    efa = int(_resources(run)["limits"].get(EFA_RESOURCE) or 0)
+    count = slots = 0
+    for node in nodes:
+        labels = (node.get("metadata") or {}).get("labels") or {}
+        if any(labels.get(k) != v for k, v in selector.items()):
+            continue
+        taints = (node.get("spec") or {}).get("taints") or ()
+        if not all(_tolerates(tolerations, t) for t in taints if t.get("effect") in ("NoSchedule", "NoExecute")):
+            continue
+        fits = _gpus(node) // r.gpus_per_node
+        if efa:
+            fits = min(fits, _allocatable(node, EFA_RESOURCE) // efa)
+        if fits:
+            count, slots = count + 1, slots + fits
+    return Capacity(count, slots)
+
+
+def unsatisfiable_message(run: Run, capacity: Capacity) -> str:
+    r = run.spec.resources
+    wants = f"{r.gpus_per_node} {GPU_RESOURCE}" + (f" and {EFA_RESOURCE}" if r.efa else "")
+    selector = json.dumps(_node_selector(run), sort_keys=True)
+    has = f"{capacity.nodes} such node{'s' if capacity.nodes != 1 else ''}"
+    if capacity.slots != capacity.nodes:
+        has += f" ({capacity.slots} pod slots)"
+    return (f"needs {r.nodes} node{'s' if r.nodes != 1 else ''} x {wants} matching {selector} (with its "
+            f"tolerations); the cluster has {has}")
 
 
 def render_children(run: Run, attempt: int, *, deadline_seconds: int | None = None,
