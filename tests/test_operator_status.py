@@ -442,3 +442,26 @@ def test_pods_pulling_their_image_are_placed_and_not_timed_out():
     assert decide(run(st, runPolicy={"schedulingTimeoutSeconds": 60}), pulling, at(3600)).actions == []
     unplaced = obs(W.STARTING, placed=False, generation=1, reason="Unschedulable", message="no")
     assert decide(run(st, runPolicy={"schedulingTimeoutSeconds": 0}), unplaced, at(3600)).actions == []
+
+
+def test_a_queued_gang_shows_kueues_reason_and_a_preemption_is_one_disruption_with_the_attempt_kept():
+    q = {"queueName": "gpu"}
+    plan, st = step(run(queueName="gpu"), obs(W.ABSENT, attempt=0), 0)
+    waiting = "couldn't assign flavors to pod set main: insufficient quota for nvidia.com/gpu in flavor p4d"
+    plan, st = step(run(st, **q), obs(W.STARTING, placed=False, generation=1, queued=True, reason="Queued",
+                                      message=waiting), 2)
+    assert (st["phase"], st["reason"], st["attempts"]) == ("Queued", "Queued", 1) and "startTime" not in st
+    assert waiting in st["message"] and "(queue gpu)" in st["message"]
+    assert cond(st, "Running")["reason"] == "Queued"
+    # Admitted, ran; then Kueue suspends it for a higher-priority workload.
+    plan, st = step(run(st, **q), obs(W.RUNNING, ready=2), 10)
+    assert st["phase"] == "Running" and st["startTime"] == iso(10)
+    preempt = obs(W.STARTING, placed=False, generation=1, queued=True, reason="Preempted",
+                  message="Preempted to accommodate a workload (UID: 7) due to prioritization in the ClusterQueue")
+    plan, st = step(run(st, **q), preempt, 20)
+    assert (st["phase"], st["reason"], st["attempts"], st["disruptions"]) == ("Queued", "Preempted", 1, 1)
+    assert plan.actions == [] and [e.reason for e in plan.events] == ["Preempted"]
+    plan, st = step(run(st, **q), preempt, 30)                  # still preempted: counted once
+    assert st["disruptions"] == 1
+    plan, st = step(run(st, **q), obs(W.RUNNING, ready=2), 40)   # admitted again: the same attempt
+    assert (st["phase"], st["attempts"], st["disruptions"]) == ("Running", 1, 1)

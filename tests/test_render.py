@@ -434,3 +434,21 @@ def test_every_sample_renders(sample):
         job = objs[-1]
         assert job["spec"]["completions"] == job["spec"]["parallelism"] == spec.resources.nodes
         assert all(len(o["metadata"]["name"]) <= 63 for o in objs)
+
+
+def test_a_queued_run_gives_kueue_a_suspended_job_with_its_queue_priority_and_topology():
+    spec = {**MINIMAL, "queueName": "gpu", "priorityClassName": "research-high",
+            "resources": {"nodes": 4, "topology": {"required": "topology.k8s.aws/network-node-layer-3"}}}
+    job = render.render_job(run_of(spec), 1, workload_priority=True)
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "research-high"
+    pod = job["spec"]["template"]
+    assert pod["metadata"]["annotations"] == {
+        "kueue.x-k8s.io/podset-required-topology": "topology.k8s.aws/network-node-layer-3"}
+    assert pod["spec"]["priorityClassName"] == "research-high"
+    # No WorkloadPriorityClass of that name: the pods' PriorityClass only.
+    assert "kueue.x-k8s.io/priority-class" not in render.render_job(run_of(spec), 1)["metadata"]["labels"]
+    # Without a queue nothing of Kueue's appears.
+    plain = render.render_job(run_of(MINIMAL), 1)
+    assert "suspend" not in plain["spec"] and not any(k.startswith("kueue") for k in plain["metadata"]["labels"])

@@ -68,10 +68,10 @@ class Training:
 FAIL, WAIT = "Fail", "Wait"
 UNSATISFIABLE_POLICIES = (FAIL, WAIT)
 PEFT_METHODS = ("lora", "qlora")
-# Pod settings of shared clusters: rendered into the EKS pods, refused with backend sagemaker
-# (the CRD's rule names the same list; tests/test_crd_validation.py keeps them equal).
+# Settings of shared clusters: rendered into the EKS Job and pods, refused with backend
+# sagemaker (the CRD's rule names the same list; tests/test_crd_validation.py keeps them equal).
 POD_ONLY_FIELDS = ("imagePullSecrets", "volumes", "volumeMounts", "affinity", "topologySpreadConstraints",
-                   "schedulerName", "priorityClassName")
+                   "schedulerName", "priorityClassName", "queueName")
 DATA_FORMATS = ("alpaca", "chat")
 # No DeepSpeed at all (PyTorch DDP): enough for LoRA, whose optimizer state is tiny.
 ZERO_NONE = 0
@@ -103,6 +103,9 @@ class Resources:
     cpu: str | None = None
     memory: str | None = None
     shared_memory: str = "64Gi"
+    # Kueue topology-aware scheduling: ("required" | "preferred", a node label such as
+    # topology.k8s.aws/network-node-layer-3): every pod of the gang within one such domain.
+    topology: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,8 @@ class FineTuneSpec:
     topology_spread_constraints: tuple[Mapping[str, Any], ...] = ()
     scheduler_name: str | None = None
     priority_class_name: str | None = None
+    # Kueue: the LocalQueue that admits the gang (its Job is created suspended).
+    queue_name: str | None = None
     run_policy: RunPolicy = RunPolicy()
     sagemaker: Mapping[str, Any] = field(default_factory=dict)
 
@@ -238,6 +243,7 @@ def parse_spec(spec: Mapping[str, Any] | None) -> FineTuneSpec:
         cpu=_quantity(r.get("cpu")),
         memory=_quantity(r.get("memory")),
         shared_memory=_quantity(r.get("sharedMemory")) or "64Gi",
+        topology=next(((k, str(v)) for k, v in (r.get("topology") or {}).items() if v), None),
     )
     if resources.nodes < 1 or resources.gpus_per_node < 1:
         raise SpecError("spec.resources.nodes and gpusPerNode must be at least 1")
@@ -297,6 +303,7 @@ def parse_spec(spec: Mapping[str, Any] | None) -> FineTuneSpec:
         topology_spread_constraints=tuple(dict(c) for c in _get(spec, "topologySpreadConstraints", ())),
         scheduler_name=spec.get("schedulerName") or None,
         priority_class_name=spec.get("priorityClassName") or None,
+        queue_name=spec.get("queueName") or None,
         run_policy=run_policy,
         sagemaker=dict(_get(spec, "sagemaker", {})),
     )

@@ -24,6 +24,7 @@ from .backends.base import (EXIT_CODE_MEANING, LOSS_NOT_FINITE, LOSS_SPIKE, Extr
 
 class Phase:
     PENDING = "Pending"
+    QUEUED = "Queued"          # Kueue has not admitted the gang (or preempted it)
     LAUNCHING = "Launching"
     RUNNING = "Running"
     UPLOADING = "Uploading"
@@ -78,6 +79,8 @@ class Reason:
     UNSCHEDULABLE = "Unschedulable"
     SCHEDULING_TIMEOUT = "SchedulingTimeout"  # the gang was not placed in time: its pods went
     RELAUNCHING = "Relaunching"               # the spec changed before the gang started
+    QUEUED = "Queued"                         # waiting for Kueue to admit the gang
+    PREEMPTED = "Preempted"                   # Kueue suspended the running gang: a disruption
     UNSATISFIABLE = "Unsatisfiable"           # no nodes of the cluster could ever hold the gang
     IMAGE_PULL_FAILED = "ImagePullFailed"
     FAILED_CREATE = "FailedCreate"
@@ -504,6 +507,14 @@ def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: b
     # Starting or running, not suspended.
     d.clear_condition(Cond.SUSPENDED, Reason.RESUMED, f"resumed attempt {attempt}")
     d.new["workload"] = dict(obs.workload) or d.new.get("workload")
+    if not d.new.get("startTime") and obs.generation is not None and obs.generation != run.generation:
+        # Corrected before it started (a nodeSelector typo, too much cpu, another queue):
+        # the pending gang goes, the same attempt is created again from the new spec.
+        d.to(Phase.LAUNCHING, Reason.RELAUNCHING, f"the spec changed before attempt {attempt} started: "
+             f"replacing its pending pods")
+        return d.plan(actions=[Action("suspend", attempt)], requeue_after=1.0)
+    if obs.queued:
+        return _queued(d, obs, attempt)
     job = obs.workload.get("job", "the workload")
     pods = f"{obs.ready}/{obs.total} pods of {job} running"
     was_running = phase in (Phase.RUNNING, Phase.UPLOADING)
@@ -532,12 +543,6 @@ def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: b
                     d.new["message"])
         d.clear_condition(Cond.RESTARTING, Reason.RUNNING, d.new["message"])
     else:
-        if not d.new.get("startTime") and obs.generation is not None and obs.generation != run.generation:
-            # Corrected before it started (a nodeSelector typo, too much cpu): the pending
-            # gang goes, the same attempt is created again from the new spec.
-            d.to(Phase.LAUNCHING, Reason.RELAUNCHING, f"the spec changed before attempt {attempt} started: "
-                 f"replacing its pending pods")
-            return d.plan(actions=[Action("suspend", attempt)], requeue_after=1.0)
         created = parse_time(obs.created_at)
         age = (now - created).total_seconds() if created else 0.0
         timeout = rp.scheduling_timeout_seconds
@@ -561,6 +566,29 @@ def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: b
         if timeout and age < timeout:
             requeue = min(requeue, timeout - age + DEADLINE_SLACK)
     return d.plan(actions=actions, requeue_after=requeue)
+
+
+def _queued(d: _Draft, obs: Observation, attempt: int) -> Plan:
+    """Kueue holds the Job suspended. Before it ever ran: Queued, with Kueue's reason. After
+    (Kueue suspended it to make room for another workload): a disruption, counted once, as
+    the phase turns Queued; the same Job resumes from the newest checkpoint when Kueue
+    admits it again, so the attempt stays."""
+    rp = d.run.spec.run_policy
+    message = f"{obs.message or 'waiting for Kueue to admit the gang'} (queue {d.run.spec.queue_name})"
+    if obs.reason == Reason.PREEMPTED and d.new.get("startTime") and d.phase != Phase.QUEUED:
+        disruptions = int(d.new.get("disruptions") or 0)
+        if disruptions >= rp.disruption_limit:
+            return _fail(d, obs, Reason.DISRUPTION_LIMIT_EXCEEDED, f"attempt {attempt} preempted: {message}; no "
+                         f"restarts left after disruptions (disruptionLimit {rp.disruption_limit})")
+        d.new["disruptions"] = disruptions + 1
+        message = (f"attempt {attempt} preempted by Kueue: {message}; it resumes from the newest checkpoint when "
+                   f"admitted again (disruption {disruptions + 1} of {rp.disruption_limit})")
+        d.to(Phase.QUEUED, Reason.PREEMPTED, message, warning=True)
+    elif d.phase != Phase.QUEUED or d.new.get("message") != message and d.new.get("reason") != Reason.PREEMPTED:
+        d.to(Phase.QUEUED, Reason.QUEUED, message)
+    d.condition(Cond.RUNNING, False, d.new["reason"], d.new["message"])
+    # Kueue's verdict changes when quota frees up; the Job's unsuspension wakes the operator.
+    return d.plan(requeue_after=PROBE_MAX)
 
 
 def _unplaced(d: _Draft, obs: Observation, attempt: int, timeout: int) -> Plan:

@@ -149,6 +149,9 @@ class Observation:
     # exists). Until then the run has not started: its spec may still change.
     placed: bool = True
     generation: int | None = None         # the run's generation the workload was made from
+    # Kueue holds the workload suspended: not admitted yet, or preempted (reason Queued or
+    # Preempted, message Kueue's own).
+    queued: bool = False
 
 
 class LaunchError(Exception):

@@ -35,6 +35,8 @@ ORPHAN_RECHECK = 5.0
 # How old the node listing may be that launches check a gang against (nodes come and go
 # in minutes; a launch's check needs no fresher view).
 NODES_FRESH = 5.0
+KUEUE_API = "/apis/kueue.x-k8s.io/v1beta2"
+KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"     # on the Workload Kueue makes for a Job
 # Container waiting reasons that mean the worker will not start by itself.
 STUCK_WAITING = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
                  "CreateContainerError")
@@ -217,6 +219,11 @@ class EksBackend:
                                failure_kind=classify(failure, message),
                                termination_message=failure.message[:1024],
                                finished_at=cond.get("lastTransitionTime"), **node, **common)
+        if spec.get("suspend"):
+            # Only Kueue suspends our Jobs (the operator's own suspend deletes them).
+            reason, message = await self._kueue_says(run, job)
+            return Observation(WorkloadState.STARTING, placed=False, generation=_generation(job), queued=True,
+                               reason=reason, message=message, **common)
         if common["ready"] >= total:
             return Observation(WorkloadState.RUNNING, **common)
         # Not every pod runs: the gang is not placed yet. A status whose startTime is set
@@ -228,6 +235,38 @@ class EksBackend:
             if reason:
                 return Observation(WorkloadState.STARTING, reason=reason, message=why, **common)
         return Observation(WorkloadState.STARTING, **common)
+
+    async def _kueue_says(self, run: Run, job: Mapping[str, Any]) -> tuple[str, str]:
+        """Why Kueue holds the Job: (Queued | Preempted, the Workload's own message)."""
+        try:
+            workloads = await self.kube.list("workloads", run.namespace,
+                                             f"{KUEUE_JOB_UID_LABEL}={job['metadata']['uid']}")
+        except ApiError as e:
+            if e.status not in (403, 404):     # no Kueue, or no permission to read its Workloads
+                raise
+            workloads = []
+        conds = {c.get("type"): c for w in workloads for c in (w.get("status") or {}).get("conditions") or ()}
+        evicted = conds.get("Evicted") or {}
+        if evicted.get("status") == "True" and evicted.get("reason") == "Preempted":
+            return Reason.PREEMPTED, evicted.get("message") or "preempted"
+        reserved = conds.get("QuotaReserved") or {}
+        if reserved.get("status") == "False" and reserved.get("message"):
+            return Reason.QUEUED, reserved["message"]
+        if not workloads:
+            return Reason.QUEUED, "waiting for Kueue to make the gang's Workload"
+        return Reason.QUEUED, "waiting for Kueue to admit the gang"
+
+    async def _workload_priority(self, run: Run) -> bool:
+        """Does spec.priorityClassName also name a Kueue WorkloadPriorityClass?"""
+        if not (run.spec.queue_name and run.spec.priority_class_name):
+            return False
+        try:
+            await self.kube.request("GET", f"{KUEUE_API}/workloadpriorityclasses/{run.spec.priority_class_name}")
+        except ApiError as e:
+            if e.status in (403, 404):
+                return False
+            raise
+        return True
 
     async def _read_nodes(self, name: str | None = None) -> Any:
         """A node (name) or all nodes; None where the operator may not read nodes (a
@@ -349,7 +388,8 @@ class EksBackend:
                     await self._delete_job(run, job)
         ds_config = await self._user_ds_config(run)
         *children, job = render.render_children(run, attempt, deadline_seconds=deadline_seconds,
-                                                ds_config=ds_config)
+                                                ds_config=ds_config,
+                                                workload_priority=await self._workload_priority(run))
         try:
             return await self._create(run, attempt, children, job)
         except LaunchError as e:

@@ -159,6 +159,14 @@ def _resources(run: Run) -> dict[str, Any]:
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
+def _pod_annotations(run: Run) -> dict[str, str]:
+    annotations = dict(run.spec.pod_annotations)
+    if run.spec.resources.topology:
+        how, label = run.spec.resources.topology
+        annotations[api.KUEUE_TOPOLOGY_ANNOTATION.format(how)] = label
+    return annotations
+
+
 def _node_selector(run: Run) -> dict[str, str]:
     r = run.spec.resources
     selector = {INSTANCE_TYPE_LABEL: r.instance_type} if r.instance_type else {}
@@ -188,7 +196,10 @@ def _affinity(given: Mapping[str, Any], avoid: list[str]) -> dict[str, Any]:
     return affinity
 
 
-def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None) -> dict[str, Any]:
+def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None,
+               workload_priority: bool = False) -> dict[str, Any]:
+    """workload_priority: spec.priorityClassName also names a Kueue WorkloadPriorityClass
+    (the backend looked), which then ranks the gang in its queue."""
     spec, r = run.spec, run.spec.resources
     name = api.job_name(run.name, attempt)
     labels = {api.LABEL_ATTEMPT: str(attempt)}
@@ -263,7 +274,7 @@ def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None) -
             "metadata": {
                 "labels": {**spec.pod_labels, api.LABEL_FINETUNE: run.name,
                            api.LABEL_MANAGED_BY: api.MANAGED_BY, **labels},
-                **({"annotations": dict(spec.pod_annotations)} if spec.pod_annotations else {}),
+                **({"annotations": _pod_annotations(run)} if _pod_annotations(run) else {}),
             },
             "spec": pod_spec,
         },
@@ -275,6 +286,13 @@ def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None) -
         job_spec["activeDeadlineSeconds"] = max(1, int(deadline_seconds))
     meta = _meta(run, name, labels)
     meta["annotations"] = {api.ANNOTATION_GENERATION: str(run.generation)}
+    if spec.queue_name:
+        # Kueue admits the gang as a whole: created suspended, it starts no pod until
+        # Kueue finds quota for all of them and unsuspends it.
+        meta["labels"][api.KUEUE_QUEUE_LABEL] = spec.queue_name
+        if workload_priority and spec.priority_class_name:
+            meta["labels"][api.KUEUE_PRIORITY_LABEL] = spec.priority_class_name
+        job_spec["suspend"] = True
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -368,7 +386,8 @@ def unsatisfiable_message(run: Run, capacity: Capacity) -> str:
 
 
 def render_children(run: Run, attempt: int, *, deadline_seconds: int | None = None,
-                    ds_config: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+                    ds_config: Mapping[str, Any] | None = None,
+                    workload_priority: bool = False) -> list[dict[str, Any]]:
     """Everything attempt `attempt` needs, in creation order (the Job last)."""
     objs = []
     if not run.spec.service_account_name:
@@ -378,7 +397,7 @@ def render_children(run: Run, attempt: int, *, deadline_seconds: int | None = No
         render_role_binding(run),
         render_config_map(run, ds_config),
         render_service(run),
-        render_job(run, attempt, deadline_seconds=deadline_seconds),
+        render_job(run, attempt, deadline_seconds=deadline_seconds, workload_priority=workload_priority),
     ]
     return objs
 
