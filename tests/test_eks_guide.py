@@ -11,8 +11,10 @@ import shlex
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
+import boto3
 import botocore.session
 import jsonschema
 import pytest
@@ -21,10 +23,12 @@ from cfnlint import ManualArgs
 from cfnlint.api import lint
 
 from alpaca_operator import instances
+from alpaca_train.s3io import S3Error, S5cmd
 from alpaca_operator.backends.base import Run
 from alpaca_operator.backends.eks import render
 from alpaca_operator.spec import parse_spec
 from conftest import hack_cluster
+from support import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "eks.md"
@@ -347,6 +351,79 @@ def test_the_guides_fill_leaves_no_example_value(tmp_path):
         filled[re.sub(r"[^A-Za-z0-9]", "", path.stem)] = (is_trust(path), json.loads(out))
     assert "111122223333" in json.dumps(filled)
     assert cfn_lint(filled) == []
+
+
+@pytest.fixture(scope="module")
+def enforcing_s3():
+    """A moto server of its own (the session's `s3` stays open): S3 and IAM, with IAM's
+    policies enforced once `enforce()` is called."""
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return urllib.request.urlopen(f"{endpoint}/moto-api/data.json", timeout=2).status == 200
+        except OSError:
+            return proc.poll() is not None
+    wait_for("moto_server", up, timeout=30)
+    assert proc.poll() is None, "moto_server exited"
+
+    def enforce() -> None:
+        # moto's switch: IAM checks from the next request on (moto-api/reset-auth, body 0).
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0",
+                                                      headers={"Content-Type": "text/plain"}, method="POST"))
+    try:
+        yield endpoint, enforce
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_the_trainer_policy_lets_the_images_s3_code_do_a_run(enforcing_s3, tmp_path, monkeypatch):
+    """As an IAM user holding exactly docs/iam/alpaca-trainer-s3.json, with moto enforcing
+    it: the image's own s5cmd calls read the model and the data, sync a checkpoint, list
+    and resume it; writing over the model, or reading another bucket, is refused."""
+    endpoint, enforce = enforcing_s3
+    admin = {"endpoint_url": endpoint, "region_name": "us-east-1",
+             "aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    iam, s3 = boto3.client("iam", **admin), boto3.client("s3", **admin)
+    policy = (IAM / "alpaca-trainer-s3.json").read_text().replace("alpaca-demo", "llm")
+    iam.create_user(UserName="trainer")
+    iam.put_user_policy(UserName="trainer", PolicyName="s3", PolicyDocument=policy)
+    key = iam.create_access_key(UserName="trainer")["AccessKey"]
+    for bucket in ("llm", "someone-else"):
+        s3.create_bucket(Bucket=bucket)
+    for name in ("models/llama-7b/config.json", "models/llama-7b/model.safetensors", "data/alpaca_data.json"):
+        s3.put_object(Bucket="llm", Key=name, Body=b"{}")
+    s3.put_object(Bucket="someone-else", Key="secret.json", Body=b"{}")
+    enforce()
+
+    trainer = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+               "AWS_REGION": "us-east-1", "S3_ENDPOINT_URL": endpoint}
+    for name, value in trainer.items():
+        monkeypatch.setenv(name, value)
+    s5 = S5cmd(attempts=1, request_retries=0)
+    s5.download_prefix("s3://llm/models/llama-7b/", tmp_path / "model")
+    s5.download_file("s3://llm/data/alpaca_data.json", tmp_path / "data.json")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors"]
+    (tmp_path / "out" / "checkpoint-100").mkdir(parents=True)
+    (tmp_path / "out" / "checkpoint-100" / "state.json").write_text("{}")
+    s5.sync_up(tmp_path / "out", "s3://llm/runs/alpaca-7b/")
+    assert s5.list("s3://llm/runs/alpaca-7b/") == ["checkpoint-100/state.json"]
+    s5.download_prefix("s3://llm/runs/alpaca-7b/checkpoint-100/", tmp_path / "resume")
+    # Old checkpoints go. (s5cmd's rm sends DeleteObjects, which moto checks against the
+    # bucket's ARN; AWS checks s3:DeleteObject on each key, as DeleteObject does.)
+    as_trainer = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                              aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"])
+    as_trainer.delete_object(Bucket="llm", Key="runs/alpaca-7b/checkpoint-100/state.json")
+    assert s5.list("s3://llm/runs/alpaca-7b/") == []
+
+    with pytest.raises(S3Error, match="Access ?Denied"):
+        s5.upload_file(tmp_path / "data.json", "s3://llm/models/llama-7b/config.json")
+    with pytest.raises(S3Error, match="Access ?Denied"):
+        s5.download_file("s3://someone-else/secret.json", tmp_path / "secret.json")
 
 
 # ---- the chart values ------------------------------------------------------------------
