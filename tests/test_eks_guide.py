@@ -23,10 +23,10 @@ from cfnlint import ManualArgs
 from cfnlint.api import lint
 
 from alpaca_operator import instances
-from alpaca_train.s3io import S3Error, S5cmd
 from alpaca_operator.backends.base import Run
 from alpaca_operator.backends.eks import render
 from alpaca_operator.spec import parse_spec
+from alpaca_train.s3io import S3Error, S5cmd
 from conftest import hack_cluster
 from support import free_port, wait_for
 
