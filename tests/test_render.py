@@ -447,6 +447,11 @@ def test_a_queued_run_gives_kueue_a_suspended_job_with_its_queue_priority_and_to
     assert pod["metadata"]["annotations"] == {
         "kueue.x-k8s.io/podset-required-topology": "topology.k8s.aws/network-node-layer-3"}
     assert pod["spec"]["priorityClassName"] == "research-high"
+    # Kueue's suspension (SIGTERM, exit 143) must not fail the Job; a disruption still does.
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[2] == {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                                            "values": [143]}}
+    assert rules[0]["onPodConditions"][0]["type"] == "DisruptionTarget" and rules[3]["onExitCodes"]["operator"] == "NotIn"
     # No WorkloadPriorityClass of that name: the pods' PriorityClass only.
     assert "kueue.x-k8s.io/priority-class" not in render.render_job(run_of(spec), 1)["metadata"]["labels"]
     # Without a queue nothing of Kueue's appears.

@@ -14,7 +14,7 @@ from ... import api, instances
 from ...deepspeed_config import render_deepspeed_config
 from ...training_args import render_training_args
 from ...status import avoided_nodes, skip_steps
-from ..base import PERMANENT_EXIT_CODES, SKIP_STEPS_ENV, Run
+from ..base import EXIT_SIGTERM, PERMANENT_EXIT_CODES, SKIP_STEPS_ENV, Run
 
 GPU_RESOURCE = "nvidia.com/gpu"
 EFA_RESOURCE = "vpc.amazonaws.com/efa"
@@ -293,6 +293,13 @@ def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None,
         if workload_priority and spec.priority_class_name:
             meta["labels"][api.KUEUE_PRIORITY_LABEL] = spec.priority_class_name
         job_spec["suspend"] = True
+        # Kueue preempts by suspending the Job; the Job controller then stops the pods with
+        # SIGTERM and judges their exit 143 by the podFailurePolicy like any failure, which
+        # would fail the Job. Ignored here, the Job survives its suspension and resumes.
+        # (A drain or an eviction still fails it: the pod has the DisruptionTarget condition.)
+        rules = job_spec["podFailurePolicy"]["rules"]
+        rules.insert(2, {"action": "Ignore", "onExitCodes": {"containerName": api.TRAINER_CONTAINER,
+                                                             "operator": "In", "values": [EXIT_SIGTERM]}})
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
