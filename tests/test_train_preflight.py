@@ -85,6 +85,10 @@ def test_a_missing_output_bucket_is_a_configuration_error_naming_it(s3_env, buck
     msg = str(e.value)
     assert f"s3://{gone}/runs/x/" in msg and f"bucket {gone}" in msg and "NoSuchBucket" in msg, msg
     assert not isinstance(e.value, preflight.InputMissing)
+    # A name S3 never accepts is refused by botocore itself: as permanent, not retried.
+    with pytest.raises(preflight.PreflightError) as e:
+        preflight.run(preflight.plan(None, None, "s3://bad!bucket/runs/x/"))
+    assert e.value.exit_code == 64 and "bad!bucket" in str(e.value), str(e.value)
 
 
 def test_missing_inputs_exit_66_as_training_would(s3_env, bucket, inputs):

@@ -13,7 +13,6 @@ the message, one request per check, and no retries of errors that cannot heal.
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from dataclasses import dataclass
 from typing import Iterable
@@ -41,7 +40,7 @@ _HEAD_CODES = {"404": "NotFound", "403": "AccessDenied", "400": "BadRequest", "3
 
 
 class PreflightError(ImageError):
-    """A check failed in a way no retry can fix (exit 64)."""
+    """A check failed; `exit_code` says whether a retry can help (64: it cannot)."""
 
     exit_code = exitcodes.USAGE
 
@@ -133,7 +132,7 @@ def client():
 
 def describe(error: BaseException) -> tuple[str, bool]:
     """S3's error as `Code: message`, and whether a retry might succeed."""
-    from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+    from botocore.exceptions import ClientError, NoCredentialsError, ParamValidationError, PartialCredentialsError
 
     if isinstance(error, ClientError):
         err = error.response.get("Error") or {}
@@ -146,6 +145,8 @@ def describe(error: BaseException) -> tuple[str, bool]:
     if isinstance(error, (NoCredentialsError, PartialCredentialsError)):
         return (f"{type(error).__name__}: {error} (give the pods an IAM role through IRSA or EKS Pod "
                 "Identity, or AWS_* credentials)"), False
+    if isinstance(error, ParamValidationError):  # e.g. a bucket name S3 would never accept
+        return f"{type(error).__name__}: {error}", False
     return f"{type(error).__name__}: {error}", True
 
 
