@@ -145,6 +145,9 @@ class StandIn:
         self.job_calls: dict[str, Counter] = defaultdict(Counter)
         self.faults = Faults()
         self.plans: list[Plan] = []
+        # SageMaker's Service Quotas (quota name -> value) once posted to /_standin/quotas:
+        # moto 5.2.5 has no ListServiceQuotas (HTTP 500) and no sagemaker quotas at all.
+        self.quotas: dict[str, float] | None = None
         self.rng = random.Random(seed)
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, name="standin-ticker", daemon=True)
@@ -162,6 +165,8 @@ class StandIn:
         target = environ.get("HTTP_X_AMZ_TARGET", "")
         if target.startswith("SageMaker."):
             return self._sagemaker(environ, start_response, target.split(".", 1)[1], body)
+        if target == "ServiceQuotasV20190624.ListServiceQuotas" and self.quotas is not None:
+            return self._list_service_quotas(start_response, body)
         with self.lock:
             self.calls[f"S3.{environ.get('REQUEST_METHOD', '')}"] += 1
         return self.moto_app(environ, start_response)
@@ -253,6 +258,21 @@ class StandIn:
             start_response(status, headers)
             return chunks
         return self._reply(start_response, status, out)
+
+    def _list_service_quotas(self, start_response, body: bytes):
+        """ListServiceQuotas for ServiceCode sagemaker, shaped as AWS answers it (one page)."""
+        params = json.loads(body or b"{}")
+        with self.lock:
+            self.calls["ServiceQuotas.ListServiceQuotas"] += 1
+            quotas = dict(self.quotas or {})
+        if params.get("ServiceCode") != "sagemaker":
+            return self._error(start_response, ApiError(400, "NoSuchResourceException",
+                                                        "This service is not available in the current Region."))
+        return self._reply(start_response, 200, {"Quotas": [
+            {"ServiceCode": "sagemaker", "ServiceName": "Amazon SageMaker", "QuotaCode": f"L-{i:08X}",
+             "QuotaArn": f"arn:aws:servicequotas:us-east-1:{DEFAULT_ACCOUNT}:sagemaker/L-{i:08X}",
+             "QuotaName": name, "Value": float(value), "Unit": "None", "Adjustable": True, "GlobalQuota": False}
+            for i, (name, value) in enumerate(sorted(quotas.items()))]})
 
     def _call_moto(self, environ) -> tuple[str, list, list[bytes]]:
         environ["wsgi.input"].seek(0)
@@ -486,6 +506,12 @@ class StandIn:
             elif method == "POST":
                 self.plans.insert(0, Plan.from_json(obj))
             return {"plans": [p.__dict__ for p in self.plans]}
+        if path == "quotas":
+            if method == "DELETE":
+                self.quotas = None
+            elif method == "POST":
+                self.quotas = {str(k): float(v) for k, v in (obj.get("quotas") or {}).items()}
+            return {"quotas": self.quotas}
         if path.startswith("jobs/"):
             name = path[len("jobs/"):]
             job = self._find(name)

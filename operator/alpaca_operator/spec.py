@@ -137,6 +137,12 @@ class RunPolicy:
 
 
 @dataclass(frozen=True)
+class Preflight:
+    """spec.preflight: the checks made once before the first launch (preflight.py)."""
+    memory: bool = True
+
+
+@dataclass(frozen=True)
 class FineTuneSpec:
     model_uri: str
     data_uri: str
@@ -168,6 +174,7 @@ class FineTuneSpec:
     priority_class_name: str | None = None
     run_policy: RunPolicy = RunPolicy()
     sagemaker: Mapping[str, Any] = field(default_factory=dict)
+    preflight: Preflight = Preflight()
 
     @property
     def gpus(self) -> int:
@@ -299,6 +306,7 @@ def parse_spec(spec: Mapping[str, Any] | None) -> FineTuneSpec:
         priority_class_name=spec.get("priorityClassName") or None,
         run_policy=run_policy,
         sagemaker=dict(_get(spec, "sagemaker", {})),
+        preflight=Preflight(memory=bool(_get(spec.get("preflight"), "memory", Preflight.memory))),
     )
 
 
