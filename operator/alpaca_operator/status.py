@@ -851,8 +851,8 @@ def preflight(run: Run, plan: Plan, outcome: Any, now: dt.datetime) -> Plan:
         return _then_ttl(d, d.plan())
     reason = Reason.PREFLIGHT_WARNINGS if outcome.warnings else Reason.PREFLIGHT_PASSED
     conditions = plan.patch.get("conditions", run.status.get("conditions") or [])
+    # No Event for the warnings: the condition shows in `kubectl describe` too, and an Event per
+    # run is one more API request per run at scale.
     plan.patch["conditions"] = set_condition(list(conditions), Cond.PREFLIGHT, True, reason, message, now,
                                              run.generation)
-    if outcome.warnings:
-        plan.events.append(Event("Warning", reason, "preflight: " + "; ".join(outcome.warnings)))
     return plan
