@@ -19,9 +19,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Mapping
-from urllib.parse import urlsplit
 
 from . import instances, memory_estimate as mem
+from .backends.sagemaker.backend import split_s3
 from .backends.sagemaker.client import Aws, AwsError, AwsNotConfigured, AwsUnavailable
 from .spec import FineTuneSpec, SageMakerSettings, SpecError, parse_sagemaker
 from .status import Reason
@@ -64,11 +64,9 @@ class Facts:
     region: str | None = None
 
 
-def split_s3(uri: str) -> tuple[str, str] | None:
-    if not uri.startswith("s3://"):
-        return None
-    parts = urlsplit(uri)
-    return parts.netloc, parts.path.lstrip("/")
+def s3_location(uri: str) -> tuple[str, str] | None:
+    """(bucket, key) of an s3:// URI; None for a path or a Hugging Face id."""
+    return split_s3(uri) if uri.startswith("s3://") else None
 
 
 def sagemaker_settings(spec: FineTuneSpec) -> SageMakerSettings | None:
@@ -76,7 +74,7 @@ def sagemaker_settings(spec: FineTuneSpec) -> SageMakerSettings | None:
         return None
     try:
         return parse_sagemaker(spec, default_role=os.environ.get("ALPACA_SAGEMAKER_ROLE_ARN") or None)
-    except SpecError:
+    except (SpecError, ValueError, TypeError):
         return None     # the launch says why, as InvalidSpec
 
 
@@ -86,7 +84,7 @@ def buckets_of(spec: FineTuneSpec, sm: SageMakerSettings | None) -> list[str]:
         uris.append(sm.checkpoint_s3_uri)
     out: list[str] = []
     for uri in uris:
-        parsed = split_s3(uri)
+        parsed = s3_location(uri)
         if parsed and parsed[0] not in out:
             out.append(parsed[0])
     return out
@@ -286,7 +284,7 @@ class Preflight:
 
     async def _model(self, uri: str, region: str | None, facts: Facts) -> None:
         facts.shape_note = "the model's config.json was not read in time"
-        s3 = split_s3(uri)
+        s3 = s3_location(uri)
         try:
             if s3 is not None:
                 if not self.use_aws:

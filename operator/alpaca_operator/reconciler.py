@@ -242,7 +242,11 @@ class Reconciler:
         st = self._state((run.namespace, run.name))
         if st.preflight is not None and st.preflight[:2] == (run.uid, run.generation):
             return st.preflight[2]
-        outcome = await self.preflight.check(run.spec)
+        try:
+            outcome = await self.preflight.check(run.spec)
+        except Exception as e:  # noqa: BLE001 - a check that breaks must not hold the launch back
+            log.exception("%s/%s: preflight failed", run.namespace, run.name)
+            outcome = Outcome(notes=(f"the preflight itself failed ({type(e).__name__}: {e})",))
         log.info("%s/%s: preflight %s: %s", run.namespace, run.name,
                  outcome.failure[0] if outcome.failure else "passed", outcome.message())
         st.preflight = (run.uid, run.generation, outcome)
