@@ -121,6 +121,15 @@ def test_sagemaker_role_and_quotas(aws_env, sagemaker_local, bucket):
         absent = check(sagemaker(bucket, instance="ml.p5.48xlarge"))
         assert absent.failure is not None and absent.failure[0] == Reason.INSTANCE_TYPE_NOT_OFFERED
         assert "ml.p5.48xlarge is not offered for training" in absent.failure[1]
+
+        # One operator, many runs: the quota listing, the role and the bucket are read once.
+        pf = Preflight(timeout=30)
+        before = sagemaker_local.calls()
+        for _ in range(3):
+            assert asyncio.run(pf.check(parse_spec(sagemaker(bucket)))).failure is None
+        after = sagemaker_local.calls()
+        assert after.get("ServiceQuotas.ListServiceQuotas", 0) - before.get("ServiceQuotas.ListServiceQuotas", 0) == 1
+        assert after.get("S3.HEAD", 0) - before.get("S3.HEAD", 0) == 1
     finally:
         sagemaker_local.set_quotas(None)
         try:

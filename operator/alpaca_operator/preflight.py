@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Mapping
@@ -33,6 +34,10 @@ CHECK_TIMEOUT = float(os.environ.get("ALPACA_PREFLIGHT_TIMEOUT", "20"))
 # SageMaker's Service Quotas names for training instances (ServiceCode sagemaker).
 QUOTA_NAME = "{} for training job usage"
 SPOT_QUOTA_NAME = "{} for spot training job usage"
+# How long what was found stays good for later runs: a sweep of hundreds of runs on one
+# bucket, role and model makes these calls once. Only what passes is kept (a bucket made
+# after a refusal counts at once), except the quota listing, which is one per region.
+REMEMBER_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -234,9 +239,20 @@ class Preflight:
     made is a note, and the launch waits for it)."""
 
     def __init__(self, aws: Aws | None = None, *, timeout: float = CHECK_TIMEOUT, use_aws: bool | None = None):
-        self.aws = aws or Aws(threads=4, max_attempts=2)
+        self.aws = aws or Aws(threads=8, max_attempts=2)
         self.timeout = timeout
         self.use_aws = aws_configured() if use_aws is None else use_aws
+        self._known: dict[tuple, tuple[float, Any]] = {}
+
+    def _recall(self, key: tuple) -> Any:
+        hit = self._known.get(key)
+        if hit is None or hit[0] < time.monotonic():
+            self._known.pop(key, None)
+            return None
+        return hit[1]
+
+    def _remember(self, key: tuple, value: Any, seconds: float = REMEMBER_SECONDS) -> None:
+        self._known[key] = (time.monotonic() + seconds, value)
 
     async def check(self, spec: FineTuneSpec) -> Outcome:
         return evaluate(spec, await self.gather(spec))
@@ -272,9 +288,13 @@ class Preflight:
 
     async def _bucket(self, bucket: str, region: str | None, facts: Facts) -> None:
         facts.buckets[bucket] = "not checked in time"
+        if self._recall(("bucket", region, bucket)):
+            facts.buckets[bucket] = "ok"
+            return
         try:
             await self._call("s3", region, "HeadBucket", Bucket=bucket)
             facts.buckets[bucket] = "ok"
+            self._remember(("bucket", region, bucket), True)
         except AwsError as e:
             facts.buckets[bucket] = ("missing" if e.code in ("404", "NoSuchBucket") else
                                      "forbidden" if e.code in ("403", "AccessDenied") else
@@ -284,6 +304,10 @@ class Preflight:
 
     async def _model(self, uri: str, region: str | None, facts: Facts) -> None:
         facts.shape_note = "the model's config.json was not read in time"
+        known = self._recall(("model", region, uri))
+        if known is not None:
+            facts.shape, facts.shape_source = known
+            return
         s3 = s3_location(uri)
         try:
             if s3 is not None:
@@ -320,20 +344,28 @@ class Preflight:
             if not isinstance(config, Mapping):
                 raise mem.ModelConfigError("config.json is not an object")
             facts.shape, facts.shape_source = mem.shape_from_config(config), source
+            self._remember(("model", region, uri), (facts.shape, source))
         except (ValueError, OSError) as e:      # JSON, ModelConfigError, a read error
             facts.shape_note = f"the model's config.json: {e}"
 
     async def _role(self, sm: SageMakerSettings, facts: Facts) -> None:
         facts.role = "not checked in time"
+        if self._recall(("role", sm.role_arn)):
+            facts.role = "ok"
+            return
         name = sm.role_arn.rsplit("/", 1)[-1]
         try:
-            ident = await self._call("sts", sm.region, "GetCallerIdentity")
+            own = self._recall(("account",))
+            if own is None:
+                own = (await self._call("sts", sm.region, "GetCallerIdentity")).get("Account") or ""
+                self._remember(("account",), own, float("inf"))
             account = sm.role_arn.split(":")[4] if sm.role_arn.count(":") >= 5 else ""
-            if account and ident.get("Account") and account != ident["Account"]:
-                facts.role = f"{sm.role_arn} is in account {account}, the operator's is {ident['Account']}"
+            if account and own and account != own:
+                facts.role = f"{sm.role_arn} is in account {account}, the operator's is {own}"
                 return
             await self._call("iam", sm.region, "GetRole", RoleName=name)
             facts.role = "ok"
+            self._remember(("role", sm.role_arn), True)
         except AwsError as e:
             facts.role = "missing" if e.code == "NoSuchEntity" else f"iam GetRole {e.code} (the operator may not read roles)"
         except (AwsUnavailable, AwsNotConfigured) as e:
@@ -341,11 +373,19 @@ class Preflight:
 
     async def _quotas(self, sm: SageMakerSettings, facts: Facts) -> None:
         facts.quotas_note = "not read in time"
+        known = self._recall(("quotas", sm.region))
+        if known is None:
+            known = await self._list_quotas(sm.region)
+            self._remember(("quotas", sm.region), known)
+        facts.quotas, note = known
+        facts.quotas_note = note or facts.quotas_note
+
+    async def _list_quotas(self, region: str | None) -> tuple[dict[str, float] | None, str | None]:
         quotas: dict[str, float] = {}
         token: str | None = None
         try:
             while True:
-                page = await self._call("service-quotas", sm.region, "ListServiceQuotas", ServiceCode="sagemaker",
+                page = await self._call("service-quotas", region, "ListServiceQuotas", ServiceCode="sagemaker",
                                         MaxResults=100, **({"NextToken": token} if token else {}))
                 for q in page.get("Quotas") or ():
                     if q.get("QuotaName") and q.get("Value") is not None:
@@ -354,9 +394,7 @@ class Preflight:
                 if not token:
                     break
         except AwsError as e:
-            facts.quotas_note = f"service-quotas ListServiceQuotas {e.code} (the operator may not read quotas)"
-            return
+            return None, f"service-quotas ListServiceQuotas {e.code} (the operator may not read quotas)"
         except (AwsUnavailable, AwsNotConfigured) as e:
-            facts.quotas_note = f"Service Quotas not reachable by the operator ({e})"
-            return
-        facts.quotas = quotas
+            return None, f"Service Quotas not reachable by the operator ({e})"
+        return quotas, None
