@@ -103,12 +103,14 @@ def test_sagemaker_role_and_quotas(aws_env, sagemaker_local, bucket):
         iam.create_role(RoleName=ROLE_NAME, AssumeRolePolicyDocument=json.dumps({
             "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
                                                     "Principal": {"Service": "sagemaker.amazonaws.com"}}]}))
+        sagemaker_local.set_pass_role({ROLE: "allowed"})
         sagemaker_local.set_quotas({"ml.g5.xlarge for training job usage": 2,
                                     "ml.g5.xlarge for spot training job usage": 0,
                                     "ml.p4d.24xlarge for training job usage": 0})
         out = check(sagemaker(bucket))
         assert out.failure is None and not out.warnings, out
         assert f"role {ROLE} exists" in out.passed
+        assert "the operator may pass it (iam:PassRole)" in out.passed
         assert "quota 'ml.g5.xlarge for training job usage' is 2 (the run needs 1)" in out.passed
         # LoRA 7B on one A10G (24 GB): the estimate ran on SageMaker's instance too.
         assert any("ml.g5.xlarge, A10G" in p for p in out.passed), out.passed
@@ -130,8 +132,15 @@ def test_sagemaker_role_and_quotas(aws_env, sagemaker_local, bucket):
         after = sagemaker_local.calls()
         assert after.get("ServiceQuotas.ListServiceQuotas", 0) - before.get("ServiceQuotas.ListServiceQuotas", 0) == 1
         assert after.get("S3.HEAD", 0) - before.get("S3.HEAD", 0) == 1
+
+        # The operator's own identity calls CreateTrainingJob: a PassRole it is denied fails the run.
+        sagemaker_local.set_pass_role({})
+        denied = check(sagemaker(bucket))
+        assert denied.failure is not None and denied.failure[0] == Reason.ROLE_NOT_PASSABLE, denied
+        assert f"may not pass role {ROLE} (iam:PassRole: implicitDeny)" in denied.failure[1]
     finally:
         sagemaker_local.set_quotas(None)
+        sagemaker_local.set_pass_role(None)
         try:
             iam.delete_role(RoleName=ROLE_NAME)
         except iam.exceptions.NoSuchEntityException:
@@ -177,3 +186,20 @@ def test_the_plan_carries_the_outcome_once_before_the_first_launch():
     assert not status.needs_preflight(checked, status.decide(checked, Observation(WorkloadState.ABSENT), now))
     later = Run("r", "ns", "uid-1", 1, run.spec, {"phase": "Running", "attempts": 2})
     assert not status.needs_preflight(later, status.Plan(actions=[status.Action("launch", 2)]))
+
+
+def test_the_iam_policy_allows_every_call_the_preflight_makes():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    policy = json.loads((root / "docs" / "iam" / "alpaca-operator-sagemaker.json").read_text())
+    allowed = {a for st in policy["Statement"] for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
+    src = (root / "operator" / "alpaca_operator" / "preflight.py").read_text()
+    calls = set(re.findall(r'_call\("([\w-]+)", [^,]+, "(\w+)"', src))
+    assert {("s3", "HeadBucket"), ("iam", "SimulatePrincipalPolicy"), ("service-quotas", "ListServiceQuotas")} <= calls
+    # IAM's names for them: HeadBucket is s3:ListBucket; GetCallerIdentity needs no permission.
+    iam_name = {("s3", "HeadBucket"): "s3:ListBucket", ("service-quotas", "ListServiceQuotas"):
+                "servicequotas:ListServiceQuotas"}
+    needed = {iam_name.get(c, f"{c[0]}:{c[1]}") for c in calls if c != ("sts", "GetCallerIdentity")}
+    assert needed <= allowed, needed - allowed

@@ -195,6 +195,14 @@ class StandIn:
         else:
             self.admin("POST", "quotas", {"quotas": quotas})
 
+    def set_pass_role(self, decisions: dict[str, str] | None) -> None:
+        """iam SimulatePrincipalPolicy's EvalDecision for iam:PassRole per role ARN ("allowed";
+        others implicitDeny); None: unset, the call goes to moto (which lacks it)."""
+        if decisions is None:
+            self.admin("DELETE", "passrole")
+        else:
+            self.admin("POST", "passrole", {"decisions": decisions})
+
     def set_job(self, name: str, status: str, secondary_status: str | None = None,
                 failure_reason: str | None = None) -> dict:
         """Force a job's state now (an outside StopTrainingJob, a spot failure, ...)."""

@@ -38,6 +38,7 @@ SPOT_QUOTA_NAME = "{} for spot training job usage"
 # bucket, role and model makes these calls once. Only what passes is kept (a bucket made
 # after a refusal counts at once), except the quota listing, which is one per region.
 REMEMBER_SECONDS = 300.0
+DENIED = ("implicitDeny", "explicitDeny")     # SimulatePrincipalPolicy's EvalDecision
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class Facts:
     # bucket -> "ok" | "missing" | "forbidden" | a note
     buckets: dict[str, str] = field(default_factory=dict)
     role: str | None = None                 # "ok" | "missing" | a note; None: not a SageMaker run
+    # iam:PassRole of the operator on the role, as SimulatePrincipalPolicy decides it:
+    # "allowed" | "implicitDeny" | "explicitDeny" | a note; None: not asked.
+    pass_role: str | None = None
     quotas: dict[str, float] | None = None  # SageMaker training quota name -> value
     quotas_note: str | None = None
     region: str | None = None
@@ -167,6 +171,16 @@ def evaluate(spec: FineTuneSpec, facts: Facts) -> Outcome:
                             "CreateTrainingJob will refuse it")
         elif facts.role:
             notes.append(f"role: {facts.role}")
+        if facts.pass_role == "allowed":
+            passed.append("the operator may pass it (iam:PassRole)")
+        elif facts.pass_role in DENIED:
+            # The operator's own identity makes the CreateTrainingJob call: this one is certain.
+            failure = failure or (Reason.ROLE_NOT_PASSABLE,
+                                  f"the operator's identity may not pass role {sm.role_arn} (iam:PassRole: "
+                                  f"{facts.pass_role}), so CreateTrainingJob would be refused: allow iam:PassRole "
+                                  "on it (docs/iam) or use another spec.sagemaker.roleArn")
+        elif facts.pass_role:
+            notes.append(f"iam:PassRole: {facts.pass_role}")
         quota_failure = _quota(sm, facts, passed, notes)
         failure = failure or quota_failure
 
@@ -282,12 +296,14 @@ class Preflight:
             await asyncio.wait_for(check, self.timeout)
         except asyncio.TimeoutError:
             log.info("a preflight check took over %.0fs; skipped", self.timeout)
+        except Exception:  # noqa: BLE001 - e.g. an answer botocore cannot parse: that check is skipped
+            log.warning("a preflight check failed; skipped", exc_info=True)
 
     async def _call(self, service: str, region: str | None, operation: str, **kw: Any) -> Any:
         return await self.aws.call(service, region, operation, **kw)
 
     async def _bucket(self, bucket: str, region: str | None, facts: Facts) -> None:
-        facts.buckets[bucket] = "not checked in time"
+        facts.buckets[bucket] = "not checked (timed out or failed: the operator's log says why)"
         if self._recall(("bucket", region, bucket)):
             facts.buckets[bucket] = "ok"
             return
@@ -303,7 +319,7 @@ class Preflight:
             facts.buckets[bucket] = f"S3 not reachable by the operator ({e})"
 
     async def _model(self, uri: str, region: str | None, facts: Facts) -> None:
-        facts.shape_note = "the model's config.json was not read in time"
+        facts.shape_note = "the model's config.json was not read (timed out or failed: the operator's log says why)"
         known = self._recall(("model", region, uri))
         if known is not None:
             facts.shape, facts.shape_source = known
@@ -349,9 +365,10 @@ class Preflight:
             facts.shape_note = f"the model's config.json: {e}"
 
     async def _role(self, sm: SageMakerSettings, facts: Facts) -> None:
-        facts.role = "not checked in time"
-        if self._recall(("role", sm.role_arn)):
-            facts.role = "ok"
+        facts.role = "not checked (timed out or failed: the operator's log says why)"
+        known = self._recall(("role", sm.role_arn))
+        if known is not None:
+            facts.role, facts.pass_role = "ok", known
             return
         name = sm.role_arn.rsplit("/", 1)[-1]
         try:
@@ -365,14 +382,46 @@ class Preflight:
                 return
             await self._call("iam", sm.region, "GetRole", RoleName=name)
             facts.role = "ok"
-            self._remember(("role", sm.role_arn), True)
         except AwsError as e:
             facts.role = "missing" if e.code == "NoSuchEntity" else f"iam GetRole {e.code} (the operator may not read roles)"
+            return
         except (AwsUnavailable, AwsNotConfigured) as e:
             facts.role = f"IAM not reachable by the operator ({e})"
+            return
+        facts.pass_role = await self._pass_role(sm)
+        if facts.pass_role not in DENIED:
+            self._remember(("role", sm.role_arn), facts.pass_role)
+
+    async def _pass_role(self, sm: SageMakerSettings) -> str:
+        """SimulatePrincipalPolicy of iam:PassRole on the execution role for the operator's own
+        principal (an assumed role's role, or a user)."""
+        try:
+            arn = self._recall(("principal",))
+            if arn is None:
+                arn = (await self._call("sts", sm.region, "GetCallerIdentity")).get("Arn") or ""
+                if ":assumed-role/" in arn:
+                    role = arn.split(":assumed-role/", 1)[1].split("/", 1)[0]
+                    arn = (await self._call("iam", sm.region, "GetRole", RoleName=role))["Role"]["Arn"]
+                elif ":user/" in arn:
+                    arn = arn.replace(":sts::", ":iam::", 1)
+                else:
+                    return f"not asked for principal {arn or 'unknown'}"
+                self._remember(("principal",), arn, float("inf"))
+            # The documented policy allows PassRole only towards SageMaker (docs/iam): without the
+            # context key the simulation would deny what CreateTrainingJob is allowed.
+            out = await self._call("iam", sm.region, "SimulatePrincipalPolicy", PolicySourceArn=arn,
+                                   ActionNames=["iam:PassRole"], ResourceArns=[sm.role_arn],
+                                   ContextEntries=[{"ContextKeyName": "iam:PassedToService", "ContextKeyType": "string",
+                                                    "ContextKeyValues": ["sagemaker.amazonaws.com"]}])
+            results = out.get("EvaluationResults") or []
+            return str(results[0].get("EvalDecision")) if results else "no evaluation result"
+        except AwsError as e:
+            return f"iam SimulatePrincipalPolicy {e.code} (the operator may not simulate its policies)"
+        except (AwsUnavailable, AwsNotConfigured) as e:
+            return f"IAM not reachable by the operator ({e})"
 
     async def _quotas(self, sm: SageMakerSettings, facts: Facts) -> None:
-        facts.quotas_note = "not read in time"
+        facts.quotas_note = "not read (timed out or failed: the operator's log says why)"
         known = self._recall(("quotas", sm.region))
         if known is None:
             known = await self._list_quotas(sm.region)

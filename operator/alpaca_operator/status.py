@@ -92,6 +92,7 @@ class Reason:
     BUCKET_NOT_FOUND = "BucketNotFound"
     INSTANCE_TYPE_NOT_OFFERED = "InstanceTypeNotOffered"
     QUOTA_TOO_LOW = "QuotaTooLow"             # the account's limit, not its use, is below instanceCount
+    ROLE_NOT_PASSABLE = "RoleNotPassable"     # the operator may not iam:PassRole the execution role
 
 
 class Outcome:
