@@ -203,3 +203,15 @@ def test_the_iam_policy_allows_every_call_the_preflight_makes():
                 "servicequotas:ListServiceQuotas"}
     needed = {iam_name.get(c, f"{c[0]}:{c[1]}") for c in calls if c != ("sts", "GetCallerIdentity")}
     assert needed <= allowed, needed - allowed
+
+
+def test_a_403_is_a_warning_and_an_unreadable_quota_a_note():
+    from alpaca_operator.preflight import Facts, evaluate
+
+    spec = parse_spec(sagemaker("b"))
+    out = evaluate(spec, Facts(buckets={"b": "forbidden"}, role="iam GetRole AccessDenied (the operator may not "
+                                        "read roles)", quotas_note="service-quotas ListServiceQuotas AccessDenied"))
+    assert out.failure is None
+    assert out.warnings[0] == "the operator may not HeadBucket b (403); the trainer's role may differ"
+    assert "skipped: role: iam GetRole AccessDenied" in out.message()
+    assert "skipped: SageMaker quota (service-quotas ListServiceQuotas AccessDenied)" in out.message()

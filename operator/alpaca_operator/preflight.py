@@ -5,7 +5,9 @@ SageMaker the execution role and the account's instance quota.
 What the operator's own AWS identity cannot see is a note, never a failure: the trainer's
 identity (the pods' IRSA role, the SageMaker execution role) is another one. Only a fact
 that no identity can change fails the run: a bucket that does not exist, a model that
-cannot fit, an instance type the region does not offer, a quota below instanceCount.
+cannot fit, an instance type the region does not offer, a quota below instanceCount; and
+one about the identity that makes the call itself: the operator may not pass the
+execution role to SageMaker.
 
 `gather()` does the I/O (the operator's credentials, as the SageMaker backend uses them);
 `evaluate()` turns what it found into an Outcome, purely; status.preflight() writes it.
@@ -199,8 +201,10 @@ def evaluate(spec: FineTuneSpec, facts: Facts) -> Outcome:
             e = mem.estimate(facts.shape, setup, hw.gpu_memory_gb)
             alts = [] if e.fits else mem.alternatives(facts.shape, setup, hw.gpu_memory_gb)
             text = mem.verdict_message(e, alts) + f" ({hw.instance_type}, {hw.gpu}; model from {facts.shape_source})"
-            if not e.fits:
-                failure = failure or (Reason.INSUFFICIENT_GPU_MEMORY, "will not fit: " + text)
+            if not e.fits and failure is None:
+                failure = (Reason.INSUFFICIENT_GPU_MEMORY, "will not fit: " + text)
+            elif not e.fits:
+                warnings.append("will not fit either: " + text)
             elif e.tight:
                 warnings.append(text)
             else:
