@@ -1,7 +1,9 @@
 """The preflight's AWS checks (preflight.Preflight) against the SageMaker stand-in, which is
 moto's S3, IAM and STS behind our SageMaker layer: HeadBucket, the model's config.json,
-iam GetRole. moto 5.2.5 has no ListServiceQuotas (HTTP 500) and no SageMaker quotas, so
-the stand-in answers it from a table the test posts (hack/sagemaker_local, /_standin/quotas).
+iam GetRole, sts GetCallerIdentity. moto 5.2.5 has no ListServiceQuotas (HTTP 500) and no
+SageMaker quotas, and no iam SimulatePrincipalPolicy (NotImplementedError), so the stand-in
+answers those two from tables the test posts (hack/sagemaker_local: /_standin/quotas,
+/_standin/passrole); unset, they go to moto and the preflight notes that it could not ask.
 """
 from __future__ import annotations
 
