@@ -68,6 +68,7 @@ def test_refused_before_launch_with_the_estimate_and_what_would_fit(cluster, ope
            "(26.7 model states + 13.9 activations) of 40.0 GiB (101%)" in cond["message"], cond["message"]
     assert "would fit: deepspeed.zeroStage: 3 (28.5 GiB)" in cond["message"]
     assert z2["status"]["message"].startswith("preflight: will not fit")
+    assert z2["status"]["reason"] == "InsufficientGPUMemory"    # the Reason column
     failed = next(c for c in z2["status"]["conditions"] if c["type"] == "Failed")
     assert failed["status"] == "True" and failed["reason"] == "InsufficientGPUMemory"
     assert not z2["status"].get("attempts")
