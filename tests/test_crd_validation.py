@@ -389,6 +389,7 @@ DEFAULTED_SPEC = {
     "runPolicy": {"backoffLimit": 3, "disruptionLimit": 20, "failedJobsHistoryLimit": 1, "suspend": False,
                   "progressDeadlineSeconds": 1800, "startupDeadlineSeconds": 3600, "avoidFailedNodes": 2,
                   "schedulingTimeoutSeconds": 600, "whenUnsatisfiable": "Fail"},
+    "preflight": {"memory": True},
 }
 
 

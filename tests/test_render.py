@@ -74,6 +74,8 @@ def test_defaults_agree_with_the_crd():
     assert props["terminationGracePeriodSeconds"]["default"] == s.termination_grace_period_seconds
     assert props["image"]["default"] == s.image
     assert props["deepspeed"]["default"]["zeroStage"] == s.deepspeed.zero_stage
+    assert props["preflight"]["default"]["memory"] == props["preflight"]["properties"]["memory"]["default"] \
+        == s.preflight.memory
 
 
 @pytest.mark.parametrize("bad", [

@@ -140,6 +140,12 @@ class RunPolicy:
 
 
 @dataclass(frozen=True)
+class Preflight:
+    """spec.preflight: the checks made once before the first launch (preflight.py)."""
+    memory: bool = True
+
+
+@dataclass(frozen=True)
 class FineTuneSpec:
     model_uri: str
     data_uri: str
@@ -173,6 +179,7 @@ class FineTuneSpec:
     queue_name: str | None = None
     run_policy: RunPolicy = RunPolicy()
     sagemaker: Mapping[str, Any] = field(default_factory=dict)
+    preflight: Preflight = Preflight()
 
     @property
     def gpus(self) -> int:
@@ -306,6 +313,7 @@ def parse_spec(spec: Mapping[str, Any] | None) -> FineTuneSpec:
         queue_name=spec.get("queueName") or None,
         run_policy=run_policy,
         sagemaker=dict(_get(spec, "sagemaker", {})),
+        preflight=Preflight(memory=bool(_get(spec.get("preflight"), "memory", Preflight.memory))),
     )
 
 

@@ -44,6 +44,7 @@ class Cond:
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     CHILDREN_DELETED = "ChildrenDeleted"
+    PREFLIGHT = "Preflight"     # the checks before the first launch (preflight.py)
 
 
 class Reason:
@@ -87,6 +88,14 @@ class Reason:
     # Self-healing (issue 19).
     PROGRESS_DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"  # hung: no step within the deadline
     NODE_SUSPECTED = "NodeSuspected"          # a failure attributed to a node; later attempts avoid it
+    # The Preflight condition (issue 16). The failing ones end the run before any launch.
+    PREFLIGHT_PASSED = "PreflightPassed"
+    PREFLIGHT_WARNINGS = "PreflightWarnings"  # passed, with a warning (memory above 90 %, a 403)
+    INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
+    BUCKET_NOT_FOUND = "BucketNotFound"
+    INSTANCE_TYPE_NOT_OFFERED = "InstanceTypeNotOffered"
+    QUOTA_TOO_LOW = "QuotaTooLow"             # the account's limit, not its use, is below instanceCount
+    ROLE_NOT_PASSABLE = "RoleNotPassable"     # the operator may not iam:PassRole the execution role
 
 
 class Outcome:
@@ -847,3 +856,32 @@ def invalid(run: Run, now: dt.datetime, reason: str, message: str) -> Plan:
     d.to(Phase.PENDING, reason, message, warning=True)
     d.condition(Cond.CREATED, False, reason, message)
     return d.plan()
+
+
+def needs_preflight(run: Run, plan: Plan) -> bool:
+    """The plan launches the first attempt and no preflight has been recorded: it runs once
+    per run, before anything is created (its condition, once written, says it ran)."""
+    return run.attempt == 0 and any(a.kind == "launch" and a.attempt == 1 for a in plan.actions) \
+        and get_condition(run.status, Cond.PREFLIGHT) is None
+
+
+def preflight(run: Run, plan: Plan, outcome: Any, now: dt.datetime) -> Plan:
+    """The plan with the preflight's outcome (preflight.Outcome): its Preflight condition, and
+    a failed run instead of the launch when a check failed (no retry changes the facts)."""
+    message = outcome.message()
+    if outcome.failure is not None:
+        reason, _ = outcome.failure
+        d = _Draft(run, now)
+        d.new["completionTime"] = fmt_time(now)
+        d.to(Phase.FAILED, reason, f"preflight: {message}", warning=True)
+        d.condition(Cond.PREFLIGHT, False, reason, message)
+        d.condition(Cond.FAILED, True, reason, d.new["message"])
+        d.condition(Cond.CREATED, False, reason, "nothing was created: the preflight failed")
+        return _then_ttl(d, d.plan())
+    reason = Reason.PREFLIGHT_WARNINGS if outcome.warnings else Reason.PREFLIGHT_PASSED
+    conditions = plan.patch.get("conditions", run.status.get("conditions") or [])
+    # No Event for the warnings: the condition shows in `kubectl describe` too, and an Event per
+    # run is one more API request per run at scale.
+    plan.patch["conditions"] = set_condition(list(conditions), Cond.PREFLIGHT, True, reason, message, now,
+                                             run.generation)
+    return plan
