@@ -22,7 +22,7 @@ LOCAL_EXEC_MAX_PROCS ?= 2
 PYTEST_ARGS ?=
 
 .PHONY: help setup venv controlplane kube-tools cluster-up cluster-down cluster-status \
-        test test-gpu demo demo-down run-operator bench-operator bench-train lock manifests clean
+        test test-gpu demo demo-down run-operator bench-operator bench-train lock manifests images clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -77,6 +77,9 @@ bench-train: setup ## our training script against Stanford Alpaca's, and full fi
 
 manifests: kube-tools ## regenerate manifests/ (plain YAML, kustomize) from charts/alpaca-operator
 	$(PY) hack/manifests_from_chart.py
+
+images: ## build and tag the training and operator images for ECR (PUSH=1: push), or print the docker commands where no Docker engine runs (docs/eks.md)
+	@$(PYTHON_BOOTSTRAP) hack/images.py
 
 lock: ## re-pin requirements.lock from requirements.in
 	$(UV) pip compile --python $(PY) requirements.in -o requirements.lock

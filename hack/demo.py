@@ -306,13 +306,15 @@ def load_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def run_manifests(sm) -> list[dict]:
+def run_manifests(sm, names: tuple[str, ...] = RUNS) -> list[dict]:
     """hack/demo/*.yaml, with this stand-in's endpoint in spec.env (the pods and the
     training job reach S3 through it)."""
     env = dict(sm.env, **TRAIN_ENV, TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"))
     env.pop("S3_ENDPOINT_URL", None)
     docs = []
     for name, file in zip(RUNS, RUN_FILES):
+        if name not in names:
+            continue
         doc = load_yaml(DEMO / file)
         if doc["metadata"]["name"] != name:
             raise DemoError(f"hack/demo/{file} must name its run {name} (it names it {doc['metadata']['name']})")
@@ -359,7 +361,8 @@ def rendezvous_port_free(wait_s: float = 60) -> None:
 
 
 def apply_runs(t: Tools, docs: list[dict]) -> None:
-    section("kubectl apply " + " ".join(f"-f hack/demo/{f}" for f in RUN_FILES))
+    section("kubectl apply " + " ".join(f"-f hack/demo/{f}" for n, f in zip(RUNS, RUN_FILES)
+                                        if n in {d["metadata"]["name"] for d in docs}))
     for doc in docs:
         t.apply(doc, f"kubectl apply of {doc['metadata']['name']}")
         spec = doc["spec"]
@@ -379,23 +382,23 @@ def table_rows(text: str) -> list[list[str]]:
     return [[line[a:b].strip() for a, b in zip(starts, ends)] for line in lines]
 
 
-def watch(t: Tools, timeout: float) -> dict[str, dict]:
+def watch(t: Tools, timeout: float, names: tuple[str, ...] = RUNS) -> dict[str, dict]:
     section(f"kubectl get aft -n {RUNS_NS} (a row each time a run changes)")
     last: dict[str, list] = {}
     widths: list[int] = []
     deadline = time.monotonic() + timeout
     while True:
-        rows = table_rows(t.kubectl("get", "aft", "-n", RUNS_NS, *RUNS, what="kubectl get aft").stdout)
+        rows = table_rows(t.kubectl("get", "aft", "-n", RUNS_NS, *names, what="kubectl get aft").stdout)
         if not widths:
             # One layout for every row, as `kubectl get --watch` would print them.
-            widths = [max(len(c) + 3, w) for c, w in zip(rows[0], (17, 12, 12, 8, 12, 11, 19, 5))]
+            widths = [max(len(c) + 3, w) for c, w in zip(rows[0], (17, 12, 12, 8, 12, 16, 11, 19, 5))]
             say("".join(c.ljust(w) for c, w in zip(rows[0], widths)).rstrip())
         for cells in rows[1:]:
             if last.get(cells[0]) != cells[:-1]:  # not the age
                 last[cells[0]] = cells[:-1]
                 say("".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
         runs = {r["metadata"]["name"]: r for r in t.get("aft", "-n", RUNS_NS)["items"]}
-        phases = {n: runs.get(n, {}).get("status", {}).get("phase") for n in RUNS}
+        phases = {n: runs.get(n, {}).get("status", {}).get("phase") for n in names}
         if all(p in ("Succeeded", "Failed") for p in phases.values()):
             return runs
         if time.monotonic() > deadline:
@@ -416,13 +419,13 @@ def model_keys(s3, uri: str) -> list[dict]:
     return [dict(o, Bucket=bucket) for o in rest if "/" not in o["Key"][len(prefix):]]
 
 
-def results(t: Tools, sm, runs: dict[str, dict], state: Path) -> bool:
+def results(t: Tools, sm, runs: dict[str, dict], state: Path, names: tuple[str, ...] = RUNS) -> bool:
     section("the runs, finished")
-    say(t.kubectl("get", "aft", "-n", RUNS_NS, "-o", "wide", *RUNS).stdout.rstrip())
+    say(t.kubectl("get", "aft", "-n", RUNS_NS, "-o", "wide", *names).stdout.rstrip())
     s3 = sm.client("s3", max_attempts=3)
     ok = True
     models = {}
-    for name in RUNS:
+    for name in names:
         st = runs[name].get("status", {})
         backend = runs[name]["spec"].get("backend", "eks")
         peft = runs[name]["spec"].get("training", {}).get("peft")
@@ -528,12 +531,12 @@ def up(args) -> int:
     install_operator(t, sm, state)
     deepspeed_ops()
     rendezvous_port_free()
-    apply_runs(t, run_manifests(sm))
-    runs = watch(t, args.timeout)
-    ok = results(t, sm, runs, state)
+    apply_runs(t, run_manifests(sm, args.runs))
+    runs = watch(t, args.timeout, args.runs)
+    ok = results(t, sm, runs, state, args.runs)
     section(f"done in {time.monotonic() - t0:.0f}s; everything is still up")
     say(f"export KUBECONFIG={t.kubeconfig}\n"
-        f"kubectl -n {RUNS_NS} get aft; kubectl -n {RUNS_NS} describe aft {RUNS[0]}; "
+        f"kubectl -n {RUNS_NS} get aft; kubectl -n {RUNS_NS} describe aft {args.runs[0]}; "
         f"kubectl -n {OPERATOR_NS} logs deploy/{RELEASE}\n"
         f"AWS_ENDPOINT_URL={sm.endpoint}: the local S3 and SageMaker; make demo-down stops everything")
     if not ok:
@@ -558,10 +561,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="the API server's port (default: the running cluster's, else 36443)")
     p.add_argument("--gpu-nodes", type=int, default=int(os.environ.get("GPU_NODES") or 2),
                    help="kwok's simulated GPU nodes, beside the local-exec ones")
+    p.add_argument("--runs", default=os.environ.get("DEMO_RUNS") or ",".join(RUNS),
+                   help=f"which of the runs to train, comma-separated (default all: {','.join(RUNS)})")
     p.add_argument("--timeout", type=float, default=float(os.environ.get("DEMO_TIMEOUT") or 900),
                    help="seconds the runs may take")
     args = p.parse_args(argv)
     args.dir = args.dir.resolve()
+    args.runs = tuple(n for n in RUNS if n in {r.strip() for r in args.runs.split(",")})
+    if not args.runs:
+        p.error(f"--runs names none of {', '.join(RUNS)}")
     if args.command == "generate":
         print(json.dumps(generate({n: Path(d) for n, _, d in (m.partition("=") for m in args.models)})))
         return 0

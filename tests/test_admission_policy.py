@@ -99,6 +99,7 @@ def test_trainer_writes_only_its_own_progress(cluster, policy, namespace, tmp_pa
 
     for change, field in (({"phase": "Succeeded"}, "phase"), ({"attempts": 0}, "attempts"),
                           ({"startTime": None}, "startTime"), ({"conditions": []}, "conditions"),
+                          ({"reason": "Succeeded"}, "reason"),
                           ({"progress": {"step": 11}, "message": "done"}, "message")):
         denied = _patch(rank0, namespace, "alpha", change)
         assert denied.returncode != 0, change
@@ -136,3 +137,10 @@ def test_trainer_writes_only_its_own_progress(cluster, policy, namespace, tmp_pa
     assert st["phase"] == "Running" and st["attempts"] == 1 and st["startTime"] == "2026-12-01T00:00:00Z"
     assert st["progress"]["step"] == 10 and st["progress"]["loss"] == 1.5
     assert get_json(cluster, "aft", "beta", "-n", namespace)["status"].get("progress") is None
+
+
+def test_every_field_the_operator_owns_is_guarded_from_the_training_pods():
+    from alpaca_operator.status import OWNED
+    policy = (Path(__file__).resolve().parent.parent / "manifests" / "policy" / "trainer-status-policy.yaml").read_text()
+    unguarded = [k for k in OWNED if f'"object.?status.?{k} == oldObject.?status.?{k}"' not in policy]
+    assert not unguarded, f"status fields a training pod could rewrite: {unguarded}"

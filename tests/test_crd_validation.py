@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -125,7 +128,7 @@ def test_printer_columns_point_at_schema_fields():
     (version,) = crd_doc()["spec"]["versions"]
     known = {path for path, _ in iter_schema(openapi_schema())}
     names = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert names[:7] == ["Phase", "Backend", "Nodes", "GPUs/Node", "Progress", "Loss", "Age"]
+    assert names[:8] == ["Phase", "Backend", "Nodes", "GPUs/Node", "Reason", "Progress", "Loss", "Age"]
     for column in version["additionalPrinterColumns"]:
         assert column["jsonPath"] in known | {".metadata.creationTimestamp"}, column
 
@@ -249,6 +252,10 @@ BAD_INPUT = [
     ("disruption-limit-negative", {"spec.runPolicy": {"disruptionLimit": -1}}, ["spec.runPolicy.disruptionLimit"]),
     ("progress-deadline-negative", {"spec.runPolicy": {"progressDeadlineSeconds": -1}},
      ["spec.runPolicy.progressDeadlineSeconds"]),
+    ("when-unsatisfiable-unknown", {"spec.runPolicy": {"whenUnsatisfiable": "Retry"}},
+     ["spec.runPolicy.whenUnsatisfiable"]),
+    ("scheduling-timeout-negative", {"spec.runPolicy": {"schedulingTimeoutSeconds": -1}},
+     ["spec.runPolicy.schedulingTimeoutSeconds"]),
     ("avoid-failed-nodes-too-many", {"spec.runPolicy": {"avoidFailedNodes": 101}}, ["spec.runPolicy.avoidFailedNodes"]),
     ("active-deadline-zero", {"spec.runPolicy": {"activeDeadlineSeconds": 0}},
      ["spec.runPolicy.activeDeadlineSeconds"]),
@@ -269,6 +276,34 @@ BAD_INPUT = [
     ("sagemaker-region-malformed",
      {"spec.backend": "sagemaker", "spec.sagemaker": {**SAGEMAKER_OK, "region": "Virginia"}},
      ["spec.sagemaker.region"]),
+    ("volume-source-typo", {"spec.volumes": [{"name": "fsx", "persistentVolumeClam": {"claimName": "fsx"}}]},
+     ['unknown field "spec.volumes[0].persistentVolumeClam"']),
+    ("volume-without-source", {"spec.volumes": [{"name": "fsx"}]}, ["spec.volumes[0]", "exactly one of"]),
+    ("volume-two-sources", {"spec.volumes": [{"name": "a", "emptyDir": {}, "nfs": {"server": "s", "path": "/"}}]},
+     ["spec.volumes[0]", "exactly one of"]),
+    ("volume-operators-name", {"spec.volumes": [{"name": "workspace", "emptyDir": {}}]},
+     ["spec.volumes[0]", "the operator's own"]),
+    ("volume-mount-unknown-volume", {"spec.volumeMounts": [{"name": "fsx", "mountPath": "/fsx"}]},
+     ["spec.volumeMounts", "must name a volume of spec.volumes"]),
+    ("volume-mount-over-workspace", {"spec.volumes": [{"name": "a", "emptyDir": {}}],
+                                     "spec.volumeMounts": [{"name": "a", "mountPath": "/workspace/data"}]},
+     ["spec.volumeMounts[0]", "/workspace"]),
+    ("volume-mount-relative", {"spec.volumes": [{"name": "a", "emptyDir": {}}],
+                               "spec.volumeMounts": [{"name": "a", "mountPath": "data"}]},
+     ["spec.volumeMounts[0].mountPath"]),
+    ("affinity-typo", {"spec.affinity": {"nodeAfinity": {}}}, ['unknown field "spec.affinity.nodeAfinity"']),
+    ("topology-spread-unknown-policy", {"spec.topologySpreadConstraints": [
+        {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "Never"}]},
+     ["spec.topologySpreadConstraints[0].whenUnsatisfiable"]),
+    ("priority-class-bad-name", {"spec.priorityClassName": "High Priority"}, ["spec.priorityClassName"]),
+    ("topology-both-ways", {"spec.resources.topology": {"required": "topology.k8s.aws/network-node-layer-3",
+                                                        "preferred": "topology.kubernetes.io/zone"}},
+     ["spec.resources.topology"]),
+    ("queue-name-bad", {"spec.queueName": "GPU Queue"}, ["spec.queueName"]),
+    ("pull-secret-without-name", {"spec.imagePullSecrets": [{}]}, ["spec.imagePullSecrets[0].name"]),
+    ("pod-settings-with-sagemaker", {"spec.backend": "sagemaker", "spec.sagemaker": SAGEMAKER_OK,
+                                     "spec.schedulerName": "default-scheduler"},
+     ["spec", "apply to the pods of backend eks"]),
     ("sagemaker-image-not-in-ecr",
      {"spec.backend": "sagemaker", "spec.sagemaker": {**SAGEMAKER_OK, "image": "ghcr.io/alpaca-operator/train:0.1.0"}},
      ["spec.sagemaker.image", "Amazon ECR", "ACCOUNT.dkr.ecr.REGION.amazonaws.com", "imageRepositoryAccess: Vpc"]),
@@ -369,7 +404,9 @@ DEFAULTED_SPEC = {
     "imagePullPolicy": "IfNotPresent",
     "terminationGracePeriodSeconds": 300,
     "runPolicy": {"backoffLimit": 3, "disruptionLimit": 20, "failedJobsHistoryLimit": 1, "suspend": False,
-                  "progressDeadlineSeconds": 1800, "startupDeadlineSeconds": 3600, "avoidFailedNodes": 2},
+                  "progressDeadlineSeconds": 1800, "startupDeadlineSeconds": 3600, "avoidFailedNodes": 2,
+                  "schedulingTimeoutSeconds": 600, "whenUnsatisfiable": "Fail"},
+    "preflight": {"memory": True},
 }
 
 
@@ -525,6 +562,45 @@ def test_immutability_cannot_be_dodged_by_clearing_status_in_the_same_update(clu
 # --------------------------------------------------------------------------- sagemaker
 
 
+def test_pod_settings_of_shared_clusters_are_accepted(cluster, crd, namespace):
+    """Every pod setting a shared cluster uses, in the shape users copy from a Pod."""
+    obj = with_changes(aft("shared"), {
+        "spec.imagePullSecrets": [{"name": "regcred"}],
+        "spec.volumes": [{"name": "fsx", "persistentVolumeClaim": {"claimName": "fsx-lustre", "readOnly": True}},
+                         {"name": "efs", "nfs": {"server": "fs-1.efs.us-east-1.amazonaws.com", "path": "/"}},
+                         {"name": "scratch", "emptyDir": {"sizeLimit": "100Gi"}}],
+        "spec.volumeMounts": [{"name": "fsx", "mountPath": "/fsx", "readOnly": True},
+                              {"name": "efs", "mountPath": "/efs", "subPath": "models"}],
+        "spec.affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "topology.k8s.aws/network-node-layer-3", "operator": "In",
+                                   "values": ["nn-1"]}]}]}},
+            "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 10, "podAffinityTerm": {
+                "topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"team": "b"}}}}]}},
+        "spec.topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                            "whenUnsatisfiable": "ScheduleAnyway",
+                                            "labelSelector": {"matchLabels": {"alpaca.dev/finetune": "shared"}}}],
+        "spec.schedulerName": "default-scheduler",
+        "spec.priorityClassName": "research-high",
+    })
+    apply(cluster, namespace, obj, check=True)
+    stored = get_json(cluster, "-n", namespace, "aft", "shared")["spec"]
+    assert stored["volumes"] == obj["spec"]["volumes"] and stored["affinity"] == obj["spec"]["affinity"]
+
+
+def test_pod_setting_schemas_are_kubernetes_own_and_the_sagemaker_rule_names_them_all(cluster):
+    """The volumes/affinity/topologySpreadConstraints schemas are generated from this API
+    server's OpenAPI (hack/pod_schemas.py); the sagemaker refusal covers spec.POD_ONLY_FIELDS."""
+    proc = subprocess.run([sys.executable, str(ROOT / "hack" / "pod_schemas.py"), "--check"], env=cluster.env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    from alpaca_operator.spec import POD_ONLY_FIELDS
+    rules = openapi_schema()["properties"]["spec"]["x-kubernetes-validations"]
+    rule = next(r["rule"] for r in rules if "apply to the pods of backend eks" in r["message"])
+    assert re.findall(r"has\(self\.(\w+)\)", rule) == list(POD_ONLY_FIELDS)
+    props = openapi_schema()["properties"]["spec"]["properties"]
+    assert set(POD_ONLY_FIELDS) <= set(props)
+
+
 def test_sagemaker_block_is_validated_only_for_backend_sagemaker(cluster, crd, namespace):
     garbage = {"roleArn": "not-an-arn", "instanceType": "huge", "instanceCount": 0, "region": "Mars"}
     eks = with_changes(aft("eks-with-junk"), {"spec.sagemaker": garbage})
@@ -578,14 +654,15 @@ def test_status_schema_and_printer_columns(cluster, crd, namespace):
                      "epoch": 0.9, "loss": 1.234, "learningRate": 1.9e-5, "tokensPerSecond": 5231.5,
                      "eta": "00:42:10", "updatedAt": "2026-11-28T04:10:00Z"},
         "message": "training",
+        "reason": "AllPodsRunning",
     }
     cluster.kubectl("patch", "-n", namespace, "aft", "run", "--subresource=status", "--type=merge",
                     "-p", json.dumps({"status": status}))
     stored = get_json(cluster, "-n", namespace, "aft", "run")["status"]
     assert stored == status  # nothing pruned: every field the operator writes is in the schema
     table = cluster.kubectl("get", "-n", namespace, "aft").stdout.splitlines()
-    assert table[0].split() == ["NAME", "PHASE", "BACKEND", "NODES", "GPUS/NODE", "PROGRESS", "LOSS", "AGE"]
-    assert table[1].split()[:7] == ["run", "Running", "eks", "1", "8", "120/400", "1.234"]
+    assert table[0].split() == ["NAME", "PHASE", "BACKEND", "NODES", "GPUS/NODE", "REASON", "PROGRESS", "LOSS", "AGE"]
+    assert table[1].split()[:8] == ["run", "Running", "eks", "1", "8", "AllPodsRunning", "120/400", "1.234"]
     wide = cluster.kubectl("get", "-n", namespace, "aft", "-o", "wide").stdout.splitlines()
     assert {"STAGE", "ETA", "ATTEMPTS", "DISRUPTIONS", "MESSAGE"} <= set(wide[0].split())
     header = wide[0].split()
@@ -616,6 +693,8 @@ def test_largest_allowed_object_stays_within_the_cel_cost_budget(cluster, crd, n
                     + [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
         "spec.podMetadata": {"labels": {f"example.com/label-{i}": "x" * 63 for i in range(64)},
                              "annotations": {f"example.com/note-{i}": "y" * 1000 for i in range(64)}},
+        "spec.volumes": [{"name": f"v{i}", "emptyDir": {}} for i in range(32)],
+        "spec.volumeMounts": [{"name": f"v{31 - i}", "mountPath": f"/data/{i}"} for i in range(32)],
     })
     apply(cluster, namespace, obj, check=True)
     start(cluster, namespace, "big")

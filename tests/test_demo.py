@@ -52,7 +52,7 @@ def test_a_taken_port_is_one_clear_error_line(demo_dir):
     assert "CLUSTER_PORT=" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
 
 
-def test_make_demo_trains_both_backends_to_the_end(demo_dir):
+def test_make_demo_trains_both_backends_to_the_end_and_runs_again_after_a_stop(demo_dir):
     proc = demo("up", "--dir", str(demo_dir), "--port", str(three_free_ports()), "--timeout", "900",
                 timeout=1500)
     out = proc.stdout
@@ -83,6 +83,20 @@ def test_make_demo_trains_both_backends_to_the_end(demo_dir):
     assert Path(f"/proc/{pid}").exists()
     assert demo("down", "--dir", str(demo_dir), timeout=180).returncode == 0
     assert not (demo_dir / "demo" / "standin.json").exists()
+
+    # A user goes on as the README says: make demo after make demo-down, after make
+    # cluster-down, and twice in a row. Each trains the quickest run (the full set-up each
+    # time: control plane, stand-in, helm upgrade, runs of the last demo deleted).
+    def again(after: str) -> None:
+        proc = demo("up", "--dir", str(demo_dir), "--runs", "tiny-lora", "--timeout", "600", timeout=1200)
+        assert proc.returncode == 0, f"make demo after {after}:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+        assert "\ntiny-lora (eks): Succeeded" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+    again("make demo-down")
+    cluster_down = subprocess.run([sys.executable, str(ROOT / "hack" / "cluster.py"), "down", "--dir", str(demo_dir)],
+                                  capture_output=True, text=True, timeout=180)
+    assert cluster_down.returncode == 0, cluster_down.stderr
+    again("make cluster-down")
+    again("make demo")
 
 
 def test_a_stopped_cluster_is_started_again_not_an_error(demo_dir):

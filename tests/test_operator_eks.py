@@ -182,8 +182,8 @@ def test_kubectl_get_columns_and_progress_from_rank0(cluster, operator, namespac
              on_timeout=dump(cluster, namespace, operator))
     out = cluster.kubectl("get", "aft", "cols", "-n", namespace).stdout.splitlines()
     header, row = out[0].split(), out[1].split()
-    assert header == ["NAME", "PHASE", "BACKEND", "NODES", "GPUS/NODE", "PROGRESS", "LOSS", "AGE"], header
-    assert row[:7] == ["cols", "Running", "eks", "2", "8", "120/400", "1.234"], row
+    assert header == ["NAME", "PHASE", "BACKEND", "NODES", "GPUS/NODE", "REASON", "PROGRESS", "LOSS", "AGE"], header
+    assert row[:8] == ["cols", "Running", "eks", "2", "8", "Running", "120/400", "1.234"], row
     # rank 0 says it is uploading: the phase follows
     kubectl_as(as_pod, "patch", "alpacafinetune", "cols", "-n", namespace, "--subresource=status",
                "--type=merge", "-p", json.dumps({"status": {"progress": {
@@ -366,13 +366,16 @@ def test_a_run_that_cannot_start_counts_nothing_and_can_still_be_fixed(cluster, 
     body = wait_for("Succeeded", phase_is(cluster, namespace, "typo", "Succeeded"), timeout=30,
                     on_timeout=dump(cluster, namespace, operator))
     job = get_json(cluster, "job", "typo-a1", "-n", namespace)
-    assert body["status"]["startTime"] == job["metadata"]["creationTimestamp"] and body["status"]["attempts"] == 1
+    # The run started when its gang ran, not before its Job existed.
+    assert body["status"]["startTime"] >= job["metadata"]["creationTimestamp"] and body["status"]["attempts"] == 1
     assert job["spec"]["activeDeadlineSeconds"] == 600          # the deadline counts from the real start
 
 
 def test_workers_that_cannot_start_say_why_within_seconds(cluster, operator, namespace):
-    nowhere = finetune("nowhere", nodes=2)
-    nowhere["spec"]["resources"]["nodeSelector"] = {"eks.amazonaws.com/nodegroup": "gpu-p5"}
+    # Its nodes exist (so it is not Unsatisfiable), but its affinity rules every one of them out.
+    nowhere = finetune("nowhere", nodes=2, affinity={"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [{"key": "eks.amazonaws.com/nodegroup", "operator": "In",
+                                                     "values": ["gpu-p5"]}]}]}}})
     nopull = finetune("nopull")
     nopull["spec"]["podMetadata"]["annotations"]["kwok.alpaca.dev/image-pull-error"] = "true"
     apply(cluster, namespace, nowhere, nopull)
@@ -491,3 +494,130 @@ def test_a_loss_spike_restarts_and_the_next_attempt_is_told_the_steps_to_skip(cl
     assert "ALPACA_SKIP_STEPS" not in env.get("spike-a1", {}) and env["spike-a2"]["ALPACA_SKIP_STEPS"] == "7-9"
     assert "skipping steps 7-9" in next(e["message"] for e in events(cluster, namespace, "spike")
                                         if e["reason"] == "Restarting")
+
+
+def test_shared_cluster_pod_settings_reach_the_pods_and_the_run_succeeds(cluster, operator, namespace):
+    """spec.imagePullSecrets, volumes, volumeMounts, affinity, topologySpreadConstraints,
+    schedulerName and priorityClassName, as the scheduler and the kubelet get them."""
+    priority = f"alpaca-test-{namespace}"
+    cluster.kubectl("create", "priorityclass", priority, "--value=1000")
+    cluster.kubectl("create", "configmap", "shared-models", "-n", namespace, "--from-literal=README=models")
+    try:
+        run = finetune("shared", nodes=2, run_for="2s",
+                       imagePullSecrets=[{"name": "regcred"}],
+                       volumes=[{"name": "models", "configMap": {"name": "shared-models"}},
+                                {"name": "scratch", "emptyDir": {"sizeLimit": "10Gi"}}],
+                       volumeMounts=[{"name": "models", "mountPath": "/models", "readOnly": True},
+                                     {"name": "scratch", "mountPath": "/scratch"}],
+                       affinity={"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                           "nodeSelectorTerms": [{"matchExpressions": [
+                               {"key": "nvidia.com/gpu.present", "operator": "In", "values": ["true"]}]}]}}},
+                       topologySpreadConstraints=[{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                                   "whenUnsatisfiable": "DoNotSchedule",
+                                                   "labelSelector": {"matchLabels": {"alpaca.dev/finetune": "shared"}}}],
+                       schedulerName="default-scheduler", priorityClassName=priority)
+        apply(cluster, namespace, run)
+        body = wait_for("Succeeded", phase_is(cluster, namespace, "shared", "Succeeded", "Failed"), timeout=90,
+                        on_timeout=dump(cluster, namespace, operator))
+        assert body["status"]["phase"] == "Succeeded", body["status"]
+        live = pods(cluster, namespace, "shared")
+        assert len(live) == 2
+        for pod in live:
+            spec = pod["spec"]
+            assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+            assert {"name": "models", "configMap": {"name": "shared-models", "defaultMode": 420}} in spec["volumes"]
+            assert {"name": "models", "mountPath": "/models", "readOnly": True} in spec["containers"][0]["volumeMounts"]
+            assert spec["affinity"] == run["spec"]["affinity"]
+            assert spec["topologySpreadConstraints"] == run["spec"]["topologySpreadConstraints"]
+            # The admission plugin resolved the class: the scheduler ranks the pods by it.
+            assert (spec["schedulerName"], spec["priorityClassName"], spec["priority"]) == \
+                ("default-scheduler", priority, 1000)
+        # maxSkew 1 by hostname: the gang of two sits on two nodes.
+        assert len({p["spec"]["nodeName"] for p in live}) == 2
+    finally:
+        cluster.kubectl("delete", "priorityclass", priority, "--ignore-not-found")
+
+
+def test_an_impossible_gang_fails_at_once_and_never_makes_a_pod(cluster, operator, namespace):
+    started = time.monotonic()
+    apply(cluster, namespace, finetune("huge", nodes=64))
+    body = wait_for("Failed", phase_is(cluster, namespace, "huge", "Failed", "Launching", "Running"), timeout=10,
+                    on_timeout=dump(cluster, namespace, operator))
+    assert time.monotonic() - started < 10
+    failed = conditions(body)["Failed"]
+    assert body["status"]["phase"] == "Failed" and failed["reason"] == "Unsatisfiable", body["status"]
+    assert ('needs 64 nodes x 8 nvidia.com/gpu matching {"node.kubernetes.io/instance-type": "p4d.24xlarge"}'
+            in failed["message"]) and "the cluster has 4 such nodes" in failed["message"], failed
+    assert jobs(cluster, namespace, "huge") == [] and pods(cluster, namespace, "huge") == []
+    assert "Unsatisfiable" in cluster.kubectl("get", "aft", "huge", "-n", namespace).stdout   # the Reason column
+
+
+def test_a_node_selector_typo_is_fixed_in_place_and_runs(cluster, operator, namespace):
+    """whenUnsatisfiable Wait: the typo waits Pending (no pods), the patch launches it."""
+    run = finetune("typo-sel", nodes=2, run_for="2s", run_policy={"whenUnsatisfiable": "Wait"})
+    run["spec"]["resources"]["nodeSelector"] = {"eks.amazonaws.com/nodegroup": "gpu-p4dd"}
+    apply(cluster, namespace, run)
+
+    def waiting():
+        body = aft(cluster, namespace, "typo-sel")
+        return body if body["status"].get("reason") == "Unsatisfiable" else None
+    body = wait_for("Unsatisfiable", waiting, timeout=20, on_timeout=dump(cluster, namespace, operator))
+    assert body["status"]["phase"] == "Pending" and "gpu-p4dd" in body["status"]["message"]
+    assert pods(cluster, namespace, "typo-sel") == []
+    cluster.kubectl("patch", "aft", "typo-sel", "-n", namespace, "--type=merge",
+                    "-p", '{"spec":{"resources":{"nodeSelector":{"eks.amazonaws.com/nodegroup":"gpu-p4d"}}}}')
+    body = wait_for("Succeeded", phase_is(cluster, namespace, "typo-sel", "Succeeded", "Failed"), timeout=60,
+                    on_timeout=dump(cluster, namespace, operator))
+    assert body["status"]["phase"] == "Succeeded" and body["status"]["attempts"] == 1
+
+
+def test_a_pending_gang_can_be_corrected_and_is_replaced(cluster, operator, namespace):
+    """A gang that fits by GPUs but asks more cpu than any node has: Unschedulable, and not
+    started, so spec.resources may still change; the edit replaces its pending pods."""
+    run = finetune("greedy", nodes=2, run_for="2s")
+    run["spec"]["resources"]["cpu"] = "500"
+    apply(cluster, namespace, run)
+
+    def unschedulable():
+        body = aft(cluster, namespace, "greedy")
+        return body if body["status"].get("reason") == "Unschedulable" else None
+    body = wait_for("Unschedulable", unschedulable, timeout=30, on_timeout=dump(cluster, namespace, operator))
+    assert "startTime" not in body["status"] and "Insufficient cpu" in body["status"]["message"], body["status"]["message"]
+    old_uid = jobs(cluster, namespace, "greedy")[0]["metadata"]["uid"]
+    cluster.kubectl("patch", "aft", "greedy", "-n", namespace, "--type=merge",
+                    "-p", '{"spec":{"resources":{"cpu":"4"}}}')
+    body = wait_for("Succeeded", phase_is(cluster, namespace, "greedy", "Succeeded", "Failed"), timeout=60,
+                    on_timeout=dump(cluster, namespace, operator))
+    assert body["status"]["phase"] == "Succeeded" and body["status"]["attempts"] == 1, body["status"]
+    (job,) = jobs(cluster, namespace, "greedy")
+    assert job["metadata"]["uid"] != old_uid and job["metadata"]["annotations"]["alpaca.dev/generation"] == "2"
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "4"
+    # Once started, spec.resources is immutable again.
+    proc = cluster.kubectl("patch", "aft", "greedy", "-n", namespace, "--type=merge",
+                           "-p", '{"spec":{"resources":{"cpu":"8"}}}', check=False)
+    assert proc.returncode != 0 and "immutable" in proc.stderr
+
+
+def test_a_gang_that_cannot_be_placed_now_holds_nothing_and_runs_when_nodes_free_up(cluster, operator, namespace):
+    apply(cluster, namespace, finetune("hog", nodes=3, run_for="25s"))
+    wait_for("hog Running", phase_is(cluster, namespace, "hog", "Running"), timeout=30,
+             on_timeout=dump(cluster, namespace, operator))
+    # Its first pod gets the fourth node; kwok ends each pod run_for after it starts, so
+    # that pod must outlive the wait for the second one.
+    apply(cluster, namespace, finetune("late", nodes=2, run_for="20s", run_policy={"schedulingTimeoutSeconds": 5}))
+
+    def gave_back():
+        body = aft(cluster, namespace, "late")
+        return body if body["status"].get("reason") == "SchedulingTimeout" else None
+    body = wait_for("SchedulingTimeout", gave_back, timeout=40, on_timeout=dump(cluster, namespace, operator))
+    assert body["status"]["phase"] == "Pending" and "Insufficient nvidia.com/gpu" in body["status"]["message"]
+    # Its placed pod went too: no GPU stays held by part of a gang.
+    wait_for("no pods of late", lambda: not [p for p in pods(cluster, namespace, "late")
+                                              if not p["metadata"].get("deletionTimestamp")] or None,
+             timeout=15, on_timeout=dump(cluster, namespace, operator))
+    body = wait_for("late Succeeded", phase_is(cluster, namespace, "late", "Succeeded", "Failed"), timeout=150,
+                    on_timeout=dump(cluster, namespace, operator))
+    st = body["status"]
+    assert st["phase"] == "Succeeded" and st["disruptions"] >= 1, st
+    *timed_out, done = st["attemptHistory"]
+    assert timed_out and {h["reason"] for h in timed_out} == {"SchedulingTimeout"} and done["outcome"] == "Succeeded"

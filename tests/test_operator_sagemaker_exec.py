@@ -65,11 +65,11 @@ def test_two_instances_zero2_progress_stop_resume_and_a_model_that_generates(
 
         def columns():
             line = cluster.kubectl("get", "aft", name, "-n", namespace, "--no-headers").stdout.split()
-            # NAME PHASE BACKEND NODES GPUS/NODE PROGRESS LOSS AGE
-            return line if len(line) >= 8 and line[1] == "Running" and "/" in line[5] else None
+            # NAME PHASE BACKEND NODES GPUS/NODE REASON PROGRESS LOSS AGE
+            return line if len(line) >= 9 and line[1] == "Running" and "/" in line[6] else None
         cols = wait_for("Progress and Loss in kubectl get aft", columns, timeout=420, interval=1,
                         on_timeout=on_timeout)
-        assert cols[2] == "sagemaker" and cols[3] == "2" and cols[5].endswith("/600") and float(cols[6]) > 0
+        assert cols[2] == "sagemaker" and cols[3] == "2" and cols[6].endswith("/600") and float(cols[7]) > 0
 
         prefix = f"runs/{name}/"
 

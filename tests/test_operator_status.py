@@ -355,7 +355,7 @@ def test_workers_that_cannot_start_say_why_with_one_event_per_cause():
     plan, st = step(run(st), obs(W.STARTING, reason="Unschedulable", message="pod ft-a1-1-xyz: 0/6 nodes"), 10)
     assert plan.events == [] and "0/6 nodes" in st["message"]
     assert decide(run(st), obs(W.STARTING), at(41)).requeue_after == 20.0    # less often as it drags on
-    assert decide(run(st), obs(W.STARTING), at(600)).requeue_after == 30.0
+    assert decide(run(st), obs(W.STARTING), at(500)).requeue_after == 30.0
     plan, st = step(run(st), obs(W.STARTING, ready=1), 15)       # scheduled now, not yet running
     assert cond(st, "Running")["reason"] == "Launching" and st["message"] == "1/2 pods of ft-a1 running"
     plan, st = step(run(st), obs(W.RUNNING, ready=2), 20)
@@ -386,3 +386,82 @@ def test_the_eks_backend_tells_the_cause_of_a_failed_gang():
         is FailureKind.DISRUPTION
     assert classify(first_failure([_pod("ft-a1-0", 137, reason="OOMKilled")]), "") is FailureKind.PERMANENT
     assert classify(first_failure([_pod("ft-a1-0", 1)]), "") is FailureKind.RETRYABLE
+
+
+# ---- gangs that cannot be placed (issue 18) ---------------------------------------------
+
+def test_the_run_starts_when_its_gang_is_placed_not_when_its_job_is_created():
+    plan, st = step(run(), obs(W.ABSENT, attempt=0), 0)
+    plan, st = step(run(st), obs(W.STARTING, placed=False, generation=1), 2)
+    assert st["attempts"] == 1 and "startTime" not in st and st["phase"] == "Launching"
+    plan, st = step(run(st), obs(W.STARTING, placed=False, generation=1, reason="Unschedulable",
+                                 message="pod ft-a1-1: 0/4 nodes are available"), 10)
+    assert "startTime" not in st and st["reason"] == "Unschedulable"
+    plan, st = step(run(st), obs(W.RUNNING, ready=2), 20)
+    assert st["startTime"] == iso(20) and st["phase"] == "Running" and st["reason"] == "Running"
+
+
+def test_a_spec_changed_before_the_gang_started_replaces_the_pending_gang():
+    st = {"phase": "Launching", "attempts": 1, "conditions": [], "observedGeneration": 1}
+    pending = obs(W.STARTING, placed=False, generation=1, reason="Unschedulable", message="pod ft-a1-0: no node")
+    plan = decide(run(st, generation=2), pending, at(30))
+    assert plan.actions == [Action("suspend", 1)] and plan.patch["reason"] == "Relaunching"
+    assert "attempts" not in plan.patch      # the same attempt, made again from the new spec
+    # Once the gang ran, an edit (of a mutable field) waits for the next attempt.
+    started = {**st, "startTime": iso(5)}
+    assert decide(run(started, generation=2), pending, at(30)).actions == []
+
+
+def test_a_gang_not_placed_within_the_scheduling_timeout_gives_its_nodes_back_and_retries_later():
+    rp = {"schedulingTimeoutSeconds": 60}
+    st = {"phase": "Launching", "attempts": 1, "conditions": [], "observedGeneration": 1}
+    stuck = obs(W.STARTING, ready=1, placed=False, generation=1, reason="Unschedulable",
+                message="pod ft-a1-1: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu")
+    # Before the timeout: Launching, and a wake-up when it passes.
+    plan = decide(run(st, runPolicy=rp), stuck, at(55))
+    assert plan.actions == [] and plan.requeue_after == pytest.approx(7.0)
+    plan, st = step(run(st, runPolicy=rp), stuck, 61)
+    assert plan.actions == [Action("suspend", 1)]
+    assert (st["phase"], st["reason"], st["attempts"], st["disruptions"]) == ("Pending", "SchedulingTimeout", 2, 1)
+    assert "4 Insufficient nvidia.com/gpu" in st["message"] and "1/2 pods of attempt 1" in st["message"]
+    assert st["attemptHistory"][-1]["outcome"] == "Disrupted" and "startTime" not in st
+    assert plan.requeue_after == pytest.approx(15.0)
+    # The next attempt waits out its back-off, then is launched.
+    later = decide(run(st, runPolicy=rp), obs(W.ABSENT, attempt=2), at(70))
+    assert later.actions == [] and later.requeue_after == pytest.approx(6.0)
+    assert decide(run(st, runPolicy=rp), obs(W.ABSENT, attempt=2), at(77)).actions == [Action("launch", 2, None)]
+    # A second timeout in a row doubles the wait.
+    plan, st = step(run(st, runPolicy=rp), obs(W.STARTING, attempt=2, created_at=iso(80), placed=False,
+                                                generation=1, reason="Unschedulable", message="no"), 141)
+    assert st["attempts"] == 3 and plan.requeue_after == pytest.approx(30.0)
+
+
+def test_pods_pulling_their_image_are_placed_and_not_timed_out():
+    st = {"phase": "Launching", "attempts": 1, "conditions": [], "observedGeneration": 1}
+    pulling = obs(W.STARTING, placed=False, generation=1, reason="ImagePullFailed", message="ErrImagePull")
+    assert decide(run(st, runPolicy={"schedulingTimeoutSeconds": 60}), pulling, at(3600)).actions == []
+    unplaced = obs(W.STARTING, placed=False, generation=1, reason="Unschedulable", message="no")
+    assert decide(run(st, runPolicy={"schedulingTimeoutSeconds": 0}), unplaced, at(3600)).actions == []
+
+
+def test_a_queued_gang_shows_kueues_reason_and_a_preemption_is_one_disruption_with_the_attempt_kept():
+    q = {"queueName": "gpu"}
+    plan, st = step(run(queueName="gpu"), obs(W.ABSENT, attempt=0), 0)
+    waiting = "couldn't assign flavors to pod set main: insufficient quota for nvidia.com/gpu in flavor p4d"
+    plan, st = step(run(st, **q), obs(W.STARTING, placed=False, generation=1, queued=True, reason="Queued",
+                                      message=waiting), 2)
+    assert (st["phase"], st["reason"], st["attempts"]) == ("Queued", "Queued", 1) and "startTime" not in st
+    assert waiting in st["message"] and "(queue gpu)" in st["message"]
+    assert cond(st, "Running")["reason"] == "Queued"
+    # Admitted, ran; then Kueue suspends it for a higher-priority workload.
+    plan, st = step(run(st, **q), obs(W.RUNNING, ready=2), 10)
+    assert st["phase"] == "Running" and st["startTime"] == iso(10)
+    preempt = obs(W.STARTING, placed=False, generation=1, queued=True, reason="Preempted",
+                  message="Preempted to accommodate a workload (UID: 7) due to prioritization in the ClusterQueue")
+    plan, st = step(run(st, **q), preempt, 20)
+    assert (st["phase"], st["reason"], st["attempts"], st["disruptions"]) == ("Queued", "Preempted", 1, 1)
+    assert plan.actions == [] and [e.reason for e in plan.events] == ["Preempted"]
+    plan, st = step(run(st, **q), preempt, 30)                  # still preempted: counted once
+    assert st["disruptions"] == 1
+    plan, st = step(run(st, **q), obs(W.RUNNING, ready=2), 40)   # admitted again: the same attempt
+    assert (st["phase"], st["attempts"], st["disruptions"]) == ("Running", 1, 1)

@@ -69,9 +69,13 @@ def test_defaults_agree_with_the_crd():
     assert rp["progressDeadlineSeconds"]["default"] == s.run_policy.progress_deadline_seconds
     assert rp["startupDeadlineSeconds"]["default"] == s.run_policy.startup_deadline_seconds
     assert rp["avoidFailedNodes"]["default"] == s.run_policy.avoid_failed_nodes
+    assert rp["schedulingTimeoutSeconds"]["default"] == s.run_policy.scheduling_timeout_seconds
+    assert rp["whenUnsatisfiable"]["default"] == s.run_policy.when_unsatisfiable
     assert props["terminationGracePeriodSeconds"]["default"] == s.termination_grace_period_seconds
     assert props["image"]["default"] == s.image
     assert props["deepspeed"]["default"]["zeroStage"] == s.deepspeed.zero_stage
+    assert props["preflight"]["default"]["memory"] == props["preflight"]["properties"]["memory"]["default"] \
+        == s.preflight.memory
 
 
 @pytest.mark.parametrize("bad", [
@@ -83,6 +87,10 @@ def test_defaults_agree_with_the_crd():
     {**MINIMAL, "training": {"precision": "fp32", "peft": {"method": "qlora"}}},
     {**MINIMAL, "training": {"peft": {"method": "lora", "r": 0}}},
     {**MINIMAL, "data": {**MINIMAL["data"], "format": "sharegpt"}},
+    {**MINIMAL, "backend": "sagemaker", "sagemaker": {"roleArn": "arn:aws:iam::123456789012:role/R"},
+     "volumes": [{"name": "fsx", "persistentVolumeClaim": {"claimName": "fsx"}}]},
+    {**MINIMAL, "backend": "sagemaker", "sagemaker": {"roleArn": "arn:aws:iam::123456789012:role/R"},
+     "priorityClassName": "high"},
 ])
 def test_unrunnable_specs_are_refused(bad):
     with pytest.raises(SpecError):
@@ -263,7 +271,7 @@ def test_job_exactly():
     assert job == {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": meta("ft-a3", **{"alpaca.dev/attempt": "3"}),
+        "metadata": {**meta("ft-a3", **{"alpaca.dev/attempt": "3"}), "annotations": {"alpaca.dev/generation": "1"}},
         "spec": {
             "completionMode": "Indexed",
             "completions": 2,
@@ -341,12 +349,62 @@ def test_minimal_job_has_no_optional_fields():
     pod = job["spec"]["template"]["spec"]
     assert "activeDeadlineSeconds" not in job["spec"] and "ttlSecondsAfterFinished" not in job["spec"]
     assert "nodeSelector" not in pod and "annotations" not in job["spec"]["template"]["metadata"]
+    assert not {"affinity", "imagePullSecrets", "topologySpreadConstraints", "schedulerName",
+                "priorityClassName"} & set(pod)
     assert pod["containers"][0]["resources"] == {"requests": {"nvidia.com/gpu": "8"},
                                                  "limits": {"nvidia.com/gpu": "8"}}
     assert [e["name"] for e in pod["containers"][0]["env"]] == [
         "PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT",
         "ALPACA_CONFIG_DIR", "ALPACA_WORKDIR", "ALPACA_OUTPUT_URI", "ALPACA_FINETUNE_NAME",
         "ALPACA_RUN_UID", "ALPACA_FINETUNE_NAMESPACE", "ALPACA_ATTEMPT"]
+
+
+SHARED_CLUSTER = {
+    "imagePullSecrets": [{"name": "regcred"}],
+    "volumes": [{"name": "fsx", "persistentVolumeClaim": {"claimName": "fsx-lustre"}}],
+    "volumeMounts": [{"name": "fsx", "mountPath": "/fsx", "readOnly": True}],
+    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "topology.k8s.aws/network-node-layer-3", "operator": "In", "values": ["nn-a"]}]},
+        {"matchExpressions": [{"key": "topology.k8s.aws/network-node-layer-3", "operator": "In", "values": ["nn-b"]}]},
+    ]}}, "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 10, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                           "labelSelector": {"matchLabels": {"team": "other"}}}}]}},
+    "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                   "whenUnsatisfiable": "ScheduleAnyway"}],
+    "schedulerName": "gang-scheduler",
+    "priorityClassName": "research-high",
+}
+
+
+def test_shared_cluster_pod_settings_are_rendered_beside_the_operators_own():
+    pod = render.render_job(run_of({**MINIMAL, **SHARED_CLUSTER}), 1)["spec"]["template"]["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["volumes"][-1] == SHARED_CLUSTER["volumes"][0]
+    assert [v["name"] for v in pod["volumes"]] == ["config", "shm", "workspace", "fsx"]
+    assert pod["containers"][0]["volumeMounts"][-1] == {"name": "fsx", "mountPath": "/fsx", "readOnly": True}
+    assert pod["affinity"] == SHARED_CLUSTER["affinity"]
+    assert pod["topologySpreadConstraints"] == SHARED_CLUSTER["topologySpreadConstraints"]
+    assert (pod["schedulerName"], pod["priorityClassName"]) == ("gang-scheduler", "research-high")
+
+
+def test_avoided_nodes_are_kept_off_in_every_node_selector_term_of_the_users_affinity():
+    history = [{"attempt": 1, "outcome": "Failed", "node": "gpu-3", "nodeAvoided": True}]
+    run = run_of({**MINIMAL, **SHARED_CLUSTER})
+    run = Run(name=run.name, namespace=run.namespace, uid=run.uid, generation=1, spec=run.spec,
+              status={"attempts": 1, "attemptHistory": history})
+    pod = render.render_job(run, 2)["spec"]["template"]["spec"]
+    not_in = {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["gpu-3"]}
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert len(terms) == 2 and all(t["matchExpressions"][-1] == not_in and len(t["matchExpressions"]) == 2
+                                   for t in terms)
+    assert pod["affinity"]["podAntiAffinity"] == SHARED_CLUSTER["affinity"]["podAntiAffinity"]
+    # The spec itself is untouched (it is shared by every render of the run).
+    assert len(run.spec.affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+               ["nodeSelectorTerms"][0]["matchExpressions"]) == 1
+    alone = Run(name="ft", namespace="team", uid="0000-uid", generation=1, spec=parse_spec(MINIMAL),
+                status={"attempts": 1, "attemptHistory": history})
+    assert render.render_job(alone, 2)["spec"]["template"]["spec"]["affinity"] == {"nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [not_in]}]}}}
 
 
 def test_names():
@@ -378,3 +436,26 @@ def test_every_sample_renders(sample):
         job = objs[-1]
         assert job["spec"]["completions"] == job["spec"]["parallelism"] == spec.resources.nodes
         assert all(len(o["metadata"]["name"]) <= 63 for o in objs)
+
+
+def test_a_queued_run_gives_kueue_a_suspended_job_with_its_queue_priority_and_topology():
+    spec = {**MINIMAL, "queueName": "gpu", "priorityClassName": "research-high",
+            "resources": {"nodes": 4, "topology": {"required": "topology.k8s.aws/network-node-layer-3"}}}
+    job = render.render_job(run_of(spec), 1, workload_priority=True)
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "research-high"
+    pod = job["spec"]["template"]
+    assert pod["metadata"]["annotations"] == {
+        "kueue.x-k8s.io/podset-required-topology": "topology.k8s.aws/network-node-layer-3"}
+    assert pod["spec"]["priorityClassName"] == "research-high"
+    # Kueue's suspension (SIGTERM, exit 143) must not fail the Job; a disruption still does.
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[2] == {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                                            "values": [143]}}
+    assert rules[0]["onPodConditions"][0]["type"] == "DisruptionTarget" and rules[3]["onExitCodes"]["operator"] == "NotIn"
+    # No WorkloadPriorityClass of that name: the pods' PriorityClass only.
+    assert "kueue.x-k8s.io/priority-class" not in render.render_job(run_of(spec), 1)["metadata"]["labels"]
+    # Without a queue nothing of Kueue's appears.
+    plain = render.render_job(run_of(MINIMAL), 1)
+    assert "suspend" not in plain["spec"] and not any(k.startswith("kueue") for k in plain["metadata"]["labels"])

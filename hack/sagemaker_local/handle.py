@@ -187,6 +187,22 @@ class StandIn:
     def clear_plans(self) -> None:
         self.admin("DELETE", "plans")
 
+    def set_quotas(self, quotas: dict[str, float] | None) -> None:
+        """SageMaker's Service Quotas as ListServiceQuotas lists them ("ml.g5.xlarge for training
+        job usage": 2, ...); None: unset, the call goes to moto (which lacks it: HTTP 500)."""
+        if quotas is None:
+            self.admin("DELETE", "quotas")
+        else:
+            self.admin("POST", "quotas", {"quotas": quotas})
+
+    def set_pass_role(self, decisions: dict[str, str] | None) -> None:
+        """iam SimulatePrincipalPolicy's EvalDecision for iam:PassRole per role ARN ("allowed";
+        others implicitDeny); None: unset, the call goes to moto (which lacks it)."""
+        if decisions is None:
+            self.admin("DELETE", "passrole")
+        else:
+            self.admin("POST", "passrole", {"decisions": decisions})
+
     def set_job(self, name: str, status: str, secondary_status: str | None = None,
                 failure_reason: str | None = None) -> dict:
         """Force a job's state now (an outside StopTrainingJob, a spot failure, ...)."""

@@ -146,6 +146,12 @@ class StandIn:
         self.job_calls: dict[str, Counter] = defaultdict(Counter)
         self.faults = Faults()
         self.plans: list[Plan] = []
+        # SageMaker's Service Quotas (quota name -> value) once posted to /_standin/quotas:
+        # moto 5.2.5 has no ListServiceQuotas (HTTP 500) and no sagemaker quotas at all.
+        self.quotas: dict[str, float] | None = None
+        # iam SimulatePrincipalPolicy (moto 5.2.5 lacks it) for iam:PassRole once posted to
+        # /_standin/passrole: role ARN -> EvalDecision; a role not listed is implicitDeny.
+        self.pass_role: dict[str, str] | None = None
         self.rng = random.Random(seed)
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, name="standin-ticker", daemon=True)
@@ -163,6 +169,10 @@ class StandIn:
         target = environ.get("HTTP_X_AMZ_TARGET", "")
         if target.startswith("SageMaker."):
             return self._sagemaker(environ, start_response, target.split(".", 1)[1], body)
+        if target == "ServiceQuotasV20190624.ListServiceQuotas" and self.quotas is not None:
+            return self._list_service_quotas(start_response, body)
+        if self.pass_role is not None and b"Action=SimulatePrincipalPolicy" in body:
+            return self._simulate_pass_role(start_response, body)
         with self.lock:
             self.calls[f"S3.{environ.get('REQUEST_METHOD', '')}"] += 1
         return self.moto_app(environ, start_response)
@@ -254,6 +264,43 @@ class StandIn:
             start_response(status, headers)
             return chunks
         return self._reply(start_response, status, out)
+
+    def _list_service_quotas(self, start_response, body: bytes):
+        """ListServiceQuotas for ServiceCode sagemaker, shaped as AWS answers it (one page)."""
+        params = json.loads(body or b"{}")
+        with self.lock:
+            self.calls["ServiceQuotas.ListServiceQuotas"] += 1
+            quotas = dict(self.quotas or {})
+        if params.get("ServiceCode") != "sagemaker":
+            return self._error(start_response, ApiError(400, "NoSuchResourceException",
+                                                        "This service is not available in the current Region."))
+        return self._reply(start_response, 200, {"Quotas": [
+            {"ServiceCode": "sagemaker", "ServiceName": "Amazon SageMaker", "QuotaCode": f"L-{i:08X}",
+             "QuotaArn": f"arn:aws:servicequotas:us-east-1:{DEFAULT_ACCOUNT}:sagemaker/L-{i:08X}",
+             "QuotaName": name, "Value": float(value), "Unit": "None", "Adjustable": True, "GlobalQuota": False}
+            for i, (name, value) in enumerate(sorted(quotas.items()))]})
+
+    def _simulate_pass_role(self, start_response, body: bytes):
+        """IAM's query protocol answer (XML), one result per resource, as IAM gives it."""
+        from urllib.parse import parse_qs
+        from xml.sax.saxutils import escape
+
+        form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
+        actions = [v for k, v in sorted(form.items()) if k.startswith("ActionNames.member.")]
+        resources = [v for k, v in sorted(form.items()) if k.startswith("ResourceArns.member.")] or ["*"]
+        with self.lock:
+            self.calls["IAM.SimulatePrincipalPolicy"] += 1
+            table = dict(self.pass_role or {})
+        members = "".join(
+            f"<member><EvalActionName>{escape(a)}</EvalActionName><EvalResourceName>{escape(r)}</EvalResourceName>"
+            f"<EvalDecision>{table.get(r, 'implicitDeny') if a == 'iam:PassRole' else 'implicitDeny'}"
+            f"</EvalDecision></member>" for a in actions for r in resources)
+        data = ('<SimulatePrincipalPolicyResponse xmlns="https://iam.amazonaws.com/doc/2010-05-08/">'
+                f"<SimulatePrincipalPolicyResult><IsTruncated>false</IsTruncated><EvaluationResults>{members}"
+                "</EvaluationResults></SimulatePrincipalPolicyResult><ResponseMetadata><RequestId>standin"
+                "</RequestId></ResponseMetadata></SimulatePrincipalPolicyResponse>").encode()
+        start_response("200 OK", [("Content-Type", "text/xml"), ("Content-Length", str(len(data)))])
+        return [data]
 
     def _call_moto(self, environ) -> tuple[str, list, list[bytes]]:
         environ["wsgi.input"].seek(0)
@@ -493,6 +540,18 @@ class StandIn:
             elif method == "POST":
                 self.plans.insert(0, Plan.from_json(obj))
             return {"plans": [p.__dict__ for p in self.plans]}
+        if path == "passrole":
+            if method == "DELETE":
+                self.pass_role = None
+            elif method == "POST":
+                self.pass_role = {str(k): str(v) for k, v in (obj.get("decisions") or {}).items()}
+            return {"decisions": self.pass_role}
+        if path == "quotas":
+            if method == "DELETE":
+                self.quotas = None
+            elif method == "POST":
+                self.quotas = {str(k): float(v) for k, v in (obj.get("quotas") or {}).items()}
+            return {"quotas": self.quotas}
         if path.startswith("jobs/"):
             name = path[len("jobs/"):]
             job = self._find(name)

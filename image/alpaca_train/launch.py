@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from alpaca_train import exitcodes, shutdown
+from alpaca_train import exitcodes, preflight, shutdown
 from alpaca_train.exitcodes import ImageError
 
 log = logging.getLogger("alpaca_train.launch")
@@ -74,6 +74,11 @@ def torchrun_command(nnodes: int, nproc: int, node_rank: int, master_addr: str, 
         "--max_restarts=0",
         "-m", "alpaca_train.train", *train_args,
     ]
+
+
+def train_args_of(cmd: list[str]) -> list[str]:
+    """alpaca-train's own arguments in a torchrun_command."""
+    return cmd[cmd.index("alpaca_train.train") + 1:]
 
 
 def read_train_args(config_dir: Path) -> list[str]:
@@ -181,8 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cmd = build_command(env)
         check_efa(env)
+        if int(env.get("PET_NODE_RANK", "0")) == 0:
+            # Once per gang: another node's pod is stopped by the Job failing with node 0.
+            preflight.run_for_args(train_args_of(cmd), env)
         wait_for_host(env.get("PET_MASTER_ADDR", "127.0.0.1"), float(env.get("ALPACA_RENDEZVOUS_TIMEOUT_S", "600")))
-    except LaunchError as e:
+    except (LaunchError, preflight.PreflightError) as e:
         log.error("%s", e)
         write_failure(env, str(e))
         return e.exit_code

@@ -51,7 +51,7 @@ def s5cmd_binary() -> str:
     return found
 
 
-def _endpoint() -> str | None:
+def endpoint() -> str | None:
     # s5cmd 2.3 reads only S3_ENDPOINT_URL; boto-style variables must work too.
     for var in ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
         if os.environ.get(var):
@@ -110,7 +110,7 @@ class S5cmd:
     def _base(self, quiet: bool = True) -> list[str]:
         # s5cmd prints listings at log level info: only quiet for transfers.
         cmd = [s5cmd_binary(), "--log", "error" if quiet else "info", "--retry-count", str(self.request_retries)]
-        ep = _endpoint()
+        ep = endpoint()
         if ep:
             cmd += ["--endpoint-url", ep]
         return cmd

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from alpaca_train import exitcodes, shutdown
+from alpaca_train import exitcodes, preflight, shutdown
 from alpaca_train.launch import LaunchError, default_nproc, supervise, torchrun_command, wait_for_host
 
 log = logging.getLogger("alpaca_train.sagemaker")
@@ -221,6 +221,24 @@ def build_command(base: Path, env: dict | None = None) -> tuple[list[str], dict]
     return cmd, env
 
 
+def run_preflight(base: Path, env: dict) -> None:
+    """The S3 preflight, on the first host only (a failed host fails the whole job), before
+    waiting for the other hosts.
+
+    The model and data channels are local by now (SageMaker downloaded them), so what is
+    checked is the output URI (which the container writes: everything, or progress.json
+    only when SageMaker uploads the model with the same role), a checkpoint URI in
+    $ALPACA_CHECKPOINT_URI, and any input given as an s3:// hyperparameter.
+    """
+    config = base / "input" / "config"
+    if Cluster.read(config).node_rank != 0:
+        return
+    hp = _read_json(config / "hyperparameters.json", required=False)
+    outputs = Outputs.decide({k: _unquote(v) for k, v in hp.items()}, env)
+    args, _ = train_args(hp, base, outputs)
+    preflight.run_for_args(args, env, output=outputs.output_uri)
+
+
 def write_failure(path: Path, message: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(" ".join(message.split())[:1000] + "\n")
@@ -233,11 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     if failure.exists():
         failure.unlink()
     try:
+        run_preflight(base, dict(os.environ))
         cmd, env = build_command(base)
     except ContractError as e:
         log.error("%s", e)
         write_failure(failure, str(e))
         return exitcodes.USAGE
+    except preflight.PreflightError as e:
+        log.error("%s", e)
+        write_failure(failure, str(e))
+        return e.exit_code
     except LaunchError as e:
         log.error("%s", e)
         write_failure(failure, str(e))

@@ -14,6 +14,13 @@ PLURAL = "alpacafinetunes"
 # Labels on everything the operator creates; the first one is how it finds its children.
 LABEL_FINETUNE = "alpaca.dev/finetune"
 LABEL_ATTEMPT = "alpaca.dev/attempt"
+# On a Job: the run's metadata.generation it was rendered from (a pending gang whose spec
+# changed since is replaced).
+ANNOTATION_GENERATION = "alpaca.dev/generation"
+# Kueue's API on a Job and its pod template (sigs.k8s.io/kueue, v1beta1 and later).
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+KUEUE_TOPOLOGY_ANNOTATION = "kueue.x-k8s.io/podset-{}-topology"     # required | preferred
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "alpaca-operator"
 # Set by the Job controller on every pod of a Job.

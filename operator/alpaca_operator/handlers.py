@@ -26,6 +26,7 @@ import kopf
 from . import api, kube, metrics
 from .backends import make_backends
 from .cache import Cache
+from .preflight import Preflight
 from .reconciler import Reconciler
 from .sagemaker_delete import release_sagemaker_run
 
@@ -61,7 +62,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.kube = client
     memo.cache = Cache()
     memo.reconciler = Reconciler(client, make_backends(client, memo.cache), memo.cache,
-                                 concurrency=int(os.environ.get("ALPACA_WORKERS", "32")))
+                                 concurrency=int(os.environ.get("ALPACA_WORKERS", "32")), preflight=Preflight())
     memo.job_seen = {}
     stats = os.environ.get("ALPACA_OPERATOR_STATS")
     if stats:

@@ -58,6 +58,7 @@ RESOURCES: dict[str, str] = {
     "rolebindings": "/apis/rbac.authorization.k8s.io/v1",
     "jobs": "/apis/batch/v1",
     "alpacafinetunes": "/apis/alpaca.dev/v1alpha1",
+    "workloads": "/apis/kueue.x-k8s.io/v1beta2",
 }
 KIND_TO_PLURAL = {
     "ConfigMap": "configmaps", "Service": "services", "ServiceAccount": "serviceaccounts",

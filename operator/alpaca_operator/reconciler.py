@@ -29,6 +29,7 @@ from .cache import Cache
 from .backends.base import (Backend, BackendUnavailable, LaunchError, NotYet, Observation, Run,
                             WorkloadState)
 from .kube import ApiError, Kube
+from .preflight import Outcome, Preflight
 from .spec import SpecError, parse_spec
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,9 @@ class _KeyState:
     timer: asyncio.TimerHandle | None = None
     due: float = 0.0
     events: asyncio.Task | None = None      # the last Event posted: the next one waits for it
+    # (uid, generation, outcome) of the preflight, until its condition is written (a 409 on that
+    # write must not repeat its AWS calls).
+    preflight: tuple | None = None
 
 
 class Conflict(Exception):
@@ -66,8 +70,10 @@ class Conflict(Exception):
 
 class Reconciler:
     def __init__(self, kube: Kube, backends: Mapping[str, Backend], cache: Cache | None = None, *,
-                 clock: Callable[[], dt.datetime] = utcnow, concurrency: int = 32):
+                 clock: Callable[[], dt.datetime] = utcnow, concurrency: int = 32,
+                 preflight: Preflight | None = None):
         self.kube = kube
+        self.preflight = preflight
         self.cache = cache or Cache()
         self.backends = backends
         self.clock = clock
@@ -189,6 +195,8 @@ class Reconciler:
                 # (a resume already undone, an attempt already counted). Read it afresh.
                 body, fresh = await self._get(namespace, name), True
                 continue
+            if self.preflight is not None and status.needs_preflight(run, plan):
+                plan = status.preflight(run, plan, await self._preflight(run), self.clock())
             try:
                 if plan.status_first:
                     body = await self._write(body, plan)
@@ -229,6 +237,20 @@ class Reconciler:
                 return requeue
             # Acted: look again at what the actions made (a new Job, a deleted one).
         return requeue if requeue is not None else 1.0
+
+    async def _preflight(self, run: Run) -> Outcome:
+        st = self._state((run.namespace, run.name))
+        if st.preflight is not None and st.preflight[:2] == (run.uid, run.generation):
+            return st.preflight[2]
+        try:
+            outcome = await self.preflight.check(run.spec)
+        except Exception as e:  # noqa: BLE001 - a check that breaks must not hold the launch back
+            log.exception("%s/%s: preflight failed", run.namespace, run.name)
+            outcome = Outcome(notes=(f"the preflight itself failed ({type(e).__name__}: {e})",))
+        log.info("%s/%s: preflight %s: %s", run.namespace, run.name,
+                 outcome.failure[0] if outcome.failure else "passed", outcome.message())
+        st.preflight = (run.uid, run.generation, outcome)
+        return outcome
 
     async def _get(self, namespace: str, name: str) -> dict | None:
         body = await self.kube.get(api.PLURAL, namespace, name)

@@ -67,7 +67,13 @@ class Training:
     loss_spike: LossSpike | None = None     # off unless given
 
 
+FAIL, WAIT = "Fail", "Wait"
+UNSATISFIABLE_POLICIES = (FAIL, WAIT)
 PEFT_METHODS = ("lora", "qlora")
+# Settings of shared clusters: rendered into the EKS Job and pods, refused with backend
+# sagemaker (the CRD's rule names the same list; tests/test_crd_validation.py keeps them equal).
+POD_ONLY_FIELDS = ("imagePullSecrets", "volumes", "volumeMounts", "affinity", "topologySpreadConstraints",
+                   "schedulerName", "priorityClassName", "queueName")
 DATA_FORMATS = ("alpaca", "chat")
 # No DeepSpeed at all (PyTorch DDP): enough for LoRA, whose optimizer state is tiny.
 ZERO_NONE = 0
@@ -99,6 +105,9 @@ class Resources:
     cpu: str | None = None
     memory: str | None = None
     shared_memory: str = "64Gi"
+    # Kueue topology-aware scheduling: ("required" | "preferred", a node label such as
+    # topology.k8s.aws/network-node-layer-3): every pod of the gang within one such domain.
+    topology: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,18 @@ class RunPolicy:
     # Attempts after a node-attributed failure (GPU/NCCL error, node NotReady, node-pressure
     # eviction) that keep off that node.
     avoid_failed_nodes: int = 2
+    # A gang no set of the cluster's nodes could hold: Fail at once, or Wait (Pending) for
+    # nodes to be added (a nodegroup that scales up from zero has no nodes to count).
+    when_unsatisfiable: str = FAIL
+    # A gang not fully placed this long after its Job was created has its pods deleted and
+    # is placed again later (Kueue's waitForPodsReady, for clusters without Kueue). 0: off.
+    scheduling_timeout_seconds: int = 600
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """spec.preflight: the checks made once before the first launch (preflight.py)."""
+    memory: bool = True
 
 
 @dataclass(frozen=True)
@@ -148,8 +169,19 @@ class FineTuneSpec:
     env: tuple[Mapping[str, Any], ...] = ()
     pod_labels: Mapping[str, str] = field(default_factory=dict)
     pod_annotations: Mapping[str, str] = field(default_factory=dict)
+    # What shared clusters set on pods (EKS only; the CRD refuses them with sagemaker).
+    image_pull_secrets: tuple[str, ...] = ()
+    volumes: tuple[Mapping[str, Any], ...] = ()
+    volume_mounts: tuple[Mapping[str, Any], ...] = ()
+    affinity: Mapping[str, Any] = field(default_factory=dict)
+    topology_spread_constraints: tuple[Mapping[str, Any], ...] = ()
+    scheduler_name: str | None = None
+    priority_class_name: str | None = None
+    # Kueue: the LocalQueue that admits the gang (its Job is created suspended).
+    queue_name: str | None = None
     run_policy: RunPolicy = RunPolicy()
     sagemaker: Mapping[str, Any] = field(default_factory=dict)
+    preflight: Preflight = Preflight()
 
     @property
     def gpus(self) -> int:
@@ -220,6 +252,7 @@ def parse_spec(spec: Mapping[str, Any] | None) -> FineTuneSpec:
         cpu=_quantity(r.get("cpu")),
         memory=_quantity(r.get("memory")),
         shared_memory=_quantity(r.get("sharedMemory")) or "64Gi",
+        topology=next(((k, str(v)) for k, v in (r.get("topology") or {}).items() if v), None),
     )
     if resources.nodes < 1 or resources.gpus_per_node < 1:
         raise SpecError("spec.resources.nodes and gpusPerNode must be at least 1")
@@ -235,7 +268,11 @@ def parse_spec(spec: Mapping[str, Any] | None) -> FineTuneSpec:
         progress_deadline_seconds=int(_get(rp, "progressDeadlineSeconds", RunPolicy.progress_deadline_seconds)),
         startup_deadline_seconds=int(_get(rp, "startupDeadlineSeconds", RunPolicy.startup_deadline_seconds)),
         avoid_failed_nodes=int(_get(rp, "avoidFailedNodes", RunPolicy.avoid_failed_nodes)),
+        when_unsatisfiable=_get(rp, "whenUnsatisfiable", RunPolicy.when_unsatisfiable),
+        scheduling_timeout_seconds=int(_get(rp, "schedulingTimeoutSeconds", RunPolicy.scheduling_timeout_seconds)),
     )
+    if run_policy.when_unsatisfiable not in UNSATISFIABLE_POLICIES:
+        raise SpecError(f"spec.runPolicy.whenUnsatisfiable must be one of {', '.join(UNSATISFIABLE_POLICIES)}")
 
     data = spec.get("data") or {}
     data_format = _get(data, "format", FineTuneSpec.data_format)
@@ -243,6 +280,9 @@ def parse_spec(spec: Mapping[str, Any] | None) -> FineTuneSpec:
         raise SpecError(f"spec.data.format {data_format!r} is not one of {', '.join(DATA_FORMATS)}")
     if training.peft and training.peft.method == "qlora" and training.precision == "fp32":
         raise SpecError("spec.training.peft.method qlora needs precision bf16 or fp16")
+    if backend == "sagemaker" and (pod_only := [f for f in POD_ONLY_FIELDS if spec.get(f)]):
+        raise SpecError(f"spec.{', spec.'.join(pod_only)} apply to the pods of backend eks; a SageMaker "
+                        "training job has none: remove them")
 
     pm = spec.get("podMetadata") or {}
     return FineTuneSpec(
@@ -265,8 +305,17 @@ def parse_spec(spec: Mapping[str, Any] | None) -> FineTuneSpec:
         env=tuple(dict(e) for e in _get(spec, "env", ())),
         pod_labels=dict(_get(pm, "labels", {})),
         pod_annotations=dict(_get(pm, "annotations", {})),
+        image_pull_secrets=tuple(str(r["name"]) for r in _get(spec, "imagePullSecrets", ())),
+        volumes=tuple(dict(v) for v in _get(spec, "volumes", ())),
+        volume_mounts=tuple(dict(m) for m in _get(spec, "volumeMounts", ())),
+        affinity=dict(_get(spec, "affinity", {})),
+        topology_spread_constraints=tuple(dict(c) for c in _get(spec, "topologySpreadConstraints", ())),
+        scheduler_name=spec.get("schedulerName") or None,
+        priority_class_name=spec.get("priorityClassName") or None,
+        queue_name=spec.get("queueName") or None,
         run_policy=run_policy,
         sagemaker=dict(_get(spec, "sagemaker", {})),
+        preflight=Preflight(memory=bool(_get(spec.get("preflight"), "memory", Preflight.memory))),
     )
 
 

@@ -24,6 +24,7 @@ from .backends.base import (EXIT_CODE_MEANING, LOSS_NOT_FINITE, LOSS_SPIKE, Extr
 
 class Phase:
     PENDING = "Pending"
+    QUEUED = "Queued"          # Kueue has not admitted the gang (or preempted it)
     LAUNCHING = "Launching"
     RUNNING = "Running"
     UPLOADING = "Uploading"
@@ -43,6 +44,7 @@ class Cond:
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     CHILDREN_DELETED = "ChildrenDeleted"
+    PREFLIGHT = "Preflight"     # the checks before the first launch (preflight.py)
 
 
 class Reason:
@@ -76,11 +78,24 @@ class Reason:
     CREATE_REJECTED = "CreateRejected"        # the API server refused a child (4xx)
     NAME_CONFLICT = "NameConflict"
     UNSCHEDULABLE = "Unschedulable"
+    SCHEDULING_TIMEOUT = "SchedulingTimeout"  # the gang was not placed in time: its pods went
+    RELAUNCHING = "Relaunching"               # the spec changed before the gang started
+    QUEUED = "Queued"                         # waiting for Kueue to admit the gang
+    PREEMPTED = "Preempted"                   # Kueue suspended the running gang: a disruption
+    UNSATISFIABLE = "Unsatisfiable"           # no nodes of the cluster could ever hold the gang
     IMAGE_PULL_FAILED = "ImagePullFailed"
     FAILED_CREATE = "FailedCreate"
     # Self-healing (issue 19).
     PROGRESS_DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"  # hung: no step within the deadline
     NODE_SUSPECTED = "NodeSuspected"          # a failure attributed to a node; later attempts avoid it
+    # The Preflight condition (issue 16). The failing ones end the run before any launch.
+    PREFLIGHT_PASSED = "PreflightPassed"
+    PREFLIGHT_WARNINGS = "PreflightWarnings"  # passed, with a warning (memory above 90 %, a 403)
+    INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
+    BUCKET_NOT_FOUND = "BucketNotFound"
+    INSTANCE_TYPE_NOT_OFFERED = "InstanceTypeNotOffered"
+    QUOTA_TOO_LOW = "QuotaTooLow"             # the account's limit, not its use, is below instanceCount
+    ROLE_NOT_PASSABLE = "RoleNotPassable"     # the operator may not iam:PassRole the execution role
 
 
 class Outcome:
@@ -95,7 +110,7 @@ TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.STOPPED})
 STARTING_PROBLEMS = frozenset({Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_FAILED, Reason.FAILED_CREATE,
                                "CreateContainerConfigError", "CreateContainerError"})
 # The keys of .status the operator writes; progress belongs to rank 0 except `display`.
-OWNED = ("phase", "conditions", "observedGeneration", "startTime", "completionTime",
+OWNED = ("phase", "reason", "conditions", "observedGeneration", "startTime", "completionTime",
          "attempts", "disruptions", "attemptHistory", "workload", "output", "message")
 HISTORY_MAX = 50            # attemptHistory entries kept (the CRD's maxItems)
 # While Launching, look at the pods (unschedulable, image pull) every PROBE_INTERVAL s, then
@@ -103,6 +118,14 @@ HISTORY_MAX = 50            # attemptHistory entries kept (the CRD's maxItems)
 # hundreds of runs must not turn into a poll of every pod.
 PROBE_INTERVAL = 5.0
 PROBE_MAX = 30.0
+# Why a starting gang is not placed: a pod the scheduler cannot place, or one the Job
+# controller could not create. (A pod pulling its image is placed: it holds its GPUs on its
+# way to run, and is not timed out.)
+UNPLACED = frozenset({Reason.UNSCHEDULABLE, Reason.FAILED_CREATE})
+# After a gang timed out unplaced, the next attempt waits this long, doubling per timeout
+# in a row: the cluster is busy, and asking again at once only churns pods.
+PLACEMENT_RETRY = 15.0
+PLACEMENT_RETRY_MAX = 300.0
 # A hang is acted on this long after its deadline: the status write of the last report and
 # the timer that wakes the operator need not race to the second.
 DEADLINE_SLACK = 1.0
@@ -247,6 +270,7 @@ class _Draft:
         if phase != self.new.get("phase"):
             self.events.append(Event("Warning" if warning else "Normal", reason, message))
         self.new["phase"] = phase
+        self.new["reason"] = reason
         self.new["message"] = message
 
     def event(self, reason: str, message: str, warning: bool = False) -> None:
@@ -429,11 +453,16 @@ def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: b
             # else: Pending with the reason of the last failed launch, which stays until
             # a launch succeeds (no status write per retry).
             return d.plan(actions=[Action("launch", 1, rp.active_deadline_seconds)])
-        # The first workload exists: this is when the run started.
+        # The first workload exists: attempt 1 is counted.
         attempt = 1
         d.new["attempts"] = 1
-        d.new["startTime"] = obs.created_at or fmt_time(now)
         d.clear_condition(Cond.SUSPENDED, Reason.RESUMED, "started")
+        if obs.placed:
+            d.new["startTime"] = obs.created_at or fmt_time(now)
+    if not d.new.get("startTime") and obs.state is not WorkloadState.ABSENT and obs.placed:
+        # The run starts when its gang holds its nodes, not when a Job of pending pods
+        # exists: until then the spec may be corrected (an edit replaces the pending gang).
+        d.new["startTime"] = fmt_time(now)
 
     start = parse_time(d.new.get("startTime"))
     remaining: int | None = None
@@ -474,6 +503,8 @@ def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: b
         # The attempt's workload is missing (resumed; a crash between writing attempts and
         # creating it; someone deleted it), or an older attempt lingers: launch is
         # idempotent for all of them.
+        if state is WorkloadState.ABSENT and (wait := placement_backoff(d.new, now)) is not None:
+            return d.plan(requeue_after=wait)
         actions.append(Action("launch", attempt, remaining))
         if phase == Phase.SUSPENDED:
             msg = f"resumed attempt {attempt}; it continues from the newest checkpoint"
@@ -485,6 +516,14 @@ def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: b
     # Starting or running, not suspended.
     d.clear_condition(Cond.SUSPENDED, Reason.RESUMED, f"resumed attempt {attempt}")
     d.new["workload"] = dict(obs.workload) or d.new.get("workload")
+    if not d.new.get("startTime") and obs.generation is not None and obs.generation != run.generation:
+        # Corrected before it started (a nodeSelector typo, too much cpu, another queue):
+        # the pending gang goes, the same attempt is created again from the new spec.
+        d.to(Phase.LAUNCHING, Reason.RELAUNCHING, f"the spec changed before attempt {attempt} started: "
+             f"replacing its pending pods")
+        return d.plan(actions=[Action("suspend", attempt)], requeue_after=1.0)
+    if obs.queued:
+        return _queued(d, obs, attempt)
     job = obs.workload.get("job", "the workload")
     pods = f"{obs.ready}/{obs.total} pods of {job} running"
     was_running = phase in (Phase.RUNNING, Phase.UPLOADING)
@@ -513,11 +552,17 @@ def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: b
                     d.new["message"])
         d.clear_condition(Cond.RESTARTING, Reason.RUNNING, d.new["message"])
     else:
+        created = parse_time(obs.created_at)
+        age = (now - created).total_seconds() if created else 0.0
+        timeout = rp.scheduling_timeout_seconds
+        if timeout and obs.reason in UNPLACED and age >= timeout:
+            return _unplaced(d, obs, attempt, timeout)
         d.to(Phase.LAUNCHING, Reason.LAUNCHING, f"created {job}; {pods}")
         if obs.reason:
             # Workers that cannot start (unschedulable, image pull, FailedCreate) say why
             # in the message, the Running condition and, when the cause changes, an Event.
             d.new["message"] = f"{pods}; {obs.reason}: {obs.message}"
+            d.new["reason"] = obs.reason
             old = get_condition(run.status, Cond.RUNNING) or {}
             if old.get("reason") != obs.reason:
                 d.event(obs.reason, d.new["message"], warning=True)
@@ -526,10 +571,81 @@ def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: b
             d.new["message"] = pods
             if (get_condition(d.new, Cond.RUNNING) or {}).get("reason") in STARTING_PROBLEMS:
                 d.condition(Cond.RUNNING, False, Reason.LAUNCHING, pods)   # that cause is gone
-        created = parse_time(obs.created_at)
-        age = (now - created).total_seconds() if created else 0.0
         requeue = min(PROBE_MAX, max(PROBE_INTERVAL, age / 2))
+        if timeout and age < timeout:
+            requeue = min(requeue, timeout - age + DEADLINE_SLACK)
     return d.plan(actions=actions, requeue_after=requeue)
+
+
+def _queued(d: _Draft, obs: Observation, attempt: int) -> Plan:
+    """Kueue holds the Job suspended. Before it ever ran: Queued, with Kueue's reason. After
+    (Kueue suspended it to make room for another workload): a disruption, counted once, as
+    the phase turns Queued; the same Job resumes from the newest checkpoint when Kueue
+    admits it again, so the attempt stays."""
+    rp = d.run.spec.run_policy
+    message = f"{obs.message or 'waiting for Kueue to admit the gang'} (queue {d.run.spec.queue_name})"
+    if obs.reason == Reason.PREEMPTED and d.new.get("startTime") and d.phase != Phase.QUEUED:
+        disruptions = int(d.new.get("disruptions") or 0)
+        if disruptions >= rp.disruption_limit:
+            return _fail(d, obs, Reason.DISRUPTION_LIMIT_EXCEEDED, f"attempt {attempt} preempted: {message}; no "
+                         f"restarts left after disruptions (disruptionLimit {rp.disruption_limit})")
+        d.new["disruptions"] = disruptions + 1
+        message = (f"attempt {attempt} preempted by Kueue: {message}; it resumes from the newest checkpoint when "
+                   f"admitted again (disruption {disruptions + 1} of {rp.disruption_limit})")
+        d.to(Phase.QUEUED, Reason.PREEMPTED, message, warning=True)
+    elif d.phase != Phase.QUEUED or d.new.get("message") != message and d.new.get("reason") != Reason.PREEMPTED:
+        d.to(Phase.QUEUED, Reason.QUEUED, message)
+    d.condition(Cond.RUNNING, False, d.new["reason"], d.new["message"])
+    # Kueue's verdict changes when quota frees up; the Job's unsuspension wakes the operator.
+    return d.plan(requeue_after=PROBE_MAX)
+
+
+def _unplaced(d: _Draft, obs: Observation, attempt: int, timeout: int) -> Plan:
+    """Part of a gang holds GPUs while the rest cannot be placed: nothing trains, and the
+    next team's run starves behind it. Its pods go (a disruption, not a failure: the run is
+    not at fault) and the next attempt is placed after a back-off (placement_backoff)."""
+    rp = d.run.spec.run_policy
+    why = f"{obs.reason}: {obs.message}" if obs.message else obs.reason
+    detail = (f"{obs.ready}/{obs.total} pods of attempt {attempt} running after schedulingTimeoutSeconds "
+              f"{timeout} ({why})")
+    disruptions = int(d.new.get("disruptions") or 0)
+    unplaced = Observation(WorkloadState.FAILED, attempt=attempt, ready=obs.ready, total=obs.total,
+                           created_at=obs.created_at, finished_at=fmt_time(d.now),
+                           reason=Reason.SCHEDULING_TIMEOUT, message=detail, workload=obs.workload)
+    d.history(unplaced, Outcome.DISRUPTED, Reason.SCHEDULING_TIMEOUT, detail)
+    if disruptions >= rp.disruption_limit:
+        plan = _fail(d, unplaced, Reason.DISRUPTION_LIMIT_EXCEEDED,
+                     f"{detail}; no restarts left after disruptions (disruptionLimit {rp.disruption_limit})")
+        plan.actions.append(Action("suspend", attempt))
+        return plan
+    d.new["disruptions"] = disruptions + 1
+    d.new["attempts"] = attempt + 1
+    wait = placement_backoff(d.new, d.now) or 0.0
+    d.to(Phase.PENDING, Reason.SCHEDULING_TIMEOUT,
+         f"{detail}; its pods were deleted so that no GPU stays held by part of a gang; placing the gang again "
+         f"as attempt {attempt + 1} in {wait:.0f}s (disruption {disruptions + 1} of {rp.disruption_limit})",
+         warning=True)
+    d.condition(Cond.RUNNING, False, Reason.SCHEDULING_TIMEOUT, d.new["message"])
+    return d.plan(actions=[Action("suspend", attempt)], requeue_after=wait)
+
+
+def placement_backoff(status: Mapping[str, Any], now: dt.datetime) -> float | None:
+    """Seconds before the next attempt may be placed, after gangs that timed out unplaced:
+    PLACEMENT_RETRY doubling per timeout in a row, at most PLACEMENT_RETRY_MAX; None when
+    it may go now. From attemptHistory, so a restarted operator waits the same."""
+    history = status.get("attemptHistory") or ()
+    streak = 0
+    for entry in reversed(history):
+        if entry.get("reason") != Reason.SCHEDULING_TIMEOUT:
+            break
+        streak += 1
+    if not streak or int(history[-1].get("attempt") or 0) != int(status.get("attempts") or 0) - 1:
+        return None
+    ended = parse_time(history[-1].get("endTime"))
+    if ended is None:
+        return None
+    left = ended.timestamp() + min(PLACEMENT_RETRY_MAX, PLACEMENT_RETRY * 2 ** (streak - 1)) - now.timestamp()
+    return left if left > 0 else None
 
 
 def _hung(d: _Draft, obs: Observation, attempt: int, remaining: int | None, dl: ProgressDeadline) -> Plan:
@@ -740,3 +856,32 @@ def invalid(run: Run, now: dt.datetime, reason: str, message: str) -> Plan:
     d.to(Phase.PENDING, reason, message, warning=True)
     d.condition(Cond.CREATED, False, reason, message)
     return d.plan()
+
+
+def needs_preflight(run: Run, plan: Plan) -> bool:
+    """The plan launches the first attempt and no preflight has been recorded: it runs once
+    per run, before anything is created (its condition, once written, says it ran)."""
+    return run.attempt == 0 and any(a.kind == "launch" and a.attempt == 1 for a in plan.actions) \
+        and get_condition(run.status, Cond.PREFLIGHT) is None
+
+
+def preflight(run: Run, plan: Plan, outcome: Any, now: dt.datetime) -> Plan:
+    """The plan with the preflight's outcome (preflight.Outcome): its Preflight condition, and
+    a failed run instead of the launch when a check failed (no retry changes the facts)."""
+    message = outcome.message()
+    if outcome.failure is not None:
+        reason, _ = outcome.failure
+        d = _Draft(run, now)
+        d.new["completionTime"] = fmt_time(now)
+        d.to(Phase.FAILED, reason, f"preflight: {message}", warning=True)
+        d.condition(Cond.PREFLIGHT, False, reason, message)
+        d.condition(Cond.FAILED, True, reason, d.new["message"])
+        d.condition(Cond.CREATED, False, reason, "nothing was created: the preflight failed")
+        return _then_ttl(d, d.plan())
+    reason = Reason.PREFLIGHT_WARNINGS if outcome.warnings else Reason.PREFLIGHT_PASSED
+    conditions = plan.patch.get("conditions", run.status.get("conditions") or [])
+    # No Event for the warnings: the condition shows in `kubectl describe` too, and an Event per
+    # run is one more API request per run at scale.
+    plan.patch["conditions"] = set_condition(list(conditions), Cond.PREFLIGHT, True, reason, message, now,
+                                             run.generation)
+    return plan

@@ -78,6 +78,11 @@ create/delete of its own; pods only list (a failed pod's exit code and terminati
 - apiGroups: [""]
   resources: [events]
   verbs: [create, list]
+# Kueue (spec.queueName): why a queued gang waits, or that it was preempted. Read only;
+# without Kueue installed the rule is inert.
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [list]
 {{- end -}}
 
 {{- define "alpaca-operator.peeringHook" -}}

@@ -145,6 +145,13 @@ class Observation:
     # (no permission to read nodes); the nodes are avoided anyway.
     nodes_suffice: bool | None = None
     extras: Extras | None = None
+    # The workload holds what it asked for (every EKS pod running once; a SageMaker job
+    # exists). Until then the run has not started: its spec may still change.
+    placed: bool = True
+    generation: int | None = None         # the run's generation the workload was made from
+    # Kueue holds the workload suspended: not admitted yet, or preempted (reason Queued or
+    # Preempted, message Kueue's own).
+    queued: bool = False
 
 
 class LaunchError(Exception):

@@ -11,12 +11,14 @@ import datetime as dt
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ... import api
 from ...cache import Cache
 from ...kube import KIND_TO_PLURAL, ApiError, Kube, path
+from ...spec import WAIT
 from ...status import Reason, avoided_nodes, fmt_time, gpu_health, node_evidence, parse_time
 from ..base import (EXIT_SIGTERM, PERMANENT_EXIT_CODES, FailureKind, LaunchError, NotYet, Observation,
                     Run, WorkloadState)
@@ -30,6 +32,11 @@ PROBE_AFTER = 3.0    # seconds a new Job's pods get before the operator asks why
 # Seconds between looks while leftover objects of a run's names stand in the way: nothing
 # the operator watches announces their deletion, and a look is a few GETs.
 ORPHAN_RECHECK = 5.0
+# How old the node listing may be that launches check a gang against (nodes come and go
+# in minutes; a launch's check needs no fresher view).
+NODES_FRESH = 5.0
+KUEUE_API = "/apis/kueue.x-k8s.io/v1beta2"
+KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"     # on the Workload Kueue makes for a Job
 # Container waiting reasons that mean the worker will not start by itself.
 STUCK_WAITING = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
                  "CreateContainerError")
@@ -117,6 +124,13 @@ def _controller_uid(obj: Mapping[str, Any]) -> str | None:
     return next((r.get("uid") for r in obj["metadata"].get("ownerReferences") or () if r.get("controller")), None)
 
 
+def _generation(job: Mapping[str, Any]) -> int | None:
+    try:
+        return int((job["metadata"].get("annotations") or {})[api.ANNOTATION_GENERATION])
+    except (KeyError, ValueError, TypeError):
+        return None     # made before the operator recorded it: never replaced
+
+
 def _failed(job: Mapping[str, Any]) -> bool:
     return "Failed" in _true_conditions(job)
 
@@ -127,6 +141,10 @@ class EksBackend:
     def __init__(self, kube: Kube, cache: Cache | None = None):
         self.kube = kube
         self.cache = cache or Cache()
+        # One node listing shared by every launch for NODES_FRESH seconds: 500 runs applied
+        # at once cost a few LISTs, not 500. (monotonic time, items or None: not readable)
+        self._nodes: tuple[float, list[dict] | None] | None = None
+        self._nodes_lock = asyncio.Lock()
 
     async def _jobs(self, run: Run) -> list[dict]:
         """The run's Jobs, fresh from the API server: those it owns (by UID), not merely
@@ -201,14 +219,54 @@ class EksBackend:
                                failure_kind=classify(failure, message),
                                termination_message=failure.message[:1024],
                                finished_at=cond.get("lastTransitionTime"), **node, **common)
+        if spec.get("suspend"):
+            # Only Kueue suspends our Jobs (the operator's own suspend deletes them).
+            reason, message = await self._kueue_says(run, job)
+            return Observation(WorkloadState.STARTING, placed=False, generation=_generation(job), queued=True,
+                               reason=reason, message=message, **common)
         if common["ready"] >= total:
             return Observation(WorkloadState.RUNNING, **common)
+        # Not every pod runs: the gang is not placed yet. A status whose startTime is set
+        # (it ran once, and pods finish one by one) stays started whatever this says.
+        common.update(placed=False, generation=_generation(job))
         created = parse_time(common["created_at"])
         if created is not None and (dt.datetime.now(dt.timezone.utc) - created).total_seconds() >= PROBE_AFTER:
             reason, why = await self._why_not_running(run, job)
             if reason:
                 return Observation(WorkloadState.STARTING, reason=reason, message=why, **common)
         return Observation(WorkloadState.STARTING, **common)
+
+    async def _kueue_says(self, run: Run, job: Mapping[str, Any]) -> tuple[str, str]:
+        """Why Kueue holds the Job: (Queued | Preempted, the Workload's own message)."""
+        try:
+            workloads = await self.kube.list("workloads", run.namespace,
+                                             f"{KUEUE_JOB_UID_LABEL}={job['metadata']['uid']}")
+        except ApiError as e:
+            if e.status not in (403, 404):     # no Kueue, or no permission to read its Workloads
+                raise
+            workloads = []
+        conds = {c.get("type"): c for w in workloads for c in (w.get("status") or {}).get("conditions") or ()}
+        evicted = conds.get("Evicted") or {}
+        if evicted.get("status") == "True" and evicted.get("reason") == "Preempted":
+            return Reason.PREEMPTED, evicted.get("message") or "preempted"
+        reserved = conds.get("QuotaReserved") or {}
+        if reserved.get("status") == "False" and reserved.get("message"):
+            return Reason.QUEUED, reserved["message"]
+        if not workloads:
+            return Reason.QUEUED, "waiting for Kueue to make the gang's Workload"
+        return Reason.QUEUED, "waiting for Kueue to admit the gang"
+
+    async def _workload_priority(self, run: Run) -> bool:
+        """Does spec.priorityClassName also name a Kueue WorkloadPriorityClass?"""
+        if not (run.spec.queue_name and run.spec.priority_class_name):
+            return False
+        try:
+            await self.kube.request("GET", f"{KUEUE_API}/workloadpriorityclasses/{run.spec.priority_class_name}")
+        except ApiError as e:
+            if e.status in (403, 404):
+                return False
+            raise
+        return True
 
     async def _read_nodes(self, name: str | None = None) -> Any:
         """A node (name) or all nodes; None where the operator may not read nodes (a
@@ -220,6 +278,31 @@ class EksBackend:
                 log.debug("cannot read node %s: %s", name or "list", e)
                 return None
             raise
+
+    async def _node_listing(self) -> list[dict] | None:
+        """Every node, at most NODES_FRESH seconds old; None where nodes cannot be read."""
+        async with self._nodes_lock:
+            now = time.monotonic()
+            if self._nodes is None or now - self._nodes[0] > NODES_FRESH:
+                listing = await self._read_nodes()
+                self._nodes = (now, None if listing is None else listing.get("items") or [])
+            return self._nodes[1]
+
+    async def _unsatisfiable(self, run: Run, attempt: int) -> Observation | None:
+        """A gang no set of this cluster's nodes could ever hold fails before any pod
+        exists (or, with runPolicy.whenUnsatisfiable Wait, waits Pending for nodes to be
+        added); None when it could fit or the nodes cannot be read."""
+        nodes = await self._node_listing()
+        if nodes is None:
+            return None
+        capacity = render.gang_capacity(run, nodes)
+        if capacity.slots >= run.spec.resources.nodes:
+            return None
+        message = render.unsatisfiable_message(run, capacity)
+        if run.spec.run_policy.when_unsatisfiable == WAIT:
+            raise LaunchError(Reason.UNSATISFIABLE, message + "; waiting for nodes (runPolicy.whenUnsatisfiable Wait)")
+        return Observation(WorkloadState.FAILED, attempt=attempt, reason=Reason.UNSATISFIABLE, permanent=True,
+                           total=run.spec.resources.nodes, message=message)
 
     async def _suspect_node(self, run: Run, attempt: int, failure: PodFailure) -> dict[str, Any]:
         """The failed pod's node, the evidence against it and whether the next gang fits
@@ -233,8 +316,8 @@ class EksBackend:
             return {"node": failure.node}
         avoid = set(avoided_nodes(run.status.get("attemptHistory"), attempt + 1,
                                   run.spec.run_policy.avoid_failed_nodes)) | {failure.node}
-        listing = await self._read_nodes()
-        suffice = None if listing is None else render.gang_fits(run, listing.get("items") or [], avoid)
+        listing = await self._node_listing()
+        suffice = None if listing is None else render.gang_fits(run, listing, avoid)
         return {"node": failure.node, "node_evidence": evidence, "node_health": gpu_health(conditions),
                 "nodes_suffice": suffice}
 
@@ -293,6 +376,8 @@ class EksBackend:
         return config
 
     async def launch(self, run: Run, attempt: int, *, deadline_seconds: int | None) -> Observation | None:
+        if (impossible := await self._unsatisfiable(run, attempt)) is not None:
+            return impossible
         # Older attempts first: their pods hold the GPUs the new gang needs. The last failed
         # Job stays (its pods hold nothing) for `kubectl logs` until this attempt runs.
         if attempt > 1:
@@ -303,7 +388,8 @@ class EksBackend:
                     await self._delete_job(run, job)
         ds_config = await self._user_ds_config(run)
         *children, job = render.render_children(run, attempt, deadline_seconds=deadline_seconds,
-                                                ds_config=ds_config)
+                                                ds_config=ds_config,
+                                                workload_priority=await self._workload_priority(run))
         try:
             return await self._create(run, attempt, children, job)
         except LaunchError as e:
@@ -345,7 +431,8 @@ class EksBackend:
         if not await self._ensure(run, job):
             return None     # it existed: what state it is in, only observing can tell
         return Observation(WorkloadState.STARTING, attempt=attempt, total=run.spec.resources.nodes,
-                           created_at=fmt_time(dt.datetime.now(dt.timezone.utc)), workload=render.workload_names(run, attempt))
+                           created_at=fmt_time(dt.datetime.now(dt.timezone.utc)), workload=render.workload_names(run, attempt),
+                           placed=False, generation=run.generation)
 
     async def _old_pods_linger(self, run: Run, attempt: int) -> bool:
         """Pods named like this attempt's, still there from an earlier incarnation (a

@@ -7,13 +7,14 @@ the attempt exists too (the crash-safety argument in backend.py relies on it).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ... import api, instances
 from ...deepspeed_config import render_deepspeed_config
 from ...training_args import render_training_args
 from ...status import avoided_nodes, skip_steps
-from ..base import PERMANENT_EXIT_CODES, SKIP_STEPS_ENV, Run
+from ..base import EXIT_SIGTERM, PERMANENT_EXIT_CODES, SKIP_STEPS_ENV, Run
 
 GPU_RESOURCE = "nvidia.com/gpu"
 EFA_RESOURCE = "vpc.amazonaws.com/efa"
@@ -158,19 +159,57 @@ def _resources(run: Run) -> dict[str, Any]:
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
-def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None) -> dict[str, Any]:
+def _pod_annotations(run: Run) -> dict[str, str]:
+    annotations = dict(run.spec.pod_annotations)
+    if run.spec.resources.topology:
+        how, label = run.spec.resources.topology
+        annotations[api.KUEUE_TOPOLOGY_ANNOTATION.format(how)] = label
+    return annotations
+
+
+def _node_selector(run: Run) -> dict[str, str]:
+    r = run.spec.resources
+    selector = {INSTANCE_TYPE_LABEL: r.instance_type} if r.instance_type else {}
+    selector.update(r.node_selector)
+    return selector
+
+
+def _tolerations(run: Run) -> list[dict[str, Any]]:
+    return [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
+            *[dict(t) for t in run.spec.resources.tolerations]]
+
+
+def _affinity(given: Mapping[str, Any], avoid: list[str]) -> dict[str, Any]:
+    """The user's affinity, keeping the gang off the `avoid` nodes: a node a recent attempt's
+    failure was attributed to (a GPU error, NotReady), for runPolicy.avoidFailedNodes
+    attempts; nothing is cordoned. Node selector terms are ORed, so the NotIn goes into each."""
+    affinity = json.loads(json.dumps(given))    # deep copy: the spec is shared
+    if not avoid:
+        return affinity
+    not_in = {"key": HOSTNAME_LABEL, "operator": "NotIn", "values": avoid}
+    required = affinity.setdefault("nodeAffinity", {}).setdefault(
+        "requiredDuringSchedulingIgnoredDuringExecution", {})
+    terms = required.get("nodeSelectorTerms") or [{}]
+    for term in terms:
+        term["matchExpressions"] = [*(term.get("matchExpressions") or ()), dict(not_in)]
+    required["nodeSelectorTerms"] = terms
+    return affinity
+
+
+def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None,
+               workload_priority: bool = False) -> dict[str, Any]:
+    """workload_priority: spec.priorityClassName also names a Kueue WorkloadPriorityClass
+    (the backend looked), which then ranks the gang in its queue."""
     spec, r = run.spec, run.spec.resources
     name = api.job_name(run.name, attempt)
     labels = {api.LABEL_ATTEMPT: str(attempt)}
-    node_selector = {INSTANCE_TYPE_LABEL: r.instance_type} if r.instance_type else {}
-    node_selector.update(r.node_selector)
+    node_selector = _node_selector(run)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
         "subdomain": api.service_name(run.name),
         "serviceAccountName": pod_service_account(run),
-        "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
-                        *[dict(t) for t in r.tolerations]],
+        "tolerations": _tolerations(run),
         "containers": [{
             "name": api.TRAINER_CONTAINER,
             "image": spec.image,
@@ -186,23 +225,30 @@ def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None) -
                 {"name": "config", "mountPath": api.CONFIG_DIR, "readOnly": True},
                 {"name": "shm", "mountPath": "/dev/shm"},
                 {"name": "workspace", "mountPath": api.WORKDIR},
+                *[dict(m) for m in spec.volume_mounts],
             ],
         }],
         "volumes": [
             {"name": "config", "configMap": {"name": api.config_map_name(run.name)}},
             {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": r.shared_memory}},
             {"name": "workspace", "emptyDir": {}},
+            *[dict(v) for v in spec.volumes],
         ],
     }
     if node_selector:
         pod_spec["nodeSelector"] = node_selector
+    if spec.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in spec.image_pull_secrets]
+    if spec.topology_spread_constraints:
+        pod_spec["topologySpreadConstraints"] = [dict(c) for c in spec.topology_spread_constraints]
+    if spec.scheduler_name:
+        pod_spec["schedulerName"] = spec.scheduler_name
+    if spec.priority_class_name:
+        pod_spec["priorityClassName"] = spec.priority_class_name
     avoid = avoided_nodes(run.status.get("attemptHistory"), attempt, run.spec.run_policy.avoid_failed_nodes)
-    if avoid:
-        # Nodes a recent attempt's failure was attributed to (a GPU error, NotReady): the
-        # gang keeps off them for runPolicy.avoidFailedNodes attempts. Nothing is cordoned.
-        pod_spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-            "nodeSelectorTerms": [{"matchExpressions": [
-                {"key": HOSTNAME_LABEL, "operator": "NotIn", "values": avoid}]}]}}}
+    affinity = _affinity(spec.affinity, avoid)
+    if affinity:
+        pod_spec["affinity"] = affinity
 
     job_spec: dict[str, Any] = {
         "completionMode": "Indexed",
@@ -228,7 +274,7 @@ def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None) -
             "metadata": {
                 "labels": {**spec.pod_labels, api.LABEL_FINETUNE: run.name,
                            api.LABEL_MANAGED_BY: api.MANAGED_BY, **labels},
-                **({"annotations": dict(spec.pod_annotations)} if spec.pod_annotations else {}),
+                **({"annotations": _pod_annotations(run)} if _pod_annotations(run) else {}),
             },
             "spec": pod_spec,
         },
@@ -238,19 +284,39 @@ def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None) -
     # one. The operator deletes all children itself (status.py, TTL).
     if deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = max(1, int(deadline_seconds))
+    meta = _meta(run, name, labels)
+    meta["annotations"] = {api.ANNOTATION_GENERATION: str(run.generation)}
+    if spec.queue_name:
+        # Kueue admits the gang as a whole: created suspended, it starts no pod until
+        # Kueue finds quota for all of them and unsuspends it.
+        meta["labels"][api.KUEUE_QUEUE_LABEL] = spec.queue_name
+        if workload_priority and spec.priority_class_name:
+            meta["labels"][api.KUEUE_PRIORITY_LABEL] = spec.priority_class_name
+        job_spec["suspend"] = True
+        # Kueue preempts by suspending the Job; the Job controller then stops the pods with
+        # SIGTERM and judges their exit 143 by the podFailurePolicy like any failure, which
+        # would fail the Job. Ignored here, the Job survives its suspension and resumes.
+        # (A drain or an eviction still fails it: the pod has the DisruptionTarget condition.)
+        rules = job_spec["podFailurePolicy"]["rules"]
+        rules.insert(2, {"action": "Ignore", "onExitCodes": {"containerName": api.TRAINER_CONTAINER,
+                                                             "operator": "In", "values": [EXIT_SIGTERM]}})
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _meta(run, name, labels),
+        "metadata": meta,
         "spec": job_spec,
     }
 
 
-def _gpus(node: Mapping[str, Any]) -> int:
+def _allocatable(node: Mapping[str, Any], resource: str) -> int:
     try:
-        return int(((node.get("status") or {}).get("allocatable") or {}).get(GPU_RESOURCE) or 0)
+        return int(((node.get("status") or {}).get("allocatable") or {}).get(resource) or 0)
     except ValueError:
         return 0
+
+
+def _gpus(node: Mapping[str, Any]) -> int:
+    return _allocatable(node, GPU_RESOURCE)
 
 
 def gang_fits(run: Run, nodes: list[Mapping[str, Any]], avoid: set[str]) -> bool:
@@ -258,8 +324,7 @@ def gang_fits(run: Run, nodes: list[Mapping[str, Any]], avoid: set[str]) -> bool
     selector picks, without the `avoid` nodes? An estimate (taints and other pods are not
     weighed): enough to tell "too few nodes are left" from "plenty"."""
     r = run.spec.resources
-    selector = {INSTANCE_TYPE_LABEL: r.instance_type} if r.instance_type else {}
-    selector.update(r.node_selector)
+    selector = _node_selector(run)
     slots = 0
     for node in nodes:
         meta, spec = node.get("metadata") or {}, node.get("spec") or {}
@@ -273,8 +338,63 @@ def gang_fits(run: Run, nodes: list[Mapping[str, Any]], avoid: set[str]) -> bool
     return slots >= r.nodes
 
 
+def _tolerates(tolerations: list[Mapping[str, Any]], taint: Mapping[str, Any]) -> bool:
+    """Kubernetes' matching of one taint by a pod's tolerations."""
+    for t in tolerations:
+        if t.get("effect") and t["effect"] != taint.get("effect"):
+            continue
+        if t.get("operator") == "Exists" and not t.get("key"):
+            return True
+        if t.get("key") == taint.get("key") and (
+                t.get("operator") == "Exists" or (t.get("value") or "") == (taint.get("value") or "")):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class Capacity:
+    nodes: int      # nodes that could ever hold one of the gang's pods
+    slots: int      # pods of the gang they could hold at once, all of them empty
+
+
+def gang_capacity(run: Run, nodes: list[Mapping[str, Any]]) -> Capacity:
+    """What the cluster could ever give this gang: the nodes its selector (instance type,
+    nodeSelector) picks, whose NoSchedule/NoExecute taints its tolerations accept, counted
+    by allocatable GPUs (and EFA adapters when asked). Ready, cordoned or busy does not
+    matter: those change; a missing label, taint or GPU does not (until nodes are added)."""
+    r = run.spec.resources
+    selector, tolerations = _node_selector(run), _tolerations(run)
+    efa = int(_resources(run)["limits"].get(EFA_RESOURCE) or 0)
+    count = slots = 0
+    for node in nodes:
+        labels = (node.get("metadata") or {}).get("labels") or {}
+        if any(labels.get(k) != v for k, v in selector.items()):
+            continue
+        taints = (node.get("spec") or {}).get("taints") or ()
+        if not all(_tolerates(tolerations, t) for t in taints if t.get("effect") in ("NoSchedule", "NoExecute")):
+            continue
+        fits = _gpus(node) // r.gpus_per_node
+        if efa:
+            fits = min(fits, _allocatable(node, EFA_RESOURCE) // efa)
+        if fits:
+            count, slots = count + 1, slots + fits
+    return Capacity(count, slots)
+
+
+def unsatisfiable_message(run: Run, capacity: Capacity) -> str:
+    r = run.spec.resources
+    wants = f"{r.gpus_per_node} {GPU_RESOURCE}" + (f" and {EFA_RESOURCE}" if r.efa else "")
+    selector = json.dumps(_node_selector(run), sort_keys=True)
+    has = f"{capacity.nodes} such node{'s' if capacity.nodes != 1 else ''}"
+    if capacity.slots != capacity.nodes:
+        has += f" ({capacity.slots} pod slots)"
+    return (f"needs {r.nodes} node{'s' if r.nodes != 1 else ''} x {wants} matching {selector} (with its "
+            f"tolerations); the cluster has {has}")
+
+
 def render_children(run: Run, attempt: int, *, deadline_seconds: int | None = None,
-                    ds_config: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+                    ds_config: Mapping[str, Any] | None = None,
+                    workload_priority: bool = False) -> list[dict[str, Any]]:
     """Everything attempt `attempt` needs, in creation order (the Job last)."""
     objs = []
     if not run.spec.service_account_name:
@@ -284,7 +404,7 @@ def render_children(run: Run, attempt: int, *, deadline_seconds: int | None = No
         render_role_binding(run),
         render_config_map(run, ds_config),
         render_service(run),
-        render_job(run, attempt, deadline_seconds=deadline_seconds),
+        render_job(run, attempt, deadline_seconds=deadline_seconds, workload_priority=workload_priority),
     ]
     return objs
 
