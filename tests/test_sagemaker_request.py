@@ -160,7 +160,8 @@ def test_every_option_reaches_the_request():
     assert json.loads(req.config_files["train_args.json"]) == [
         "--prompt_template", spec["data"]["promptTemplate"], "--gradient_checkpointing", "true", "--tf32"]
     assert p["Environment"] == {"ALPACA_OUTPUT_URI": "s3://out/runs/a/", "ALPACA_ATTEMPT": "3", "ALPACA_RUN_UID": UID,
-                                "ALPACA_MODEL_COMPRESSION": "GZIP", "HF_HUB_OFFLINE": "1", "NCCL_DEBUG": "INFO"}
+                                "ALPACA_MODEL_COMPRESSION": "GZIP", "ALPACA_PREFLIGHT": "off",
+                                "HF_HUB_OFFLINE": "1", "NCCL_DEBUG": "INFO"}
     assert json.loads(req.config_files["ds_config.json"])["zero_optimization"]["stage"] == 2
     # A user's DeepSpeed JSON (deepspeed.configMapRef) is sent as is.
     own = {"zero_optimization": {"stage": 3}, "train_batch_size": "auto"}
@@ -279,6 +280,9 @@ def test_network_isolation_needs_sagemakers_own_outputs():
         build_request(_run(_spec(sagemaker={"enableNetworkIsolation": True})), 1)
     p = build_request(_run(_spec(sagemaker={"enableNetworkIsolation": True, "outputCompression": "GZIP"})), 1).params
     assert p["EnableNetworkIsolation"] is True and p["Environment"]["ALPACA_MODEL_COMPRESSION"] == "GZIP"
+    # No network for the container's S3 preflight either: it is switched off, not failed.
+    assert p["Environment"]["ALPACA_PREFLIGHT"] == "off"
+    assert "ALPACA_PREFLIGHT" not in build_request(_run(_spec()), 1).params["Environment"]
 
 
 def test_the_data_channel_names_exactly_the_data():

@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Mapping
 from . import instances, memory_estimate as mem
 from .backends.sagemaker.backend import split_s3
 from .backends.sagemaker.client import Aws, AwsError, AwsNotConfigured, AwsUnavailable
-from .spec import FineTuneSpec, SageMakerSettings, SpecError, parse_sagemaker
+from .spec import FineTuneSpec, SageMakerSettings, SpecError, parse_sagemaker, sagemaker_defaults
 from .status import Reason
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def sagemaker_settings(spec: FineTuneSpec) -> SageMakerSettings | None:
     if spec.backend != "sagemaker":
         return None
     try:
-        return parse_sagemaker(spec, default_role=os.environ.get("ALPACA_SAGEMAKER_ROLE_ARN") or None)
+        return parse_sagemaker(spec, **sagemaker_defaults())
     except (SpecError, ValueError, TypeError):
         return None     # the launch says why, as InvalidSpec
 

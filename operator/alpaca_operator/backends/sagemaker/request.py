@@ -34,6 +34,7 @@ DATA_CHANNEL = "training"
 # would also take alpaca_data.json.bak, and the image refuses a channel of two files.
 DATA_MANIFEST = "training.manifest"
 MAX_RUNTIME_LIMIT = 28 * 24 * 3600
+PREFLIGHT_ENV = "ALPACA_PREFLIGHT"      # the image's switch of its S3 preflight
 
 # Tags on every job: how a job is known to be this run's (there is no idempotency token).
 TAG_NAMESPACE = f"{api.GROUP}/namespace"
@@ -123,6 +124,10 @@ def _environment(run: Run, attempt: int, sm: SageMakerSettings) -> dict[str, str
     if sm.output_compression == "GZIP":
         # The image then leaves the model in /opt/ml/model for SageMaker to tar.
         env["ALPACA_MODEL_COMPRESSION"] = "GZIP"
+    if sm.network_isolation:
+        # The container's S3 preflight (docs/contract.md, "Preflight") would fail on a network
+        # it does not have: the inputs arrive as channels and SageMaker uploads the outputs.
+        env[PREFLIGHT_ENV] = "off"
     for e in run.spec.env:
         if "valueFrom" in e:
             raise RequestError(f"spec.env {e['name']}: valueFrom needs a pod; backend sagemaker takes literal values only")
