@@ -6,9 +6,9 @@ and a ResourceInUse on create (a retried create that had succeeded) is accepted 
 the job's tags carry this run's uid. A job of that name tagged for anything else is never
 adopted: the run fails with a message naming the job.
 
-Polling: a job is described at most once per poll interval (ALPACA_SAGEMAKER_POLL_SECONDS,
-default 30, plus 0-25 % jitter so runs created together spread out), whatever triggers the
-reconcile, and never again once finished. Each describe of a running job also reads the
+Polling: a job is described once per poll interval (ALPACA_SAGEMAKER_POLL_SECONDS, default
+30, plus 0-25 % jitter so runs created together spread out), at most twice per interval
+whatever triggers the reconcile, and never again once finished. Each describe of a running job also reads the
 job's progress.json (docs/contract.md) from the output prefix. A run whose status records its
 job finished is not looked up at all (after a restart, too): the status says all there is.
 
