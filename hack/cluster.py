@@ -408,18 +408,24 @@ class Cluster:
         crds = local_kueue.crds(self._read_manifests(KUEUE_MANIFESTS / "crd"), webhook, ca)
         hooks = local_kueue.webhook_configurations(self._read_manifests(KUEUE_MANIFESTS / "webhooks.yaml"),
                                                    webhook, ca)
-        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", timeout=300,
-                     input=json.dumps({"apiVersion": "v1", "kind": "List", "items": crds + hooks}))
+        objects = json.dumps({"apiVersion": "v1", "kind": "List", "items": crds + hooks})
+        # `create` costs the API server a third of what a server-side apply of these 1.6 MB of
+        # schemas does; on a cluster that ran Kueue before, the objects are applied over.
+        created = self.kubectl("create", "-f", "-", input=objects, check=False, timeout=300)
+        if created.returncode != 0:
+            if "AlreadyExists" not in created.stderr:
+                raise ClusterError(f"creating Kueue's CRDs and webhooks failed: {created.stderr.strip()}")
+            self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=objects, timeout=300)
         # Kueue's informers need its kinds served before it starts.
-        for crd in crds:
-            self._wait(f"CRD {crd['metadata']['name']} Established", lambda name=crd["metadata"]["name"]:
-                       self.kubectl("get", f"crd/{name}", "-o",
-                                    "jsonpath={.status.conditions[?(@.type=='Established')].status}",
-                                    check=False).stdout == "True", 60, "kube-apiserver")
+        names = [crd["metadata"]["name"] for crd in crds]
+        self._wait("Kueue's CRDs Established", lambda: self.kubectl(
+            "get", "crd", *names, "-o",
+            "jsonpath={range .items[*]}{.status.conditions[?(@.type=='Established')].status}{' '}{end}",
+            check=False).stdout.split() == ["True"] * len(names), 60, "kube-apiserver")
 
     def _read_manifests(self, path: Path) -> list[dict]:
         """YAML manifests as objects (kubectl parses them: this file has only the standard library)."""
-        out = self.kubectl("create", "--dry-run=client", "-o", "json", "-f", str(path)).stdout
+        out = self.kubectl("create", "--dry-run=client", "--validate=false", "-o", "json", "-f", str(path)).stdout
         # One JSON document per object, one after the other.
         docs, decoder, i = [], json.JSONDecoder(), 0
         while i < len(out):
