@@ -98,7 +98,9 @@ def test_the_sample_request_field_by_field():
                   "save_total_limit": "3", "logging_steps": "1", "nan_tolerance": "3", "bf16": "true"}
     assert all(isinstance(v, str) for v in hp.values())
     assert p["Environment"] == {"ALPACA_OUTPUT_URI": "s3://alpaca-demo/runs/alpaca-7b-sagemaker/",
-                                "ALPACA_ATTEMPT": "1", "ALPACA_RUN_UID": run.uid}
+                                "ALPACA_ATTEMPT": "1", "ALPACA_RUN_UID": run.uid,
+                                "ALPACA_CHECKPOINT_URI": "s3://alpaca-demo/runs/alpaca-7b-sagemaker/checkpoints/"}
+    assert p["Environment"]["ALPACA_CHECKPOINT_URI"] == p["CheckpointConfig"]["S3Uri"]
     tags = {t["Key"]: t["Value"] for t in p["Tags"]}
     assert tags == {"alpaca.dev/namespace": "default", "alpaca.dev/name": "alpaca-7b-sagemaker",
                     "alpaca.dev/uid": UID, "alpaca.dev/attempt": "1",
@@ -161,6 +163,7 @@ def test_every_option_reaches_the_request():
         "--prompt_template", spec["data"]["promptTemplate"], "--gradient_checkpointing", "true", "--tf32"]
     assert p["Environment"] == {"ALPACA_OUTPUT_URI": "s3://out/runs/a/", "ALPACA_ATTEMPT": "3", "ALPACA_RUN_UID": UID,
                                 "ALPACA_MODEL_COMPRESSION": "GZIP", "ALPACA_PREFLIGHT": "off",
+                                "ALPACA_CHECKPOINT_URI": p["CheckpointConfig"]["S3Uri"],
                                 "HF_HUB_OFFLINE": "1", "NCCL_DEBUG": "INFO"}
     assert json.loads(req.config_files["ds_config.json"])["zero_optimization"]["stage"] == 2
     # A user's DeepSpeed JSON (deepspeed.configMapRef) is sent as is.
@@ -198,7 +201,7 @@ def test_every_request_is_valid_against_botocores_model():
     (lambda p: p.update(RoleArn="arn:aws:iam::12:role/x" + "y" * 10), "RoleArn"),
     (lambda p: p["HyperParameters"].update({f"k{i}": "v" for i in range(100)}), "HyperParameters: 115 entries"),
     (lambda p: p["HyperParameters"].update(long="v" * 257), "at most 256"),
-    (lambda p: p["Environment"].update({f"E{i}": "v" for i in range(100)}), "Environment: 103 entries"),
+    (lambda p: p["Environment"].update({f"E{i}": "v" for i in range(100)}), "Environment: 104 entries"),
     (lambda p: p["Environment"].update({"1BAD": "v"}), "Environment key"),
     (lambda p: p["Tags"].extend({"Key": f"k{i}", "Value": "v"} for i in range(46)), "Tags: 51 items"),
     (lambda p: p["Tags"].append({"Key": "a" * 129, "Value": "v"}), "Key: 129 characters"),

@@ -123,7 +123,10 @@ def training_arguments(spec: FineTuneSpec) -> tuple[dict[str, str], list[str]]:
 
 
 def _environment(run: Run, attempt: int, sm: SageMakerSettings) -> dict[str, str]:
-    env = {"ALPACA_OUTPUT_URI": run.spec.output_uri, "ALPACA_ATTEMPT": str(attempt), "ALPACA_RUN_UID": run.uid}
+    env = {"ALPACA_OUTPUT_URI": run.spec.output_uri, "ALPACA_ATTEMPT": str(attempt), "ALPACA_RUN_UID": run.uid,
+           # SageMaker syncs the checkpoints there, with the job's role: the container's
+           # preflight checks it can write it before training (it cannot see CheckpointConfig).
+           "ALPACA_CHECKPOINT_URI": checkpoint_uri(run.spec, sm)}
     if skip := skip_steps(run.status):
         env[SKIP_STEPS_ENV] = skip
     if sm.output_compression == "GZIP":
