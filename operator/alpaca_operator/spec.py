@@ -327,6 +327,16 @@ class SageMakerSettings:
     inter_container_encryption: bool = False
     retry_attempts: int | None = None
     tags: Mapping[str, str] = field(default_factory=dict)
+    # ResourceConfig.KeepAlivePeriodInSeconds: 0 keeps no warm pool.
+    keep_alive_seconds: int = 0
+
+
+def sagemaker_instances(spec: FineTuneSpec) -> tuple[str, int]:
+    """(instance type, instance count) of a sagemaker run, with their defaults: what the
+    training job asks for, whether or not the rest of the block is valid."""
+    sm = spec.sagemaker or {}
+    return (_get(sm, "instanceType", SageMakerSettings.instance_type),
+            int(_get(sm, "instanceCount", spec.resources.nodes)))
 
 
 def parse_sagemaker(spec: FineTuneSpec, default_role: str | None = None) -> SageMakerSettings:
@@ -342,11 +352,12 @@ def parse_sagemaker(spec: FineTuneSpec, default_role: str | None = None) -> Sage
     spot = sm.get("spot") or {}
     vpc = sm.get("vpcConfig")
     retry = sm.get("retryStrategy") or {}
+    instance_type, instance_count = sagemaker_instances(spec)
     return SageMakerSettings(
         role_arn=role,
         image=_get(sm, "image", spec.image),
-        instance_type=_get(sm, "instanceType", d.instance_type),
-        instance_count=int(_get(sm, "instanceCount", spec.resources.nodes)),
+        instance_type=instance_type,
+        instance_count=instance_count,
         volume_size_gb=int(_get(sm, "volumeSizeInGB", d.volume_size_gb)),
         volume_kms_key_id=sm.get("volumeKmsKeyId") or None,
         output_kms_key_id=sm.get("outputKmsKeyId") or None,
@@ -362,4 +373,5 @@ def parse_sagemaker(spec: FineTuneSpec, default_role: str | None = None) -> Sage
         inter_container_encryption=bool(_get(sm, "enableInterContainerTrafficEncryption", False)),
         retry_attempts=retry.get("maximumRetryAttempts"),
         tags=dict(_get(sm, "tags", {})),
+        keep_alive_seconds=int(_get(sm, "keepAlivePeriodInSeconds", d.keep_alive_seconds)),
     )
