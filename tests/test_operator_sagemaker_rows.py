@@ -10,6 +10,7 @@ operator and the SageMaker stand-in (progression mode).
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import uuid
 
@@ -48,7 +49,8 @@ def test_g5_xlarge_rows_the_loss_and_a_warm_pool_reused_by_the_next_run(cluster,
         # Rank 0's report as an image that does not round writes it.
         s3.put_object(Bucket=bucket, Key=f"runs/{first}/progress.json", Body=json.dumps({
             "stage": "training", "step": 12, "totalSteps": 40, "display": "12/40", "loss": 1.23456789,
-            "epoch": 0.3, "updatedAt": "2030-01-01T00:00:00Z", "job": job, "attempt": 1}).encode())
+            "epoch": 0.3, "updatedAt": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "job": job, "attempt": 1}).encode())
 
         def row():
             line = cluster.kubectl("get", "aft", first, "-n", namespace, "--no-headers").stdout.split()
