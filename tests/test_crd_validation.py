@@ -273,6 +273,12 @@ BAD_INPUT = [
     ("sagemaker-instance-type-not-ml",
      {"spec.backend": "sagemaker", "spec.sagemaker": {**SAGEMAKER_OK, "instanceType": "p4d.24xlarge"}},
      ["spec.sagemaker.instanceType"]),
+    ("sagemaker-keep-alive-over-an-hour",
+     {"spec.backend": "sagemaker", "spec.sagemaker": {**SAGEMAKER_OK, "keepAlivePeriodInSeconds": 3601}},
+     ["spec.sagemaker.keepAlivePeriodInSeconds", "between 0 and 3600"]),
+    ("sagemaker-keep-alive-negative",
+     {"spec.backend": "sagemaker", "spec.sagemaker": {**SAGEMAKER_OK, "keepAlivePeriodInSeconds": -1}},
+     ["spec.sagemaker.keepAlivePeriodInSeconds"]),
     ("sagemaker-region-malformed",
      {"spec.backend": "sagemaker", "spec.sagemaker": {**SAGEMAKER_OK, "region": "Virginia"}},
      ["spec.sagemaker.region"]),
@@ -602,17 +608,18 @@ def test_pod_setting_schemas_are_kubernetes_own_and_the_sagemaker_rule_names_the
 
 
 def test_sagemaker_block_is_validated_only_for_backend_sagemaker(cluster, crd, namespace):
-    garbage = {"roleArn": "not-an-arn", "instanceType": "huge", "instanceCount": 0, "region": "Mars"}
+    garbage = {"roleArn": "not-an-arn", "instanceType": "huge", "instanceCount": 0, "region": "Mars",
+               "keepAlivePeriodInSeconds": 99999}
     eks = with_changes(aft("eks-with-junk"), {"spec.sagemaker": garbage})
     apply(cluster, namespace, eks, check=True)
     sm = with_changes(aft("sm-with-junk"), {"spec.backend": "sagemaker", "spec.sagemaker": garbage})
     proc = apply(cluster, namespace, sm)
     assert proc.returncode != 0
-    for field in ("roleArn", "instanceType", "instanceCount", "region"):
+    for field in ("roleArn", "instanceType", "instanceCount", "region", "keepAlivePeriodInSeconds"):
         assert f"spec.sagemaker.{field}" in proc.stderr, proc.stderr
     ok = with_changes(aft("sm-ok"), {"spec.backend": "sagemaker", "spec.sagemaker": {
         **SAGEMAKER_OK, "volumeSizeInGB": 500, "maxRuntimeInSeconds": 86400, "region": "us-gov-west-1",
-        "checkpointS3Uri": "s3://alpaca-demo/ckpt/"}})
+        "checkpointS3Uri": "s3://alpaca-demo/ckpt/", "keepAlivePeriodInSeconds": 3600}})
     apply(cluster, namespace, ok, check=True)
     partition = with_changes(aft("sm-cn"), {"spec.backend": "sagemaker", "spec.sagemaker": {
         "roleArn": "arn:aws-cn:iam::123456789012:role/service-role/AlpacaSageMaker"}})
@@ -655,6 +662,10 @@ def test_status_schema_and_printer_columns(cluster, crd, namespace):
                      "eta": "00:42:10", "updatedAt": "2026-11-28T04:10:00Z"},
         "message": "training",
         "reason": "AllPodsRunning",
+        # What the Nodes and GPUs/Node columns show (the operator's, not the spec's defaults).
+        "resources": {"nodes": 2, "gpusPerNode": 4, "instanceType": "g5.12xlarge"},
+        "sagemaker": {"trainingJobName": "run-a3", "warmPoolStatus": {
+            "status": "Reused", "resourceRetainedBillableTimeInSeconds": 60, "reusedByJob": "next-a1"}},
     }
     cluster.kubectl("patch", "-n", namespace, "aft", "run", "--subresource=status", "--type=merge",
                     "-p", json.dumps({"status": status}))
@@ -662,7 +673,7 @@ def test_status_schema_and_printer_columns(cluster, crd, namespace):
     assert stored == status  # nothing pruned: every field the operator writes is in the schema
     table = cluster.kubectl("get", "-n", namespace, "aft").stdout.splitlines()
     assert table[0].split() == ["NAME", "PHASE", "BACKEND", "NODES", "GPUS/NODE", "REASON", "PROGRESS", "LOSS", "AGE"]
-    assert table[1].split()[:8] == ["run", "Running", "eks", "1", "8", "AllPodsRunning", "120/400", "1.234"]
+    assert table[1].split()[:8] == ["run", "Running", "eks", "2", "4", "AllPodsRunning", "120/400", "1.234"]
     wide = cluster.kubectl("get", "-n", namespace, "aft", "-o", "wide").stdout.splitlines()
     assert {"STAGE", "ETA", "ATTEMPTS", "DISRUPTIONS", "MESSAGE"} <= set(wide[0].split())
     header = wide[0].split()

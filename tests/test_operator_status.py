@@ -465,3 +465,34 @@ def test_a_queued_gang_shows_kueues_reason_and_a_preemption_is_one_disruption_wi
     assert st["disruptions"] == 1
     plan, st = step(run(st, **q), obs(W.RUNNING, ready=2), 40)   # admitted again: the same attempt
     assert (st["phase"], st["attempts"], st["disruptions"]) == ("Running", 1, 1)
+
+
+def test_resources_the_columns_show_are_written_with_the_first_status():
+    # EKS: the spec's, which the pods request.
+    plan, st = step(run(resources={"nodes": 2, "gpusPerNode": 4, "instanceType": "g5.12xlarge"}),
+                    obs(W.ABSENT, attempt=0), 0)
+    assert st["phase"] == "Pending"
+    assert st["resources"] == {"nodes": 2, "gpusPerNode": 4, "instanceType": "g5.12xlarge"}
+
+    # SageMaker: the instance count, and the instance type's GPUs (not spec.resources').
+    sm = {"roleArn": "arn:aws:iam::123456789012:role/r", "instanceType": "ml.g5.xlarge"}
+    plan, st = step(run(backend="sagemaker", sagemaker=sm), obs(W.ABSENT, attempt=0), 0)
+    assert st["resources"] == {"nodes": 2, "gpusPerNode": 1, "instanceType": "ml.g5.xlarge"}
+    plan, st = step(run(backend="sagemaker", sagemaker={**sm, "instanceType": "ml.p5.48xlarge", "instanceCount": 3}),
+                    obs(W.ABSENT, attempt=0), 0)
+    assert st["resources"] == {"nodes": 3, "gpusPerNode": 8, "instanceType": "ml.p5.48xlarge"}
+
+    # A type not in the table: said to be unknown, not guessed.
+    unknown = run(backend="sagemaker", sagemaker={**sm, "instanceType": "ml.m5.xlarge"})
+    plan, st = step(unknown, obs(W.ABSENT, attempt=0), 0)
+    assert "gpusPerNode" not in st["resources"] and st["resources"]["nodes"] == 2
+    assert "ml.m5.xlarge is not in the operator's table" in st["resources"]["note"]
+    # Corrected before the start (a new generation, so a write): the note goes.
+    fixed = run(st, generation=2, backend="sagemaker", sagemaker=sm)
+    plan, st = step(fixed, obs(W.ABSENT, attempt=0), 1)
+    assert st["resources"] == {"nodes": 2, "gpusPerNode": 1, "instanceType": "ml.g5.xlarge"}
+
+    # Never a write of its own: a status that changes nothing else stays unwritten.
+    older = {k: v for k, v in st.items() if k != "resources"}
+    assert decide(run(older, generation=2, backend="sagemaker", sagemaker=sm), obs(W.ABSENT, attempt=0),
+                  at(2)).patch == {}

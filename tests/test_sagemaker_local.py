@@ -231,6 +231,66 @@ def test_an_injected_permanent_error_reaches_the_caller_unretried(sagemaker_loca
             assert err.response["Error"]["Code"] == "AccessDeniedException"
 
 
+def starting(desc: dict) -> dict:
+    return next(t for t in desc["SecondaryStatusTransitions"] if t["Status"] == "Starting")
+
+
+def test_warm_pools_are_kept_reused_by_a_matching_job_only_and_expire(sagemaker_local):
+    """AWS's managed warm pools: a completed job with KeepAlivePeriodInSeconds leaves its
+    instances Available; the next matching job starts on them (no instance launch, a short
+    Starting) and the first pool says Reused by it; a job that differs in role (a match
+    criterion) starts cold; an unused pool is Terminated after its keep-alive."""
+    tag = uuid.uuid4().hex[:8]
+    role = f"arn:aws:iam::123456789012:role/warm-{tag}"      # no other test's pool matches
+    sm = sagemaker_local.client()
+    step = 1.5
+    sagemaker_local.plan(f"warm-{tag}", step_seconds=step)
+
+    def run_job(name: str, keep: int, **over) -> dict:
+        req = job_request(name, "bucket-a", RoleArn=role, **over)
+        req["ResourceConfig"] = dict(req["ResourceConfig"], KeepAlivePeriodInSeconds=keep)
+        sm.create_training_job(**req)
+        assert status_of(sm, name)["WarmPoolStatus"] == {"Status": "InUse"}
+        return wait_for(f"{name} Completed", lambda: (lambda d: d if d["TrainingJobStatus"] == "Completed" else None)(
+            status_of(sm, name)), timeout=60, interval=0.1)
+
+    first, second = f"warm-{tag}-1", f"warm-{tag}-2"
+    cold = run_job(first, 3600)
+    assert cold["ResourceConfig"]["KeepAlivePeriodInSeconds"] == 3600
+    assert cold["WarmPoolStatus"]["Status"] == "Available"
+    assert starting(cold)["StatusMessage"] == "Launching requested ML instances"
+
+    # Another image (not a match criterion), the same role and instances: the pool is reused.
+    warm = run_job(second, 3, AlgorithmSpecification={
+        "TrainingImage": "123456789012.dkr.ecr.us-east-1.amazonaws.com/other:1", "TrainingInputMode": "File"})
+    assert "Launching" not in starting(warm)["StatusMessage"]
+    cold_start = starting(cold)["EndTime"] - starting(cold)["StartTime"]
+    warm_start = starting(warm)["EndTime"] - starting(warm)["StartTime"]
+    assert cold_start.total_seconds() >= step and warm_start < cold_start, (cold_start, warm_start)
+    assert [t["Status"] for t in warm["SecondaryStatusTransitions"]] == [
+        "Starting", "Downloading", "Training", "Uploading", "Completed"]
+    reused = status_of(sm, first)["WarmPoolStatus"]
+    assert reused["Status"] == "Reused" and reused["ReusedByJob"] == second
+    assert reused["ResourceRetainedBillableTimeInSeconds"] >= 0
+    assert warm["WarmPoolStatus"]["Status"] == "Available"
+
+    # Another role: no match, a cold start, and the second job's pool stays Available...
+    third = f"warm-{tag}-3"
+    other = job_request(third, "bucket-a", RoleArn=role + "-other")
+    other["ResourceConfig"] = dict(other["ResourceConfig"], KeepAlivePeriodInSeconds=60)
+    sm.create_training_job(**other)
+    assert starting(status_of(sm, third))["StatusMessage"] == "Launching requested ML instances"
+    # ...until its 3 s keep-alive passes.
+    expired = wait_for("the unused pool Terminated", lambda: (lambda w: w if w["Status"] == "Terminated" else None)(
+        status_of(sm, second)["WarmPoolStatus"]), timeout=30, interval=0.2)
+    assert expired["ResourceRetainedBillableTimeInSeconds"] == 3 and "ReusedByJob" not in expired
+    # A job without KeepAlivePeriodInSeconds has no WarmPoolStatus.
+    plain = f"warm-{tag}-4"
+    sm.create_training_job(**job_request(plain, "bucket-a", RoleArn=role))
+    assert "WarmPoolStatus" not in status_of(sm, plain)
+    sm.stop_training_job(TrainingJobName=third)
+
+
 # --- execution mode, with a stand-in image whose `train` takes a moment --------------------
 
 FAKE_TRAIN = r"""

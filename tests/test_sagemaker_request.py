@@ -412,3 +412,39 @@ def test_the_iam_policy_allows_every_call_the_backend_makes():
             "s3:GetObject", "s3:PutObject", "s3:ListBucket", "s3:DeleteObject"} <= used
     assert used <= allowed, used - allowed
     assert "iam:PassRole" in allowed
+
+
+# ---- warm pools, and what the rows show -------------------------------------------------
+
+ECR_IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/alpaca-train:0.1.0"
+
+
+def test_keep_alive_becomes_the_warm_pool_of_resource_config():
+    plain = build_request(_run(_spec(sagemaker={"roleArn": ROLE, "image": ECR_IMAGE})), 1).params
+    assert "KeepAlivePeriodInSeconds" not in plain["ResourceConfig"]       # default 0: no warm pool
+    zero = _spec(sagemaker={"roleArn": ROLE, "image": ECR_IMAGE, "keepAlivePeriodInSeconds": 0})
+    assert "KeepAlivePeriodInSeconds" not in build_request(_run(zero), 1).params["ResourceConfig"]
+    spec = _spec(sagemaker={"roleArn": ROLE, "image": ECR_IMAGE, "instanceType": "ml.g5.xlarge",
+                            "keepAlivePeriodInSeconds": 1800})
+    p = build_request(_run(spec), 1).params
+    assert p["ResourceConfig"] == {"InstanceType": "ml.g5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 500,
+                                   "KeepAlivePeriodInSeconds": 1800}
+    assert not ParamValidator().validate(p, _operation_model().input_shape).has_errors()
+
+
+def test_warm_pool_status_and_a_rounded_loss_reach_the_status():
+    desc = _desc("Completed", "Completed", ["Starting", "Completed"], WarmPoolStatus={
+        "Status": "Reused", "ResourceRetainedBillableTimeInSeconds": 42, "ReusedByJob": "next-job"})
+    assert _obs(desc).extras.status["sagemaker"]["warmPoolStatus"] == {
+        "status": "Reused", "resourceRetainedBillableTimeInSeconds": 42, "reusedByJob": "next-job"}
+    in_use = _obs(_desc("InProgress", "Training", ["Starting", "Training"], WarmPoolStatus={"Status": "InUse"}))
+    assert in_use.extras.status["sagemaker"]["warmPoolStatus"] == {"status": "InUse"}
+    assert "warmPoolStatus" not in _obs(_desc("InProgress", "Training", ["Training"])).extras.status["sagemaker"]
+    # progress.json's loss as rank 0 reports it on EKS: 4 significant digits (the Loss column).
+    o = _obs(_desc("InProgress", "Training", ["Training"]),
+             progress={"stage": "training", "step": 3, "totalSteps": 9, "loss": 1.23456789, "epoch": 0.3333})
+    assert o.extras.progress["loss"] == 1.235 and o.extras.progress["epoch"] == 0.3333
+    assert _obs(_desc("InProgress", "Training", ["Training"]), progress={"loss": 0.000123456}
+                ).extras.progress["loss"] == 0.0001235
+    nan = _obs(_desc("InProgress", "Training", ["Training"]), progress={"loss": None, "lossNotFinite": "NaN"})
+    assert nan.extras.progress == {"loss": None, "lossNotFinite": "NaN"}

@@ -112,6 +112,8 @@ def test_a_non_finite_loss_is_reported_as_such():
     assert progress.loss_fields(float("nan")) == {"loss": None, "lossNotFinite": "NaN"}
     assert progress.loss_fields(float("-inf"))["lossNotFinite"] == "-Infinity"
     assert progress.loss_fields(1.5) == {"loss": 1.5, "lossNotFinite": None}
+    # The Loss column's 4 significant digits, at any scale.
+    assert [progress.loss_fields(x)["loss"] for x in (1.23456789, 12.3456, 0.000123456)] == [1.235, 12.35, 0.0001235]
     assert progress.loss_fields(None) == {}
     sent = []
     reporter = progress.ProgressReporter(sent.append, min_interval_s=0)

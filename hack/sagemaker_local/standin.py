@@ -34,7 +34,7 @@ IN_PROGRESS, COMPLETED, FAILED, STOPPING, STOPPED = "InProgress", "Completed", "
 TERMINAL = (COMPLETED, FAILED, STOPPED)
 # SecondaryStatus -> the StatusMessage SageMaker puts in the transition.
 MESSAGES = {
-    "Starting": "Preparing the instances for training",
+    "Starting": "Launching requested ML instances",
     "Downloading": "Downloading input data",
     "Training": "Training image download completed. Training in progress.",
     "Uploading": "Uploading generated training model",
@@ -45,6 +45,10 @@ MESSAGES = {
     "MaxRuntimeExceeded": "Job stopped because it exceeded its maximum allowed runtime",
 }
 RUN_STAGES = ("Starting", "Downloading", "Training", "Uploading")
+# A job on a warm pool's instances skips their launch: Starting says only this, briefly.
+WARM_START_MESSAGE = "Preparing the instances for training"
+# Warm pools (ResourceConfig.KeepAlivePeriodInSeconds): WarmPoolStatus.Status values.
+POOL_IN_USE, POOL_AVAILABLE, POOL_REUSED, POOL_TERMINATED = "InUse", "Available", "Reused", "Terminated"
 
 
 def utcnow() -> dt.datetime:
@@ -116,6 +120,45 @@ class Faults:
                    tuple(obj["error"]) if obj.get("error") else None, int(obj.get("errorCount", 0)))
 
 
+def pool_key(request: dict) -> tuple:
+    """What a job must share with a warm pool's job to start on its instances (AWS's
+    matching criteria: the role, the instance type and count, the volume and its key, the
+    VPC, network isolation and inter-container encryption; not the image or the data)."""
+    rc = request.get("ResourceConfig") or {}
+    vpc = request.get("VpcConfig") or {}
+    return (request.get("RoleArn"), rc.get("InstanceType"), rc.get("InstanceCount"), rc.get("VolumeSizeInGB"),
+            rc.get("VolumeKmsKeyId"), tuple(sorted(vpc.get("SecurityGroupIds") or ())),
+            tuple(sorted(vpc.get("Subnets") or ())), bool(request.get("EnableNetworkIsolation")),
+            bool(request.get("EnableInterContainerTrafficEncryption")))
+
+
+@dataclass
+class WarmPool:
+    """The instances of a job with a KeepAlivePeriodInSeconds: InUse while it runs, Available
+    for that long once it completed, then Terminated, or Reused by the first matching job
+    (whose own pool they then are)."""
+
+    key: tuple
+    keep_alive: float
+    status: str = POOL_IN_USE
+    available_since: float | None = None
+    billable: int | None = None
+    reused_by: str | None = None
+
+    def retained(self, now: float) -> int:
+        return int(min(now - self.available_since, self.keep_alive)) if self.available_since is not None else 0
+
+    def describe(self, now: float) -> dict:
+        out: dict[str, Any] = {"Status": self.status}
+        if self.status == POOL_AVAILABLE:
+            out["ResourceRetainedBillableTimeInSeconds"] = self.retained(now)
+        elif self.billable is not None:
+            out["ResourceRetainedBillableTimeInSeconds"] = self.billable
+        if self.reused_by:
+            out["ReusedByJob"] = self.reused_by
+        return out
+
+
 @dataclass
 class Job:
     name: str
@@ -131,6 +174,8 @@ class Job:
     forced: tuple[str, str, str | None] | None = None
     runner: Any = None
     seen: int = 1  # runner states already applied (the first, Starting, is set at create)
+    warm: bool = False  # started on a warm pool's instances: no provisioning
+    pool: WarmPool | None = None  # its instances' warm pool, if it asked for one
 
 
 class StandIn:
@@ -353,6 +398,7 @@ class StandIn:
         plan = next((p for p in self.plans if p.name_contains in name), Plan())
         job = Job(name, account, region, params, plan,
                   plan.step_seconds if plan.step_seconds is not None else self.step_seconds)
+        self._claim_pool(job)
         self.jobs[(account, region, name)] = job
         now = utcnow()
         fake.training_job_status, fake.secondary_status = IN_PROGRESS, "Starting"
@@ -362,7 +408,8 @@ class StandIn:
         fake.failure_reason = None
         fake.creation_time = fake.last_modified_time = now
         fake.secondary_status_transitions = [{"Status": "Starting", "StartTime": now,
-                                              "StatusMessage": MESSAGES["Starting"]}]
+                                              "StatusMessage": WARM_START_MESSAGE if job.warm
+                                              else MESSAGES["Starting"]}]
         if self.executor is not None:
             job.runner = self.executor.start(job, self.endpoint_for(environ))
         return 200, {"TrainingJobArn": fake.arn}
@@ -370,10 +417,48 @@ class StandIn:
     def endpoint_for(self, environ) -> str:
         return f"http://{environ.get('HTTP_HOST') or environ['SERVER_NAME'] + ':' + environ['SERVER_PORT']}"
 
+    def _claim_pool(self, job: Job) -> None:
+        """A job with a KeepAlivePeriodInSeconds takes over the instances of an Available
+        matching pool (the oldest) or gets new ones; either way they are its pool now."""
+        keep = int((job.request.get("ResourceConfig") or {}).get("KeepAlivePeriodInSeconds") or 0)
+        if keep <= 0:
+            return
+        key = pool_key(job.request)
+        now = time.monotonic()
+        for other in self.jobs.values():
+            pool = other.pool
+            if (other.account, other.region) == (job.account, job.region) and pool is not None \
+                    and pool.status == POOL_AVAILABLE and pool.key == key:
+                pool.status, pool.billable, pool.reused_by = POOL_REUSED, pool.retained(now), job.name
+                job.warm = True
+                break
+        job.pool = WarmPool(key, float(keep))
+
+    def _end_pool(self, job: Job, status: str) -> None:
+        # Only a completed job leaves its instances waiting; a failed or stopped one frees them.
+        if job.pool is None or job.pool.status != POOL_IN_USE:
+            return
+        if status == COMPLETED:
+            job.pool.status, job.pool.available_since = POOL_AVAILABLE, time.monotonic()
+        else:
+            job.pool.status, job.pool.billable = POOL_TERMINATED, 0
+
+    def _expire_pools(self, now: float) -> None:
+        for job in self.jobs.values():
+            pool = job.pool
+            if pool is not None and pool.status == POOL_AVAILABLE and now - pool.available_since >= pool.keep_alive:
+                pool.status, pool.billable = POOL_TERMINATED, int(pool.keep_alive)
+
     def _op_DescribeTrainingJob(self, environ, params, account, region):
-        if params.get("TrainingJobName") not in self._backend(account, region).training_jobs:
+        name = params.get("TrainingJobName")
+        if name not in self._backend(account, region).training_jobs:
             raise not_found()
-        return None, self._call_moto(environ)
+        status, headers, chunks = self._call_moto(environ)
+        job = self.jobs.get((account, region, name))
+        if job is None or job.pool is None or not status.startswith("200"):
+            return None, (status, headers, chunks)
+        # moto knows no warm pools: WarmPoolStatus is added to its answer.
+        return 200, dict(json.loads(b"".join(chunks)), WarmPoolStatus=job.pool.describe(time.monotonic()))
 
     def _op_StopTrainingJob(self, environ, params, account, region):
         name = params.get("TrainingJobName", "")
@@ -437,6 +522,7 @@ class StandIn:
 
     def _advance_all(self) -> None:
         now = time.monotonic()
+        self._expire_pools(now)
         for job in list(self.jobs.values()):
             try:
                 fake = self._backend(job.account, job.region).training_jobs.get(job.name)
@@ -445,6 +531,8 @@ class StandIn:
             if fake is None or fake.training_job_status in TERMINAL:
                 continue
             self._advance(job, fake, now)
+            if fake.training_job_status in TERMINAL:
+                self._end_pool(job, fake.training_job_status)
 
     def _advance(self, job: Job, fake, now: float) -> None:
         if job.runner is not None:
@@ -473,6 +561,8 @@ class StandIn:
         if job.stage not in RUN_STAGES:
             return
         duration = job.step_seconds
+        if job.stage == "Starting" and job.warm:
+            duration = 0.0      # the instances are there: nothing to launch
         if job.stage == "Training":
             t = job.plan.training_seconds
             if t is None:

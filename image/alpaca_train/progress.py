@@ -40,11 +40,13 @@ NULLABLE = ("loss", "lossNotFinite")
 
 
 def loss_fields(loss: float | None) -> dict[str, Any]:
-    """The report's loss keys: none while the loss is unknown."""
+    """The report's loss keys: none while the loss is unknown. The loss to 4 significant
+    digits, the Loss column of `kubectl get aft` (a printer column cannot format a number);
+    the metric line and the Trainer's log keep the full value."""
     if loss is None:
         return {}
     if math.isfinite(loss):
-        return {"loss": loss, "lossNotFinite": None}
+        return {"loss": float(f"{loss:.4g}"), "lossNotFinite": None}
     return {"loss": None, "lossNotFinite": "NaN" if math.isnan(loss) else ("Infinity" if loss > 0 else "-Infinity")}
 
 

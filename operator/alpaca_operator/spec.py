@@ -393,6 +393,16 @@ class SageMakerSettings:
     inter_container_encryption: bool = False
     retry_attempts: int | None = None
     tags: Mapping[str, str] = field(default_factory=dict)
+    # ResourceConfig.KeepAlivePeriodInSeconds: 0 keeps no warm pool.
+    keep_alive_seconds: int = 0
+
+
+def sagemaker_instances(spec: FineTuneSpec) -> tuple[str, int]:
+    """(instance type, instance count) of a sagemaker run, with their defaults: what the
+    training job asks for, whether or not the rest of the block is valid."""
+    sm = spec.sagemaker or {}
+    return (_get(sm, "instanceType", SageMakerSettings.instance_type),
+            int(_get(sm, "instanceCount", spec.resources.nodes)))
 
 
 def parse_sagemaker(spec: FineTuneSpec, default_role: str | None = None,
@@ -411,13 +421,14 @@ def parse_sagemaker(spec: FineTuneSpec, default_role: str | None = None,
     spot = sm.get("spot") or {}
     vpc = sm.get("vpcConfig")
     retry = sm.get("retryStrategy") or {}
+    instance_type, instance_count = sagemaker_instances(spec)
     settings = SageMakerSettings(
         role_arn=role,
         image=sm.get("image") or default_image or spec.image,
         image_repository_access=_get(sm, "imageRepositoryAccess", d.image_repository_access),
         image_credentials_provider_arn=sm.get("imageRepositoryCredentialsProviderArn") or None,
-        instance_type=_get(sm, "instanceType", d.instance_type),
-        instance_count=int(_get(sm, "instanceCount", spec.resources.nodes)),
+        instance_type=instance_type,
+        instance_count=instance_count,
         volume_size_gb=int(_get(sm, "volumeSizeInGB", d.volume_size_gb)),
         volume_kms_key_id=sm.get("volumeKmsKeyId") or None,
         output_kms_key_id=sm.get("outputKmsKeyId") or None,
@@ -433,6 +444,7 @@ def parse_sagemaker(spec: FineTuneSpec, default_role: str | None = None,
         inter_container_encryption=bool(_get(sm, "enableInterContainerTrafficEncryption", False)),
         retry_attempts=retry.get("maximumRetryAttempts"),
         tags=dict(_get(sm, "tags", {})),
+        keep_alive_seconds=int(_get(sm, "keepAlivePeriodInSeconds", d.keep_alive_seconds)),
     )
     return settings
 

@@ -18,8 +18,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from . import instances
 from .backends.base import (EXIT_CODE_MEANING, LOSS_NOT_FINITE, LOSS_SPIKE, Extras, FailureKind, LossFailure,
                             Observation, Run, WorkloadState, parse_loss_failure)
+from .spec import FineTuneSpec, sagemaker_instances
 
 
 class Phase:
@@ -237,6 +239,29 @@ def get_condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any] | 
     return None
 
 
+def resources(spec: FineTuneSpec | None) -> dict[str, Any] | None:
+    """status.resources: the nodes and GPUs per node the run trains on, which the Nodes and
+    GPUs/Node columns show. EKS: the spec's, which the pods request. SageMaker: the training
+    job's instance count, and the GPUs of its instance type from instances.py; a type not in
+    that table is said to be unknown (`note`), never guessed."""
+    if spec is None:
+        return None
+    if spec.backend != "sagemaker":
+        out: dict[str, Any] = {"nodes": spec.resources.nodes, "gpusPerNode": spec.resources.gpus_per_node}
+        if spec.resources.instance_type:
+            out["instanceType"] = spec.resources.instance_type
+        return out
+    instance_type, count = sagemaker_instances(spec)
+    out = {"nodes": count, "instanceType": instance_type}
+    known = instances.lookup(instance_type)
+    if known is None:
+        out["note"] = (f"{instance_type} is not in the operator's table of instance types "
+                       "(operator/alpaca_operator/instances.py): GPUs per node unknown")
+    else:
+        out["gpusPerNode"] = known.gpus
+    return out
+
+
 def progress_display(status: Mapping[str, Any]) -> str | None:
     p = status.get("progress") or {}
     if p.get("step") is None or p.get("totalSteps") is None:
@@ -315,6 +340,11 @@ class _Draft:
         display = progress_display(self.old)
         if display is not None and (self.old.get("progress") or {}).get("display") != display:
             patch["progress"] = {"display": display}
+        res = resources(self.run.spec)
+        old = self.old.get("resources") or {}
+        if patch and res is not None and res != old:
+            # With a write that happens anyway (the first is Pending's), never one of its own.
+            patch["resources"] = {**res, **{k: None for k in old if k not in res}}
         return Plan(patch=patch, events=self.events, **kw)
 
 

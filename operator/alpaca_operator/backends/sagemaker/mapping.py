@@ -69,8 +69,31 @@ def status_block(desc: Mapping[str, Any], reported: int) -> dict[str, Any]:
         "trainingTimeInSeconds": desc.get("TrainingTimeInSeconds"),
         "billableTimeInSeconds": desc.get("BillableTimeInSeconds"),
         "failureReason": (desc.get("FailureReason") or "")[:1024] or None,
+        "warmPoolStatus": warm_pool(desc),
     }
     return {k: v for k, v in block.items() if v is not None}
+
+
+def warm_pool(desc: Mapping[str, Any]) -> dict[str, Any] | None:
+    """WarmPoolStatus (a job with KeepAlivePeriodInSeconds): InUse while it trains, Available
+    once it ended and its instances wait for a matching job, Reused (by ReusedByJob) or
+    Terminated; ResourceRetainedBillableTimeInSeconds is what the waiting cost, per instance."""
+    pool = desc.get("WarmPoolStatus") or {}
+    if not pool.get("Status"):
+        return None
+    out = {"status": pool["Status"],
+           "resourceRetainedBillableTimeInSeconds": pool.get("ResourceRetainedBillableTimeInSeconds"),
+           "reusedByJob": pool.get("ReusedByJob")}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def rounded_loss(progress: Mapping[str, Any]) -> dict[str, Any]:
+    """progress.json as the status takes it: the loss to 4 significant digits, as the Loss
+    column shows it and as rank 0 reports it on EKS (an older image wrote it unrounded)."""
+    out = dict(progress)
+    if isinstance(out.get("loss"), float):
+        out["loss"] = float(f"{out['loss']:.4g}")
+    return out
 
 
 def transition_events(run_name: str, desc: Mapping[str, Any], already: int) -> tuple[NamedEvent, ...]:
@@ -103,7 +126,7 @@ def observe_description(run_name: str, attempt: int, desc: Mapping[str, Any], *,
     transitions = desc.get("SecondaryStatusTransitions") or ()
     events = transition_events(run_name, desc, reported)
     finished = status in FINISHED
-    progress = dict(progress or {})
+    progress = rounded_loss(progress or {})
     if status == "InProgress" and secondary == "Uploading":
         last = transitions[-1] if transitions else {}
         progress.setdefault("stage", "uploading")

@@ -206,6 +206,9 @@ def build_request(run: Run, attempt: int, *, resume: int = 0, deadline_seconds: 
                                 "VolumeSizeInGB": sm.volume_size_gb}
     if sm.volume_kms_key_id:
         resource["VolumeKmsKeyId"] = sm.volume_kms_key_id
+    if sm.keep_alive_seconds:
+        # A warm pool: the next job with the same instances, role and VPC starts on them.
+        resource["KeepAlivePeriodInSeconds"] = sm.keep_alive_seconds
     output: dict[str, Any] = {"S3OutputPath": spec.output_uri, "CompressionType": sm.output_compression}
     if sm.output_kms_key_id:
         output["KmsKeyId"] = sm.output_kms_key_id
