@@ -54,10 +54,12 @@ def test_g5_xlarge_rows_the_loss_and_a_warm_pool_reused_by_the_next_run(cluster,
 
         def row():
             line = cluster.kubectl("get", "aft", first, "-n", namespace, "--no-headers").stdout.split()
-            # NAME PHASE BACKEND NODES GPUS/NODE PROGRESS LOSS AGE
-            return line if len(line) >= 8 and line[5] == "12/40" else None
+            # NAME PHASE BACKEND NODES GPUS/NODE REASON PROGRESS LOSS AGE
+            return line if len(line) >= 9 and line[6] == "12/40" else None
         cols = wait_for("the row with progress", row, timeout=60, interval=0.5, on_timeout=on_timeout)
-        assert cols[1:7] == ["Running", "sagemaker", "1", "1", "12/40", "1.235"], cols
+        assert cols[1:8] == ["Running", "sagemaker", "1", "1", "Running", "12/40", "1.235"], cols
+        running = next(c for c in aft(cluster, namespace, first)["status"]["conditions"] if c["type"] == "Running")
+        assert "(1 x 1 GPUs)" in running["message"], running
         st = aft(cluster, namespace, first)["status"]
         assert st["resources"] == {"nodes": 1, "gpusPerNode": 1, "instanceType": "ml.g5.xlarge"}
         assert st["sagemaker"]["warmPoolStatus"] == {"status": "InUse"}

@@ -429,7 +429,7 @@ def test_keep_alive_becomes_the_warm_pool_of_resource_config():
     p = build_request(_run(spec), 1).params
     assert p["ResourceConfig"] == {"InstanceType": "ml.g5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 500,
                                    "KeepAlivePeriodInSeconds": 1800}
-    assert not ParamValidator().validate(p, _operation_model().input_shape).has_errors()
+    assert not ParamValidator().validate(p, operation_model().input_shape).has_errors()
 
 
 def test_warm_pool_status_and_a_rounded_loss_reach_the_status():

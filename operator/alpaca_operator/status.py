@@ -579,8 +579,10 @@ def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: b
         if uploading:
             d.to(Phase.UPLOADING, Reason.UPLOADING, f"training done; uploading the model to {spec.output_uri}")
         else:
-            d.to(Phase.RUNNING, Reason.RUNNING, f"all {obs.total} pods running "
-                 f"({spec.resources.nodes} x {spec.resources.gpus_per_node} GPUs), attempt {attempt}")
+            shape = resources(spec) or {}
+            gpus = f"{shape['nodes']} x {shape['gpusPerNode']} GPUs" if "gpusPerNode" in shape else \
+                f"{shape.get('nodes')} x {shape.get('instanceType')}"
+            d.to(Phase.RUNNING, Reason.RUNNING, f"all {obs.total} pods running ({gpus}), attempt {attempt}")
         d.condition(Cond.RUNNING, True, Reason.UPLOADING if uploading else Reason.ALL_PODS_RUNNING,
                     d.new["message"])
         d.clear_condition(Cond.RESTARTING, Reason.RUNNING, d.new["message"])
