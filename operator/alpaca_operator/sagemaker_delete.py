@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import kopf
 
 from . import api, status
-from .backends.base import BackendUnavailable, LaunchError, Run
+from .backends.base import BackendRefused, BackendUnavailable, LaunchError, Run
 from .kube import Kube
 from .spec import SpecError, parse_spec
 
@@ -36,7 +36,7 @@ async def release_sagemaker_run(body: Mapping[str, Any], kube: Kube, backend: An
               dict(body.get("status") or {}))
     try:
         waiting = await backend.release(run)
-    except (BackendUnavailable, LaunchError) as e:
+    except (BackendUnavailable, LaunchError, BackendRefused) as e:
         raise kopf.TemporaryError(f"cannot stop the training job yet: {e}", delay=30) from None
     if waiting is None:
         return
