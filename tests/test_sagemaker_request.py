@@ -308,6 +308,7 @@ def test_the_iam_policy_allows_every_call_the_backend_makes():
     src = (ROOT / "operator" / "alpaca_operator" / "backends" / "sagemaker" / "backend.py").read_text()
     used = {f"sagemaker:{op}" for op in re.findall(r'_sm\(run, "(\w+)"', src)}
     used |= {f"s3:{op}" for op in re.findall(r'aws\.call\("s3", [^,]+, "(\w+)"', src)}
+    used |= {f"s3:{op}" for op in re.findall(r'_aws\(run, "s3", "(\w+)"', src)}
     assert {"sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob", "sagemaker:StopTrainingJob",
             "s3:GetObject", "s3:PutObject"} <= used
     assert used <= allowed, used - allowed

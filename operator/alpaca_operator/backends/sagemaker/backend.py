@@ -33,8 +33,7 @@ from urllib.parse import urlsplit
 
 from ...kube import Kube
 from ...spec import SpecError, parse_sagemaker
-from ...status import parse_time
-from ...status import Reason
+from ...status import Reason, parse_time
 from ..base import BackendRefused, BackendUnavailable, LaunchError, NotYet, Observation, Run, WorkloadState
 from . import mapping
 from .client import Aws, AwsError, AwsNotConfigured, AwsUnavailable, Kind, is_not_found
@@ -56,6 +55,13 @@ def poll_interval() -> float:
 def split_s3(uri: str) -> tuple[str, str]:
     parts = urlsplit(uri)
     return parts.netloc, parts.path.lstrip("/")
+
+
+def _target(kw: Mapping[str, Any]) -> str:
+    """What a call was about, for its error message."""
+    if "Bucket" in kw:
+        return f"s3://{kw['Bucket']}/{kw.get('Key', '')}"
+    return str(kw.get("TrainingJobName") or kw.get("ResourceArn") or "")
 
 
 @dataclass
@@ -97,7 +103,9 @@ class SageMakerBackend:
             if e.kind is Kind.CAPACITY:
                 raise LaunchError(Reason.QUOTA_EXCEEDED, f"waiting for the account's quota: {e}",
                                   backoff=(self.interval, QUOTA_BACKOFF_INTERVALS * self.interval)) from None
-            message = f"{e} (IAM action {e.action})" if e.access_denied else str(e)
+            message = f"{operation} {_target(kw)} refused: {e.code}: {e.message}"
+            if e.access_denied:
+                message += f" (IAM action {e.action})"
             job = (run.status.get("workload") or {}).get("trainingJobName")
             if job and operation != "CreateTrainingJob":
                 message += (f"; training job {job} is left as it is (if it still runs: "
