@@ -95,9 +95,12 @@ class _Refuser(BaseHTTPRequestHandler):
     AccessDeniedException, in the JSON protocol's shape."""
 
     def do_POST(self):  # noqa: N802 - http.server's name
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            params = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        except ValueError:
+            params = {}
         operation = (self.headers.get("X-Amz-Target") or "SageMaker.Unknown").split(".")[-1]
-        self.server.operations.append(operation)
+        self.server.operations.append((operation, params.get("TrainingJobName")))
         body = json.dumps({"__type": "AccessDeniedException",
                            "message": "User: arn:aws:iam::123456789012:user/nobody is not authorized to perform "
                                       "this operation"}).encode()
@@ -138,7 +141,10 @@ def test_a_server_that_refuses_everything_fails_the_run_with_the_action(cluster,
         # AWS's message names no action here: the operation's own is the one refused.
         assert "AccessDeniedException" in cond["message"] and "(IAM action sagemaker:DescribeTrainingJob)" \
             in cond["message"], cond
-        assert server.operations == ["DescribeTrainingJob"], server.operations
+        # Asked once, nothing created (other tests' runs, still being deleted, may be asked about too).
+        job = training_job_name(name, body["metadata"]["uid"], 1)
+        assert [op for op in server.operations if op[1] == job] == [("DescribeTrainingJob", job)], server.operations
+        assert all(op == "DescribeTrainingJob" for op, _ in server.operations), server.operations
         ev = [e for e in events(cluster, namespace, name) if e["reason"] == "AwsAccessDenied"]
         assert len(ev) == 1 and ev[0]["type"] == "Warning", ev
         _no_traceback(refused.log_path.read_text(errors="replace"))
