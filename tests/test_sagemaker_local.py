@@ -232,14 +232,15 @@ def test_an_injected_permanent_error_reaches_the_caller_unretried(sagemaker_loca
 
 
 def test_an_instance_quota_refuses_creates_beyond_it_as_sagemaker_does(sagemaker_local):
-    """Instances of a type held by jobs InProgress or Stopping count; a create beyond the
-    quota is HTTP 400 ResourceLimitExceeded with SageMaker's message; a finished job frees."""
+    """The Service Quota "ml.X for training job usage" holds: instances of jobs InProgress or
+    Stopping count; a create beyond it is HTTP 400 ResourceLimitExceeded with SageMaker's
+    message; a finished job frees its instances."""
     itype = "ml.c5.2xlarge"     # held by no other test's jobs
     sm = sagemaker_local.client(max_attempts=5)
     sagemaker_local.plan("sl-quota-", training_seconds=None)
     names = [unique("sl-quota-a"), unique("sl-quota-b"), unique("sl-quota-c")]
     resources = {"InstanceType": itype, "InstanceCount": 1, "VolumeSizeInGB": 10}
-    assert sagemaker_local.set_quotas(ml_c5_2xlarge=2) == {itype: 2}
+    sagemaker_local.set_quotas({f"{itype} for training job usage": 2})
     try:
         sm.create_training_job(**job_request(names[0], "bucket-a", ResourceConfig=dict(resources, InstanceCount=2)))
         err = error_of(lambda: sm.create_training_job(**job_request(names[1], "bucket-a", ResourceConfig=resources)))
@@ -256,7 +257,7 @@ def test_an_instance_quota_refuses_creates_beyond_it_as_sagemaker_does(sagemaker
         wait_for("Stopped", lambda: status_of(sm, names[0])["TrainingJobStatus"] == "Stopped", timeout=30)
         sm.create_training_job(**job_request(names[1], "bucket-a", ResourceConfig=resources))
     finally:
-        sagemaker_local.clear_quotas()
+        sagemaker_local.set_quotas(None)
         sagemaker_local.clear_plans()
     for name in names[1:]:
         sm.stop_training_job(TrainingJobName=name)
