@@ -91,25 +91,38 @@ def test_access_denied_on_describe_fails_the_run_at_once_naming_the_action(clust
 
 
 class _Refuser(BaseHTTPRequestHandler):
-    """Answers every AWS call as an account without any permission: HTTP 400
-    AccessDeniedException, in the JSON protocol's shape."""
+    """Answers every AWS call as an account without any permission, in each protocol's shape:
+    JSON (SageMaker, Service Quotas) HTTP 400 AccessDeniedException, query (STS, IAM) and S3
+    XML HTTP 403 AccessDenied."""
+
+    MESSAGE = "User: arn:aws:iam::123456789012:user/nobody is not authorized to perform this operation"
 
     def do_POST(self):  # noqa: N802 - http.server's name
-        try:
-            params = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-        except ValueError:
-            params = {}
-        operation = (self.headers.get("X-Amz-Target") or "SageMaker.Unknown").split(".")[-1]
-        self.server.operations.append((operation, params.get("TrainingJobName")))
-        body = json.dumps({"__type": "AccessDeniedException",
-                           "message": "User: arn:aws:iam::123456789012:user/nobody is not authorized to perform "
-                                      "this operation"}).encode()
-        self.send_response(400)
-        self.send_header("Content-Type", "application/x-amz-json-1.1")
-        self.send_header("x-amzn-ErrorType", "AccessDeniedException")
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        target = self.headers.get("X-Amz-Target")
+        if target:
+            try:
+                params = json.loads(raw or b"{}")
+            except ValueError:
+                params = {}
+            self.server.operations.append((target.split(".")[-1], params.get("TrainingJobName")))
+            self._answer(400, "application/x-amz-json-1.1", json.dumps(
+                {"__type": "AccessDeniedException", "message": self.MESSAGE}).encode(), "AccessDeniedException")
+            return
+        self.server.operations.append((f"{self.command} {self.path}", None))
+        error = f"<Error><Type>Sender</Type><Code>AccessDenied</Code><Message>{self.MESSAGE}</Message></Error>"
+        self._answer(403, "text/xml", (f"<ErrorResponse>{error}</ErrorResponse>" if b"Action=" in raw
+                                       else error).encode())
+
+    def _answer(self, status: int, content_type: str, body: bytes, error_type: str | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        if error_type:
+            self.send_header("x-amzn-ErrorType", error_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     do_PUT = do_GET = do_HEAD = do_POST
 
@@ -141,10 +154,11 @@ def test_a_server_that_refuses_everything_fails_the_run_with_the_action(cluster,
         # AWS's message names no action here: the operation's own is the one refused.
         assert "AccessDeniedException" in cond["message"] and "(IAM action sagemaker:DescribeTrainingJob)" \
             in cond["message"], cond
-        # Asked once, nothing created (other tests' runs, still being deleted, may be asked about too).
+        # Asked once, nothing created. (The preflight's read-only checks come first, a refusal
+        # there is only a note; other tests' runs, still being deleted, may be asked about too.)
         job = training_job_name(name, body["metadata"]["uid"], 1)
         assert [op for op in server.operations if op[1] == job] == [("DescribeTrainingJob", job)], server.operations
-        assert all(op == "DescribeTrainingJob" for op, _ in server.operations), server.operations
+        assert "CreateTrainingJob" not in [op for op, _ in server.operations], server.operations
         ev = [e for e in events(cluster, namespace, name) if e["reason"] == "AwsAccessDenied"]
         assert len(ev) == 1 and ev[0]["type"] == "Warning", ev
         _no_traceback(refused.log_path.read_text(errors="replace"))

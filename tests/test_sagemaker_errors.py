@@ -8,6 +8,7 @@ import datetime as dt
 
 import pytest
 from botocore import exceptions as bx
+from botocore.parsers import ResponseParserError
 
 from alpaca_operator.backends.base import Run
 from alpaca_operator.backends.sagemaker.client import (AwsError, AwsNotConfigured, AwsUnavailable, Kind,
@@ -53,6 +54,7 @@ def test_classify_aws_codes(code, status, kind):
     (bx.PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY"), Kind.NOT_CONFIGURED),
     (bx.NoRegionError(), Kind.NOT_CONFIGURED),
     (bx.ParamValidationError(report="bad"), Kind.PERMANENT),
+    (ResponseParserError("invalid XML received"), Kind.RETRYABLE),   # not AWS's answer (a proxy's page)
 ])
 def test_classify_botocore_exceptions_by_their_class(exc, kind):
     assert classify(exception_code(exc)) is kind

@@ -47,6 +47,7 @@ CODE_KINDS: dict[str, Kind] = {
     "NoRegionError": Kind.NOT_CONFIGURED,
     "ConnectionError": Kind.RETRYABLE,      # EndpointConnectionError, ConnectTimeoutError, ...
     "HTTPClientError": Kind.RETRYABLE,      # ConnectionClosedError, ReadTimeoutError, ...
+    "ResponseParserError": Kind.RETRYABLE,  # an answer that is not AWS's (a proxy's page)
 }
 # Permanent errors that are about who calls, not what is asked: the run names the IAM action.
 ACCESS_DENIED = frozenset({"AccessDenied", "AccessDeniedException", "UnrecognizedClientException",
@@ -164,6 +165,7 @@ class Aws:
 
     def _call_sync(self, service: str, region: str | None, operation: str, kwargs: dict) -> Any:
         from botocore import exceptions as bx
+        from botocore.parsers import ResponseParserError
         self.calls[f"{service}:{operation}"] += 1
         try:
             client = self.client(service, region)
@@ -175,7 +177,7 @@ class Aws:
             code = str(err.get("Code") or status or "Unknown")
             metrics.api_call(service, operation, code)
             raise aws_exception(service, operation, code, str(err.get("Message") or e), status) from None
-        except bx.BotoCoreError as e:
+        except (bx.BotoCoreError, ResponseParserError) as e:
             # No answer from AWS (unreachable, no credentials), or none asked for.
             metrics.api_call(service, operation, type(e).__name__)
             raise aws_exception(service, operation, type(e).__name__, str(e),
