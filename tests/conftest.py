@@ -72,13 +72,17 @@ def _env_with(kubeconfig: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def cluster():
+    # Kueue runs as `make cluster-up` runs it: unless KUEUE=0. A shared cluster started the
+    # other way is not the one asked for.
+    kueue = hack_cluster.kueue_wanted()
     shared = hack_cluster.Cluster(ROOT / ".cluster")
-    if shared.kubeconfig.exists() and shared.healthy():
+    if shared.kubeconfig.exists() and shared.healthy() and shared.kueue_enabled() == kueue:
         yield ClusterHandle(str(shared.kubeconfig), _env_with(shared.kubeconfig))
         return
     own = hack_cluster.Cluster(Path(tempfile.mkdtemp(prefix="alpaca-cluster-")), three_free_ports())
     try:
-        own.up(gpu_nodes=4, system_nodes=2, local_exec_gpu_nodes=1, local_exec_system_nodes=1, g5_nodes=1)
+        own.up(gpu_nodes=4, system_nodes=2, local_exec_gpu_nodes=1, local_exec_system_nodes=1, g5_nodes=1,
+               kueue=kueue)
     except hack_cluster.ClusterError as e:
         own.down()
         pytest.fail(f"the control plane could not start: {e}", pytrace=False)

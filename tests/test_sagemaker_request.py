@@ -305,11 +305,14 @@ def test_the_role_defaults_to_the_operators_and_is_required_somewhere():
 def test_the_iam_policy_allows_every_call_the_backend_makes():
     policy = json.loads((ROOT / "docs" / "iam" / "alpaca-operator-sagemaker.json").read_text())
     allowed = {a for st in policy["Statement"] for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
-    src = (ROOT / "operator" / "alpaca_operator" / "backends" / "sagemaker" / "backend.py").read_text()
+    src = "\n".join((ROOT / "operator" / "alpaca_operator" / "backends" / "sagemaker" / f).read_text()
+                    for f in ("backend.py", "progress.py"))
     used = {f"sagemaker:{op}" for op in re.findall(r'_sm\(run, "(\w+)"', src)}
-    used |= {f"s3:{op}" for op in re.findall(r'aws\.call\("s3", [^,]+, "(\w+)"', src)}
-    used |= {f"s3:{op}" for op in re.findall(r'_aws\(run, "s3", "(\w+)"', src)}
+    # S3 operations whose IAM action has another name.
+    action = {"ListObjectsV2": "ListBucket", "DeleteObjects": "DeleteObject"}
+    used |= {f"s3:{action.get(op, op)}" for op in re.findall(r'aws\.call(?:_sync)?\("s3", [^,]+, "(\w+)"', src)}
+    used |= {f"s3:{action.get(op, op)}" for op in re.findall(r'_aws\(run, "s3", "(\w+)"', src)}
     assert {"sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob", "sagemaker:StopTrainingJob",
-            "s3:GetObject", "s3:PutObject"} <= used
+            "s3:GetObject", "s3:PutObject", "s3:ListBucket", "s3:DeleteObject"} <= used
     assert used <= allowed, used - allowed
     assert "iam:PassRole" in allowed

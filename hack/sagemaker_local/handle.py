@@ -146,6 +146,11 @@ class StandIn:
         path = "calls" + (f"?job={urllib.request.quote(job_name)}" if job_name else "")
         return self.admin("GET", path)["calls"]
 
+    def object_calls(self, bucket: str, key: str) -> dict[str, int]:
+        """S3 requests of one object (path-style), by HTTP method: GET, PUT, HEAD, DELETE."""
+        path = urllib.request.quote(f"/{bucket}/{key}")
+        return self.admin("GET", f"calls?object={path}")["calls"]
+
     def reset_calls(self) -> None:
         self.admin("DELETE", "calls")
 

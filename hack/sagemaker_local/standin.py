@@ -148,6 +148,7 @@ class StandIn:
         self.jobs: dict[tuple[str, str, str], Job] = {}
         self.calls: Counter = Counter()
         self.job_calls: dict[str, Counter] = defaultdict(Counter)
+        self.object_calls: dict[str, Counter] = defaultdict(Counter)    # S3 path -> method -> n
         self.faults = Faults()
         self.plans: list[Plan] = []
         # SageMaker's Service Quotas (quota name -> value) once posted to /_standin/quotas:
@@ -181,6 +182,7 @@ class StandIn:
             return self._simulate_pass_role(start_response, body)
         with self.lock:
             self.calls[f"S3.{environ.get('REQUEST_METHOD', '')}"] += 1
+            self.object_calls[path][environ.get("REQUEST_METHOD", "")] += 1
         return self.moto_app(environ, start_response)
 
     @staticmethod
@@ -254,6 +256,9 @@ class StandIn:
         except json.JSONDecodeError:
             params = {}
         name = params.get("TrainingJobName") if isinstance(params, dict) else None
+        arn = params.get("ResourceArn") if isinstance(params, dict) else None
+        if not name and isinstance(arn, str) and ":training-job/" in arn:
+            name = arn.rsplit("/", 1)[1]     # ListTags, AddTags: counted for their job too
         with self.lock:
             self.calls[op] += 1
             if name:
@@ -563,8 +568,11 @@ class StandIn:
             if method == "DELETE":
                 self.calls.clear()
                 self.job_calls.clear()
+                self.object_calls.clear()
                 return {}
-            job = query.get("job")
+            job, obj_path = query.get("job"), query.get("object")
+            if obj_path:
+                return {"calls": dict(self.object_calls.get(obj_path, {}))}
             return {"calls": dict(self.job_calls.get(job, {})) if job else dict(self.calls)}
         if path == "faults":
             if method == "DELETE":

@@ -10,6 +10,8 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "AlpacaFineTune"
 PLURAL = "alpacafinetunes"
+# kopf's finalizer (handlers.py), which the reconciler also adds itself before a SageMaker launch.
+FINALIZER = f"{GROUP}/operator"
 
 # Labels on everything the operator creates; the first one is how it finds its children.
 LABEL_FINETUNE = "alpaca.dev/finetune"

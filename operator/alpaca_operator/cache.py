@@ -30,6 +30,9 @@ class Cache:
         meta = body["metadata"]
         self._runs[(meta["namespace"], meta["name"])] = body
 
+    def runs_held(self) -> int:
+        return len(self._runs) + len(self._jobs)
+
     def drop_run(self, namespace: str, name: str) -> None:
         self._runs.pop((namespace, name), None)
         self._jobs.pop((namespace, name), None)

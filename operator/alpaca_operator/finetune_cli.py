@@ -16,7 +16,6 @@ Exit codes: 0 submitted / Completed; 1 the job Failed or an AWS error; 2 invalid
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,6 +27,7 @@ import yaml
 
 from .backends.base import Run
 from .backends.sagemaker.client import Aws, AwsError, AwsNotConfigured, AwsUnavailable, is_not_found
+from .backends.sagemaker.progress import read_progress
 from .backends.sagemaker.request import RequestError, build_request
 from .manifest_validation import ManifestError, UnknownFieldError, validate_manifest
 from .spec import SpecError, parse_spec
@@ -91,17 +91,7 @@ def submit(run: Run, aws: Aws) -> str:
 def progress_of(aws: Aws, region: str | None, desc: dict) -> dict | None:
     uri = (desc.get("Environment") or {}).get("ALPACA_OUTPUT_URI") or \
         (desc.get("OutputDataConfig") or {}).get("S3OutputPath")
-    if not uri or not uri.startswith("s3://"):
-        return None
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    try:
-        obj = aws.call_sync("s3", region, "GetObject", Bucket=bucket, Key=(prefix.rstrip("/") + "/progress.json").lstrip("/"))
-        data = json.loads(obj["Body"].read())
-    except (AwsError, AwsUnavailable, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("job") not in (None, desc.get("TrainingJobName")):
-        return None
-    return data
+    return read_progress(aws, region, uri, desc.get("TrainingJobName")) if uri else None
 
 
 def describe_line(desc: dict, progress: dict | None) -> str:

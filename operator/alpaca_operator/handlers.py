@@ -8,7 +8,8 @@ The initial listing at startup (and whenever a watch must start over) delivers e
 again, which is what "resume" means here. No finalizers on EKS runs: their children are
 deleted by the garbage collector through their owner references, even with the operator
 down. SageMaker runs get one (sagemaker_delete): a training job outside the cluster is
-nobody's garbage.
+nobody's garbage. kopf runs on.event handlers before it adds its finalizer, and the launch
+happens inside them, so the reconciler adds the same finalizer itself before it creates a job.
 
     kopf run --standalone --all-namespaces -m alpaca_operator.handlers
 """
@@ -54,7 +55,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.level = logging.WARNING
     # With --peering: how long a silent replica is still taken to be alive (failover time).
     settings.peering.lifetime = int(os.environ.get("ALPACA_PEERING_LIFETIME", "60"))
-    settings.persistence.finalizer = f"{api.GROUP}/operator"
+    settings.persistence.finalizer = api.FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=api.GROUP)
 
@@ -83,7 +84,7 @@ async def finetune_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo,
     metrics.run_seen(event["object"], deleted=event["type"] == "DELETED")
     if event["type"] == "DELETED":
         memo.cache.drop_run(ns, name)
-        memo.reconciler.forget(ns, name)
+        memo.reconciler.forget(ns, name, event["object"])
         return
     memo.cache.put_run(event["object"])
     if memo.reconciler.is_own_write(ns, name, body.metadata.get("resourceVersion")):
@@ -98,7 +99,7 @@ def _is_sagemaker(spec: kopf.Spec, **_: Any) -> bool:
 # A deletion handler makes kopf add its finalizer, here to sagemaker runs only.
 @kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL, when=_is_sagemaker)
 async def sagemaker_delete(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
-    await release_sagemaker_run(body, memo.kube, memo.reconciler.backends["sagemaker"], logger)
+    await release_sagemaker_run(body, memo.reconciler, logger)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={api.LABEL_FINETUNE: kopf.PRESENT})
@@ -139,12 +140,17 @@ def _job_summary(body: kopf.Body, seen: tuple | None) -> tuple:
 
 
 async def _write_stats(path: str, memo: kopf.Memo) -> None:
-    """For the benchmark: the operator's own API requests, every second."""
+    """For the benchmark and the tests: the operator's own API requests and what it holds
+    per run, every second."""
     while True:
-        sagemaker = getattr(memo.reconciler.backends.get("sagemaker"), "aws", None)
+        backend = memo.reconciler.backends.get("sagemaker")
+        sagemaker = getattr(backend, "aws", None)
         data = {"requests": dict(memo.kube.requests), "requests_total": sum(memo.kube.requests.values()),
                 "aws_calls": dict(sagemaker.calls) if sagemaker else {},
-                "reconciles": memo.reconciler.reconciles, "time": time.time()}
+                "reconciles": memo.reconciler.reconciles, "time": time.time(),
+                # What is held per run: all back to 0 once every run is deleted (the tests).
+                "remembered": {"runs": memo.cache.runs_held(), "reconciler": memo.reconciler.keys_held(),
+                               "sagemaker_jobs": backend.jobs_held() if backend is not None else 0}}
         tmp = f"{path}.tmp"
         with open(tmp, "w") as f:
             json.dump(data, f)

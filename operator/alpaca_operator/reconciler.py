@@ -9,7 +9,10 @@ do the same thing, so it does not matter which event was missed or came twice:
   concurrency), so a stale decision, e.g. counting the same failed attempt twice, is
   rejected by the API server with 409 and recomputed;
 - names are deterministic and creation is create-if-absent (backends/), so a second
-  Job can never appear, whatever the operator was doing when it was killed.
+  Job can never appear, whatever the operator was doing when it was killed;
+- a backend whose workload the garbage collector cannot delete (SageMaker) gets the run's
+  finalizer before its first launch, and a deleted run is released (release()) under the
+  same lock as the reconcile, so a delete can never slip between a create and its record.
 """
 from __future__ import annotations
 
@@ -92,10 +95,18 @@ class Reconciler:
             st = self._keys[key] = _KeyState()
         return st
 
-    def forget(self, namespace: str, name: str) -> None:
+    def forget(self, namespace: str, name: str, body: Mapping[str, Any] | None = None) -> None:
+        """The run is gone. With its last body, its backend forgets it too."""
         st = self._keys.pop((namespace, name), None)
         if st is not None and st.timer is not None:
             st.timer.cancel()
+        backend = self.backends.get(((body or {}).get("spec") or {}).get("backend"))
+        if body is not None and backend is not None:
+            meta = body["metadata"]
+            backend.forget(Run(name, namespace, meta["uid"], 0, None, {}), deleted=True)  # type: ignore[arg-type]
+
+    def keys_held(self) -> int:
+        return len(self._keys)
 
     def stop(self) -> None:
         for st in self._keys.values():
@@ -205,6 +216,9 @@ class Reconciler:
                     continue
                 if self.preflight is not None and status.needs_preflight(run, plan):
                     plan = status.preflight(run, plan, await self._preflight(run), self.clock())
+                if backend is not None and backend.needs_finalizer and api.FINALIZER not in \
+                        (body["metadata"].get("finalizers") or ()) and any(a.kind == "launch" for a in plan.actions):
+                    body = await self._add_finalizer(body)
                 if plan.status_first:
                     body = await self._write(body, plan)
                     # Act on what was just written: a new attempt renders from it (the
@@ -240,6 +254,8 @@ class Reconciler:
                 failed = await self._status_after((namespace, name),
                                                   lambda run: status.refused(run, self.clock(), e.reason, e.message))
                 return failed.requeue_after if failed is not None else 1.0
+            if backend is not None and (body.get("status") or {}).get("phase") in status.TERMINAL:
+                backend.forget(replace(run, status=body.get("status") or {}))
             if plan.restart and backend is not None:
                 metrics.restart(backend.name, plan.restart)
             if any(a.kind == "launch" for a in plan.actions):
@@ -265,6 +281,50 @@ class Reconciler:
                  outcome.failure[0] if outcome.failure else "passed", outcome.message())
         st.preflight = (run.uid, run.generation, outcome)
         return outcome
+    async def _add_finalizer(self, body: Mapping[str, Any]) -> dict:
+        """Before anything is made outside the cluster: a run deleted from now on stays until
+        release() has stopped what it made. With the resourceVersion the plan was made from:
+        a run deleted or changed meanwhile is a Conflict (read again; a deleted one is gone or
+        has its deletionTimestamp, and nothing is launched)."""
+        meta = body["metadata"]
+        try:
+            new = await self.kube.patch(api.PLURAL, meta["namespace"], meta["name"], {"metadata": {
+                "resourceVersion": meta["resourceVersion"],
+                "finalizers": [*(meta.get("finalizers") or ()), api.FINALIZER]}})
+        except ApiError as e:
+            if e.status in (409, 422):  # changed meanwhile; 422: being deleted (no new finalizers)
+                raise Conflict() from None
+            raise
+        if new is None:
+            raise Conflict()
+        self._state((meta["namespace"], meta["name"])).written.append(new["metadata"]["resourceVersion"])
+        self.cache.put_run(new)
+        return new
+
+    async def release(self, namespace: str, name: str) -> str | None:
+        """The finalizer's work for a deleted run of a backend that needs one (SageMaker):
+        None when the run may go, else what it waits for. Under the run's lock, so it sees what
+        a reconcile in flight has just created. The state machine writes the phase (Stopping
+        while the workload stops, then Stopped) with the resourceVersion it read."""
+        async with self._state((namespace, name)).lock:
+            body = await self._get(namespace, name)
+            if body is None:
+                return None
+            try:
+                run = _run(body, parse_spec(body.get("spec")))
+            except SpecError:
+                return None     # never launched anything
+            backend = self.backends.get(run.spec.backend)
+            found = await backend.release(run) if backend is not None else None
+            if found is None:
+                return None
+            plan = status.deleting(run, self.clock(), *found)
+            if not plan.empty:
+                try:
+                    await self._write(body, plan)
+                except Conflict:
+                    return f"the run changed while {found[0]} was looked at; looking again"
+            return None if found[1] == status.Phase.STOPPED else f"waiting for {found[0]} to stop"
 
     async def _status_after(self, key: Key, decide: Callable[[Run], status.Plan]) -> status.Plan | None:
         """Writes what `decide` makes of the fresh run, after a failure; returns that plan, or

@@ -46,6 +46,7 @@ class Cond:
     CHILDREN_DELETED = "ChildrenDeleted"
     PREFLIGHT = "Preflight"     # the checks before the first launch (preflight.py)
     BACKEND_AVAILABLE = "BackendAvailable"  # False while the backend's API cannot be reached
+    STOPPING = "Stopping"       # deleted; its workload outside the cluster is being stopped
 
 
 class Reason:
@@ -73,6 +74,8 @@ class Reason:
     FAILED = "Failed"
     TTL_EXPIRED = "TTLExpired"
     CHILDREN_DELETED = "ChildrenDeleted"
+    STOPPING_WORKLOAD = "StoppingTrainingJob"   # deleted: waiting for the job to stop
+    STOPPED = "Stopped"                         # deleted: the job stopped; the run goes
     UNSUPPORTED_BACKEND = "UnsupportedBackend"
     INVALID_SPEC = "InvalidSpec"
     # Launch problems the backends report (LaunchError) and workers that do not start.
@@ -806,6 +809,24 @@ def _finished(d: _Draft, obs: Observation) -> Plan:
     d.condition(Cond.CHILDREN_DELETED, True, Reason.TTL_EXPIRED, msg)
     d.event(Reason.CHILDREN_DELETED, msg)
     return d.plan(actions=[Action("delete", d.run.attempt)], status_first=False)
+
+
+def deleting(run: Run, now: dt.datetime, workload: str, state: str) -> Plan:
+    """A deleted run whose workload lives outside the cluster (SageMaker), held by the
+    finalizer: `state` Stopping while `workload` stops (the run waits), Stopped once it has
+    (written, then the run goes)."""
+    d = _Draft(run, now)
+    if state == Phase.STOPPED:
+        msg = f"{workload} stopped; the deleted run is released"
+        d.to(Phase.STOPPED, Reason.STOPPED, msg)
+        d.new.setdefault("completionTime", fmt_time(now))
+        d.condition(Cond.STOPPING, False, Reason.STOPPED, msg)
+    else:
+        msg = f"deleted: stopping {workload}; the run goes once it is Stopped"
+        d.to(Phase.STOPPING, Reason.STOPPING_WORKLOAD, msg)
+        d.condition(Cond.STOPPING, True, Reason.STOPPING_WORKLOAD, msg)
+    d.clear_condition(Cond.RUNNING, Reason.STOPPING_WORKLOAD, msg)
+    return d.plan()
 
 
 def merged_progress(run: Run, extras: Extras | None) -> dict[str, Any] | None:

@@ -196,6 +196,10 @@ class NotYet(Exception):
 
 class Backend(Protocol):
     name: str
+    # True where the workload lives outside the cluster (SageMaker): the garbage collector
+    # cannot delete it, so the run carries the operator's finalizer before anything is made.
+    # EKS children have ownerReferences to the run, and the GC deletes them without us.
+    needs_finalizer: bool
 
     async def observe(self, run: Run) -> Observation:
         """The workload of attempt `run.attempt` (and any older attempt still present).
@@ -213,3 +217,8 @@ class Backend(Protocol):
 
     async def delete(self, run: Run) -> None:
         """Delete everything the run created (ttlSecondsAfterFinished). Idempotent."""
+
+    def forget(self, run: Run, *, deleted: bool = False) -> None:
+        """Drop what the backend remembers of the run's workloads once nothing needs it: the
+        run was deleted, or (called after each status write that leaves it finished) its
+        status records all there is to know."""

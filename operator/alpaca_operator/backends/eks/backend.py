@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import logging
 import re
 import time
@@ -22,6 +21,7 @@ from ...spec import WAIT
 from ...status import Reason, avoided_nodes, fmt_time, gpu_health, node_evidence, parse_time
 from ..base import (EXIT_SIGTERM, PERMANENT_EXIT_CODES, FailureKind, LaunchError, NotYet, Observation,
                     Run, WorkloadState)
+from ..user_config import read_user_ds_config
 from . import render
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ def _failed(job: Mapping[str, Any]) -> bool:
 
 class EksBackend:
     name = "eks"
+    needs_finalizer = False     # every child has an ownerReference to the run: the GC's work
 
     def __init__(self, kube: Kube, cache: Cache | None = None):
         self.kube = kube
@@ -354,27 +355,6 @@ class EksBackend:
         return "", ""
 
     # ---- act -----------------------------------------------------------------------
-    async def _user_ds_config(self, run: Run) -> dict | None:
-        ref = run.spec.deepspeed.config_map_ref
-        if ref is None:
-            return None
-        cm = await self.kube.get("configmaps", run.namespace, ref.name)
-        if cm is None:
-            raise LaunchError("ConfigMapNotFound",
-                              f"spec.deepspeed.configMapRef: ConfigMap {ref.name} not found in {run.namespace}")
-        text = (cm.get("data") or {}).get(ref.key)
-        if text is None:
-            raise LaunchError("ConfigMapKeyNotFound",
-                              f"spec.deepspeed.configMapRef: ConfigMap {ref.name} has no key {ref.key}")
-        try:
-            config = json.loads(text)
-        except ValueError as e:
-            raise LaunchError("InvalidDeepSpeedConfig",
-                              f"ConfigMap {ref.name} key {ref.key} is not JSON: {e}") from None
-        if not isinstance(config, dict):
-            raise LaunchError("InvalidDeepSpeedConfig", f"ConfigMap {ref.name} key {ref.key} is not a JSON object")
-        return config
-
     async def launch(self, run: Run, attempt: int, *, deadline_seconds: int | None) -> Observation | None:
         if (impossible := await self._unsatisfiable(run, attempt)) is not None:
             return impossible
@@ -386,7 +366,7 @@ class EksBackend:
             for job in jobs:
                 if _attempt_of(job) < attempt and job["metadata"]["name"] not in keep:
                     await self._delete_job(run, job)
-        ds_config = await self._user_ds_config(run)
+        ds_config = await read_user_ds_config(self.kube, run)
         *children, job = render.render_children(run, attempt, deadline_seconds=deadline_seconds,
                                                 ds_config=ds_config,
                                                 workload_priority=await self._workload_priority(run))
@@ -497,6 +477,9 @@ class EksBackend:
         for job in jobs:
             if job["metadata"]["name"] not in keep:
                 await self._delete_job(run, job)
+
+    def forget(self, run: Run, *, deleted: bool = False) -> None:
+        pass    # it remembers nothing per run (the shared Cache follows the watch events)
 
     async def delete(self, run: Run) -> None:
         ns, name = run.namespace, run.name

@@ -6,10 +6,14 @@ and a ResourceInUse on create (a retried create that had succeeded) is accepted 
 the job's tags carry this run's uid. A job of that name tagged for anything else is never
 adopted: the run fails with a message naming the job.
 
-Polling: a job is described at most once per poll interval (ALPACA_SAGEMAKER_POLL_SECONDS,
-default 30, plus 0-25 % jitter so runs created together spread out), whatever triggers the
-reconcile, and never again once finished. Each describe of a running job also reads the
-job's progress.json (docs/contract.md) from the output prefix.
+Polling: a job is described once per poll interval (ALPACA_SAGEMAKER_POLL_SECONDS, default
+30, plus 0-25 % jitter so runs created together spread out), at most twice per interval
+whatever triggers the reconcile, and never again once finished. Each describe of a running job also reads the
+job's progress.json (docs/contract.md) from the output prefix. A run whose status records its
+job finished is not looked up at all (after a restart, too): the status says all there is.
+
+Memory: what is remembered per job (the last describe, the tags) goes when its run is
+deleted or its status records the job finished (forget()).
 
 Errors: every call goes through _aws(), which turns client.classify()'s kinds into what the
 reconciler acts on: Permanent -> BackendRefused (the run fails, naming the IAM action),
@@ -22,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import logging
 import os
 import random
@@ -33,12 +36,14 @@ from urllib.parse import urlsplit
 
 from ...kube import Kube
 from ...spec import SpecError, parse_sagemaker
-from ...status import Reason, parse_time
+from ...status import Phase, Reason, parse_time
 from ..base import BackendRefused, BackendUnavailable, LaunchError, NotYet, Observation, Run, WorkloadState
 from . import mapping
 from .client import Aws, AwsError, AwsNotConfigured, AwsUnavailable, Kind, is_not_found
-from .names import parse_job_name, training_job_name
-from .request import RequestError, TAG_UID, build_request
+from ..user_config import read_user_ds_config
+from .names import parse_job_name, training_job_name, uid_mark
+from .progress import read_progress
+from .request import RequestError, TAG_UID, build_request, config_root
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,7 @@ class _Seen:
 
 class SageMakerBackend:
     name = "sagemaker"
+    needs_finalizer = True      # a training job outside the cluster is nobody's garbage
 
     def __init__(self, kube: Kube | None, aws: Aws | None = None, *, interval: float | None = None):
         self.kube = kube
@@ -143,18 +149,8 @@ class SageMakerBackend:
         return desc
 
     async def _progress(self, run: Run, job: str) -> dict[str, Any] | None:
-        bucket, prefix = split_s3(run.spec.output_uri)
-        key = (prefix.rstrip("/") + "/progress.json").lstrip("/")
-        try:
-            obj = await self.aws.call("s3", self._region(run), "GetObject", Bucket=bucket, Key=key)
-            body = await asyncio.get_running_loop().run_in_executor(None, obj["Body"].read)
-            data = json.loads(body)
-        except (AwsError, AwsUnavailable, AwsNotConfigured, ValueError) as e:
-            log.debug("no progress for %s: %s", job, e)
-            return None
-        if not isinstance(data, dict) or data.get("job") not in (None, job):
-            return None     # an older job's (or another run's) progress
-        return {k: v for k, v in data.items() if k not in ("job", "attempt")}
+        return await asyncio.get_running_loop().run_in_executor(
+            None, read_progress, self.aws, self._region(run), run.spec.output_uri, job)
 
     async def tags(self, run: Run, job: str, arn: str) -> dict[str, str]:
         if job not in self._tags:
@@ -223,7 +219,38 @@ class SageMakerBackend:
 
     # ---- the Backend protocol ------------------------------------------------------
 
+    def _settled(self, run: Run) -> str | None:
+        """The job's name when the run is finished and its status records the current
+        attempt's job finished: nothing about it can change, so nothing is asked again."""
+        block = run.status.get("sagemaker") or {}
+        name = block.get("trainingJobName")
+        if run.status.get("phase") not in (Phase.SUCCEEDED, Phase.FAILED) or not name \
+                or block.get("trainingJobStatus") not in mapping.FINISHED:
+            return None
+        return name if self._stored_name(run, max(run.attempt, 1)) == name else None
+
+    def _is_runs(self, run: Run, job: str) -> bool:
+        parsed = parse_job_name(job)
+        return parsed is not None and training_job_name(run.name, run.uid, *parsed) == job
+
+    def forget(self, run: Run, *, deleted: bool = False) -> None:
+        if not (deleted or self._settled(run)):
+            return
+        # Only the few names with the run's uid mark are compared in full.
+        mark = uid_mark(run.uid)
+        for cache in (self._seen, self._tags):
+            for job in [j for j in cache if mark in j and self._is_runs(run, j)]:
+                del cache[job]
+
+    def jobs_held(self) -> int:
+        return len(self._seen) + len(self._tags)
+
     async def observe(self, run: Run) -> Observation:
+        settled = self._settled(run)
+        if settled is not None:
+            self.forget(run)
+            state = WorkloadState.SUCCEEDED if run.status.get("phase") == Phase.SUCCEEDED else WorkloadState.FAILED
+            return Observation(state, attempt=run.attempt, workload={"trainingJobName": settled})
         # Attempt 0: a first launch the operator may have done before it could record it.
         attempt = max(run.attempt, 1)
         name, desc, stopped_by = await self._current(run, attempt)
@@ -268,7 +295,7 @@ class SageMakerBackend:
                 return None     # it exists: observe it
             resume += 1
         try:
-            ds_config = await self._user_ds_config(run)
+            ds_config = await read_user_ds_config(self.kube, run)
             req = build_request(run, attempt, resume=resume, deadline_seconds=deadline_seconds, ds_config=ds_config,
                                 default_role=os.environ.get("ALPACA_SAGEMAKER_ROLE_ARN") or None)
         except RequestError as e:
@@ -316,6 +343,11 @@ class SageMakerBackend:
                                 time.monotonic())
 
     async def _arn(self, run: Run, job: str) -> str:
+        seen = self._seen.get(job)
+        if seen is not None and seen.desc is not None and not seen.desc.get("TrainingJobArn"):
+            # What launch() noted in place of a describe has no ARN: a stop (a delete, a
+            # suspend) right after the launch must ask SageMaker, not that note.
+            del self._seen[job]
         desc = await self.describe(run, job, fresh=True)
         return (desc or {}).get("TrainingJobArn") or ""
 
@@ -326,37 +358,40 @@ class SageMakerBackend:
 
     async def delete(self, run: Run) -> None:
         """ttlSecondsAfterFinished: a finished training job is SageMaker's record of the run
-        (and its name can never be reused anyway); only the config channel goes."""
-        name = (run.status.get("sagemaker") or {}).get("trainingJobName")
-        if not name:
-            return
-        from .request import config_prefix
-        bucket, prefix = split_s3(config_prefix(run.spec, name))
-        for file in ("ds_config.json", "train_args.json"):
-            try:
-                await self.aws.call("s3", self._region(run), "DeleteObject", Bucket=bucket, Key=prefix + file)
-            except (AwsError, AwsUnavailable, AwsNotConfigured) as e:
-                log.info("could not delete s3://%s/%s%s: %s", bucket, prefix, file, e)
+        (and its name can never be reused anyway); only the config channels go, every
+        attempt's (`.alpaca/<job>/` of each job named for this run, never another run's that
+        shares the output prefix)."""
+        bucket, root = split_s3(config_root(run.spec))
+        region = self._region(run)
+        try:
+            keys: list[str] = []
+            token: dict[str, str] = {}
+            while True:
+                page = await self.aws.call("s3", region, "ListObjectsV2", Bucket=bucket, Prefix=root, **token)
+                keys += [o["Key"] for o in page.get("Contents") or ()
+                         if self._is_runs(run, o["Key"][len(root):].split("/", 1)[0])]
+                if not page.get("IsTruncated"):
+                    break
+                token = {"ContinuationToken": page["NextContinuationToken"]}
+            for i in range(0, len(keys), 1000):     # DeleteObjects takes at most 1000 keys
+                await self.aws.call("s3", region, "DeleteObjects", Bucket=bucket,
+                                    Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+        except (AwsError, AwsUnavailable, AwsNotConfigured) as e:
+            log.info("could not delete the config channels under s3://%s/%s: %s", bucket, root, e)
 
-    async def release(self, run: Run) -> str | None:
-        """For the finalizer: None when the run may go (no job runs), else what it waits for.
-        Stops a job that is InProgress."""
-        if not run.attempt:
+    async def release(self, run: Run) -> tuple[str, str] | None:
+        """For the finalizer: None when the run may go and nothing is to be written (no job
+        runs; the status records how it ended); else (job, "Stopping") while the job stops (an
+        InProgress one is stopped now), then (job, "Stopped") once the stop for the delete is
+        done. Attempt 0 too: a job created before `attempts` was written is attempt 1's."""
+        if self._settled(run):
             return None
-        name, desc, _ = await self._current(run, run.attempt)
+        name, desc, stopped_by = await self._current(run, max(run.attempt, 1))
         if desc is None or not await self._ours(run, desc):
             return None
         status = desc.get("TrainingJobStatus")
         if status in mapping.FINISHED:
-            return None
+            return (name, "Stopped") if status == "Stopped" and stopped_by == mapping.STOP_DELETE else None
         if status == "InProgress":
             await self.stop(run, desc, mapping.STOP_DELETE)
-        return f"StopTrainingJob called for {name}; waiting for it to be Stopped before the run is released"
-
-    async def _user_ds_config(self, run: Run) -> dict | None:
-        if run.spec.deepspeed.config_map_ref is None:
-            return None
-        if self.kube is None:
-            raise LaunchError("ConfigMapNotFound", "spec.deepspeed.configMapRef needs a cluster")
-        from ..eks.backend import EksBackend
-        return await EksBackend(self.kube)._user_ds_config(run)
+        return name, "Stopping"

@@ -14,10 +14,15 @@ NAME_PATTERN = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
 _SUFFIX = re.compile(r"-([0-9a-f]{8})-a([0-9]+)(?:r([0-9]+))?$")
 
 
+def uid_mark(uid: str) -> str:
+    """What every job name of the run with this uid contains (`-<8 hex>-a`), and nearly no other's."""
+    return f"-{uid.replace('-', '').lower()[:8]:0<8}-a"
+
+
 def training_job_name(run_name: str, uid: str, attempt: int, resume: int = 0) -> str:
     if attempt < 1 or resume < 0:
         raise ValueError(f"attempt {attempt} / resume {resume}")
-    suffix = f"-{uid.replace('-', '').lower()[:8]:0<8}-a{attempt}" + (f"r{resume}" if resume else "")
+    suffix = f"{uid_mark(uid)}{attempt}" + (f"r{resume}" if resume else "")
     prefix = re.sub(r"[^a-zA-Z0-9-]+", "-", run_name)[:MAX_LEN - len(suffix)].strip("-") or "run"
     name = prefix + suffix
     assert NAME_PATTERN.fullmatch(name) and len(name) <= MAX_LEN, name

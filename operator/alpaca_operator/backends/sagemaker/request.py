@@ -73,8 +73,13 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def config_root(spec: FineTuneSpec) -> str:
+    """Where every job of the run keeps its config channel, one folder per job."""
+    return _join(spec.output_uri, ".alpaca")
+
+
 def config_prefix(spec: FineTuneSpec, job_name: str) -> str:
-    return _join(spec.output_uri, ".alpaca", job_name)
+    return _join(config_root(spec), job_name)
 
 
 def checkpoint_uri(spec: FineTuneSpec, sm: SageMakerSettings) -> str:
