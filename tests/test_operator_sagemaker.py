@@ -317,21 +317,29 @@ def test_without_aws_credentials_the_run_says_so(cluster, operator, crd, sm_buck
         operator.start()
 
 
-def test_permanent_aws_errors_fail_the_run_without_retries(cluster, operator, sagemaker_local, sm_bucket, namespace):
+def test_resource_limit_exceeded_waits_for_the_quota_instead_of_failing(cluster, operator, sagemaker_local, sm_bucket,
+                                                                        namespace):
+    """ResourceLimitExceeded is a full quota, not a bad run: Pending with QuotaExceeded, tried
+    again with a backoff, and on once the quota frees. (Permanent errors: AccessDenied,
+    ValidationException: tests/test_operator_sagemaker_errors.py.)"""
     name = "sm-limit"
     with sagemaker_local.faults(error=("ResourceLimitExceeded", 400, "The account-level service limit "
-                                       "'ml.m5.xlarge for training job usage' is 0 Instances"),
+                                       "'ml.m5.xlarge for training job usage' is 0 Instances, with current utilization "
+                                       "of 0 Instances and a request delta of 1 Instances."),
                                 error_count=-1, operations=["CreateTrainingJob"]):
         apply(cluster, namespace, finetune(name, sm_bucket, run_policy={"backoffLimit": 3}))
-        body = wait_for("Failed", phase_is(cluster, namespace, name, "Failed"), timeout=60,
-                        on_timeout=dump(cluster, namespace, operator, sagemaker_local))
+        body = wait_for("Pending with QuotaExceeded", lambda: (lambda b: b if _condition(b, "Created").get(
+            "reason") == "QuotaExceeded" else None)(aft(cluster, namespace, name)), timeout=60,
+            on_timeout=dump(cluster, namespace, operator, sagemaker_local))
         job = training_job_name(name, body["metadata"]["uid"], 1)
-        time.sleep(3 * POLL)    # a retry would show now
-        calls = sagemaker_local.calls(job)
-    cond = _condition(body, "Failed")
-    assert cond["reason"] == "ResourceLimitExceeded" and "account-level service limit" in cond["message"], cond
-    assert calls.get("CreateTrainingJob") == 1, calls
-    assert body["status"]["attempts"] == 1 and jobs_of(sagemaker_local, f"{name}-") == []
+        wait_for("a second try", lambda: sagemaker_local.calls(job).get("CreateTrainingJob", 0) >= 2, timeout=60)
+        body = aft(cluster, namespace, name)
+    assert body["status"]["phase"] == "Pending" and "attempts" not in body["status"], body["status"]
+    assert "account-level service limit" in _condition(body, "Created")["message"]
+    assert jobs_of(sagemaker_local, f"{name}-") == []
+    body = wait_for("Succeeded", phase_is(cluster, namespace, name, "Succeeded"), timeout=120,
+                    on_timeout=dump(cluster, namespace, operator, sagemaker_local))
+    assert body["status"]["attempts"] == 1 and jobs_of(sagemaker_local, f"{name}-") == [job]
 
 
 def test_an_image_outside_ecr_fails_at_once_naming_both_fixes(cluster, operator, sagemaker_local, sm_bucket,

@@ -291,6 +291,50 @@ def test_warm_pools_are_kept_reused_by_a_matching_job_only_and_expire(sagemaker_
     sm.stop_training_job(TrainingJobName=third)
 
 
+def test_an_instance_quota_refuses_creates_beyond_it_as_sagemaker_does(sagemaker_local):
+    """The Service Quota "ml.X for training job usage" holds: instances of jobs InProgress or
+    Stopping count; a create beyond it is HTTP 400 ResourceLimitExceeded with SageMaker's
+    message; a finished job frees its instances."""
+    itype = "ml.c5.2xlarge"     # held by no other test's jobs
+    sm = sagemaker_local.client(max_attempts=5)
+    sagemaker_local.plan("sl-quota-", training_seconds=None)
+    names = [unique("sl-quota-a"), unique("sl-quota-b"), unique("sl-quota-c")]
+    resources = {"InstanceType": itype, "InstanceCount": 1, "VolumeSizeInGB": 10}
+    sagemaker_local.set_quotas({f"{itype} for training job usage": 2})
+    try:
+        sm.create_training_job(**job_request(names[0], "bucket-a", ResourceConfig=dict(resources, InstanceCount=2)))
+        err = error_of(lambda: sm.create_training_job(**job_request(names[1], "bucket-a", ResourceConfig=resources)))
+        assert err.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+        assert err.response["Error"]["Code"] == "ResourceLimitExceeded"
+        assert err.response["Error"]["Message"].startswith(
+            f"The account-level service limit '{itype} for training job usage' is 2 Instances, with current "
+            "utilization of 2 Instances and a request delta of 1 Instances.")
+        # Another type is not limited; a stopping job still holds its instances.
+        sm.create_training_job(**job_request(names[2], "bucket-a"))
+        sm.stop_training_job(TrainingJobName=names[0])
+        assert status_of(sm, names[0])["TrainingJobStatus"] == "Stopping"
+        error_of(lambda: sm.create_training_job(**job_request(names[1], "bucket-a", ResourceConfig=resources)))
+        wait_for("Stopped", lambda: status_of(sm, names[0])["TrainingJobStatus"] == "Stopped", timeout=30)
+        sm.create_training_job(**job_request(names[1], "bucket-a", ResourceConfig=resources))
+    finally:
+        sagemaker_local.set_quotas(None)
+        sagemaker_local.clear_plans()
+    for name in names[1:]:
+        sm.stop_training_job(TrainingJobName=name)
+
+
+def test_an_unreachable_endpoint_closes_every_aws_call_unanswered(sagemaker_local):
+    from botocore.exceptions import ConnectionClosedError
+    sm, s3 = sagemaker_local.client(), sagemaker_local.client("s3")
+    with sagemaker_local.faults(unreachable=True):
+        with pytest.raises(ConnectionClosedError):
+            sm.list_training_jobs()
+        with pytest.raises(ConnectionClosedError):
+            s3.list_buckets()
+        assert sagemaker_local.calls()["Unreachable"] >= 2    # the admin endpoints still answer
+    sm.list_training_jobs()
+
+
 # --- execution mode, with a stand-in image whose `train` takes a moment --------------------
 
 FAKE_TRAIN = r"""

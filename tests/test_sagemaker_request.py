@@ -408,6 +408,7 @@ def test_the_iam_policy_allows_every_call_the_backend_makes():
     # S3 operations whose IAM action has another name.
     action = {"ListObjectsV2": "ListBucket", "DeleteObjects": "DeleteObject"}
     used |= {f"s3:{action.get(op, op)}" for op in re.findall(r'aws\.call(?:_sync)?\("s3", [^,]+, "(\w+)"', src)}
+    used |= {f"s3:{action.get(op, op)}" for op in re.findall(r'_aws\(run, "s3", "(\w+)"', src)}
     assert {"sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob", "sagemaker:StopTrainingJob",
             "s3:GetObject", "s3:PutObject", "s3:ListBucket", "s3:DeleteObject"} <= used
     assert used <= allowed, used - allowed

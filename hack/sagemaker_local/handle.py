@@ -157,15 +157,17 @@ class StandIn:
     def set_faults(self, throttle: int = 0, error5xx: int = 0, latency: float = 0.0, *,
                    latency_after: float = 0.0, throttle_rate: float = 0.0, error5xx_rate: float = 0.0,
                    operations: list[str] | None = None, error: tuple[str, int, str] | None = None,
-                   error_count: int = 1) -> dict:
+                   error_count: int = 1, unreachable: bool = False) -> dict:
         """throttle/error5xx: the next N matching calls fail; *_rate: that fraction of them;
         latency: seconds before a call is handled; latency_after: after (a reply that comes late);
         error=(code, http status, message): any AWS error (ResourceLimitExceeded,
-        AccessDeniedException...) for the next error_count calls (-1: every call)."""
+        AccessDeniedException...) for the next error_count calls (-1: every call);
+        unreachable: every AWS call has its connection closed unanswered (the endpoint is down)."""
         return self.admin("POST", "faults", {
             "throttle": throttle, "error5xx": error5xx, "latency": latency, "latencyAfter": latency_after,
             "throttleRate": throttle_rate, "error5xxRate": error5xx_rate, "operations": operations or [],
-            "error": list(error) if error else None, "errorCount": error_count if error else 0})
+            "error": list(error) if error else None, "errorCount": error_count if error else 0,
+            "unreachable": unreachable})
 
     def reset_faults(self) -> None:
         self.admin("DELETE", "faults")

@@ -6,7 +6,8 @@ a training job Completed the moment it is created, answers StopTrainingJob with 
 replaces a job of the same name, drops Environment and RetryStrategy, and says "Could not find training job"
 where SageMaker says "Requested resource not found". This layer answers those calls as
 SageMaker does, drives each job through its states (by the clock, or from a real local
-run: executor.py), and adds what tests need: injected faults and per-job call counts.
+run: executor.py), and adds what tests need: injected faults (an unreachable endpoint
+among them), per-job call counts, and instance quotas (ResourceLimitExceeded as AWS says it).
 
 moto keeps the jobs; this layer edits them in place
 (moto.sagemaker.models.sagemaker_backends[account][region].training_jobs[name]), so
@@ -102,6 +103,9 @@ class Faults:
     # Any AWS error, e.g. ("ResourceLimitExceeded", 400, "..."), for the next error_count calls (-1: all).
     error: tuple[str, int, str] | None = None
     error_count: int = 0
+    # The endpoint is down: every AWS call (S3 too, whatever `operations` says) has its
+    # connection closed without an answer, as a dead or unreachable endpoint would.
+    unreachable: bool = False
 
     def applies(self, op: str) -> bool:
         return not self.operations or op in self.operations
@@ -110,14 +114,15 @@ class Faults:
         return {"throttle": self.throttle, "error5xx": self.error5xx, "throttleRate": self.throttle_rate,
                 "error5xxRate": self.error5xx_rate, "latency": self.latency, "latencyAfter": self.latency_after,
                 "operations": self.operations, "error": list(self.error) if self.error else None,
-                "errorCount": self.error_count}
+                "errorCount": self.error_count, "unreachable": self.unreachable}
 
     @classmethod
     def from_json(cls, obj: dict) -> "Faults":
         return cls(int(obj.get("throttle", 0)), int(obj.get("error5xx", 0)), float(obj.get("throttleRate", 0)),
                    float(obj.get("error5xxRate", 0)), float(obj.get("latency", 0)),
                    float(obj.get("latencyAfter", 0)), list(obj.get("operations") or []),
-                   tuple(obj["error"]) if obj.get("error") else None, int(obj.get("errorCount", 0)))
+                   tuple(obj["error"]) if obj.get("error") else None, int(obj.get("errorCount", 0)),
+                   bool(obj.get("unreachable", False)))
 
 
 def pool_key(request: dict) -> tuple:
@@ -212,6 +217,8 @@ class StandIn:
         environ["wsgi.input"] = io.BytesIO(body)
         if path.startswith("/_standin/"):
             return self._admin(environ, start_response, path[len("/_standin/"):].strip("/"), body)
+        if self.faults.unreachable:
+            return self._hang_up(environ, start_response)
         target = environ.get("HTTP_X_AMZ_TARGET", "")
         if target.startswith("SageMaker."):
             return self._sagemaker(environ, start_response, target.split(".", 1)[1], body)
@@ -236,6 +243,21 @@ class StandIn:
     def _error(self, start_response, err: ApiError):
         return self._reply(start_response, err.status, {"__type": err.code, "message": err.message},
                            [("x-amzn-ErrorType", err.code)])
+
+    def _hang_up(self, environ, start_response):
+        """Close the connection unanswered: the client sees what a dead endpoint does."""
+        import socket
+
+        with self.lock:
+            self.calls["Unreachable"] += 1
+        sock = environ.get("werkzeug.socket")
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        start_response("503 Service Unavailable", [("Content-Length", "0"), ("Connection", "close")])
+        return [b""]
 
     # --- SageMaker ----------------------------------------------------------------------
 
@@ -386,6 +408,7 @@ class StandIn:
             raise ApiError(400, "ResourceInUse",
                            "Training job names must be unique within an AWS account and region, and a training "
                            f"job with this name already exists ({arn})")
+        self._check_quota(backend, account, params.get("ResourceConfig") or {})
         status, headers, chunks = self._call_moto(environ)
         if not status.startswith("200"):
             return None, (status, headers, chunks)
@@ -413,6 +436,28 @@ class StandIn:
         if self.executor is not None:
             job.runner = self.executor.start(job, self.endpoint_for(environ))
         return 200, {"TrainingJobArn": fake.arn}
+
+    def _check_quota(self, backend, account: str, resources: dict) -> None:
+        """The Service Quota "ml.X for training job usage" (posted to /_standin/quotas) held
+        to, as SageMaker does per account and region: instances in jobs InProgress or
+        Stopping (still held) plus the request, at most the quota; beyond it HTTP 400
+        ResourceLimitExceeded in SageMaker's words."""
+        itype = resources.get("InstanceType", "")
+        limit = (self.quotas or {}).get(f"{itype} for training job usage")
+        if limit is None:
+            return
+        limit = int(limit)
+        wanted = int(resources.get("InstanceCount") or 1)
+        used = sum(int((fake.resource_config or {}).get("InstanceCount") or 1)
+                   for fake in backend.training_jobs.values()
+                   if fake.training_job_status in (IN_PROGRESS, STOPPING)
+                   and (fake.resource_config or {}).get("InstanceType") == itype)
+        if used + wanted > limit:
+            raise ApiError(400, "ResourceLimitExceeded",
+                           f"The account-level service limit '{itype} for training job usage' is {limit} Instances, "
+                           f"with current utilization of {used} Instances and a request delta of {wanted} Instances. "
+                           "Please use AWS Service Quotas to request an increase for this quota. If AWS Service "
+                           "Quotas is not available, contact AWS support to request an increase for this quota.")
 
     def endpoint_for(self, environ) -> str:
         return f"http://{environ.get('HTTP_HOST') or environ['SERVER_NAME'] + ':' + environ['SERVER_PORT']}"

@@ -29,8 +29,8 @@ from typing import Any, Callable, Mapping
 
 from . import api, metrics, status
 from .cache import Cache
-from .backends.base import (Backend, BackendUnavailable, LaunchError, NotYet, Observation, Run,
-                            WorkloadState)
+from .backends.base import (Backend, BackendRefused, BackendUnavailable, LaunchError, NotYet, Observation,
+                            Run, WorkloadState)
 from .kube import ApiError, Kube
 from .preflight import Outcome, Preflight
 from .spec import SpecError, parse_spec
@@ -149,10 +149,17 @@ class Reconciler:
                                 delay)
                 else:
                     log.exception("reconcile %s/%s failed; retrying in %.0fs", namespace, name, delay)
+                if isinstance(e, BackendUnavailable):
+                    await self._status_after(key, lambda run: status.backend_unavailable(
+                        run, self.clock(), str(e), self.clock() + dt.timedelta(seconds=delay)))
                 self._requeue(key, delay)
                 return
             metrics.reconcile_done(metrics.backend_of(self.cache.run(*key)), time.monotonic() - started)
             st.failures = 0
+            body = self.cache.run(*key)
+            if body is not None and (status.get_condition(body.get("status") or {}, status.Cond.BACKEND_AVAILABLE)
+                                     or {}).get("status") == "False":
+                await self._status_after(key, lambda run: status.backend_answers(run, self.clock()))
             if requeue is not None:
                 self._requeue(key, requeue)
 
@@ -196,19 +203,19 @@ class Reconciler:
                 return None
             if body["metadata"].get("deletionTimestamp"):
                 return None     # the garbage collector removes the children with it
-            run, plan, backend = await self._plan(body, known, probe)
-            known, probe = None, False
-            requeue = plan.requeue_after
-            if plan.empty:
-                return requeue
-            if plan.actions and not fresh and not (plan.patch and plan.status_first):
-                # Acting without a status write first: nothing would catch a stale body
-                # (a resume already undone, an attempt already counted). Read it afresh.
-                body, fresh = await self._get(namespace, name), True
-                continue
-            if self.preflight is not None and status.needs_preflight(run, plan):
-                plan = status.preflight(run, plan, await self._preflight(run), self.clock())
             try:
+                run, plan, backend = await self._plan(body, known, probe)
+                known, probe = None, False
+                requeue = plan.requeue_after
+                if plan.empty:
+                    return requeue
+                if plan.actions and not fresh and not (plan.patch and plan.status_first):
+                    # Acting without a status write first: nothing would catch a stale body
+                    # (a resume already undone, an attempt already counted). Read it afresh.
+                    body, fresh = await self._get(namespace, name), True
+                    continue
+                if self.preflight is not None and status.needs_preflight(run, plan):
+                    plan = status.preflight(run, plan, await self._preflight(run), self.clock())
                 if backend is not None and backend.needs_finalizer and api.FINALIZER not in \
                         (body["metadata"].get("finalizers") or ()) and any(a.kind == "launch" for a in plan.actions):
                     body = await self._add_finalizer(body)
@@ -231,15 +238,22 @@ class Reconciler:
             except LaunchError as e:
                 st = self._state((namespace, name))
                 st.blocked += 1
-                body = await self._get(namespace, name)
-                if body is not None:
-                    run = _run(body, parse_spec(body.get("spec")))
-                    blocked = status.invalid(run, self.clock(), e.reason, e.message)
-                    if not blocked.empty:
-                        await self._write(body, blocked)
                 if e.retry_after is not None:
-                    return e.retry_after
-                return min(LAUNCH_RETRY_MAX, LAUNCH_RETRY * 2 ** (st.blocked - 1))
+                    delay = e.retry_after
+                else:
+                    first, longest = e.backoff or (LAUNCH_RETRY, LAUNCH_RETRY_MAX)
+                    # Jittered: runs blocked together (a quota) try again apart.
+                    delay = min(longest, first * 2 ** (st.blocked - 1)) * random.uniform(0.8, 1.2)
+                log.warning("%s/%s: cannot launch yet: %s: %s; trying again in %.0fs", namespace, name,
+                            e.reason, e.message, delay)
+                await self._status_after((namespace, name),
+                                         lambda run: status.invalid(run, self.clock(), e.reason, e.message))
+                return delay
+            except BackendRefused as e:
+                log.warning("%s/%s: %s: %s", namespace, name, e.reason, e.message)
+                failed = await self._status_after((namespace, name),
+                                                  lambda run: status.refused(run, self.clock(), e.reason, e.message))
+                return failed.requeue_after if failed is not None else 1.0
             if backend is not None and (body.get("status") or {}).get("phase") in status.TERMINAL:
                 backend.forget(replace(run, status=body.get("status") or {}))
             if plan.restart and backend is not None:
@@ -311,6 +325,26 @@ class Reconciler:
                 except Conflict:
                     return f"the run changed while {found[0]} was looked at; looking again"
             return None if found[1] == status.Phase.STOPPED else f"waiting for {found[0]} to stop"
+
+    async def _status_after(self, key: Key, decide: Callable[[Run], status.Plan]) -> status.Plan | None:
+        """Writes what `decide` makes of the fresh run, after a failure; returns that plan, or
+        None if nothing was written (a conflict, an API error: left to the next reconcile,
+        which the caller queues)."""
+        try:
+            body = await self._get(*key)
+            if body is None:
+                return None
+            try:
+                run = _run(body, parse_spec(body.get("spec")))
+            except SpecError:
+                return None
+            plan = decide(run)
+            if not plan.empty:
+                await self._write(body, plan)
+            return plan
+        except (Conflict, ApiError, OSError, asyncio.TimeoutError) as e:
+            log.info("%s/%s: status not written: %r", *key, e)
+            return None
 
     async def _get(self, namespace: str, name: str) -> dict | None:
         body = await self.kube.get(api.PLURAL, namespace, name)

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import kopf
 
 from . import api
-from .backends.base import BackendUnavailable, LaunchError
+from .backends.base import BackendRefused, BackendUnavailable, LaunchError
 
 ANNOTATION_ON_DELETE = f"{api.GROUP}/on-delete"
 KEEP = "keep"
@@ -29,7 +29,7 @@ async def release_sagemaker_run(body: Mapping[str, Any], reconciler: Any, logger
         return
     try:
         waiting = await reconciler.release(meta["namespace"], meta["name"])
-    except (BackendUnavailable, LaunchError) as e:
+    except (BackendUnavailable, LaunchError, BackendRefused) as e:
         raise kopf.TemporaryError(f"cannot stop the training job yet: {e}", delay=30) from None
     if waiting is not None:
         interval = getattr(reconciler.backends.get("sagemaker"), "interval", 30.0)

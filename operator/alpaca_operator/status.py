@@ -47,6 +47,7 @@ class Cond:
     FAILED = "Failed"
     CHILDREN_DELETED = "ChildrenDeleted"
     PREFLIGHT = "Preflight"     # the checks before the first launch (preflight.py)
+    BACKEND_AVAILABLE = "BackendAvailable"  # False while the backend's API cannot be reached
     STOPPING = "Stopping"       # deleted; its workload outside the cluster is being stopped
 
 
@@ -101,6 +102,13 @@ class Reason:
     INSTANCE_TYPE_NOT_OFFERED = "InstanceTypeNotOffered"
     QUOTA_TOO_LOW = "QuotaTooLow"             # the account's limit, not its use, is below instanceCount
     ROLE_NOT_PASSABLE = "RoleNotPassable"     # the operator may not iam:PassRole the execution role
+    # The backend's API (SageMaker: client.classify() sorts AWS's errors into these).
+    QUOTA_EXCEEDED = "QuotaExceeded"          # the account's instance quota is in use: waiting, as for nodes
+    BACKEND_UNAVAILABLE = "BackendUnavailable"  # throttled, 5xx, unreachable: retried, the phase kept
+    BACKEND_ANSWERS = "BackendAnswers"        # ... and answering again
+    AWS_NOT_CONFIGURED = "AwsNotConfigured"   # no credentials or region: retried
+    AWS_ACCESS_DENIED = "AwsAccessDenied"     # refused for who asks (IAM, credentials): Failed
+    AWS_REQUEST_REJECTED = "AwsRequestRejected"  # refused for what is asked (ValidationException): Failed
 
 
 class Outcome:
@@ -938,3 +946,51 @@ def preflight(run: Run, plan: Plan, outcome: Any, now: dt.datetime) -> Plan:
     plan.patch["conditions"] = set_condition(list(conditions), Cond.PREFLIGHT, True, reason, message, now,
                                              run.generation)
     return plan
+
+
+def refused(run: Run, now: dt.datetime, reason: str, message: str) -> Plan:
+    """The backend's API refused the operator for good (access denied, a request it rejects):
+    Failed, with its words. No attempt is counted that never got a workload."""
+    d = _Draft(run, now)
+    if d.phase in TERMINAL:
+        return Plan()
+    obs = Observation(WorkloadState.FAILED, attempt=run.attempt, reason=reason, message=message,
+                      permanent=True, failure_kind=FailureKind.PERMANENT)
+    if run.attempt:
+        d.history(obs, Outcome.PERMANENT_FAILURE, reason, message)
+    else:
+        d.condition(Cond.CREATED, False, reason, message)
+    _answers(d)
+    return _fail(d, obs, reason, message)
+
+
+def backend_unavailable(run: Run, now: dt.datetime, message: str, retry_at: dt.datetime) -> Plan:
+    """The backend's API failed in a way worth retrying: the phase stays, the condition
+    BackendAvailable says why and when the operator tries again (an Event when it begins)."""
+    d = _Draft(run, now)
+    if d.phase in TERMINAL:
+        return Plan()
+    was = get_condition(d.new, Cond.BACKEND_AVAILABLE)
+    if was is None or was.get("status") != "False":
+        d.event(Reason.BACKEND_UNAVAILABLE, message, warning=True)
+    d.condition(Cond.BACKEND_AVAILABLE, False, Reason.BACKEND_UNAVAILABLE,
+                f"{message}; next try at {fmt_time(retry_at)}")
+    return d.plan()
+
+
+def backend_answers(run: Run, now: dt.datetime) -> Plan:
+    """A reconcile went through after BackendAvailable was False: say it is over."""
+    d = _Draft(run, now)
+    if not _answers(d):
+        return Plan()
+    return d.plan()
+
+
+def _answers(d: _Draft) -> bool:
+    was = get_condition(d.new, Cond.BACKEND_AVAILABLE)
+    if was is None or was.get("status") != "False":
+        return False
+    msg = "the backend's API answers again"
+    d.condition(Cond.BACKEND_AVAILABLE, True, Reason.BACKEND_ANSWERS, msg)
+    d.event(Reason.BACKEND_ANSWERS, msg)
+    return True

@@ -162,18 +162,32 @@ class LaunchError(Exception):
     growing delay, and at once when the run's spec changes.
     """
 
-    def __init__(self, reason: str, message: str, retry_after: float | None = None):
+    def __init__(self, reason: str, message: str, retry_after: float | None = None, *,
+                 backoff: tuple[float, float] | None = None):
         super().__init__(message)
         self.reason = reason
         self.message = message
         # Set where the fix is the user's and cheap to look for (leftover objects deleted):
         # look again this soon instead of backing off.
         self.retry_after = retry_after
+        # (first delay, longest delay) of the doubling backoff, where the backend knows
+        # better than the reconciler's default (SageMaker's quota: its poll interval).
+        self.backoff = backoff
 
 
 class BackendUnavailable(Exception):
     """The backend's API failed in a way worth retrying (throttled, 5xx, unreachable) after its
     own retries: the reconciler backs off and tries again."""
+
+
+class BackendRefused(Exception):
+    """The backend's API refused the operator in a way no retry fixes (access denied, a
+    request it rejects): the run fails with `reason` and `message` (AWS's code and words)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
 
 
 class NotYet(Exception):

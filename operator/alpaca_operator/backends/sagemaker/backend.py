@@ -14,6 +14,13 @@ job finished is not looked up at all (after a restart, too): the status says all
 
 Memory: what is remembered per job (the last describe, the tags) goes when its run is
 deleted or its status records the job finished (forget()).
+
+Errors: every call goes through _aws(), which turns client.classify()'s kinds into what the
+reconciler acts on: Permanent -> BackendRefused (the run fails, naming the IAM action),
+Capacity -> LaunchError QuotaExceeded (the run waits, backing off from the poll interval),
+Retryable -> BackendUnavailable (the phase kept, a condition says when it tries again),
+NotConfigured -> LaunchError AwsNotConfigured. A caller passes `expect` for the answers it
+handles itself (a job not found, ResourceInUse on a create).
 """
 from __future__ import annotations
 
@@ -24,15 +31,15 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 from ...kube import Kube
 from ...spec import SpecError, parse_sagemaker, sagemaker_defaults
-from ...status import Phase, parse_time
-from ..base import BackendUnavailable, LaunchError, NotYet, Observation, Run, WorkloadState
+from ...status import Phase, Reason, parse_time
+from ..base import BackendRefused, BackendUnavailable, LaunchError, NotYet, Observation, Run, WorkloadState
 from . import mapping
-from .client import Aws, AwsError, AwsNotConfigured, AwsUnavailable, is_not_found
+from .client import Aws, AwsError, AwsNotConfigured, AwsUnavailable, Kind, is_not_found
 from ..user_config import read_user_ds_config
 from .names import parse_job_name, training_job_name, uid_mark
 from .progress import read_progress
@@ -41,6 +48,9 @@ from .request import RequestError, TAG_UID, build_request, config_root
 log = logging.getLogger(__name__)
 
 TAG_STOPPED_BY = "alpaca.dev/stopped-by"
+# A run waiting for instance quota tries again after the poll interval, doubling up to this
+# many intervals (5 min by default): a quota frees when some job of the account ends.
+QUOTA_BACKOFF_INTERVALS = 10
 
 
 def poll_interval() -> float:
@@ -50,6 +60,13 @@ def poll_interval() -> float:
 def split_s3(uri: str) -> tuple[str, str]:
     parts = urlsplit(uri)
     return parts.netloc, parts.path.lstrip("/")
+
+
+def _target(kw: Mapping[str, Any]) -> str:
+    """What a call was about, for its error message."""
+    if "Bucket" in kw:
+        return f"s3://{kw['Bucket']}/{kw.get('Key', '')}"
+    return str(kw.get("TrainingJobName") or kw.get("ResourceArn") or "")
 
 
 @dataclass
@@ -75,14 +92,36 @@ class SageMakerBackend:
     def _region(self, run: Run) -> str | None:
         return (run.spec.sagemaker or {}).get("region") or None
 
-    async def _sm(self, run: Run, operation: str, **kw: Any) -> Any:
+    async def _aws(self, run: Run, service: str, operation: str, *,
+                   expect: Callable[[AwsError], bool] | None = None, **kw: Any) -> Any:
+        """Every AWS call of the backend: its errors as the reconciler acts on them. An
+        AwsError that `expect` accepts goes back to the caller as it is."""
         try:
-            return await self.aws.call("sagemaker", self._region(run), operation, **kw)
+            return await self.aws.call(service, self._region(run), operation, **kw)
         except AwsUnavailable as e:
             raise BackendUnavailable(str(e)) from None
         except AwsNotConfigured as e:
-            raise LaunchError("AwsNotConfigured", f"SageMaker cannot be reached: {e} (set AWS "
+            raise LaunchError(Reason.AWS_NOT_CONFIGURED, f"SageMaker cannot be reached: {e} (set AWS "
                               "credentials and a region: spec.sagemaker.region or AWS_REGION)") from None
+        except AwsError as e:
+            if expect is not None and expect(e):
+                raise
+            if e.kind is Kind.CAPACITY:
+                raise LaunchError(Reason.QUOTA_EXCEEDED, f"waiting for the account's quota: {e}",
+                                  backoff=(self.interval, QUOTA_BACKOFF_INTERVALS * self.interval)) from None
+            message = f"{operation} {_target(kw)} refused: {e.code}: {e.message}"
+            if e.access_denied:
+                message += f" (IAM action {e.action})"
+            job = (run.status.get("workload") or {}).get("trainingJobName")
+            if job and operation != "CreateTrainingJob":
+                message += (f"; training job {job} is left as it is (if it still runs: "
+                            "aws sagemaker stop-training-job)")
+            raise BackendRefused(Reason.AWS_ACCESS_DENIED if e.access_denied else Reason.AWS_REQUEST_REJECTED,
+                                 message) from None
+
+    async def _sm(self, run: Run, operation: str, *, expect: Callable[[AwsError], bool] | None = None,
+                  **kw: Any) -> Any:
+        return await self._aws(run, "sagemaker", operation, expect=expect, **kw)
 
     def _jitter(self) -> float:
         # Never sooner than the interval (the call budget), up to a quarter later (to spread
@@ -100,11 +139,9 @@ class SageMakerBackend:
         if seen is not None and fresh and now - seen.at < 1.0:
             return seen.desc
         try:
-            desc = await self._sm(run, "DescribeTrainingJob", TrainingJobName=job)
+            desc = await self._sm(run, "DescribeTrainingJob", expect=is_not_found, TrainingJobName=job)
             desc.pop("ResponseMetadata", None)
-        except AwsError as e:
-            if not is_not_found(e):
-                raise
+        except AwsError:
             desc = None
         self._seen[job] = _Seen(desc, now, seen.progress if seen else None)
         if desc is not None and desc.get("TrainingJobStatus") in ("InProgress", *mapping.FINISHED):
@@ -268,27 +305,18 @@ class SageMakerBackend:
             return Observation(WorkloadState.FAILED, attempt=attempt, reason="InvalidSpec", permanent=True,
                                message=str(e))
         bucket, prefix = split_s3(req.config_prefix)
+        for file, content in req.config_files.items():
+            await self._aws(run, "s3", "PutObject", Bucket=bucket, Key=prefix + file,
+                            Body=content.encode(), ContentType="application/json")
         try:
-            for file, content in req.config_files.items():
-                await self.aws.call("s3", self._region(run), "PutObject", Bucket=bucket, Key=prefix + file,
-                                    Body=content.encode(), ContentType="application/json")
-            await self._sm(run, "CreateTrainingJob", **req.params)
-        except AwsUnavailable as e:
-            raise BackendUnavailable(str(e)) from None
-        except AwsNotConfigured as e:
-            raise LaunchError("AwsNotConfigured", f"SageMaker cannot be reached: {e}") from None
-        except AwsError as e:
-            if e.code == "ResourceInUse":
-                # A create that had succeeded before (a retry, a crash): ours only by its tags.
-                self._seen.pop(req.name, None)
-                desc = await self.describe(run, req.name, fresh=True)
-                if desc is not None and await self._ours(run, desc):
-                    return None
-                return self._foreign(run, attempt, req.name)
-            log.warning("%s/%s: %s refused: %s", run.namespace, run.name, req.name, e)
-            return Observation(WorkloadState.FAILED, attempt=attempt, reason=e.code.replace(".", ""),
-                               permanent=True, workload={"trainingJobName": req.name},
-                               message=f"{e.operation} {req.name} refused: {e.code}: {e.message}")
+            await self._sm(run, "CreateTrainingJob", expect=lambda e: e.code == "ResourceInUse", **req.params)
+        except AwsError:
+            # A create that had succeeded before (a retry, a crash): ours only by its tags.
+            self._seen.pop(req.name, None)
+            desc = await self.describe(run, req.name, fresh=True)
+            if desc is not None and await self._ours(run, desc):
+                return None
+            return self._foreign(run, attempt, req.name)
         now = time.monotonic()
         created = dt.datetime.now(dt.timezone.utc)
         desc = {"TrainingJobName": req.name, "TrainingJobArn": "", "TrainingJobStatus": "InProgress",
@@ -306,10 +334,10 @@ class SageMakerBackend:
                            Tags=[{"Key": TAG_STOPPED_BY, "Value": why}])
             self._tags.setdefault(job, {})[TAG_STOPPED_BY] = why
         try:
-            await self._sm(run, "StopTrainingJob", TrainingJobName=job)
-        except AwsError as e:
-            if e.code != "ValidationException":    # not InProgress any more: nothing to stop
-                raise
+            await self._sm(run, "StopTrainingJob", TrainingJobName=job,
+                           expect=lambda e: e.code == "ValidationException")
+        except AwsError:
+            pass    # not InProgress any more: nothing to stop
         # What it is now, without asking again at once (the next poll asks).
         self._seen[job] = _Seen({**desc, "TrainingJobStatus": "Stopping", "SecondaryStatus": "Stopping"},
                                 time.monotonic())

@@ -1,5 +1,6 @@
-"""The AWS side: boto3 clients per region, each call counted and its errors sorted into
-retry-later, permanent, and not-configured. Blocking boto3 runs in a bounded thread pool.
+"""The AWS side: boto3 clients per region, each call counted and its errors sorted, by
+classify() alone, into the four kinds the backend acts on (docs/operator.md, SageMaker
+"Errors"). Blocking boto3 runs in a bounded thread pool.
 
 Region: spec.sagemaker.region, else the operator's environment (AWS_REGION,
 AWS_DEFAULT_REGION). Endpoint: the standard AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_SAGEMAKER /
@@ -11,7 +12,9 @@ then the reconciler's jittered backoff.
 from __future__ import annotations
 
 import asyncio
+import enum
 import os
+import re
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -19,31 +22,118 @@ from typing import Any, Callable
 
 from ... import metrics
 
+
+class Kind(str, enum.Enum):
+    """What an AWS error means for the run."""
+    PERMANENT = "Permanent"            # a retry cannot fix it: the run fails, with AWS's words
+    CAPACITY = "Capacity"              # the account's quota is in use: wait, as for nodes
+    RETRYABLE = "Retryable"            # throttled, 5xx, unreachable: the same call later
+    NOT_CONFIGURED = "NotConfigured"   # no credentials or no region: the operator's setup
+
+
 THROTTLING = frozenset({"ThrottlingException", "Throttling", "ThrottledException", "RequestLimitExceeded",
-                        "TooManyRequestsException", "SlowDown", "RequestThrottled"})
+                        "TooManyRequestsException", "SlowDown", "RequestThrottled",
+                        "RequestThrottledException", "ProvisionedThroughputExceededException"})
+# Codes whose meaning does not follow from the HTTP status: AWS answers some with 400.
+CODE_KINDS: dict[str, Kind] = {
+    **{code: Kind.RETRYABLE for code in THROTTLING},
+    "RequestTimeout": Kind.RETRYABLE, "RequestTimeoutException": Kind.RETRYABLE,
+    "InternalFailure": Kind.RETRYABLE, "InternalError": Kind.RETRYABLE, "InternalServerError": Kind.RETRYABLE,
+    "ServiceUnavailable": Kind.RETRYABLE, "ServiceUnavailableException": Kind.RETRYABLE,
+    "ResourceLimitExceeded": Kind.CAPACITY,
+    # botocore's own exceptions, by class name (classify_exception walks the class's bases):
+    # no answer came, or none could be asked for.
+    "NoCredentialsError": Kind.NOT_CONFIGURED, "PartialCredentialsError": Kind.NOT_CONFIGURED,
+    "NoRegionError": Kind.NOT_CONFIGURED,
+    "ConnectionError": Kind.RETRYABLE,      # EndpointConnectionError, ConnectTimeoutError, ...
+    "HTTPClientError": Kind.RETRYABLE,      # ConnectionClosedError, ReadTimeoutError, ...
+    "ResponseParserError": Kind.RETRYABLE,  # an answer that is not AWS's (a proxy's page)
+}
+# Permanent errors that are about who calls, not what is asked: the run names the IAM action.
+ACCESS_DENIED = frozenset({"AccessDenied", "AccessDeniedException", "UnrecognizedClientException",
+                           "InvalidClientTokenId", "ExpiredToken", "ExpiredTokenException",
+                           "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidSignatureException",
+                           "IncompleteSignature", "MissingAuthenticationToken", "NotAuthorized",
+                           "AuthFailure", "AllAccessDisabled", "AccountProblem"})
 NOT_FOUND_PREFIXES = ("Requested resource not found", "Could not find")
+# S3 operations whose IAM action is not named like them.
+IAM_ACTIONS = {("s3", "HeadObject"): "s3:GetObject", ("s3", "HeadBucket"): "s3:ListBucket",
+               ("s3", "ListObjectsV2"): "s3:ListBucket", ("s3", "ListObjects"): "s3:ListBucket"}
+_PERFORM = re.compile(r"not authorized to perform:? ([a-z0-9-]+:[A-Za-z0-9*]+)")
+
+
+def classify(code: str, http_status: int = 0) -> Kind:
+    """The kind of an AWS error code (or botocore exception class name) with its HTTP status
+    (0: none came). Unknown codes follow the status: 5xx and 429 retry, anything else is
+    the caller's to fix."""
+    kind = CODE_KINDS.get(code)
+    if kind is not None:
+        return kind
+    if http_status >= 500 or http_status == 429:
+        return Kind.RETRYABLE
+    return Kind.PERMANENT
+
+
+def exception_code(e: BaseException) -> str:
+    """A botocore exception without an AWS answer, as a code for classify(): its class's name,
+    or the nearest base's that the table knows (EndpointConnectionError -> ConnectionError)."""
+    for cls in type(e).__mro__:
+        if cls.__name__ in CODE_KINDS:
+            return cls.__name__
+    return type(e).__name__
+
+
+def iam_action(service: str, operation: str, message: str = "") -> str:
+    """The IAM action a refused call needed: as AWS's message names it (iam:PassRole for a
+    CreateTrainingJob, say), else the operation's own."""
+    m = _PERFORM.search(message or "")
+    if m:
+        return m.group(1)
+    return IAM_ACTIONS.get((service, operation), f"{service}:{operation}")
 
 
 class AwsError(Exception):
-    """A permanent error from AWS (ValidationException, ResourceLimitExceeded, AccessDenied...)."""
+    """An error AWS answered that a retry does not fix: Kind.PERMANENT (ValidationException,
+    AccessDenied...) or Kind.CAPACITY (ResourceLimitExceeded)."""
 
-    def __init__(self, operation: str, code: str, message: str):
+    def __init__(self, operation: str, code: str, message: str, *, kind: Kind = Kind.PERMANENT,
+                 service: str = "sagemaker", http_status: int = 0):
         super().__init__(f"{operation}: {code}: {message}")
         self.operation, self.code, self.message = operation, code, message
+        self.kind, self.service, self.http_status = kind, service, http_status
+
+    @property
+    def access_denied(self) -> bool:
+        return self.code in ACCESS_DENIED
+
+    @property
+    def action(self) -> str:
+        return iam_action(self.service, self.operation, self.message)
 
 
 class AwsUnavailable(Exception):
-    """Throttled, a 5xx or unreachable after botocore's retries."""
+    """Kind.RETRYABLE: throttled, a 5xx or unreachable after botocore's retries."""
 
 
 class AwsNotConfigured(Exception):
-    """No credentials or no region: say so in the run's condition."""
+    """Kind.NOT_CONFIGURED: no credentials or no region: say so in the run's condition."""
 
 
 def is_not_found(e: AwsError) -> bool:
     # SageMaker says ValidationException "Requested resource not found", not ResourceNotFound.
     return e.code in ("ResourceNotFound", "NoSuchKey", "404") or (
         e.code == "ValidationException" and e.message.startswith(NOT_FOUND_PREFIXES))
+
+
+def aws_exception(service: str, operation: str, code: str, message: str, http_status: int = 0, *,
+                  kind: Kind | None = None) -> Exception:
+    """The exception of classify()'s kind (or of `kind`, already classified)."""
+    kind = kind or classify(code, http_status)
+    if kind is Kind.RETRYABLE:
+        return AwsUnavailable(f"{operation}: {code}: {message}".strip())
+    if kind is Kind.NOT_CONFIGURED:
+        return AwsNotConfigured(message or code)
+    return AwsError(operation, code, message, kind=kind, service=service, http_status=http_status)
 
 
 class Aws:
@@ -75,6 +165,7 @@ class Aws:
 
     def _call_sync(self, service: str, region: str | None, operation: str, kwargs: dict) -> Any:
         from botocore import exceptions as bx
+        from botocore.parsers import ResponseParserError
         self.calls[f"{service}:{operation}"] += 1
         try:
             client = self.client(service, region)
@@ -82,19 +173,15 @@ class Aws:
             result = method(**kwargs)
         except bx.ClientError as e:
             err = e.response.get("Error") or {}
-            code = str(err.get("Code") or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or "Unknown")
             status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            code = str(err.get("Code") or status or "Unknown")
             metrics.api_call(service, operation, code)
-            if code in THROTTLING or status >= 500 or status == 429:
-                raise AwsUnavailable(f"{operation}: {code}: {err.get('Message') or ''}".strip()) from None
-            raise AwsError(operation, code, str(err.get("Message") or e)) from None
-        except (bx.NoCredentialsError, bx.PartialCredentialsError, bx.NoRegionError) as e:
+            raise aws_exception(service, operation, code, str(err.get("Message") or e), status) from None
+        except (bx.BotoCoreError, ResponseParserError) as e:
+            # No answer from AWS (unreachable, no credentials), or none asked for.
             metrics.api_call(service, operation, type(e).__name__)
-            raise AwsNotConfigured(str(e)) from None
-        except (bx.EndpointConnectionError, bx.ConnectionError, bx.ReadTimeoutError,
-                bx.ConnectTimeoutError) as e:
-            metrics.api_call(service, operation, type(e).__name__)
-            raise AwsUnavailable(f"{operation}: {e}") from None
+            raise aws_exception(service, operation, type(e).__name__, str(e),
+                                kind=classify(exception_code(e))) from None
         metrics.api_call(service, operation, str(result.get("ResponseMetadata", {}).get("HTTPStatusCode", 200)))
         return result
 
