@@ -281,6 +281,7 @@ class Reconciler:
                  outcome.failure[0] if outcome.failure else "passed", outcome.message())
         st.preflight = (run.uid, run.generation, outcome)
         return outcome
+
     async def _add_finalizer(self, body: Mapping[str, Any]) -> dict:
         """Before anything is made outside the cluster: a run deleted from now on stays until
         release() has stopped what it made. With the resourceVersion the plan was made from:
