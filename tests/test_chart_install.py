@@ -140,6 +140,7 @@ RUN_NAMESPACE_RULES = {
     "roles.rbac.authorization.k8s.io": {"get", "create", "delete"},
     "rolebindings.rbac.authorization.k8s.io": {"get", "create", "patch", "delete"},
     "events": {"create", "list"},
+    "workloads.kueue.x-k8s.io": {"list"},
 }
 EVERYONE = {"selfsubjectreviews.authentication.k8s.io", "selfsubjectaccessreviews.authorization.k8s.io",
             "selfsubjectrulesreviews.authorization.k8s.io"}
@@ -162,7 +163,8 @@ def test_the_account_may_do_what_the_operator_calls_and_nothing_else(cluster, cl
     cluster_scoped = {"customresourcedefinitions.apiextensions.k8s.io": {"list", "watch"}}
     assert allowed(cluster_wide, elsewhere) == {**RUN_NAMESPACE_RULES, **cluster_scoped,
                                                 "clusterkopfpeerings.kopf.dev": {"get", "list", "watch", "patch"},
-                                                "nodes": {"get", "list"}}
+                                                "nodes": {"get", "list"},
+                                                "workloadpriorityclasses.kueue.x-k8s.io": {"get"}}
     assert allowed(namespaced, namespaced.watched) == {**RUN_NAMESPACE_RULES, **cluster_scoped,
                                                        "namespaces": {"list", "watch"},
                                                        "kopfpeerings.kopf.dev": {"get", "list", "watch", "patch"}}
