@@ -13,6 +13,7 @@ import importlib.util
 import shutil
 import sys
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,6 +64,13 @@ def sagemaker_exec(train_env):
     env.pop("PYTHONPATH", None)
     with standin("sagemaker-exec-", execute=True, step_seconds=STEP_SECONDS, grace_seconds=60, env=env) as sm:
         yield sm
+
+
+def new_bucket(sm, prefix: str) -> str:
+    """A bucket of the stand-in's S3 no other module uses: PREFIX-<random>."""
+    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    sm.client("s3").create_bucket(Bucket=name)
+    return name
 
 
 def job_request(name: str, bucket: str, **overrides) -> dict:

@@ -4,10 +4,10 @@ does not exist, ends Failed before anything is created; one that fits launches, 
 numbers in its Preflight condition. Both backends."""
 from __future__ import annotations
 
-import uuid
 
 import pytest
 
+from fixtures_sagemaker import new_bucket
 from operator_harness import OperatorProcess, aft, apply, get_json, phase_is, wait_for
 
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/alpaca-train:0.1.0"
@@ -16,9 +16,7 @@ ROLE = "arn:aws:iam::123456789012:role/alpaca-sagemaker"
 
 @pytest.fixture(scope="module")
 def pf_bucket(sagemaker_local):
-    name = f"pf-{uuid.uuid4().hex[:12]}"
-    sagemaker_local.client("s3").create_bucket(Bucket=name)
-    return name
+    return new_bucket(sagemaker_local, "pf")
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import random
 import time
-import uuid
 
 import pytest
 
 from alpaca_operator.backends.sagemaker.names import training_job_name
+from fixtures_sagemaker import new_bucket
 from operator_harness import OperatorProcess, PhaseRecorder, aft, apply, get_json, phase_is, wait_for
 
 POLL = 1.0
@@ -23,9 +23,7 @@ IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/alpaca-train:0.1.0"
 
 @pytest.fixture(scope="module")
 def sm_bucket(sagemaker_local):
-    name = f"sm-{uuid.uuid4().hex[:12]}"
-    sagemaker_local.client("s3").create_bucket(Bucket=name)
-    return name
+    return new_bucket(sagemaker_local, "sm")
 
 
 def _operator_env(cluster, sagemaker_local) -> dict:

@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from alpaca_operator.backends.sagemaker.names import training_job_name
+from fixtures_sagemaker import new_bucket
 from operator_harness import OperatorProcess, aft, apply, get_json, phase_is, wait_for
 from test_operator_sagemaker import _condition, dump, events, finetune, jobs_of, uid_of
 
@@ -29,10 +30,7 @@ POLL = 1.0
 
 @pytest.fixture(scope="module")
 def sm_bucket(sagemaker_local):
-    import uuid
-    name = f"sme-{uuid.uuid4().hex[:12]}"
-    sagemaker_local.client("s3").create_bucket(Bucket=name)
-    return name
+    return new_bucket(sagemaker_local, "sme")
 
 
 @pytest.fixture(scope="module")
