@@ -274,7 +274,7 @@ def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None,
             "metadata": {
                 "labels": {**spec.pod_labels, api.LABEL_FINETUNE: run.name,
                            api.LABEL_MANAGED_BY: api.MANAGED_BY, **labels},
-                **({"annotations": _pod_annotations(run)} if _pod_annotations(run) else {}),
+                **({"annotations": annotations} if (annotations := _pod_annotations(run)) else {}),
             },
             "spec": pod_spec,
         },
