@@ -183,7 +183,10 @@ def apply(cluster, namespace: str, *docs: dict) -> None:
 
 
 def aft(cluster, namespace: str, name: str) -> dict:
-    return get_json(cluster, "alpacafinetune", name, "-n", namespace)
+    """The run; its status {} until the operator's first write (a check may run before it)."""
+    body = get_json(cluster, "alpacafinetune", name, "-n", namespace)
+    body.setdefault("status", {})
+    return body
 
 
 def phase_is(cluster, namespace, name, *phases):

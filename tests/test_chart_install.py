@@ -138,7 +138,7 @@ RUN_NAMESPACE_RULES = {
     "alpacafinetunes.alpaca.dev": {"get", "list", "watch", "patch"},
     "alpacafinetunes.alpaca.dev/status": {"get", "patch"},
     "alpacafinetunes.alpaca.dev/finalizers": {"update"},
-    "jobs.batch": {"get", "list", "watch", "create", "delete"},
+    "jobs.batch": {"get", "list", "watch", "create", "patch", "delete"},
     "services": {"get", "create", "delete"},
     "serviceaccounts": {"get", "create", "delete"},
     "configmaps": {"get", "create", "delete"},
@@ -146,7 +146,7 @@ RUN_NAMESPACE_RULES = {
     "roles.rbac.authorization.k8s.io": {"get", "create", "delete"},
     "rolebindings.rbac.authorization.k8s.io": {"get", "create", "patch", "delete"},
     "events": {"create", "list"},
-    "workloads.kueue.x-k8s.io": {"list"},
+    "workloads.kueue.x-k8s.io": {"list", "patch"},
 }
 EVERYONE = {"selfsubjectreviews.authentication.k8s.io", "selfsubjectaccessreviews.authorization.k8s.io",
             "selfsubjectrulesreviews.authorization.k8s.io"}

@@ -79,7 +79,8 @@ def gpu_nodes(cluster) -> dict[str, dict]:
 def dump(cluster, namespace: str, op: OperatorProcess):
     def text() -> str:
         out = cluster.kubectl("get", "aft,jobs,pods", "-n", namespace, "-o", "wide", check=False).stdout
-        return f"{out}\n--- operator log ---\n{op.tail(40)}"
+        events = cluster.kubectl("get", "events", "-n", namespace, "--sort-by=.lastTimestamp", check=False).stdout
+        return f"{out}\n--- events ---\n{events[-6000:]}\n--- operator log ---\n{op.tail(40)}"
     return text
 
 
@@ -229,15 +230,18 @@ def test_suspend_and_resume(cluster, operator, namespace):
     cluster.kubectl("patch", "alpacafinetune", "pause", "-n", namespace, "--type=merge",
                     "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
     wait_for("Suspended", phase_is(cluster, namespace, "pause", "Suspended"), on_timeout=dump(cluster, namespace, operator))
-    # The attempt's Job goes, and its pods with it; its ConfigMap, Service and RBAC stay.
-    wait_for("the pods to go away", lambda: not pods(cluster, namespace, "pause") and not jobs(
-        cluster, namespace, "pause"), timeout=30, on_timeout=dump(cluster, namespace, operator))
+    # The attempt's Job is held in place (spec.suspend, as Kueue suspends it) and its pods go.
+    held = wait_for("the pods to go away", lambda: (lambda js: js[0] if not pods(cluster, namespace, "pause") and len(js) == 1
+                                                    and js[0]["spec"].get("suspend") else None)(
+        jobs(cluster, namespace, "pause")), timeout=30, on_timeout=dump(cluster, namespace, operator))
+    assert held["metadata"]["name"] == "pause-a1" and "Failed" not in str(held["status"].get("conditions"))
     cluster.kubectl("get", "configmap/pause-config", "service/pause", "-n", namespace)
 
     cluster.kubectl("patch", "alpacafinetune", "pause", "-n", namespace, "--type=merge",
                     "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
     wait_for("Running again", phase_is(cluster, namespace, "pause", "Running"), on_timeout=dump(cluster, namespace, operator))
-    job = get_json(cluster, "job", "pause-a1", "-n", namespace)   # the same attempt, created again
+    job = get_json(cluster, "job", "pause-a1", "-n", namespace)   # the same Job, released
+    assert job["metadata"]["uid"] == held["metadata"]["uid"] and not job["spec"].get("suspend")
     assert job["spec"]["activeDeadlineSeconds"] < 600                # what is left of the deadline
     body = wait_for("Succeeded", phase_is(cluster, namespace, "pause", "Succeeded"), timeout=60,
                     on_timeout=dump(cluster, namespace, operator))
@@ -438,23 +442,59 @@ def test_a_recreated_run_never_sees_the_old_runs_job(cluster, operator, namespac
     assert new_job["metadata"]["ownerReferences"][0]["uid"] == aft(cluster, namespace, "again")["metadata"]["uid"]
 
 
-def test_a_resumed_gang_waits_for_its_old_pods_to_go(cluster, operator, namespace):
+def test_a_resumed_gang_never_runs_beside_its_old_pods(cluster, operator, namespace):
+    """The held Job is released in place: the Job controller makes a pod of an index again only
+    once the old one is terminal (podReplacementPolicy Failed, with a podFailurePolicy), so
+    no two incarnations of NAME-aA-I run at once, whatever holds the old object."""
     apply(cluster, namespace, finetune("hold", run_for="60s"))
     wait_for("Running", phase_is(cluster, namespace, "hold", "Running"), on_timeout=dump(cluster, namespace, operator))
     old = pods(cluster, namespace, "hold")[0]["metadata"]["name"]
     cluster.kubectl("patch", "pod", old, "-n", namespace, "--type=merge",
                     "-p", '{"metadata":{"finalizers":["example.com/hold"]}}')
-    cluster.kubectl("patch", "aft", "hold", "-n", namespace, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
-    wait_for("the Job gone", lambda: not jobs(cluster, namespace, "hold"), timeout=30,
-             on_timeout=dump(cluster, namespace, operator))
-    cluster.kubectl("patch", "aft", "hold", "-n", namespace, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
-    time.sleep(4)
-    # hold-a1-0 is still terminating: a new hold-a1 would give its pod the same hostname.
-    assert jobs(cluster, namespace, "hold") == [], "a new Job met the old, terminating pod"
-    cluster.kubectl("patch", "pod", old, "-n", namespace, "--type=merge", "-p", '{"metadata":{"finalizers":null}}')
-    wait_for("Running again", phase_is(cluster, namespace, "hold", "Running"), timeout=30,
-             on_timeout=dump(cluster, namespace, operator))
-    assert old not in {p["metadata"]["name"] for p in pods(cluster, namespace, "hold")}
+    try:
+        cluster.kubectl("patch", "aft", "hold", "-n", namespace, "--type=merge",
+                        "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
+        wait_for("the Job held, its pod terminating", lambda: any(j["spec"].get("suspend") for j in jobs(
+            cluster, namespace, "hold")) and all(p["metadata"].get("deletionTimestamp") for p in pods(
+                cluster, namespace, "hold")), timeout=30, on_timeout=dump(cluster, namespace, operator))
+        (job,) = jobs(cluster, namespace, "hold")
+        assert job["spec"]["podReplacementPolicy"] == "Failed"
+        cluster.kubectl("patch", "aft", "hold", "-n", namespace, "--type=merge",
+                        "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
+        wait_for("Running again", phase_is(cluster, namespace, "hold", "Running"), timeout=30,
+                 on_timeout=dump(cluster, namespace, operator))
+        now = {p["metadata"]["name"]: p for p in pods(cluster, namespace, "hold")}
+        live = [n for n, p in now.items() if p["status"].get("phase") not in ("Failed", "Succeeded")]
+        assert len(live) == 1 and live[0] != old, {n: p["status"].get("phase") for n, p in now.items()}
+        assert old not in now or now[old]["status"]["phase"] == "Failed"
+    finally:
+        cluster.kubectl("patch", "pod", old, "-n", namespace, "--type=merge", "-p", '{"metadata":{"finalizers":null}}',
+                        check=False)
+
+
+def test_a_replaced_gang_waits_for_its_old_pods_to_go(cluster, operator, namespace):
+    """A corrected pending gang is a new Job of the same name: while a pod of the old one is
+    still terminating, the new one's pods would meet it under the same hostname."""
+    run = finetune("linger", run_for="2s")
+    run["spec"]["resources"]["cpu"] = "500"
+    apply(cluster, namespace, run)
+    wait_for("Unschedulable", lambda: aft(cluster, namespace, "linger")["status"].get("reason") == "Unschedulable",
+             timeout=30, on_timeout=dump(cluster, namespace, operator))
+    old = pods(cluster, namespace, "linger")[0]["metadata"]["name"]
+    cluster.kubectl("patch", "pod", old, "-n", namespace, "--type=merge",
+                    "-p", '{"metadata":{"finalizers":["example.com/hold"]}}')
+    try:
+        cluster.kubectl("patch", "aft", "linger", "-n", namespace, "--type=merge", "-p", '{"spec":{"resources":{"cpu":"4"}}}')
+        wait_for("the old Job gone", lambda: not jobs(cluster, namespace, "linger"), timeout=30,
+                 on_timeout=dump(cluster, namespace, operator))
+        time.sleep(4)
+        assert jobs(cluster, namespace, "linger") == [], "a new Job met the old, terminating pod"
+    finally:
+        cluster.kubectl("patch", "pod", old, "-n", namespace, "--type=merge", "-p", '{"metadata":{"finalizers":null}}',
+                        check=False)
+    body = wait_for("Succeeded", phase_is(cluster, namespace, "linger", "Succeeded", "Failed"), timeout=60,
+                    on_timeout=dump(cluster, namespace, operator))
+    assert body["status"]["phase"] == "Succeeded" and body["status"]["attempts"] == 1
 
 
 def _env_of(job: dict) -> dict[str, str]:

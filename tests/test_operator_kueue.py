@@ -103,6 +103,40 @@ def test_a_preempted_run_keeps_its_attempt_resumes_and_succeeds(kueue_cluster, k
         c.kubectl("delete", "priorityclass", low, high, "--ignore-not-found")
 
 
+def test_a_suspended_queued_run_frees_the_quota_and_resumes_the_same_job(kueue_cluster, kueue_operator, queue_ns):  # noqa: F811
+    """runPolicy.suspend on a queued run holds it through its Workload (spec.active: false):
+    Kueue suspends the Job in place and releases the quota; resuming, Kueue admits it again."""
+    c, ns = kueue_cluster, queue_ns
+    on_timeout = dump(c, ns, kueue_operator)
+    apply(c, ns, finetune("paused", nodes=4, run_for="20s", queueName="gpu"))
+    wait_for("paused Running", phase_is(c, ns, "paused", "Running"), timeout=60, on_timeout=on_timeout)
+    (job,) = jobs(c, ns, "paused")
+    c.kubectl("patch", "aft", "paused", "-n", ns, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
+
+    def held():
+        (w,) = get_json(c, "workloads.kueue.x-k8s.io", "-n", ns, "-l",
+                        f"kueue.x-k8s.io/job-uid={job['metadata']['uid']}")["items"]
+        js = jobs(c, ns, "paused")
+        return w if w["spec"].get("active") is False and js and js[0]["spec"].get("suspend") \
+            and not live_pods(c, ns, "paused") else None
+    wait_for("the Workload deactivated, the Job suspended, no pods", held, timeout=60, on_timeout=on_timeout)
+    st = aft(c, ns, "paused")["status"]
+    assert st["phase"] == "Suspended" and st["attempts"] == 1 and not st.get("disruptions"), st
+    # The whole quota is free: a gang of the same size runs meanwhile.
+    apply(c, ns, finetune("meanwhile", nodes=4, run_for="2s", queueName="gpu"))
+    wait_for("meanwhile Succeeded", phase_is(c, ns, "meanwhile", "Succeeded"), timeout=90, on_timeout=on_timeout)
+    assert aft(c, ns, "paused")["status"]["phase"] == "Suspended"
+
+    c.kubectl("patch", "aft", "paused", "-n", ns, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
+    wait_for("paused Running again", phase_is(c, ns, "paused", "Running"), timeout=30, on_timeout=on_timeout)
+    body = wait_for("paused Succeeded", phase_is(c, ns, "paused", "Succeeded", "Failed"), timeout=90,
+                    on_timeout=on_timeout)
+    st = body["status"]
+    assert st["phase"] == "Succeeded" and st["attempts"] == 1 and not st.get("disruptions"), st
+    (again,) = jobs(c, ns, "paused")
+    assert again["metadata"]["uid"] == job["metadata"]["uid"]      # the same Job, released
+
+
 def test_without_a_queue_name_kueue_leaves_the_run_alone(kueue_cluster, kueue_operator, queue_ns):  # noqa: F811
     c, ns = kueue_cluster, queue_ns
     apply(c, ns, finetune("plain", nodes=1, run_for="2s"))

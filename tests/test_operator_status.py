@@ -180,30 +180,32 @@ def test_suspend_and_resume():
     st = {"phase": "Running", "attempts": 1, "startTime": iso(0), "conditions": [], "observedGeneration": 1}
     rp = {"suspend": True, "activeDeadlineSeconds": 1000}
     plan, st = step(run(st, generation=2, runPolicy=rp), obs(W.RUNNING, ready=2), 10)
-    assert plan.actions == [Action("suspend", 1)] and st["phase"] == "Suspended"
+    assert plan.actions == [Action("hold", 1)] and st["phase"] == "Suspended"
     assert cond(st, "Suspended")["status"] == "True" and st["observedGeneration"] == 2
     assert [e.reason for e in plan.events] == ["Suspended"]
-    # the workload is gone now: nothing more to do, and no relaunch while suspended
-    plan, st = step(run(st, generation=2, runPolicy=rp), obs(W.ABSENT), 11)
-    assert plan.empty
+    # the workload is held now (EKS) or gone (SageMaker): nothing more to do, no relaunch
+    for now in (obs(W.STARTING, held=True), obs(W.ABSENT)):
+        assert decide(run(st, generation=2, runPolicy=rp), now, at(11)).empty
 
     rp["suspend"] = False
-    plan, st = step(run(st, generation=3, runPolicy=rp), obs(W.ABSENT), 100)
-    assert plan.actions == [Action("launch", 1, 900)] and st["phase"] == "Launching"
-    assert [e.reason for e in plan.events] == ["Resumed"] and cond(st, "Suspended")["status"] == "False"
-    assert st["attempts"] == 1      # a resume is not a restart
-    plan, st = step(run(st, generation=3, runPolicy=rp), obs(W.RUNNING, ready=2), 101)
-    assert st["phase"] == "Running" and [e.reason for e in plan.events] == ["Running"]
+    suspended = st
+    for held in (obs(W.STARTING, held=True), obs(W.ABSENT)):    # launch() releases it, or makes it again
+        plan, st = step(run(suspended, generation=3, runPolicy=rp), held, 100)
+        assert plan.actions == [Action("launch", 1, 900)] and st["phase"] == "Launching"
+        assert [e.reason for e in plan.events] == ["Resumed"] and cond(st, "Suspended")["status"] == "False"
+        assert st["attempts"] == 1      # a resume is not a restart
+        plan, st = step(run(st, generation=3, runPolicy=rp), obs(W.RUNNING, ready=2), 101)
+        assert st["phase"] == "Running" and [e.reason for e in plan.events] == ["Running"]
 
 
 def test_suspend_while_launching_and_after_a_crash_mid_suspend():
     st = {"phase": "Launching", "attempts": 2, "startTime": iso(0), "conditions": [], "observedGeneration": 1}
     plan = decide(run(st, runPolicy={"suspend": True}), obs(W.STARTING, attempt=2), at(3))
-    assert plan.actions == [Action("suspend", 2)] and plan.patch["phase"] == "Suspended"
-    # suspended in the status, but the Job still there (killed before deleting it): again
+    assert plan.actions == [Action("hold", 2)] and plan.patch["phase"] == "Suspended"
+    # suspended in the status, but the Job still running (killed before holding it): again
     st = {**st, "phase": "Suspended"}
     plan = decide(run(st, runPolicy={"suspend": True}), obs(W.RUNNING, attempt=2, ready=2), at(4))
-    assert plan.actions == [Action("suspend", 2)]
+    assert plan.actions == [Action("hold", 2)]
 
 
 def test_resume_after_the_deadline_fails():

@@ -281,6 +281,8 @@ def test_job_exactly():
                 {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
                 {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
                                                       "values": [64, 65, 66, 67]}},
+                {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                                     "values": [143]}},
                 {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "NotIn",
                                                       "values": [0]}}]},
             "activeDeadlineSeconds": 1234,
@@ -409,7 +411,7 @@ def test_avoided_nodes_are_kept_off_in_every_node_selector_term_of_the_users_aff
 
 def test_names():
     r = run_of(MINIMAL, name="alpaca-7b")
-    assert "suspend" not in render.render_job(r, 2)["spec"]   # suspending deletes the Job
+    assert "suspend" not in render.render_job(r, 2)["spec"]   # created running; runPolicy.suspend holds it later
     assert render.workload_names(r, 2) == {"job": "alpaca-7b-a2", "service": "alpaca-7b",
                                            "configMap": "alpaca-7b-config", "serviceAccount": "alpaca-7b-trainer"}
     assert api.master_addr("alpaca-7b", 2) == "alpaca-7b-a2-0.alpaca-7b"
@@ -449,7 +451,8 @@ def test_a_queued_run_gives_kueue_a_suspended_job_with_its_queue_priority_and_to
     assert pod["metadata"]["annotations"] == {
         "kueue.x-k8s.io/podset-required-topology": "topology.k8s.aws/network-node-layer-3"}
     assert pod["spec"]["priorityClassName"] == "research-high"
-    # Kueue's suspension (SIGTERM, exit 143) must not fail the Job; a disruption still does.
+    # A suspension's SIGTERM (exit 143: Kueue's, runPolicy.suspend's) must not fail the Job; a
+    # disruption still does. The same rules with or without a queue.
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert rules[2] == {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In",
                                                             "values": [143]}}
@@ -459,3 +462,4 @@ def test_a_queued_run_gives_kueue_a_suspended_job_with_its_queue_priority_and_to
     # Without a queue nothing of Kueue's appears.
     plain = render.render_job(run_of(MINIMAL), 1)
     assert "suspend" not in plain["spec"] and not any(k.startswith("kueue") for k in plain["metadata"]["labels"])
+    assert plain["spec"]["podFailurePolicy"] == job["spec"]["podFailurePolicy"]

@@ -10,11 +10,12 @@ import pytest
 from botocore import exceptions as bx
 from botocore.parsers import ResponseParserError
 
-from alpaca_operator.backends.base import Run
+from alpaca_operator.backends.base import Observation, Run, WorkloadState
 from alpaca_operator.backends.sagemaker.client import (AwsError, AwsNotConfigured, AwsUnavailable, Kind,
                                                        aws_exception, classify, exception_code, iam_action)
 from alpaca_operator.spec import parse_spec
-from alpaca_operator.status import Cond, Reason, backend_answers, backend_unavailable, get_condition, refused
+from alpaca_operator.status import (Cond, Reason, answered, backend_answers, backend_unavailable, decide, get_condition,
+                                   refused)
 
 T0 = dt.datetime(2026, 12, 5, 20, 0, 0, tzinfo=dt.timezone.utc)
 
@@ -130,3 +131,22 @@ def test_unavailable_keeps_the_phase_and_says_when_it_tries_again():
     assert cond["status"] == "True" and cond["reason"] == "BackendAnswers"
     assert backend_answers(_run({**running, **back.patch}), T0 + dt.timedelta(seconds=31)).empty
     assert backend_answers(_run(running), T0).empty
+
+
+def test_the_write_of_what_the_backend_answered_also_says_it_answers_again():
+    """A reader never sees the phase the answer brought (here Succeeded) beside a stale
+    BackendAvailable=False: both are in one status write (a test once read the run between two)."""
+    down = backend_unavailable(_run({"phase": "Running", "attempts": 1, "conditions": []}), T0, "DescribeTrainingJob: x",
+                               T0 + dt.timedelta(seconds=1))
+    running = {"phase": "Running", "attempts": 1, "startTime": "2026-12-05T19:00:00Z", **down.patch}
+    r = _run(running)
+    plan = answered(r, decide(r, Observation(WorkloadState.SUCCEEDED, attempt=1), T0), T0 + dt.timedelta(seconds=2))
+    assert plan.patch["phase"] == "Succeeded"
+    cond = get_condition(plan.patch, Cond.BACKEND_AVAILABLE)
+    assert cond["status"] == "True" and cond["reason"] == "BackendAnswers"
+    assert [e.reason for e in plan.events].count("BackendAnswers") == 1
+    # Nothing to say when it never was down; and a plan that writes nothing else writes just that.
+    up = _run({"phase": "Running", "attempts": 1, "conditions": []})
+    assert answered(up, decide(up, Observation(WorkloadState.RUNNING, attempt=1, total=1, ready=1), T0), T0).events == []
+    only = answered(r, decide(r, Observation(WorkloadState.RUNNING, attempt=1, total=1, ready=1), T0), T0)
+    assert get_condition(only.patch, Cond.BACKEND_AVAILABLE)["status"] == "True"

@@ -131,12 +131,14 @@ JOB_TERMINAL = ("Complete", "Failed")
 
 def _job_summary(body: kopf.Body, seen: tuple | None) -> tuple:
     """What status.py can tell apart: every pod ready (once: pods finishing one by one do
-    not make a run less Running), finished how."""
+    not make a run less Running, until a suspension stops them all), finished how, and
+    suspended (Kueue's admission and preemption, runPolicy.suspend)."""
     spec, status = body.get("spec") or {}, body.get("status") or {}
     conds = tuple(sorted(c.get("type", "") for c in status.get("conditions") or ()
                          if c.get("status") == "True" and c.get("type") in JOB_TERMINAL))
+    suspended = bool(spec.get("suspend"))
     all_ready = (status.get("ready") or 0) >= (spec.get("parallelism") or 1)
-    return (all_ready or bool(seen and seen[0]), conds)
+    return (all_ready or bool(seen and seen[0] and not suspended), conds, suspended)
 
 
 async def _write_stats(path: str, memo: kopf.Memo) -> None:

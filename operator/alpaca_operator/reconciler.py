@@ -196,6 +196,7 @@ class Reconciler:
             body = await self._get(namespace, name)
         known: Observation | None = None
         probe = False
+        answered = False    # the backend's API answered a call of this reconcile
         requeue: float | None = None
         for _ in range(MAX_ROUNDS):
             if body is None:
@@ -204,7 +205,7 @@ class Reconciler:
             if body["metadata"].get("deletionTimestamp"):
                 return None     # the garbage collector removes the children with it
             try:
-                run, plan, backend = await self._plan(body, known, probe)
+                run, plan, backend, answered = await self._plan(body, known, probe, answered)
                 known, probe = None, False
                 requeue = plan.requeue_after
                 if plan.empty:
@@ -229,6 +230,7 @@ class Reconciler:
                 else:
                     known = await self._act(run, backend, plan)
                     body = await self._write(body, plan)
+                answered = answered or (backend is not None and bool(plan.actions))
             except Conflict:
                 body, fresh = await self._get(namespace, name), True
                 continue
@@ -353,8 +355,10 @@ class Reconciler:
             self.cache.put_run(body)
         return body
 
-    async def _plan(self, body: Mapping[str, Any], known: Observation | None, probe: bool = False
-                    ) -> tuple[Run, status.Plan, Backend | None]:
+    async def _plan(self, body: Mapping[str, Any], known: Observation | None, probe: bool = False,
+                    answered: bool = False) -> tuple[Run, status.Plan, Backend | None, bool]:
+        """The run, what to do about it and its backend; and whether the backend has answered
+        a call in this reconcile by now (then the plan's write also clears BackendAvailable=False)."""
         now = self.clock()
         try:
             spec = parse_spec(body.get("spec"))
@@ -362,22 +366,27 @@ class Reconciler:
             meta = body["metadata"]
             run = Run(meta["name"], meta["namespace"], meta["uid"], int(meta.get("generation") or 0),
                       None, body.get("status") or {})  # type: ignore[arg-type]
-            return run, status.invalid(run, now, "InvalidSpec", str(e)), None
+            return run, status.invalid(run, now, "InvalidSpec", str(e)), None, answered
         run = _run(body, spec)
         backend = self.backends.get(spec.backend)
         if backend is None:
             return run, status.decide(run, Observation(WorkloadState.ABSENT), now,
-                                      backend_available=False), None
+                                      backend_available=False), None, answered
         if known is None or known.attempt != max(run.attempt, 1):
             # Before the first launch there is nothing to observe: save the request (unless
             # a launch found attempt 1's workload already there).
-            known = await backend.observe(run) if run.attempt or probe else Observation(WorkloadState.ABSENT)
+            if run.attempt or probe:
+                known, answered = await backend.observe(run), True
+            else:
+                known = Observation(WorkloadState.ABSENT)
         if known.extras is None:
-            return run, status.decide(run, known, now), backend
-        # A backend with more to say (SageMaker: progress from S3, its own status block).
-        progress = status.merged_progress(run, known.extras)
-        seen = run if progress is None else replace(run, status={**run.status, "progress": progress})
-        return run, status.apply_extras(seen, known.extras, status.decide(seen, known, now), progress), backend
+            plan = status.decide(run, known, now)
+        else:
+            # A backend with more to say (SageMaker: progress from S3, its own status block).
+            progress = status.merged_progress(run, known.extras)
+            seen = run if progress is None else replace(run, status={**run.status, "progress": progress})
+            plan = status.apply_extras(seen, known.extras, status.decide(seen, known, now), progress)
+        return run, status.answered(run, plan, now) if answered else plan, backend, answered
 
     async def _write(self, body: Mapping[str, Any], plan: status.Plan) -> dict:
         meta = body["metadata"]
@@ -432,6 +441,8 @@ class Reconciler:
                 known = await backend.launch(run, a.attempt, deadline_seconds=a.deadline_seconds)
             elif a.kind == "suspend":
                 await backend.suspend(run, a.attempt)
+            elif a.kind == "hold":
+                await backend.hold(run, a.attempt)
             elif a.kind == "delete":
                 await backend.delete(run)
             else:

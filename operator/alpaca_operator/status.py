@@ -168,7 +168,7 @@ class Event:
 
 @dataclass(frozen=True)
 class Action:
-    kind: str                           # launch | suspend | delete
+    kind: str                           # launch | suspend | hold | delete
     attempt: int = 0
     deadline_seconds: int | None = None  # launch only: what is left of activeDeadlineSeconds
 
@@ -527,22 +527,23 @@ def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: b
 
     if rp.suspend:
         # Like Kubeflow's run policy: the workers go away, the attempt stays; resuming
-        # creates its workload again, and training continues from the newest checkpoint.
-        if state is not WorkloadState.ABSENT or obs.stale_attempts:
-            actions.append(Action("suspend", attempt))
+        # starts its workload again (EKS: the same Job, held in place as Kueue suspends
+        # it), and training continues from the newest checkpoint.
+        if (state is not WorkloadState.ABSENT and not obs.held) or obs.stale_attempts:
+            actions.append(Action("hold", attempt))
         d.to(Phase.SUSPENDED, Reason.SUSPENDED, f"suspended (spec.runPolicy.suspend); attempt {attempt} "
              f"resumes from the newest checkpoint in {spec.output_uri}")
         d.condition(Cond.SUSPENDED, True, Reason.SUSPENDED, d.new["message"])
         d.clear_condition(Cond.RUNNING, Reason.SUSPENDED, d.new["message"])
         return d.plan(actions=actions)
 
-    if state is WorkloadState.ABSENT or obs.stale_attempts:
+    if state is WorkloadState.ABSENT or obs.stale_attempts or obs.held:
         if remaining is not None and remaining <= 0:
             return _fail(d, obs, Reason.DEADLINE_EXCEEDED,
                          f"activeDeadlineSeconds {rp.active_deadline_seconds} passed before "
                          f"attempt {attempt} could {'resume' if phase == Phase.SUSPENDED else 'start'}")
-        # The attempt's workload is missing (resumed; a crash between writing attempts and
-        # creating it; someone deleted it), or an older attempt lingers: launch is
+        # The attempt's workload is missing (a crash between writing attempts and creating
+        # it; someone deleted it) or held (resumed), or an older attempt lingers: launch is
         # idempotent for all of them.
         if state is WorkloadState.ABSENT and (wait := placement_backoff(d.new, now)) is not None:
             return d.plan(requeue_after=wait)
@@ -551,7 +552,7 @@ def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: b
             msg = f"resumed attempt {attempt}; it continues from the newest checkpoint"
             d.to(Phase.LAUNCHING, Reason.RESUMED, msg)
             d.condition(Cond.SUSPENDED, False, Reason.RESUMED, msg)
-        if state is WorkloadState.ABSENT:
+        if state is WorkloadState.ABSENT or obs.held:
             return d.plan(actions=actions)
 
     # Starting or running, not suspended.
@@ -986,11 +987,26 @@ def backend_answers(run: Run, now: dt.datetime) -> Plan:
     return d.plan()
 
 
+def answered(run: Run, plan: Plan, now: dt.datetime) -> Plan:
+    """The backend answered during this reconcile: its plan's write also says BackendAvailable
+    is True again, so no one reads the new phase (Running, Succeeded) beside a stale False."""
+    conditions = plan.patch.get("conditions", run.status.get("conditions") or [])
+    was = get_condition({"conditions": conditions}, Cond.BACKEND_AVAILABLE)
+    if was is None or was.get("status") != "False":
+        return plan
+    plan.patch["conditions"] = set_condition(list(conditions), Cond.BACKEND_AVAILABLE, True, Reason.BACKEND_ANSWERS,
+                                             BACKEND_ANSWERS_MESSAGE, now, run.generation)
+    plan.events.append(Event("Normal", Reason.BACKEND_ANSWERS, BACKEND_ANSWERS_MESSAGE))
+    return plan
+
+
+BACKEND_ANSWERS_MESSAGE = "the backend's API answers again"
+
+
 def _answers(d: _Draft) -> bool:
     was = get_condition(d.new, Cond.BACKEND_AVAILABLE)
     if was is None or was.get("status") != "False":
         return False
-    msg = "the backend's API answers again"
-    d.condition(Cond.BACKEND_AVAILABLE, True, Reason.BACKEND_ANSWERS, msg)
-    d.event(Reason.BACKEND_ANSWERS, msg)
+    d.condition(Cond.BACKEND_AVAILABLE, True, Reason.BACKEND_ANSWERS, BACKEND_ANSWERS_MESSAGE)
+    d.event(Reason.BACKEND_ANSWERS, BACKEND_ANSWERS_MESSAGE)
     return True

@@ -56,10 +56,11 @@ create/delete of its own; pods only list (a failed pod's exit code and terminati
 - apiGroups: [alpaca.dev]
   resources: [alpacafinetunes/finalizers]
   verbs: [update]
-# The EKS workload: one Job per attempt, created if absent, deleted on restart/suspend/TTL.
+# The EKS workload: one Job per attempt, created if absent, deleted on restart/TTL; patch:
+# runPolicy.suspend holds and releases it in place (spec.suspend).
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, delete]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [services, serviceaccounts, configmaps]
   verbs: [get, create, delete]
@@ -78,11 +79,12 @@ create/delete of its own; pods only list (a failed pod's exit code and terminati
 - apiGroups: [""]
   resources: [events]
   verbs: [create, list]
-# Kueue (spec.queueName): why a queued gang waits, or that it was preempted. Read only;
-# without Kueue installed the rule is inert.
+# Kueue (spec.queueName): why a queued gang waits, or that it was preempted; patch: its
+# spec.active, how runPolicy.suspend holds a queued run (Kueue would unsuspend its Job).
+# Without Kueue installed the rule is inert.
 - apiGroups: [kueue.x-k8s.io]
   resources: [workloads]
-  verbs: [list]
+  verbs: [list, patch]
 {{- end -}}
 
 {{- define "alpaca-operator.peeringHook" -}}

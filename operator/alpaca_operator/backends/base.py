@@ -152,6 +152,9 @@ class Observation:
     # Kueue holds the workload suspended: not admitted yet, or preempted (reason Queued or
     # Preempted, message Kueue's own).
     queued: bool = False
+    # Held in place for spec.runPolicy.suspend (EKS: the Job suspended, or its Kueue Workload
+    # deactivated): nothing runs, and launch() resumes this same workload.
+    held: bool = False
 
 
 class LaunchError(Exception):
@@ -214,6 +217,10 @@ class Backend(Protocol):
     async def suspend(self, run: Run, attempt: int) -> None:
         """Stop the workers and free what they hold; launch() resumes the attempt. A backend
         whose workload names cannot be reused (SageMaker) names the resumed one anew."""
+
+    async def hold(self, run: Run, attempt: int) -> None:
+        """spec.runPolicy.suspend: stop the workers and free what they hold, keeping what a
+        resume can reuse (EKS: the Job, suspended in place); launch() resumes it."""
 
     async def delete(self, run: Run) -> None:
         """Delete everything the run created (ttlSecondsAfterFinished). Idempotent."""

@@ -37,6 +37,7 @@ ORPHAN_RECHECK = 5.0
 NODES_FRESH = 5.0
 KUEUE_API = "/apis/kueue.x-k8s.io/v1beta2"
 KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"     # on the Workload Kueue makes for a Job
+KUEUE_DEACTIVATED = "Deactivated"       # the reason of a Workload's eviction for spec.active: false
 # Container waiting reasons that mean the worker will not start by itself.
 STUCK_WAITING = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
                  "CreateContainerError")
@@ -114,6 +115,17 @@ def classify(failure: PodFailure | None, job_message: str) -> FailureKind:
     if failure.exit_code == EXIT_SIGTERM:
         return FailureKind.DISRUPTION
     return FailureKind.RETRYABLE
+
+
+def _kueue_managed(job: Mapping[str, Any]) -> bool:
+    return api.KUEUE_QUEUE_LABEL in (job["metadata"].get("labels") or {})
+
+
+def _survives_suspension(job: Mapping[str, Any]) -> bool:
+    """Does its podFailurePolicy ignore the exit 143 of the pods a suspension stops?"""
+    rules = (((job.get("spec") or {}).get("podFailurePolicy") or {}).get("rules")) or ()
+    return any(r.get("action") == "Ignore" and EXIT_SIGTERM in ((r.get("onExitCodes") or {}).get("values") or ())
+               for r in rules)
 
 
 def _owned_by(obj: Mapping[str, Any], run: Run) -> bool:
@@ -221,10 +233,12 @@ class EksBackend:
                                termination_message=failure.message[:1024],
                                finished_at=cond.get("lastTransitionTime"), **node, **common)
         if spec.get("suspend"):
-            # Only Kueue suspends our Jobs (the operator's own suspend deletes them).
-            reason, message = await self._kueue_says(run, job)
+            if not _kueue_managed(job):
+                # Only the operator suspends a Job that Kueue does not manage: runPolicy.suspend.
+                return Observation(WorkloadState.STARTING, placed=False, held=True, **common)
+            reason, message, active = await self._kueue_says(run, job)
             return Observation(WorkloadState.STARTING, placed=False, generation=_generation(job), queued=True,
-                               reason=reason, message=message, **common)
+                               held=not active, reason=reason, message=message, **common)
         if common["ready"] >= total:
             return Observation(WorkloadState.RUNNING, **common)
         # Not every pod runs: the gang is not placed yet. A status whose startTime is set
@@ -237,25 +251,34 @@ class EksBackend:
                 return Observation(WorkloadState.STARTING, reason=reason, message=why, **common)
         return Observation(WorkloadState.STARTING, **common)
 
-    async def _kueue_says(self, run: Run, job: Mapping[str, Any]) -> tuple[str, str]:
-        """Why Kueue holds the Job: (Queued | Preempted, the Workload's own message)."""
+    async def _workloads(self, run: Run, job: Mapping[str, Any]) -> list[dict]:
+        """Kueue's Workloads of the Job; none without Kueue, or without leave to read them."""
         try:
-            workloads = await self.kube.list("workloads", run.namespace,
-                                             f"{KUEUE_JOB_UID_LABEL}={job['metadata']['uid']}")
+            return await self.kube.list("workloads", run.namespace, f"{KUEUE_JOB_UID_LABEL}={job['metadata']['uid']}")
         except ApiError as e:
-            if e.status not in (403, 404):     # no Kueue, or no permission to read its Workloads
+            if e.status not in (403, 404):
                 raise
-            workloads = []
+            return []
+
+    async def _kueue_says(self, run: Run, job: Mapping[str, Any]) -> tuple[str, str, bool]:
+        """Why Kueue holds the Job: (Queued | Preempted, the Workload's own message, whether
+        the Workload is active: not deactivated for runPolicy.suspend)."""
+        workloads = await self._workloads(run, job)
+        if any((w.get("spec") or {}).get("active") is False for w in workloads):
+            return Reason.SUSPENDED, "deactivated (spec.runPolicy.suspend)", False
         conds = {c.get("type"): c for w in workloads for c in (w.get("status") or {}).get("conditions") or ()}
         evicted = conds.get("Evicted") or {}
         if evicted.get("status") == "True" and evicted.get("reason") == "Preempted":
-            return Reason.PREEMPTED, evicted.get("message") or "preempted"
+            return Reason.PREEMPTED, evicted.get("message") or "preempted", True
         reserved = conds.get("QuotaReserved") or {}
+        if reserved.get("status") == "False" and KUEUE_DEACTIVATED in (reserved.get("reason"), evicted.get("reason")):
+            # Reactivated just now (a resume): Kueue's words are still those of the suspension.
+            return Reason.QUEUED, "resumed: waiting for Kueue to admit the gang again", True
         if reserved.get("status") == "False" and reserved.get("message"):
-            return Reason.QUEUED, reserved["message"]
+            return Reason.QUEUED, reserved["message"], True
         if not workloads:
-            return Reason.QUEUED, "waiting for Kueue to make the gang's Workload"
-        return Reason.QUEUED, "waiting for Kueue to admit the gang"
+            return Reason.QUEUED, "waiting for Kueue to make the gang's Workload", True
+        return Reason.QUEUED, "waiting for Kueue to admit the gang", True
 
     async def _workload_priority(self, run: Run) -> bool:
         """Does spec.priorityClassName also name a Kueue WorkloadPriorityClass?"""
@@ -358,6 +381,13 @@ class EksBackend:
     async def launch(self, run: Run, attempt: int, *, deadline_seconds: int | None) -> Observation | None:
         if (impossible := await self._unsatisfiable(run, attempt)) is not None:
             return impossible
+        # From the cache, not a listing per launch: a Job held while the cache had not seen it
+        # yet (right after a restart) is found by the observation that follows.
+        current = next((j for j in self.cache.jobs(run.namespace, run.name) or () if _owned_by(j, run)
+                        and _attempt_of(j) == attempt and not j["metadata"].get("deletionTimestamp")), None)
+        if current is not None and (current.get("spec") or {}).get("suspend"):
+            await self._release(run, current, deadline_seconds)
+            return None
         # Older attempts first: their pods hold the GPUs the new gang needs. The last failed
         # Job stays (its pods hold nothing) for `kubectl logs` until this attempt runs.
         if attempt > 1:
@@ -467,11 +497,51 @@ class EksBackend:
             await self.kube.patch("rolebindings", run.namespace, name, {"subjects": obj["subjects"]})
         return False
 
+    async def hold(self, run: Run, attempt: int) -> None:
+        """In place, as Kueue suspends a Job: the Job controller stops the pods (their exit 143
+        is ignored by the podFailurePolicy) and starts them again on release. Kueue's own Jobs
+        are held through their Workload, since Kueue unsuspends a Job whose Workload it admitted."""
+        jobs = await self._jobs(run)
+        keep = self._kept(run, jobs, attempt)
+        for job in jobs:
+            if job["metadata"].get("deletionTimestamp"):
+                continue
+            if _attempt_of(job) != attempt or not _survives_suspension(job):
+                # An older attempt; or a Job made before Jobs ignored exit 143 (an earlier
+                # operator version), which its suspension would fail: deleted, as it was then.
+                if job["metadata"]["name"] not in keep:
+                    await self._delete_job(run, job)
+            elif _kueue_managed(job):
+                for w in await self._workloads(run, job):
+                    if (w.get("spec") or {}).get("active") is not False:    # until Kueue has suspended the Job
+                        await self.kube.patch("workloads", run.namespace, w["metadata"]["name"],
+                                              {"spec": {"active": False}})
+            elif not (job.get("spec") or {}).get("suspend"):
+                await self._patch_job(run, job, {"spec": {"suspend": True}})
+
+    async def _release(self, run: Run, job: Mapping[str, Any], deadline_seconds: int | None) -> None:
+        """Resume a held Job, with what is left of the run's deadline (a Job's own clock
+        starts again when it is unsuspended)."""
+        spec: dict[str, Any] = {"activeDeadlineSeconds": max(1, int(deadline_seconds))
+                                if deadline_seconds is not None else None}
+        if _kueue_managed(job):
+            # Kueue admits it again, as a whole, and unsuspends it.
+            for w in await self._workloads(run, job):
+                if (w.get("spec") or {}).get("active") is False:
+                    await self.kube.patch("workloads", run.namespace, w["metadata"]["name"], {"spec": {"active": True}})
+        else:
+            spec["suspend"] = False
+        await self._patch_job(run, job, {"spec": spec})
+
+    async def _patch_job(self, run: Run, job: Mapping[str, Any], patch: Mapping[str, Any]) -> None:
+        new = await self.kube.patch("jobs", run.namespace, job["metadata"]["name"], patch)
+        if new is not None:
+            self.cache.put_job(new)     # the next observation must not see it as it was
+
     async def suspend(self, run: Run, attempt: int) -> None:
-        # Deleting the Job rather than setting its spec.suspend: the Job controller counts
-        # the pods it stops for a suspension like any other failed pod (exit 143 from
-        # SIGTERM), and the podFailurePolicy would then fail the Job. Resuming creates
-        # NAME-aA again; the ConfigMap, Service and RBAC stay, and so do kept failed Jobs.
+        # The pending gang goes (a corrected spec, a gang that could not be placed, the end of
+        # a run): the Job itself, so that the next launch renders it anew. The ConfigMap,
+        # Service and RBAC stay, and so do kept failed Jobs.
         jobs = await self._jobs(run)
         keep = self._kept(run, jobs, attempt)
         for job in jobs:

@@ -266,7 +266,13 @@ def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None,
             # 1: the image's permanent errors (docs/contract.md): no retry.
             {"action": "FailJob", "onExitCodes": {"containerName": api.TRAINER_CONTAINER, "operator": "In",
                                                   "values": sorted(PERMANENT_EXIT_CODES)}},
-            # 2: any other failure.
+            # 2: SIGTERM without a disruption: the Job controller stopping the pods of a
+            # suspended Job (runPolicy.suspend; Kueue's preemption). It judges their exit 143
+            # like any failure, which would fail the Job it is to resume; ignored, the Job
+            # survives. (A drain or an eviction still fails it by rule 0.)
+            {"action": "Ignore", "onExitCodes": {"containerName": api.TRAINER_CONTAINER, "operator": "In",
+                                                 "values": [EXIT_SIGTERM]}},
+            # 3: any other failure.
             {"action": "FailJob", "onExitCodes": {"containerName": api.TRAINER_CONTAINER, "operator": "NotIn",
                                                   "values": [0]}},
         ]},
@@ -293,13 +299,6 @@ def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None,
         if workload_priority and spec.priority_class_name:
             meta["labels"][api.KUEUE_PRIORITY_LABEL] = spec.priority_class_name
         job_spec["suspend"] = True
-        # Kueue preempts by suspending the Job; the Job controller then stops the pods with
-        # SIGTERM and judges their exit 143 by the podFailurePolicy like any failure, which
-        # would fail the Job. Ignored here, the Job survives its suspension and resumes.
-        # (A drain or an eviction still fails it: the pod has the DisruptionTarget condition.)
-        rules = job_spec["podFailurePolicy"]["rules"]
-        rules.insert(2, {"action": "Ignore", "onExitCodes": {"containerName": api.TRAINER_CONTAINER,
-                                                             "operator": "In", "values": [EXIT_SIGTERM]}})
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -356,6 +356,8 @@ class SageMakerBackend:
         if desc is not None and desc.get("TrainingJobStatus") == "InProgress" and await self._ours(run, desc):
             await self.stop(run, desc, mapping.STOP_SUSPEND)
 
+    hold = suspend      # a stopped training job cannot be resumed: a resume is a new job
+
     async def delete(self, run: Run) -> None:
         """ttlSecondsAfterFinished: a finished training job is SageMaker's record of the run
         (and its name can never be reused anyway); only the config channels go, every
