@@ -12,7 +12,7 @@ from botocore.parsers import ResponseParserError
 
 from alpaca_operator.backends.base import Observation, Run, WorkloadState
 from alpaca_operator.backends.sagemaker.client import (AwsError, AwsNotConfigured, AwsUnavailable, Kind,
-                                                       aws_exception, classify, exception_code, iam_action)
+                                                       aws_exception, classify, exception_code, iam_action, readable)
 from alpaca_operator.spec import parse_spec
 from alpaca_operator.status import (Cond, Reason, answered, backend_answers, backend_unavailable, decide, get_condition,
                                    refused)
@@ -150,3 +150,14 @@ def test_the_write_of_what_the_backend_answered_also_says_it_answers_again():
     assert answered(up, decide(up, Observation(WorkloadState.RUNNING, attempt=1, total=1, ready=1), T0), T0).events == []
     only = answered(r, decide(r, Observation(WorkloadState.RUNNING, attempt=1, total=1, ready=1), T0), T0)
     assert get_condition(only.patch, Cond.BACKEND_AVAILABLE)["status"] == "True"
+
+
+def test_an_html_answer_becomes_one_readable_line():
+    """moto (no ListServiceQuotas) and proxies answer 5xx with an HTML page; botocore passes it
+    on whole, and it once landed in a run's Preflight condition as twelve lines of markup."""
+    page = ("<!doctype html>\n<html lang=en>\n<title>500 Internal Server Error</title>\n<h1>Internal Server Error</h1>\n"
+            "<p>The server encountered an internal error.</p>\n")
+    e = aws_exception("service-quotas", "ListServiceQuotas", "500", page, 500)
+    assert isinstance(e, AwsUnavailable) and str(e) == "ListServiceQuotas: 500: 500 Internal Server Error"
+    assert readable("Rate\n  exceeded") == "Rate exceeded"
+    assert len(readable("x" * 5000)) == 1024

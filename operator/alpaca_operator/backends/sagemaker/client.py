@@ -125,9 +125,23 @@ def is_not_found(e: AwsError) -> bool:
         e.code == "ValidationException" and e.message.startswith(NOT_FOUND_PREFIXES))
 
 
+_TITLE = re.compile(r"<title>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+MESSAGE_MAX = 1024
+
+
+def readable(message: str) -> str:
+    """AWS's message as one line for a condition or a log line. A proxy or a load balancer
+    in the way answers with an HTML page, which botocore passes on whole: its title only."""
+    if "<html" in message.lower() and (m := _TITLE.search(message)):
+        message = m.group(1)
+    message = " ".join(message.split())
+    return message if len(message) <= MESSAGE_MAX else message[:MESSAGE_MAX - 1] + "\u2026"
+
+
 def aws_exception(service: str, operation: str, code: str, message: str, http_status: int = 0, *,
                   kind: Kind | None = None) -> Exception:
     """The exception of classify()'s kind (or of `kind`, already classified)."""
+    message = readable(message)
     kind = kind or classify(code, http_status)
     if kind is Kind.RETRYABLE:
         return AwsUnavailable(f"{operation}: {code}: {message}".strip())
