@@ -647,6 +647,8 @@ def main() -> int:
                    help="compare these Kubernetes clients (repeatable; the first is the reference)")
     p.add_argument("--rounds", type=int, default=3, help="with --client: rounds of every client")
     args = p.parse_args()
+    if args.kueue and args.kueue_rounds < 1:
+        p.error("--kueue needs --kueue-rounds of at least 1: the comparison is part of it")
     if shutil.which("openssl") is None:
         raise SystemExit("openssl is needed for the control plane's certificates")
     if args.client:
@@ -869,6 +871,8 @@ def write_docs(section: str, heading: str = "## Operator", path: Path | None = N
     span = _span(lines, heading)
     if span is None and heading in OPERATOR_SUBPARTS and _span(lines, "## Operator"):
         end = _span(lines, "## Operator")[1]
+        while end and not lines[end - 1].strip():   # one blank line before the new part
+            end -= 1
         span = (end, end)
         new = [""] + new
     if span is None:

@@ -166,6 +166,7 @@ def test_the_kueue_part_goes_at_the_end_of_the_operator_section_and_is_replaced_
     ob.write_docs(ob.kueue_markdown(report()), ob.KUEUE_HEADING, docs)
     assert headings(docs) == ["# Benchmarks", "## Training", "## Operator", "### Kubernetes client", "### Kueue",
                               "## Operator, SageMaker backend"]
+    assert "client figures\n\n### Kueue\n" in docs.read_text()     # one blank line between the parts
     ob.write_docs(ob.kueue_markdown(report(slow=80.0)), ob.KUEUE_HEADING, docs)
     text = docs.read_text()
     assert text.count(ob.KUEUE_HEADING) == 1 and "SLOWER" in text and "client figures" in text
