@@ -27,6 +27,17 @@ memory. The benchmark exits non-zero when a target is missed.
 
     python bench/operator_bench.py --runs 100 --runs 500 [--full-nodes 500] [--sagemaker 200] [--write-docs]
 
+These cases run on a control plane without Kueue. `--kueue N` adds Kueue's (issue 18): N runs
+of one 8-GPU node with `spec.queueName` through one ClusterQueue whose quota fits 8 of them,
+on 16 simulated nodes: first apply -> all Succeeded, the most runs that had pods (and the most
+Workloads that held quota) at once, counted on every watch event (the benchmark fails if
+either passes 8), and the operator's and Kueue's API requests per run (Kueue's from the API
+server's audit log, by user agent); then the --kueue-compare case (500 runs, no queueName) on a
+control plane without and with Kueue installed, --kueue-rounds times each, and fails when
+Kueue's is slower than the run-to-run spread allows. It writes the "### Kueue" part.
+
+    python bench/operator_bench.py --kueue 200 [--kueue-run-for 5s] [--kueue-compare 500] [--kueue-rounds 3] [--write-docs]
+
 `--client A --client B ... --rounds R` compares Kubernetes clients instead (issue 11): the
 same N runs once per client and round, each on a fresh control plane, the clients' order
 rotating from round to round so that a change in the machine's load hits each of them
@@ -66,8 +77,8 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def finetune(i: int, run_for: str, nodes: int, gpus: int) -> dict:
-    return {
+def finetune(i: int, run_for: str, nodes: int, gpus: int, queue: str | None = None) -> dict:
+    doc = {
         "apiVersion": "alpaca.dev/v1alpha1", "kind": "AlpacaFineTune",
         "metadata": {"name": f"bench-{i:04d}", "namespace": NAMESPACE},
         "spec": {
@@ -78,6 +89,9 @@ def finetune(i: int, run_for: str, nodes: int, gpus: int) -> dict:
             "podMetadata": {"annotations": {"kwok.alpaca.dev/complete-after": run_for}},
         },
     }
+    if queue:
+        doc["spec"]["queueName"] = queue
+    return doc
 
 
 class Proc:
@@ -139,7 +153,7 @@ class Observer:
             self._watch(env, "alpacafinetunes", "{.metadata.name} {.status.phase}{'\\n'}", self._run),
         ]
 
-    def _watch(self, env, kind, template, handle):
+    def _watch(self, env, kind, template, handle, *flags):
         """kubectl's watch ends when the server closes it; start it again (the new initial
         listing repeats what is known, which setdefault ignores)."""
         holder = {}
@@ -147,7 +161,7 @@ class Observer:
         def read():
             while not self._stopped.is_set():
                 proc = holder["proc"] = subprocess.Popen(
-                    [str(ROOT / ".bin" / "kubectl"), "get", kind, "-n", NAMESPACE, "--watch",
+                    [str(ROOT / ".bin" / "kubectl"), "get", kind, "-n", NAMESPACE, "--watch", *flags,
                      "-o", f"jsonpath={template}"], env=env, stdout=subprocess.PIPE,
                     stderr=subprocess.DEVNULL, text=True)
                 for line in proc.stdout:
@@ -183,6 +197,104 @@ class Observer:
                 holder["proc"].wait(5)
 
 
+class Concurrency:
+    """How many runs hold pods, and how many of Kueue's Workloads hold quota, at once: counted
+    on every watch event, in the order the API server wrote them, so no peak falls between
+    two samples (a poll could miss one)."""
+
+    LIVE_PHASES = ("Pending", "Running")
+
+    def __init__(self):
+        self.live: dict[str, set[str]] = {}        # run -> its pods not yet finished
+        self.reserved: set[str] = set()            # Workloads with QuotaReserved and not Finished
+        self.peak_runs = 0
+        self.peak_reserved = 0
+
+    def pod(self, event: str, name: str, run: str, phase: str) -> None:
+        pods = self.live.setdefault(run, set())
+        if event != "DELETED" and phase in self.LIVE_PHASES:
+            pods.add(name)
+        else:
+            pods.discard(name)
+        self.peak_runs = max(self.peak_runs, sum(1 for p in self.live.values() if p))
+
+    def workload(self, event: str, name: str, quota_reserved: str, finished: str) -> None:
+        if event != "DELETED" and quota_reserved == "True" and finished != "True":
+            self.reserved.add(name)
+        else:
+            self.reserved.discard(name)
+        self.peak_reserved = max(self.peak_reserved, len(self.reserved))
+
+
+class QueueObserver(Observer):
+    """The Observer, and a Concurrency fed by watches of pods and Workloads with their event
+    types (a pod deleted while it runs ends there). One '|'-joined token per line: empty
+    fields keep their place."""
+
+    def __init__(self, env: dict, nodes: int):
+        super().__init__(env, nodes)
+        self.concurrency = Concurrency()
+        label = "{.object.metadata.labels.alpaca\\.dev/finetune}"
+        cond = "{{.object.status.conditions[?(@.type==\"{}\")].status}}"
+        self.procs += [
+            self._watch(env, "pods", "{.type}|{.object.metadata.name}|" + label + "|{.object.status.phase}{'\\n'}",
+                        self._fields(self.concurrency.pod), "--output-watch-events"),
+            self._watch(env, "workloads.kueue.x-k8s.io", "{.type}|{.object.metadata.name}|"
+                        + cond.format("QuotaReserved") + "|" + cond.format("Finished") + "{'\\n'}",
+                        self._fields(self.concurrency.workload), "--output-watch-events"),
+        ]
+
+    @staticmethod
+    def _fields(handle):
+        def split(now, token, *_):
+            fields = token.split("|")
+            if len(fields) == 4 and fields[1]:
+                handle(*fields)
+        return split
+
+
+# The queued case (--kueue N): runs of one whole 8-GPU node through one ClusterQueue whose
+# quota fits KUEUE_QUOTA_NODES of them, on KUEUE_NODES nodes: the quota, not the nodes, is
+# the limit.
+KUEUE_NODES, KUEUE_QUOTA_NODES = 16, 8
+KUEUE_LOCAL_QUEUE = "gpu"
+KUEUE_TIMEOUT_S = 1800.0
+# User agents in the API server's audit log: Kueue's (controller-runtime's default, the
+# binary's name) and the operator's (its client's), whose own count it checks.
+KUEUE_AGENT, OPERATOR_AGENT = "kueue/", "alpaca-operator"
+
+
+def _queue_for_bench(cluster) -> None:
+    """The ClusterQueue's quota cut to KUEUE_QUOTA_NODES p4d nodes (its flavor and name as
+    `make cluster-up` makes them) and a LocalQueue in the bench namespace."""
+    cluster.apply_queues(hack_cluster.kueue_nodegroups(KUEUE_QUOTA_NODES, 0, 0))
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({
+        "apiVersion": hack_cluster.local_kueue.API, "kind": "LocalQueue",
+        "metadata": {"name": KUEUE_LOCAL_QUEUE, "namespace": NAMESPACE},
+        "spec": {"clusterQueue": hack_cluster.local_kueue.CLUSTER_QUEUE}}))
+    cluster.kubectl("wait", "--for=condition=Active", "--timeout=60s", "-n", NAMESPACE,
+                    f"localqueue.kueue.x-k8s.io/{KUEUE_LOCAL_QUEUE}")
+
+
+def audit_requests(lines, agent: str) -> dict[str, int]:
+    """Requests of the client whose user agent starts with `agent`, by verb and resource,
+    from audit events (the API server logs a request when its response completes, and a
+    watch when its stream starts: a watch that ends inside the window began before it)."""
+    counts: dict[str, int] = {}
+    for line in lines:
+        event = json.loads(line)
+        if not event.get("userAgent", "").startswith(agent):
+            continue
+        if event["stage"] == "ResponseComplete" and event["verb"] == "watch" or event["stage"] not in (
+                "ResponseComplete", "ResponseStarted"):
+            continue
+        ref = event.get("objectRef") or {}
+        what = ref.get("resource", "other") + ("/" + ref["subresource"] if ref.get("subresource") else "")
+        key = f"{event['verb']} {what}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def pct(values: list[float], p: float) -> float:
     values = sorted(values)
     k = (len(values) - 1) * p
@@ -190,21 +302,33 @@ def pct(values: list[float], p: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def bench(n: int, gpus: int, args, kube_client: str | None = None) -> dict:
+def bench(n: int, gpus: int, args, kube_client: str | None = None, kueue: bool = False,
+          queued: bool = False) -> dict:
+    """kueue: Kueue installed beside the control plane (the runs name no queue unless
+    `queued`); queued: the runs go through one ClusterQueue whose quota fits
+    KUEUE_QUOTA_NODES of KUEUE_NODES simulated nodes at a time."""
     from kubernetes import client, config
 
+    kueue = kueue or queued
     directory = ROOT / ".cache" / "bench-cluster"
     cluster = hack_cluster.Cluster(directory, args.port)
-    # Enough 8-GPU nodes for every pod at once (pods pack when --gpus < 8).
-    gpu_nodes = -(-n * args.nodes // (8 // gpus))
-    log(f"control plane with {gpu_nodes} GPU nodes in {directory}")
+    # Enough 8-GPU nodes for every pod at once (pods pack when --gpus < 8); queued, more
+    # nodes than the quota, so that the quota is the limit.
+    gpu_nodes = KUEUE_NODES if queued else -(-n * args.nodes // (8 // gpus))
+    log(f"control plane with {gpu_nodes} GPU nodes{', Kueue' if kueue else ''} in {directory}")
     t0 = time.monotonic()
     cluster.down()
-    cluster.up(gpu_nodes=gpu_nodes, system_nodes=2)
+    audit = directory / "audit.log"
+    audit.unlink(missing_ok=True)
+    cluster.audit_log = audit if queued else None
+    cluster.up(gpu_nodes=gpu_nodes, system_nodes=2, kueue=kueue)
     log(f"  up in {time.monotonic() - t0:.0f}s")
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
-    op_log = directory / f"operator-{n}{'-' + kube_client if kube_client else ''}.log"
-    stats = directory / f"operator-{n}.stats.json"
+    tag = f"{'-' + kube_client if kube_client else ''}{'-queued' if queued else '-kueue' if kueue else ''}"
+    op_log = directory / f"operator-{n}{tag}.log"
+    stats = directory / f"operator-{n}{tag}.stats.json"
+    run_for = args.kueue_run_for if queued else args.run_for
+    timeout = max(args.timeout, KUEUE_TIMEOUT_S) if queued else args.timeout
     stats.unlink(missing_ok=True)
     load_before = os.getloadavg()[0]
     op = None
@@ -212,9 +336,11 @@ def bench(n: int, gpus: int, args, kube_client: str | None = None) -> dict:
         cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "manifests" / "crd"))
         cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/alpacafinetunes.alpaca.dev")
         cluster.kubectl("create", "namespace", NAMESPACE)
+        if queued:
+            _queue_for_bench(cluster)
         api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
         api.configuration.connection_pool_maxsize = args.parallel + 4
-        observer = Observer(env, args.nodes)
+        observer = (QueueObserver if queued else Observer)(env, args.nodes)
         time.sleep(1)
 
         with open(op_log, "wb") as out:
@@ -233,24 +359,27 @@ def bench(n: int, gpus: int, args, kube_client: str | None = None) -> dict:
         time.sleep(2)
 
         custom = client.CustomObjectsApi(api)
-        docs = [finetune(i, args.run_for, args.nodes, gpus) for i in range(n)]
+        docs = [finetune(i, run_for, args.nodes, gpus, KUEUE_LOCAL_QUEUE if queued else None) for i in range(n)]
         applied: dict[str, float] = {}
+        audit_from = audit.stat().st_size if queued else 0
 
         def create(doc):
             custom.create_namespaced_custom_object("alpaca.dev", "v1alpha1", NAMESPACE, "alpacafinetunes", doc)
             applied[doc["metadata"]["name"]] = time.monotonic()
 
-        log(f"creating {n} runs ({args.nodes} pod(s) x {gpus} GPUs each, running {args.run_for})")
+        log(f"creating {n} runs ({args.nodes} pod(s) x {gpus} GPUs each, running {run_for})"
+            f"{' in queue ' + KUEUE_LOCAL_QUEUE if queued else ''}")
         first = time.monotonic()
         with cf.ThreadPoolExecutor(args.parallel) as pool:
             list(pool.map(create, docs))
         last_apply = max(applied.values())
         log(f"  created in {last_apply - first:.1f}s")
 
-        deadline = time.monotonic() + args.timeout
+        deadline = time.monotonic() + timeout
         while len(observer.succeeded) + len(observer.failed) < n and time.monotonic() < deadline:
             time.sleep(0.5)
         done = time.monotonic()
+        audit_to = audit.stat().st_size if queued else 0
         cpu = proc.cpu_seconds() - cpu_before
         plane_cpu = {name: round(p.cpu_seconds() - plane_before[name], 1) for name, p in plane.items()}
         for p in plane.values():
@@ -265,6 +394,7 @@ def bench(n: int, gpus: int, args, kube_client: str | None = None) -> dict:
         missing = n - len(latencies)
         result = {
             "client": kube_client,
+            "kueue_installed": kueue,
             "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
             "runs": n,
             "pods": n * args.nodes,
@@ -281,6 +411,8 @@ def bench(n: int, gpus: int, args, kube_client: str | None = None) -> dict:
             "job_created_max_s": round(max(to_job), 2) if to_job else None,
             "all_running_after_last_apply_s": round(max(observer.all_running.values()) - last_apply, 2)
             if latencies else None,
+            "all_running_after_first_apply_s": round(max(observer.all_running.values()) - first, 2)
+            if latencies else None,
             "all_succeeded_s": round(max(observer.succeeded.values()) - first, 2)
             if len(observer.succeeded) == n else None,
             "operator_peak_rss_mib": round(peak / 2**20, 1),
@@ -289,12 +421,27 @@ def bench(n: int, gpus: int, args, kube_client: str | None = None) -> dict:
             "operator_requests_per_run": round(counted.get("requests_total", 0) / n, 1),
             "operator_requests_by_kind": counted.get("requests"),
             "reconciles": counted.get("reconciles"),
-            "run_for": args.run_for,
+            "run_for": run_for,
             "control_plane_cpu_s": plane_cpu,
         }
+        if queued:
+            with open(audit, "rb") as f:
+                f.seek(audit_from)
+                window = f.read(audit_to - audit_from).decode().splitlines()
+            kueue_calls = audit_requests(window, KUEUE_AGENT)
+            operator_calls = audit_requests(window, OPERATOR_AGENT)
+            result.update({
+                "quota_runs": KUEUE_QUOTA_NODES, "quota_gpus": KUEUE_QUOTA_NODES * 8,
+                "peak_runs_with_pods": observer.concurrency.peak_runs,
+                "peak_workloads_holding_quota": observer.concurrency.peak_reserved,
+                "kueue_requests": sum(kueue_calls.values()),
+                "kueue_requests_per_run": round(sum(kueue_calls.values()) / n, 1),
+                "kueue_requests_by_kind": kueue_calls,
+                "operator_requests_audited_per_run": round(sum(operator_calls.values()) / n, 1),
+            })
         if missing or result["all_succeeded_s"] is None:
             log(f"  WARNING: {missing} runs never had all pods Running, "
-                f"{n - len(observer.succeeded)} did not succeed in {args.timeout}s; see {op_log}")
+                f"{n - len(observer.succeeded)} did not succeed in {timeout}s; see {op_log}")
         return result
     finally:
         stop_operator(op)
@@ -479,6 +626,15 @@ def main() -> int:
                    help="how long each stand-in job stays in Training")
     p.add_argument("--sagemaker-step-seconds", type=float, default=5.0,
                    help="how long each other SecondaryStatus lasts")
+    p.add_argument("--kueue", type=int, default=0, metavar="N",
+                   help=f"also N runs of 1 x 8 GPUs through one Kueue ClusterQueue of {KUEUE_QUOTA_NODES} runs' "
+                        "quota, and the --kueue-compare case without and with Kueue installed")
+    p.add_argument("--kueue-run-for", default="5s", help="how long each queued run's pod runs (kwok)")
+    p.add_argument("--kueue-compare", type=int, default=EKS_TARGET_RUNS, metavar="N",
+                   help="with --kueue: N runs (no queueName) on a control plane without and with Kueue")
+    p.add_argument("--kueue-rounds", type=int, default=3,
+                   help="with --kueue: rounds of the comparison (each one without and one with Kueue, "
+                        "the order alternating)")
     p.add_argument("--write-docs", action="store_true",
                    help="write the results into docs/benchmarks.md, section Operator")
     p.add_argument("--run-for", default="30s", help="how long each pod runs (kwok)")
@@ -491,6 +647,8 @@ def main() -> int:
                    help="compare these Kubernetes clients (repeatable; the first is the reference)")
     p.add_argument("--rounds", type=int, default=3, help="with --client: rounds of every client")
     args = p.parse_args()
+    if args.kueue and args.kueue_rounds < 1:
+        p.error("--kueue needs --kueue-rounds of at least 1: the comparison is part of it")
     if shutil.which("openssl") is None:
         raise SystemExit("openssl is needed for the control plane's certificates")
     if args.client:
@@ -498,26 +656,31 @@ def main() -> int:
 
     results = []
     load_before = os.getloadavg()[0]
-    runs = args.runs or ([] if args.sagemaker else [100, 500])
+    runs = args.runs or ([] if args.sagemaker or args.kueue else [100, 500])
     for n, gpus in [(n, args.gpus) for n in runs] + [(n, 8) for n in args.full_nodes]:
         results.append(bench(n, gpus, args))
         log(json.dumps(results[-1]))
+    kueue = bench_kueue(args) if args.kueue else None
     sagemaker = []
     for n in args.sagemaker:
         sagemaker.append(bench_sagemaker(n, args))
         log(json.dumps(sagemaker[-1]))
     report = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
               "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)], "results": results,
-              "sagemaker": sagemaker}
+              "sagemaker": sagemaker, "kueue": kueue}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report) if results else ""
+    if kueue:
+        text = (text + "\n" if text else "") + kueue_markdown(report)
     if sagemaker:
         text = (text + "\n" if text else "") + sagemaker_markdown(report)
     print(text)
     if args.write_docs:
         if results:
             write_docs(markdown(report))
+        if kueue:
+            write_docs(kueue_markdown(report), KUEUE_HEADING)
         if sagemaker:
             write_docs(sagemaker_markdown(report), "## Operator, SageMaker backend")
     missed = [f"{r['runs']} runs: last all Running {r['all_running_after_last_apply_s']} s after the last apply "
@@ -530,6 +693,7 @@ def main() -> int:
               f"per minute (target {SM_TARGET_PER_RUN_MINUTE})" for r in sagemaker
               if r["sagemaker_calls_per_run_minute_max"] is None
               or r["sagemaker_calls_per_run_minute_max"] > SM_TARGET_PER_RUN_MINUTE or r["succeeded"] != r["runs"]]
+    missed += kueue_missed(kueue) if kueue else []
     for m in missed:
         log(f"TARGET MISSED: {m}")
     return 1 if missed else 0
@@ -565,6 +729,112 @@ def sagemaker_markdown(report: dict) -> str:
         + "\n".join(rows) + "\n\n" + detail + "\n")
 
 
+KUEUE_HEADING = "### Kueue"
+# The least margin by which the Kueue-installed case may be slower before it counts as
+# slower, when its rounds happen to agree more closely than that (see installed_verdict).
+KUEUE_MARGIN_FLOOR = 0.10
+
+
+def bench_kueue(args) -> dict:
+    """The queued case, then the --kueue-compare case without and with Kueue installed, the
+    order alternating from round to round so that a drift of the machine's load hits both."""
+    queued = bench(args.kueue, 8, args, queued=True)
+    log(json.dumps(queued))
+    rounds = []
+    for r in range(args.kueue_rounds):
+        for installed in ((False, True) if r % 2 == 0 else (True, False)):
+            log(f"Kueue comparison, round {r + 1}/{args.kueue_rounds}: Kueue {'installed' if installed else 'absent'}")
+            rounds.append(bench(args.kueue_compare, args.gpus, args, kueue=installed))
+            log(json.dumps(rounds[-1]))
+    return {"queued": queued, "installed": rounds, "verdict": installed_verdict(rounds)}
+
+
+def installed_verdict(rounds: list[dict], key: str = "all_running_after_first_apply_s") -> dict:
+    """Whether the runs came up slower with Kueue installed: the median with Kueue against
+    the median without, allowed the relative spread between the rounds without Kueue (a
+    difference the plain control plane shows against itself is the machine's noise, not
+    Kueue; the rounds with Kueue do not widen it, or an erratic Kueue would excuse itself),
+    and no less than KUEUE_MARGIN_FLOOR. A round whose runs did not all come up counts as
+    slower."""
+    times = {installed: [r[key] for r in rounds if r["kueue_installed"] == installed] for installed in (False, True)}
+    complete = all(v is not None for v in times[False] + times[True]) and times[False] and times[True]
+    plain_times = times[False]
+    spread = (max(plain_times) - min(plain_times)) / min(plain_times) if complete and len(plain_times) > 1 else 0.0
+    margin = max(KUEUE_MARGIN_FLOOR, spread)
+    plain = _median(times[False]) if complete else None
+    with_kueue = _median(times[True]) if complete else None
+    ratio = with_kueue / plain if complete else None
+    return {"without_s": plain, "with_s": with_kueue, "ratio": round(ratio, 3) if ratio else None,
+            "spread": round(spread, 3), "margin": round(margin, 3),
+            "slower": not complete or ratio > 1 + margin}
+
+
+def kueue_missed(kueue: dict) -> list[str]:
+    q, v = kueue["queued"], kueue["verdict"]
+    missed = []
+    if max(q["peak_runs_with_pods"], q["peak_workloads_holding_quota"]) > q["quota_runs"]:
+        missed.append(f"{q['runs']} queued runs: {q['peak_runs_with_pods']} had pods and "
+                      f"{q['peak_workloads_holding_quota']} held quota at once (the quota fits {q['quota_runs']})")
+    if q["succeeded"] != q["runs"]:
+        missed.append(f"{q['runs']} queued runs: {q['succeeded']} Succeeded")
+    if v["slower"]:
+        missed.append(f"with Kueue installed, all Running {v['with_s']} s after the first apply against "
+                      f"{v['without_s']} s without (margin {v['margin']:.0%})")
+    return missed
+
+
+def kueue_markdown(report: dict) -> str:
+    k = report["kueue"]
+    q, v, rounds = k["queued"], k["verdict"], k["installed"]
+    load = report["load_average"]
+    compare = rounds[0]["runs"]
+    per_round = ["| round | Kueue | load average before / after | apply -> all pods Running p50 / max | "
+                 "last Running, after the first apply | all Succeeded, after the first apply | "
+                 "operator CPU | operator API requests per run |",
+                 "|---:|---|---|---|---:|---:|---:|---:|"]
+    for i, r in enumerate(rounds):
+        per_round.append(f"| {i // 2 + 1} | {'installed' if r['kueue_installed'] else 'absent'} | "
+                         f"{r['load_average'][0]} / {r['load_average'][1]} | {r['running_p50_s']} / "
+                         f"{r['running_max_s']} s | {r['all_running_after_first_apply_s']} s | "
+                         f"{r['all_succeeded_s']} s | {r['operator_cpu_s']} s | {r['operator_requests_per_run']} |")
+    verdict = ("not slower" if not v["slower"] else "SLOWER")
+    return (
+        f"{KUEUE_HEADING}\n\n"
+        f"`bench/operator_bench.py --kueue {q['runs']}` (in `make bench-operator`), measured {report['date']} "
+        f"on {report['machine']}; load average {load[0]} before, {load[1]} after.\n\n"
+        f"Queued: {q['runs']} runs of {q['pods'] // q['runs']} x {q['gpus_per_pod']} GPUs with "
+        f"`queueName: {KUEUE_LOCAL_QUEUE}`, created at once on a control plane running Kueue, through one "
+        f"ClusterQueue whose quota over the p4d flavor is {q['quota_gpus']} GPUs ({q['quota_runs']} runs at a "
+        f"time) on {q['gpu_nodes']} simulated p4d nodes (so the quota, not the nodes, is the limit); each pod "
+        f"runs {q['run_for']} (kwok). The most at once are counted on every event of a watch of the pods "
+        "and of Kueue's Workloads (with their event types), not sampled. Kueue's requests are counted in "
+        "the API server's audit log (level Metadata, this case only) by user agent (`kueue/...`), from "
+        "just before the first apply to the last run Succeeded, each request once (a watch when it "
+        "starts); Kueue's metrics endpoint has no client request counter (client-go's "
+        "`rest_client_requests_total` is not registered there). The operator's are counted by its "
+        "client, as in the other cases; the same audit log counts "
+        f"{q['operator_requests_audited_per_run']} per run of its user agent.\n\n"
+        "| runs | all Succeeded, after the first apply | most runs with pods at once | "
+        "most Workloads holding quota at once | quota (runs) | operator API requests per run | "
+        "Kueue API requests per run | operator peak RSS | operator CPU |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        f"| {q['runs']} | {q['all_succeeded_s']} s | {q['peak_runs_with_pods']} | "
+        f"{q['peak_workloads_holding_quota']} | {q['quota_runs']} | {q['operator_requests_per_run']} | "
+        f"{q['kueue_requests_per_run']} | {q['operator_peak_rss_mib']} MiB | {q['operator_cpu_s']} s |\n\n"
+        f"- {q['succeeded']} of {q['runs']} Succeeded, {q['failed']} Failed; created in {q['apply_seconds']} s. "
+        f"Operator requests {q['operator_requests_by_kind']}; Kueue's {q['kueue_requests_by_kind']}.\n\n"
+        f"Kueue installed, no `queueName`: the {compare}-run case above (1 GPU per pod, every pod fits), "
+        f"once per round on a control plane without Kueue and once with Kueue running (its webhooks see "
+        f"every Job), {len(rounds) // 2} round(s), the order alternating. Compared: first apply -> every "
+        f"run's pods Running, median over the rounds. With Kueue {v['with_s']} s against {v['without_s']} s "
+        f"without ({v['ratio']}x): {verdict}. The margin is the relative spread between the rounds without "
+        f"Kueue in this run ({v['spread']:.0%}): a difference the plain control plane shows against "
+        f"itself is the shared machine's noise, not Kueue; at least "
+        f"{KUEUE_MARGIN_FLOOR:.0%}, for when the rounds happen to agree closely. Margin here "
+        f"{v['margin']:.0%}; the bench fails when Kueue's median is slower by more.\n\n"
+        + "\n".join(per_round) + "\n")
+
+
 CLIENT_HEADING = "### Kubernetes client"
 
 
@@ -580,21 +850,29 @@ def _span(lines: list[str], heading: str) -> tuple[int, int] | None:
     return start, end
 
 
-def write_docs(section: str, heading: str = "## Operator") -> None:
+# Parts of the "## Operator" section that their own runs write (--client, --kueue).
+OPERATOR_SUBPARTS = (CLIENT_HEADING, KUEUE_HEADING)
+
+
+def write_docs(section: str, heading: str = "## Operator", path: Path | None = None) -> None:
     """Replace (or add) one part of docs/benchmarks.md: the "## Operator" section (keeping
-    its client comparison, which only --client rewrites) or that comparison; leave the rest."""
-    path = ROOT / "docs" / "benchmarks.md"
+    its client comparison and Kueue parts, which only --client and --kueue rewrite) or one
+    of those parts; leave the rest."""
+    path = path or ROOT / "docs" / "benchmarks.md"
     doc = path.read_text() if path.exists() else "# Benchmarks\n"
     lines = doc.splitlines()
     new = section.rstrip().splitlines()
     if heading == "## Operator":
         old = _span(lines, heading)
-        kept = _span(lines[old[0]:old[1]], CLIENT_HEADING) if old else None
-        if kept:
-            new += [""] + lines[old[0] + kept[0]:old[0] + kept[1]]
+        for sub in OPERATOR_SUBPARTS:
+            kept = _span(lines[old[0]:old[1]], sub) if old else None
+            if kept:
+                new += [""] + lines[old[0] + kept[0]:old[0] + kept[1]]
     span = _span(lines, heading)
-    if span is None and heading == CLIENT_HEADING and _span(lines, "## Operator"):
+    if span is None and heading in OPERATOR_SUBPARTS and _span(lines, "## Operator"):
         end = _span(lines, "## Operator")[1]
+        while end and not lines[end - 1].strip():   # one blank line before the new part
+            end -= 1
         span = (end, end)
         new = [""] + new
     if span is None:

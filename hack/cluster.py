@@ -87,6 +87,10 @@ class Cluster:
         self.layout_file = self.dir / "local-exec.json"
         # Kueue's Configuration; there while the cluster runs Kueue.
         self.kueue_config = self.dir / "kueue" / "config.json"
+        # Set before `up`: the API server writes every request's metadata (user agent
+        # included) there as it completes, one JSON line per stage (the operator benchmark
+        # counts Kueue's requests there: Kueue's metrics endpoint lacks client-go's counter).
+        self.audit_log: Path | None = None
         self._procs: dict[str, subprocess.Popen] = {}
 
     # ---- certificates -------------------------------------------------------------
@@ -197,7 +201,8 @@ class Cluster:
                 # Room for the 500-CR benchmark's bursts.
                 "--max-requests-inflight=1000", "--max-mutating-requests-inflight=500",
                 "--profiling=false", "--v=0",
-            ]
+            ] + ([f"--audit-policy-file={self.dir / 'audit-policy.json'}", f"--audit-log-path={self.audit_log}",
+                  "--audit-log-format=json"] if self.audit_log else [])
         if name == "kube-controller-manager":
             return [
                 f"--kubeconfig={kc}", "--leader-elect=false", "--secure-port=0",
@@ -371,6 +376,11 @@ class Cluster:
         self._write_scheduler_config()
         self._start("etcd")
         self._wait("etcd health", self._etcd_healthy, 60, "etcd")
+        if self.audit_log:
+            # Metadata only, and one line per request (not also one when it is received).
+            (self.dir / "audit-policy.json").write_text(json.dumps({
+                "apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
+                "rules": [{"level": "Metadata"}]}))
         self._start("kube-apiserver")
         self._wait("kube-apiserver /readyz", self._api_ready, 120, "kube-apiserver")
         for name in ("kube-controller-manager", "kube-scheduler", "kwok"):
