@@ -512,10 +512,7 @@ class EksBackend:
                 if job["metadata"]["name"] not in keep:
                     await self._delete_job(run, job)
             elif _kueue_managed(job):
-                for w in await self._workloads(run, job):
-                    if (w.get("spec") or {}).get("active") is not False:    # until Kueue has suspended the Job
-                        await self.kube.patch("workloads", run.namespace, w["metadata"]["name"],
-                                              {"spec": {"active": False}})
+                await self._set_active(run, job, False)
             elif not (job.get("spec") or {}).get("suspend"):
                 await self._patch_job(run, job, {"spec": {"suspend": True}})
 
@@ -526,12 +523,17 @@ class EksBackend:
                                 if deadline_seconds is not None else None}
         if _kueue_managed(job):
             # Kueue admits it again, as a whole, and unsuspends it.
-            for w in await self._workloads(run, job):
-                if (w.get("spec") or {}).get("active") is False:
-                    await self.kube.patch("workloads", run.namespace, w["metadata"]["name"], {"spec": {"active": True}})
+            await self._set_active(run, job, True)
         else:
             spec["suspend"] = False
         await self._patch_job(run, job, {"spec": spec})
+
+    async def _set_active(self, run: Run, job: Mapping[str, Any], active: bool) -> None:
+        """Deactivate (hold) or reactivate (release) the Job's Kueue Workloads, each only if it
+        is not so already (a hold repeats until Kueue has suspended the Job)."""
+        for w in await self._workloads(run, job):
+            if ((w.get("spec") or {}).get("active") is not False) != active:
+                await self.kube.patch("workloads", run.namespace, w["metadata"]["name"], {"spec": {"active": active}})
 
     async def _patch_job(self, run: Run, job: Mapping[str, Any], patch: Mapping[str, Any]) -> None:
         new = await self.kube.patch("jobs", run.namespace, job["metadata"]["name"], patch)
