@@ -43,16 +43,27 @@ def test_policy_guards_every_status_field_but_progress():
     assert binding["spec"]["policyName"] == vap["metadata"]["name"] and binding["spec"]["validationActions"] == ["Deny"]
 
 
-def _run_with_rbac(cluster, namespace: str, name: str, account: str) -> dict:
+def _run_with_rbac(cluster, namespace: str, name: str, account: str | None) -> dict:
+    """A run, and the trainer identity the operator makes for its pods (once per namespace
+    and account; applying it again changes nothing)."""
     body = {"apiVersion": "alpaca.dev/v1alpha1", "kind": "AlpacaFineTune", "metadata": {"name": name},
             "spec": {"model": {"uri": "s3://alpaca-test/m/"}, "data": {"uri": "s3://alpaca-test/d.json"},
-                     "output": {"uri": f"s3://alpaca-test/{name}/"}, "serviceAccountName": account}}
+                     "output": {"uri": f"s3://alpaca-test/{name}/"},
+                     **({"serviceAccountName": account} if account else {})}}
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body))
     live = get_json(cluster, "aft", name, "-n", namespace)
     run = Run(name, namespace, live["metadata"]["uid"], 1, parse_spec(live["spec"]))
-    for obj in (render.render_role(run), render.render_role_binding(run)):   # what the operator creates
+    for obj in render.render_trainer_identity(namespace, render.pod_service_account(run)):
         cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj))
     return live
+
+
+def _pod_token(cluster, namespace: str, pod_name: str, account: str, path: Path) -> dict:
+    pod = _pod(cluster, namespace, pod_name, account)
+    token = cluster.kubectl("create", "token", account, "-n", namespace, "--bound-object-kind=Pod",
+                            f"--bound-object-name={pod['metadata']['name']}",
+                            f"--bound-object-uid={pod['metadata']['uid']}")
+    return token_env(cluster, token.stdout.strip(), path)
 
 
 def _pod(cluster, namespace: str, name: str, account: str) -> dict:
@@ -123,7 +134,7 @@ def test_trainer_writes_only_its_own_progress(cluster, policy, namespace, tmp_pa
     # A bare pod named like alpha's pods, under another account that someone bound to
     # alpha's Role: the name alone proved nothing; the account is not alpha's trainer.
     k("create", "serviceaccount", "intruder", "-n", namespace)
-    k("create", "rolebinding", "intruder-alpha", "-n", namespace, "--role=alpha-progress",
+    k("create", "rolebinding", "intruder-alpha", "-n", namespace, "--role=alpaca-trainer-progress",
       f"--serviceaccount={namespace}:intruder")
     fake = _pod(cluster, namespace, "alpha-a1-0-zzzzz", "intruder")
     token = k("create", "token", "intruder", "-n", namespace, "--bound-object-kind=Pod",
@@ -147,3 +158,30 @@ def test_every_status_field_but_progress_is_guarded_from_the_training_pods():
     unguarded = [k for k in fields if k != "progress"
                  and f'"object.?status.?{k} == oldObject.?status.?{k}"' not in policy]
     assert not unguarded, f"status fields a training pod could rewrite: {unguarded}"
+
+
+def test_under_the_operators_shared_trainer_account_a_pod_reports_only_its_own_runs_progress(
+        cluster, policy, namespace, tmp_path):
+    """Runs without spec.serviceAccountName share the namespace's alpaca-trainer, whose Role
+    allows every run's status: the policy alone keeps run A's pods off run B."""
+    for name in ("gamma", "delta"):
+        _run_with_rbac(cluster, namespace, name, None)
+    progress = {"progress": {"stage": "training", "step": 3, "totalSteps": 40, "display": "3/40", "loss": 2.0}}
+    gamma = _pod_token(cluster, namespace, "gamma-a1-0-abcde", "alpaca-trainer", tmp_path / "gamma.kubeconfig")
+    ok = _patch(gamma, namespace, "gamma", progress)
+    assert ok.returncode == 0, ok.stderr
+    # RBAC lets it through (the Role names no run); the policy does not.
+    denied = _patch(gamma, namespace, "delta", progress)
+    assert denied.returncode != 0 and "pod gamma-a1-0-abcde belongs to another run" in denied.stderr, denied.stderr
+    assert (get_json(cluster, "aft", "delta", "-n", namespace).get("status") or {}).get("progress") is None
+    # A pod of a run an earlier operator version made runs as that run's own NAME-trainer.
+    cluster.kubectl("create", "serviceaccount", "delta-trainer", "-n", namespace)
+    cluster.kubectl("create", "rolebinding", "delta-progress", "-n", namespace, "--role=alpaca-trainer-progress",
+                    f"--serviceaccount={namespace}:delta-trainer")
+    legacy = _pod_token(cluster, namespace, "delta-a1-0-fghij", "delta-trainer", tmp_path / "delta.kubeconfig")
+    ok = _patch(legacy, namespace, "delta", progress)
+    assert ok.returncode == 0, ok.stderr
+    assert get_json(cluster, "aft", "delta", "-n", namespace)["status"]["progress"]["step"] == 3
+    # ...and that account is only delta's.
+    denied = _patch(legacy, namespace, "gamma", {"progress": {"step": 4}})
+    assert denied.returncode != 0, denied.stderr

@@ -141,10 +141,10 @@ RUN_NAMESPACE_RULES = {
     "jobs.batch": {"get", "list", "watch", "create", "patch", "delete"},
     "services": {"get", "create", "delete"},
     "serviceaccounts": {"get", "create", "delete"},
-    "configmaps": {"get", "create", "delete"},
+    "configmaps": {"get", "delete"},
     "pods": {"list"},
     "roles.rbac.authorization.k8s.io": {"get", "create", "delete"},
-    "rolebindings.rbac.authorization.k8s.io": {"get", "create", "patch", "delete"},
+    "rolebindings.rbac.authorization.k8s.io": {"get", "create", "delete"},
     "events": {"create", "list"},
     "workloads.kueue.x-k8s.io": {"list", "patch"},
 }
@@ -251,8 +251,8 @@ def test_cluster_wide_account_drives_a_lifecycle(cluster, cluster_wide, namespac
         assert body["status"]["phase"] == "Succeeded", body["status"]
         assert sample(scrape(port), f"{P}_runs", phase="Succeeded", backend="eks") >= 1
         assert_no_forbidden(op)
-        # Under the chart's account (no `bind` verb) a RoleBinding to a Role not created yet
-        # is refused: a normal run must neither warn nor wait for the retry.
+        # Under the chart's account (no `bind` verb) the trainer identity's RoleBinding is
+        # refused until its Role exists: a normal run must neither warn nor wait for a retry.
         warnings = [f"{e['involvedObject']['kind']}/{e['involvedObject']['name']}: {e['reason']}: {e['message']}"
                     for e in get_json(cluster, "events", "-n", namespace,
                                       "--field-selector", "type=Warning")["items"]]

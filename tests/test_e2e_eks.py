@@ -215,8 +215,11 @@ def test_a_lora_finetune_through_the_operator(cluster, served, operator, inputs,
     spec["resources"]["nodes"] = 1
     cluster.kubectl("-n", served, "apply", "-f", "-", input=json.dumps(doc))
     wait_finished(cluster, served, "lora", operator)
-    config = get_json(cluster, "configmap", "lora-config", "-n", served)["data"]
-    assert set(config) == {"train_args.json"}, "zeroStage 0: no DeepSpeed config"
+    pod = get_json(cluster, "job", "lora-a1", "-n", served)["spec"]["template"]["spec"]
+    env = {e["name"] for e in pod["containers"][0]["env"]}
+    assert "ALPACA_TRAIN_ARGS" in env and "ALPACA_DEEPSPEED_CONFIG" not in env, "zeroStage 0: no DeepSpeed config"
+    # One node: rank 0 is the pod itself, no headless Service.
+    assert "subdomain" not in pod and get_json(cluster, "services", "-n", served, "-l", "alpaca.dev/finetune=lora")["items"] == []
     objects = keys(s3, bucket, "runs/lora/")
     assert {"runs/lora/adapter/adapter_config.json", "runs/lora/adapter/adapter_model.safetensors",
             "runs/lora/model.safetensors", "runs/lora/config.json"} <= set(objects), sorted(objects)

@@ -128,6 +128,12 @@ def test_sample_lifecycle(cluster, operator, namespace, sample):
             live = get_json(cluster, kind, child, "-n", namespace)
             assert_subset(want, live, f"{want['kind']}/{child}")
             assert live["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"]
+        # The namespace's trainer identity, exactly as rendered, owned by no run.
+        run = Run(name, namespace, body["metadata"]["uid"], 1, parse_spec(body["spec"]))
+        for want in render.render_trainer_identity(namespace, render.pod_service_account(run)):
+            live = get_json(cluster, want["kind"].lower(), want["metadata"]["name"], "-n", namespace)
+            assert_subset(want, live, f"{want['kind']}/{want['metadata']['name']}")
+            assert not live["metadata"].get("ownerReferences")
 
         job = get_json(cluster, "job", f"{name}-a1", "-n", namespace)
         selector = job["spec"]["template"]["spec"].get("nodeSelector") or {}
@@ -145,8 +151,8 @@ def test_sample_lifecycle(cluster, operator, namespace, sample):
         st = final["status"]
         assert st["output"] == d["spec"]["output"]["uri"] and st["attempts"] == 1
         assert st["startTime"] and st["completionTime"] and st["observedGeneration"] == body["metadata"]["generation"]
-        assert st["workload"] == {"job": f"{name}-a1", "service": name, "configMap": f"{name}-config",
-                                  "serviceAccount": d["spec"].get("serviceAccountName") or f"{name}-trainer"}
+        assert st["workload"] == {"job": f"{name}-a1", **({"service": name} if job["spec"]["parallelism"] > 1 else {}),
+                                  "serviceAccount": d["spec"].get("serviceAccountName") or "alpaca-trainer"}
         assert recorders[name].stop() == ["Pending", "Launching", "Running", "Succeeded"]
         assert event_reasons(cluster, namespace, name) == ["Accepted", "Launching", "Running", "Succeeded"]
 
@@ -158,7 +164,7 @@ def test_kubectl_get_columns_and_progress_from_rank0(cluster, operator, namespac
     # Rank 0 reports progress with its pod's own token (docs/contract.md): that is all it may do.
     rank0 = next(p for p in pods(cluster, namespace, "cols")
                  if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0")
-    token = cluster.kubectl("create", "token", "cols-trainer", "-n", namespace, "--bound-object-kind=Pod",
+    token = cluster.kubectl("create", "token", "alpaca-trainer", "-n", namespace, "--bound-object-kind=Pod",
                             f"--bound-object-name={rank0['metadata']['name']}",
                             f"--bound-object-uid={rank0['metadata']['uid']}").stdout.strip()
     as_pod = token_env(cluster, token, tmp_path / "rank0.kubeconfig")
@@ -235,7 +241,7 @@ def test_suspend_and_resume(cluster, operator, namespace):
                                                     and js[0]["spec"].get("suspend") else None)(
         jobs(cluster, namespace, "pause")), timeout=30, on_timeout=dump(cluster, namespace, operator))
     assert held["metadata"]["name"] == "pause-a1" and "Failed" not in str(held["status"].get("conditions"))
-    cluster.kubectl("get", "configmap/pause-config", "service/pause", "-n", namespace)
+    cluster.kubectl("get", "service/pause", "-n", namespace)
 
     cluster.kubectl("patch", "alpacafinetune", "pause", "-n", namespace, "--type=merge",
                     "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
@@ -272,7 +278,10 @@ def test_ttl_deletes_children_but_keeps_the_run(cluster, operator, namespace):
     wait_for("ChildrenDeleted", cleaned, timeout=30, on_timeout=dump(cluster, namespace, operator))
     left = cluster.kubectl("get", "jobs,services,configmaps,roles,rolebindings", "-n", namespace,
                            "-l", "alpaca.dev/finetune=brief", "-o", "name").stdout.split()
-    assert left == [] and cluster.kubectl("get", "sa", "brief-trainer", "-n", namespace, check=False).returncode != 0
+    assert left == []
+    # The namespace's trainer identity is not the run's: it stays for the next one.
+    cluster.kubectl("get", "sa/alpaca-trainer", "role/alpaca-trainer-progress", "rolebinding/alpaca-trainer-progress",
+                    "-n", namespace)
     assert aft(cluster, namespace, "brief")["status"]["phase"] == "Succeeded"
 
 
@@ -289,8 +298,25 @@ def test_missing_deepspeed_configmap_waits_in_pending(cluster, operator, namespa
     cluster.kubectl("create", "configmap", "later", "-n", namespace, f"--from-literal=ds.json={json.dumps(ds)}")
     wait_for("Succeeded once the ConfigMap exists", phase_is(cluster, namespace, "byo-ds", "Succeeded"), timeout=90,
              on_timeout=dump(cluster, namespace, operator))
-    cm = get_json(cluster, "configmap", "byo-ds-config", "-n", namespace)
-    assert json.loads(cm["data"]["ds_config.json"]) == ds
+    env = {e["name"]: e.get("value") for e in get_json(cluster, "job", "byo-ds-a1", "-n", namespace)
+           ["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert json.loads(env["ALPACA_DEEPSPEED_CONFIG"]) == ds
+
+
+def test_a_deleted_trainer_account_is_made_again(cluster, operator, namespace):
+    """The namespace's trainer identity is made once and then trusted; someone deletes its
+    ServiceAccount: the next run's pods cannot be created, the operator sees why, makes it
+    again, and the Job controller's next try creates them."""
+    apply(cluster, namespace, finetune("before", run_for="1s"))
+    wait_for("Succeeded", phase_is(cluster, namespace, "before", "Succeeded"), timeout=60,
+             on_timeout=dump(cluster, namespace, operator))
+    old = get_json(cluster, "sa", "alpaca-trainer", "-n", namespace)
+    cluster.kubectl("delete", "sa", "alpaca-trainer", "-n", namespace, "--wait=true")
+    apply(cluster, namespace, finetune("after", run_for="1s"))
+    wait_for("Succeeded", phase_is(cluster, namespace, "after", "Succeeded"), timeout=90,
+             on_timeout=dump(cluster, namespace, operator))
+    new = get_json(cluster, "sa", "alpaca-trainer", "-n", namespace)
+    assert new["metadata"]["uid"] != old["metadata"]["uid"]
 
 
 # ---- disruptions, permanent errors, failures the user can see (issue 11) --------------------
@@ -429,9 +455,8 @@ def test_a_recreated_run_never_sees_the_old_runs_job(cluster, operator, namespac
     assert get_json(cluster, "job", "again-a1", "-n", namespace)["metadata"]["uid"] == old_job["metadata"]["uid"]
     # Every leftover in one message, in a fixed order, with the command that removes them.
     message = conditions(body)["Created"]["message"]
-    stale = ["serviceaccount/again-trainer", "role/again-progress", "rolebinding/again-progress",
-             "configmap/again-config", "service/again", "job/again-a1"]
-    assert f"6 object(s) with this run's names already exist" in message and ", ".join(stale) in message, message
+    stale = ["job/again-a1"]
+    assert f"1 object(s) with this run's names already exist" in message and ", ".join(stale) in message, message
     assert f"kubectl -n {namespace} delete {' '.join(stale)}" in message, message
     assert [e["reason"] for e in events(cluster, namespace, "again")].count("NameConflict") == 1
     # The user removes the leftovers: the new run starts on its own, without a poke.

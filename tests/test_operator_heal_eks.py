@@ -21,7 +21,7 @@ def rank0(cluster, namespace: str, name: str, attempt: int) -> dict:
 
 def report_progress(cluster, namespace: str, name: str, pod: dict, tmp_path, **progress) -> str:
     """PATCH status.progress as rank 0 does (docs/contract.md), as that pod."""
-    token = cluster.kubectl("create", "token", f"{name}-trainer", "-n", namespace, "--bound-object-kind=Pod",
+    token = cluster.kubectl("create", "token", "alpaca-trainer", "-n", namespace, "--bound-object-kind=Pod",
                             f"--bound-object-name={pod['metadata']['name']}",
                             f"--bound-object-uid={pod['metadata']['uid']}").stdout.strip()
     as_pod = token_env(cluster, token, tmp_path / f"{pod['metadata']['name']}.kubeconfig")

@@ -197,18 +197,28 @@ def test_owned_arguments_are_what_the_operator_renders_and_the_crd_refuses():
 def test_zero_stage_0_trains_without_deepspeed():
     r = run_of({**MINIMAL, "deepspeed": {"zeroStage": 0}, "training": {"peft": {"method": "lora"}}})
     assert render_deepspeed_config(r.spec) is None
-    # No ds_config.json in the pods' config: alpaca-launch then passes no --deepspeed.
-    assert set(render.render_config_map(r)["data"]) == {"train_args.json"}
+    # No DeepSpeed JSON in the pods' environment: alpaca-launch then passes no --deepspeed.
+    env = {e["name"]: e for e in render.render_job(r, 1)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "ALPACA_TRAIN_ARGS" in env and "ALPACA_DEEPSPEED_CONFIG" not in env
 
 
 # ---- the children ------------------------------------------------------------------------
 
 def test_children_in_creation_order_job_last():
-    kinds = [o["kind"] for o in render.render_children(run_of(MINIMAL), 1)]
-    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Job"]
-    with_sa = run_of({**MINIMAL, "serviceAccountName": "irsa"})
-    assert [o["kind"] for o in render.render_children(with_sa, 1)] == \
-        ["Role", "RoleBinding", "ConfigMap", "Service", "Job"]
+    # A gang of one needs no Service: rank 0 is the pod itself.
+    assert [o["kind"] for o in render.render_children(run_of(MINIMAL), 1)] == ["Job"]
+    two = run_of({**MINIMAL, "resources": {"nodes": 2}})
+    assert [o["kind"] for o in render.render_children(two, 1)] == ["Service", "Job"]
+
+
+def test_a_gang_of_one_finds_rank_0_at_its_own_address_and_more_through_the_service():
+    one = render.render_job(run_of(MINIMAL), 1)["spec"]["template"]["spec"]
+    assert "subdomain" not in one
+    assert {"name": "PET_MASTER_ADDR", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} \
+        in one["containers"][0]["env"]
+    two = render.render_job(run_of({**MINIMAL, "resources": {"nodes": 2}}), 1)["spec"]["template"]["spec"]
+    assert two["subdomain"] == "ft"
+    assert {"name": "PET_MASTER_ADDR", "value": "ft-a1-0.ft"} in two["containers"][0]["env"]
 
 
 def test_service_is_headless_and_publishes_not_ready_pods():
@@ -220,33 +230,38 @@ def test_service_is_headless_and_publishes_not_ready_pods():
     }
 
 
-def test_progress_rbac_is_only_its_own_status():
-    r = run_of(MINIMAL)
-    assert render.render_service_account(r) == {"apiVersion": "v1", "kind": "ServiceAccount",
-                                                "metadata": meta("ft-trainer")}
-    assert render.render_role(r) == {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta("ft-progress"),
-        "rules": [{"apiGroups": ["alpaca.dev"], "resources": ["alpacafinetunes/status"],
-                   "resourceNames": ["ft"], "verbs": ["get", "patch"]}],
-    }
-    assert render.render_role_binding(r) == {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta("ft-progress"),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ft-progress"},
-        "subjects": [{"kind": "ServiceAccount", "name": "ft-trainer", "namespace": "team"}],
-    }
-    irsa = render.render_role_binding(run_of({**MINIMAL, "serviceAccountName": "irsa"}))
-    assert irsa["subjects"] == [{"kind": "ServiceAccount", "name": "irsa", "namespace": "team"}]
+def test_the_trainer_identity_is_one_per_namespace_and_may_only_report_status():
+    shared = {"namespace": "team", "labels": {"app.kubernetes.io/managed-by": "alpaca-operator"}}
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "alpaca-trainer-progress", **shared},
+            "rules": [{"apiGroups": ["alpaca.dev"], "resources": ["alpacafinetunes/status"],
+                       "verbs": ["get", "patch"]}]}
+    # Owned by no run (it outlives each), and in the order an operator without `bind` needs.
+    assert render.render_trainer_identity("team", "alpaca-trainer") == [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "alpaca-trainer", **shared}},
+        role,
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": "alpaca-trainer-progress", **shared},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "alpaca-trainer-progress"},
+         "subjects": [{"kind": "ServiceAccount", "name": "alpaca-trainer", "namespace": "team"}]}]
+    # A user's account (spec.serviceAccountName) is theirs: only bound, under a name of its own.
+    role_, binding = render.render_trainer_identity("team", "irsa")
+    assert role_ == role and binding["metadata"]["name"] == "alpaca-trainer-progress-irsa"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "irsa", "namespace": "team"}]
+    assert render.pod_service_account(run_of(MINIMAL)) == "alpaca-trainer"
+    assert render.pod_service_account(run_of({**MINIMAL, "serviceAccountName": "irsa"})) == "irsa"
 
 
-def test_config_map_holds_ds_config_and_train_args():
+def test_the_pods_environment_carries_the_training_arguments_and_the_deepspeed_json():
     r = run_of(MINIMAL)
-    cm = render.render_config_map(r)
-    assert cm["metadata"] == meta("ft-config")
-    assert set(cm["data"]) == {"ds_config.json", "train_args.json"}
-    assert json.loads(cm["data"]["ds_config.json"]) == render_deepspeed_config(r.spec)
-    assert json.loads(cm["data"]["train_args.json"]) == render_training_args(r.spec)
+    env = {e["name"]: e.get("value") for e in render.render_job(r, 1)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert json.loads(env["ALPACA_DEEPSPEED_CONFIG"]) == render_deepspeed_config(r.spec)
+    assert "\n" not in env["ALPACA_DEEPSPEED_CONFIG"]     # compact
+    assert json.loads(env["ALPACA_TRAIN_ARGS"]) == render_training_args(r.spec)
     user = {"zero_optimization": {"stage": 2}, "train_batch_size": "auto"}
-    assert json.loads(render.render_config_map(r, user)["data"]["ds_config.json"]) == user
+    env = {e["name"]: e.get("value")
+           for e in render.render_job(r, 1, ds_config=user)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert json.loads(env["ALPACA_DEEPSPEED_CONFIG"]) == user
 
 
 FULL = {
@@ -294,8 +309,8 @@ def test_job_exactly():
                 "spec": {
                     "restartPolicy": "Never",
                     "terminationGracePeriodSeconds": 600,
+                    "serviceAccountName": "alpaca-trainer",
                     "subdomain": "ft",
-                    "serviceAccountName": "ft-trainer",
                     "nodeSelector": {"node.kubernetes.io/instance-type": "p4d.24xlarge",
                                      "eks.amazonaws.com/nodegroup": "gpu-p4d"},
                     "tolerations": [
@@ -315,7 +330,9 @@ def test_job_exactly():
                                 "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
                             {"name": "PET_MASTER_ADDR", "value": "ft-a3-0.ft"},
                             {"name": "PET_MASTER_PORT", "value": "29500"},
-                            {"name": "ALPACA_CONFIG_DIR", "value": "/etc/alpaca"},
+                            {"name": "ALPACA_TRAIN_ARGS", "value": json.dumps(render_training_args(run_of(FULL).spec))},
+                            {"name": "ALPACA_DEEPSPEED_CONFIG", "value": json.dumps(
+                                render_deepspeed_config(run_of(FULL).spec), sort_keys=True, separators=(",", ":"))},
                             {"name": "ALPACA_WORKDIR", "value": "/workspace"},
                             {"name": "ALPACA_OUTPUT_URI", "value": "s3://b/out/"},
                             {"name": "ALPACA_FINETUNE_NAME", "value": "ft"},
@@ -330,13 +347,11 @@ def test_job_exactly():
                         "ports": [{"name": "rendezvous", "containerPort": 29500, "protocol": "TCP"}],
                         "resources": {"requests": resources, "limits": resources},
                         "volumeMounts": [
-                            {"name": "config", "mountPath": "/etc/alpaca", "readOnly": True},
                             {"name": "shm", "mountPath": "/dev/shm"},
                             {"name": "workspace", "mountPath": "/workspace"},
                         ],
                     }],
                     "volumes": [
-                        {"name": "config", "configMap": {"name": "ft-config"}},
                         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "128Gi"}},
                         {"name": "workspace", "emptyDir": {}},
                     ],
@@ -357,7 +372,7 @@ def test_minimal_job_has_no_optional_fields():
                                                  "limits": {"nvidia.com/gpu": "8"}}
     assert [e["name"] for e in pod["containers"][0]["env"]] == [
         "PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT",
-        "ALPACA_CONFIG_DIR", "ALPACA_WORKDIR", "ALPACA_OUTPUT_URI", "ALPACA_FINETUNE_NAME",
+        "ALPACA_TRAIN_ARGS", "ALPACA_DEEPSPEED_CONFIG", "ALPACA_WORKDIR", "ALPACA_OUTPUT_URI", "ALPACA_FINETUNE_NAME",
         "ALPACA_RUN_UID", "ALPACA_FINETUNE_NAMESPACE", "ALPACA_ATTEMPT"]
 
 
@@ -382,7 +397,7 @@ def test_shared_cluster_pod_settings_are_rendered_beside_the_operators_own():
     pod = render.render_job(run_of({**MINIMAL, **SHARED_CLUSTER}), 1)["spec"]["template"]["spec"]
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
     assert pod["volumes"][-1] == SHARED_CLUSTER["volumes"][0]
-    assert [v["name"] for v in pod["volumes"]] == ["config", "shm", "workspace", "fsx"]
+    assert [v["name"] for v in pod["volumes"]] == ["shm", "workspace", "fsx"]
     assert pod["containers"][0]["volumeMounts"][-1] == {"name": "fsx", "mountPath": "/fsx", "readOnly": True}
     assert pod["affinity"] == SHARED_CLUSTER["affinity"]
     assert pod["topologySpreadConstraints"] == SHARED_CLUSTER["topologySpreadConstraints"]
@@ -412,8 +427,9 @@ def test_avoided_nodes_are_kept_off_in_every_node_selector_term_of_the_users_aff
 def test_names():
     r = run_of(MINIMAL, name="alpaca-7b")
     assert "suspend" not in render.render_job(r, 2)["spec"]   # created running; runPolicy.suspend holds it later
-    assert render.workload_names(r, 2) == {"job": "alpaca-7b-a2", "service": "alpaca-7b",
-                                           "configMap": "alpaca-7b-config", "serviceAccount": "alpaca-7b-trainer"}
+    assert render.workload_names(r, 2) == {"job": "alpaca-7b-a2", "serviceAccount": "alpaca-trainer"}
+    two = run_of({**MINIMAL, "resources": {"nodes": 2}, "serviceAccountName": "irsa"}, name="alpaca-7b")
+    assert render.workload_names(two, 2) == {"job": "alpaca-7b-a2", "service": "alpaca-7b", "serviceAccount": "irsa"}
     assert api.master_addr("alpaca-7b", 2) == "alpaca-7b-a2-0.alpaca-7b"
 
 

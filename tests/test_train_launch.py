@@ -11,6 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from fixtures_train import (
     ZERO2, ZERO3, VENV_BIN, assert_generates, copy_tree, free_port, keys, run_cmd, trainer_state, upload_inputs,
     write_json, write_records,
@@ -38,11 +40,11 @@ def wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, Path], timeout:
     assert not bad, "\n".join(f"--- {n} exited {rc}:\n{logs[n].read_text()[-5000:]}" for n, rc in bad.items())
 
 
-def pod_env(env, config: Path, workdir: Path, index: int, port: int, bucket: str, termination_log: Path) -> dict:
-    """Pod `index` of a two-node gang, as the operator renders it (docs/contract.md)."""
-    return dict(env, PET_NNODES="2", PET_NPROC_PER_NODE="1", PET_NODE_RANK=str(index),
-                PET_MASTER_ADDR="localhost", PET_MASTER_PORT=str(port),
-                ALPACA_CONFIG_DIR=str(config), ALPACA_WORKDIR=str(workdir),
+def pod_env(env, config: dict, workdir: Path, index: int, port: int, bucket: str, termination_log: Path) -> dict:
+    """Pod `index` of a two-node gang, as the operator renders it (docs/contract.md); config:
+    the variables that carry the training arguments and the DeepSpeed JSON."""
+    return dict(env, **config, PET_NNODES="2", PET_NPROC_PER_NODE="1", PET_NODE_RANK=str(index),
+                PET_MASTER_ADDR="localhost", PET_MASTER_PORT=str(port), ALPACA_WORKDIR=str(workdir),
                 ALPACA_OUTPUT_URI=f"s3://{bucket}/run/", ALPACA_FINETUNE_NAME="demo",
                 ALPACA_FINETUNE_NAMESPACE="default", ALPACA_ATTEMPT="1", ALPACA_RUN_UID="uid-1",
                 ALPACA_FAILURE_FILE=str(termination_log))
@@ -59,14 +61,12 @@ def test_sigterm_to_one_pod_stops_the_gang_with_a_checkpoint_then_it_resumes_fro
     env = dict(train_env, **s3.env)
     data = write_records(tmp_path / "alpaca_data.json", seed_records[:48])
     model_uri, data_uri = upload_inputs(s3, bucket, tiny_model, data, env)
-    # The ConfigMap NAME-config, as the operator renders it.
-    config = tmp_path / "etc-alpaca"
-    write_json(config / "ds_config.json", ZERO3)
-    write_json(config / "train_args.json", [
+    # The pod's environment, as the operator renders it.
+    config = {"ALPACA_DEEPSPEED_CONFIG": json.dumps(ZERO3), "ALPACA_TRAIN_ARGS": json.dumps([
         "--model_name_or_path", model_uri, "--data_path", data_uri, "--num_train_epochs", "1",
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3",
         "--save_steps", "2", "--save_total_limit", "1", "--logging_steps", "1", "--bf16", "True",
-    ])
+    ])}
 
     # Attempt 1: pod 1's node is reclaimed (SIGTERM to its launcher, the container's
     # PID 1) once a first checkpoint is in S3. Pod 0 gets no signal.
@@ -122,6 +122,7 @@ def test_sigterm_to_one_pod_stops_the_gang_with_a_checkpoint_then_it_resumes_fro
 
 
 def test_launcher_exits_with_the_workers_permanent_code_and_reason(tiny_model, train_env, tmp_path):
+    # The arguments as a file in ALPACA_CONFIG_DIR: the ConfigMap of pods an earlier operator made.
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "c", "output": "d"\n')
     write_json(tmp_path / "etc" / "train_args.json", ["--model_name_or_path", str(tiny_model), "--data_path", str(bad)])
@@ -217,3 +218,26 @@ def test_launcher_waits_for_rank0_name_then_fails_clearly(train_env, tmp_path):
     env.update(PET_NODE_RANK="2")
     proc = run_cmd([VENV_BIN / "alpaca-launch"], env, timeout=60)
     assert proc.returncode == 64 and "PET_NODE_RANK=2 is outside 0..1" in proc.output  # permanent
+
+
+def test_the_pods_environment_carries_the_arguments_and_the_deepspeed_json(tmp_path):
+    from alpaca_train import launch
+
+    env = {"PET_NNODES": "1", "PET_NPROC_PER_NODE": "2", "ALPACA_WORKDIR": str(tmp_path / "work"),
+           launch.ENV_TRAIN_ARGS: json.dumps(["--model_name_or_path", "s3://b/m/"]),
+           launch.ENV_DEEPSPEED_CONFIG: json.dumps(ZERO3, separators=(",", ":"))}
+    cmd = launch.build_command(env)
+    assert launch.train_args_of(cmd) == ["--model_name_or_path", "s3://b/m/", "--deepspeed",
+                                         str(tmp_path / "work" / "ds_config.json")]
+    assert json.loads((tmp_path / "work" / "ds_config.json").read_text()) == ZERO3
+    # zeroStage 0: no DeepSpeed JSON, no --deepspeed (and no ConfigMap's file is looked for).
+    del env[launch.ENV_DEEPSPEED_CONFIG]
+    env["ALPACA_CONFIG_DIR"] = str(tmp_path / "absent")
+    assert launch.train_args_of(launch.build_command(env)) == ["--model_name_or_path", "s3://b/m/"]
+    for name, value, why in ((launch.ENV_TRAIN_ARGS, "[\"--x\", 1]", "must be a JSON list of strings"),
+                             (launch.ENV_TRAIN_ARGS, "[", "malformed JSON"),
+                             (launch.ENV_DEEPSPEED_CONFIG, "[]", "must be a JSON object"),
+                             (launch.ENV_DEEPSPEED_CONFIG, "{", "malformed JSON")):
+        with pytest.raises(launch.LaunchError, match=why) as e:
+            launch.build_command({**env, name: value})
+        assert e.value.exit_code == 64 and name in str(e.value)

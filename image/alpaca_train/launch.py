@@ -1,8 +1,9 @@
 """`alpaca-launch`: the command of every training pod of an AlpacaFineTune gang.
 
 It reads what the operator put in the pod (docs/contract.md, "The training pod"): the
-rendezvous in PET_* variables, the arguments in $ALPACA_CONFIG_DIR/train_args.json and
-the DeepSpeed config beside them; checks that EFA is really there when FI_PROVIDER=efa;
+rendezvous in PET_* variables, the arguments in $ALPACA_TRAIN_ARGS (a JSON list) and the
+DeepSpeed JSON in $ALPACA_DEEPSPEED_CONFIG (in pods an earlier operator version made, both
+as files in $ALPACA_CONFIG_DIR); checks that EFA is really there when FI_PROVIDER=efa;
 waits until rank 0's name resolves (pods of a gang start in any order and the headless
 Service publishes them as they come); then runs torchrun over `python -m alpaca_train.train`.
 
@@ -30,6 +31,9 @@ from alpaca_train import exitcodes, preflight, shutdown
 from alpaca_train.exitcodes import ImageError
 
 log = logging.getLogger("alpaca_train.launch")
+# The operator's names for them (operator/alpaca_operator/api.py; docs/contract.md).
+ENV_TRAIN_ARGS = "ALPACA_TRAIN_ARGS"
+ENV_DEEPSPEED_CONFIG = "ALPACA_DEEPSPEED_CONFIG"
 
 
 class LaunchError(ImageError):
@@ -81,24 +85,50 @@ def train_args_of(cmd: list[str]) -> list[str]:
     return cmd[cmd.index("alpaca_train.train") + 1:]
 
 
+def _json_list_of_strings(text: str, where: str) -> list[str]:
+    try:
+        args = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LaunchError(f"{where}: malformed JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise LaunchError(f"{where} must be a JSON list of strings")
+    return args
+
+
 def read_train_args(config_dir: Path) -> list[str]:
     path = config_dir / "train_args.json"
     if not path.is_file():
         raise LaunchError(f"{path} does not exist: the ConfigMap is not mounted at {config_dir}")
+    return _json_list_of_strings(path.read_text(), str(path))
+
+
+def _deepspeed_file(env: dict) -> Path | None:
+    """The DeepSpeed JSON as a file, which --deepspeed takes: from $ALPACA_DEEPSPEED_CONFIG,
+    written to the pod's scratch directory, or the older operators' mounted file."""
+    text = env.get(ENV_DEEPSPEED_CONFIG)
+    if text is None:
+        ds = Path(env.get("ALPACA_CONFIG_DIR", "/etc/alpaca")) / "ds_config.json"
+        return ds if ds.is_file() else None
     try:
-        args = json.loads(path.read_text())
+        config = json.loads(text)
     except json.JSONDecodeError as e:
-        raise LaunchError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
-    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-        raise LaunchError(f"{path} must be a JSON list of strings")
-    return args
+        raise LaunchError(f"${ENV_DEEPSPEED_CONFIG}: malformed JSON at column {e.colno}: {e.msg}") from None
+    if not isinstance(config, dict):
+        raise LaunchError(f"${ENV_DEEPSPEED_CONFIG} must be a JSON object")
+    workdir = Path(env.get("ALPACA_WORKDIR") or tempfile.mkdtemp(prefix="alpaca-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "ds_config.json"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path
 
 
 def build_command(env: dict) -> list[str]:
-    config_dir = Path(env.get("ALPACA_CONFIG_DIR", "/etc/alpaca"))
-    args = read_train_args(config_dir)
-    ds = config_dir / "ds_config.json"
-    if ds.is_file() and not any(a.split("=")[0] == "--deepspeed" for a in args):
+    if ENV_TRAIN_ARGS in env:
+        args = _json_list_of_strings(env[ENV_TRAIN_ARGS], f"${ENV_TRAIN_ARGS}")
+    else:
+        args = read_train_args(Path(env.get("ALPACA_CONFIG_DIR", "/etc/alpaca")))
+    ds = _deepspeed_file(env)
+    if ds is not None and not any(a.split("=")[0] == "--deepspeed" for a in args):
         args += ["--deepspeed", str(ds)]
     try:
         nnodes = int(env.get("PET_NNODES", "1"))

@@ -32,30 +32,46 @@ ANNOTATION_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 COMPONENT = "alpaca-operator"   # Event source
 RENDEZVOUS_PORT = 29500
 TRAINER_CONTAINER = "trainer"
-CONFIG_DIR = "/etc/alpaca"
 WORKDIR = "/workspace"
+# The training pods' identity, made once per namespace and shared by its runs (unless
+# spec.serviceAccountName names another): its Role may patch any run's status in the
+# namespace, and the admission policy (manifests/policy/) narrows that to the progress of
+# the run whose pod-bound token it is.
+TRAINER_ACCOUNT = "alpaca-trainer"
+TRAINER_ROLE = "alpaca-trainer-progress"
+# The pod's environment carries the training arguments and the DeepSpeed JSON (no
+# ConfigMap per run; docs/contract.md).
+ENV_TRAIN_ARGS = "ALPACA_TRAIN_ARGS"
+ENV_DEEPSPEED_CONFIG = "ALPACA_DEEPSPEED_CONFIG"
 
 
 def job_name(name: str, attempt: int) -> str:
     return f"{name}-a{attempt}"
 
 
-def config_map_name(name: str) -> str:
-    return f"{name}-config"
+def trainer_binding_name(account: str) -> str:
+    """The RoleBinding that gives `account` the trainer Role in a namespace."""
+    return TRAINER_ROLE if account == TRAINER_ACCOUNT else f"{TRAINER_ROLE}-{account}"
 
 
 def service_name(name: str) -> str:
     return name
 
 
-def trainer_account_name(name: str) -> str:
-    return f"{name}-trainer"
-
-
-def progress_role_name(name: str) -> str:
-    return f"{name}-progress"
-
-
 def master_addr(name: str, attempt: int) -> str:
     """Rank 0's DNS name: Indexed Job pods are `JOB-INDEX` under the pod subdomain."""
     return f"{job_name(name, attempt)}-0.{service_name(name)}"
+
+
+# What operator versions before the shared trainer identity made per run, each owned by
+# it: still removed with the run's other children (ttlSecondsAfterFinished).
+def legacy_config_map_name(name: str) -> str:
+    return f"{name}-config"
+
+
+def legacy_trainer_account_name(name: str) -> str:
+    return f"{name}-trainer"
+
+
+def legacy_progress_role_name(name: str) -> str:
+    return f"{name}-progress"

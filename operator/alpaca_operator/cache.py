@@ -16,6 +16,20 @@ from . import api
 Key = tuple[str, str]
 
 
+def _slim(body: Mapping[str, Any], *, job: bool = False) -> dict[str, Any]:
+    """What the operator reads of a cached object: without metadata.managedFields and a Job's
+    pod template (which carries the DeepSpeed JSON and the training arguments), most of
+    its size; 500 runs' Jobs held whole cost tens of MiB."""
+    slim = dict(body)
+    meta = body.get("metadata")
+    if isinstance(meta, Mapping) and "managedFields" in meta:
+        slim["metadata"] = {k: v for k, v in meta.items() if k != "managedFields"}
+    spec = body.get("spec")
+    if job and isinstance(spec, Mapping) and "template" in spec:
+        slim["spec"] = {k: v for k, v in spec.items() if k != "template"}
+    return slim
+
+
 class Cache:
     def __init__(self) -> None:
         self._runs: dict[Key, Mapping[str, Any]] = {}
@@ -28,7 +42,7 @@ class Cache:
 
     def put_run(self, body: Mapping[str, Any]) -> None:
         meta = body["metadata"]
-        self._runs[(meta["namespace"], meta["name"])] = body
+        self._runs[(meta["namespace"], meta["name"])] = _slim(body)
 
     def runs_held(self) -> int:
         return len(self._runs) + len(self._jobs)
@@ -49,7 +63,7 @@ class Cache:
         meta = body["metadata"]
         owner = (meta.get("labels") or {}).get(api.LABEL_FINETUNE)
         if owner:
-            self._jobs.setdefault((meta["namespace"], owner), {})[meta["name"]] = body
+            self._jobs.setdefault((meta["namespace"], owner), {})[meta["name"]] = _slim(body, job=True)
 
     def drop_job(self, namespace: str, owner: str, job: str) -> None:
         jobs = self._jobs.get((namespace, owner))
@@ -58,4 +72,4 @@ class Cache:
 
     def set_jobs(self, namespace: str, name: str, jobs: list[Mapping[str, Any]]) -> None:
         """What a fresh listing found (possibly nothing)."""
-        self._jobs[(namespace, name)] = {j["metadata"]["name"]: j for j in jobs}
+        self._jobs[(namespace, name)] = {j["metadata"]["name"]: _slim(j, job=True) for j in jobs}

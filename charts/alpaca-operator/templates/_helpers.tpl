@@ -61,19 +61,22 @@ create/delete of its own; pods only list (a failed pod's exit code and terminati
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, patch, delete]
+# A gang's headless Service; the namespace's trainer identity (ServiceAccount alpaca-trainer,
+# Role and RoleBinding alpaca-trainer-progress), made once; get and delete: the per-run
+# account, Role and binding of earlier operator versions, removed with a run's children.
 - apiGroups: [""]
-  resources: [services, serviceaccounts, configmaps]
+  resources: [services, serviceaccounts]
   verbs: [get, create, delete]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles, rolebindings]
+  verbs: [get, create, delete]
+# get: spec.deepspeed.configMapRef; delete: the per-run ConfigMap of earlier operator versions.
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, delete]
 - apiGroups: [""]
   resources: [pods]
   verbs: [list]
-# The per-run progress Role and its binding (whose subjects it may correct).
-- apiGroups: [rbac.authorization.k8s.io]
-  resources: [roles]
-  verbs: [get, create, delete]
-- apiGroups: [rbac.authorization.k8s.io]
-  resources: [rolebindings]
-  verbs: [get, create, patch, delete]
 # Events on the runs (kubectl describe aft); list: a Job's FailedCreate Events (why its
 # pods could not be created).
 - apiGroups: [""]

@@ -35,6 +35,12 @@ ORPHAN_RECHECK = 5.0
 # How old the node listing may be that launches check a gang against (nodes come and go
 # in minutes; a launch's check needs no fresher view).
 NODES_FRESH = 5.0
+# How long a namespace's trainer identity, once made (or found), is trusted without asking
+# again: a user may delete it, and a launch after this long makes it anew.
+IDENTITY_FRESH = 600.0
+# The most a value in the pod's environment may hold: Linux refuses to exec a program with
+# an environment string over 128 KiB (MAX_ARG_STRLEN); a DeepSpeed JSON is a few KiB.
+ENV_VALUE_MAX = 128 * 1024 - 1
 KUEUE_API = "/apis/kueue.x-k8s.io/v1beta2"
 KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"     # on the Workload Kueue makes for a Job
 KUEUE_DEACTIVATED = "Deactivated"       # the reason of a Workload's eviction for spec.active: false
@@ -158,6 +164,10 @@ class EksBackend:
         # at once cost a few LISTs, not 500. (monotonic time, items or None: not readable)
         self._nodes: tuple[float, list[dict] | None] | None = None
         self._nodes_lock = asyncio.Lock()
+        # (namespace, account) -> monotonic time its trainer identity was made or found; one
+        # lock each, so that 500 runs applied at once make it once.
+        self._identities: dict[tuple[str, str], float] = {}
+        self._identity_locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     async def _jobs(self, run: Run) -> list[dict]:
         """The run's Jobs, fresh from the API server: those it owns (by UID), not merely
@@ -374,7 +384,13 @@ class EksBackend:
             events = (listing or {}).get("items") or []
             if events:
                 last = max(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
-                return Reason.FAILED_CREATE, f"{job['metadata']['name']}: {last.get('message', '')}"
+                message = last.get("message", "")
+                if f'serviceaccount "{api.TRAINER_ACCOUNT}" not found' in message \
+                        and render.pod_service_account(run) == api.TRAINER_ACCOUNT:
+                    # Someone deleted the namespace's trainer identity: made again, the Job
+                    # controller's next try creates the pods.
+                    await self._ensure_identity(run, again=True)
+                return Reason.FAILED_CREATE, f"{job['metadata']['name']}: {message}"
         return "", ""
 
     # ---- act -----------------------------------------------------------------------
@@ -397,6 +413,10 @@ class EksBackend:
                 if _attempt_of(job) < attempt and job["metadata"]["name"] not in keep:
                     await self._delete_job(run, job)
         ds_config = await read_user_ds_config(self.kube, run)
+        text = render.deepspeed_config_text(run, ds_config)
+        if text is not None and len(text.encode()) > ENV_VALUE_MAX:
+            raise LaunchError("InvalidDeepSpeedConfig", f"the DeepSpeed JSON is {len(text.encode())} bytes (compact); "
+                              f"the pods' environment carries it, which allows at most {ENV_VALUE_MAX}")
         *children, job = render.render_children(run, attempt, deadline_seconds=deadline_seconds,
                                                 ds_config=ds_config,
                                                 workload_priority=await self._workload_priority(run))
@@ -428,13 +448,8 @@ class EksBackend:
 
     async def _create(self, run: Run, attempt: int, children: list[Mapping[str, Any]],
                       job: Mapping[str, Any]) -> Observation | None:
-        # The rest of the attempt is independent, but for the RoleBinding: an operator without
-        # the `bind` verb (the chart's) may bind only a Role that exists, whose rules it then
-        # holds itself; the API server refuses a binding to a missing Role with NotFound.
-        # So everything else at once, then the binding, and the Job strictly after.
-        bindings = [obj for obj in children if obj["kind"] == "RoleBinding"]
-        await asyncio.gather(*(self._ensure(run, obj) for obj in children if obj["kind"] != "RoleBinding"))
-        for obj in bindings:
+        await self._ensure_identity(run)
+        for obj in children:
             await self._ensure(run, obj)
         if await self._old_pods_linger(run, attempt):
             return None
@@ -454,13 +469,36 @@ class EksBackend:
         if not pods:
             return False
         job = await self.kube.get("jobs", run.namespace, api.job_name(run.name, attempt))
-        if job is not None and _owned_by(job, run) and not job["metadata"].get("deletionTimestamp") \
-                and all(_controller_uid(p) == job["metadata"]["uid"] for p in pods):
+        live = job is not None and not job["metadata"].get("deletionTimestamp")
+        if live and not _owned_by(job, run):
+            return False    # another's Job of this name, with its pods: creating ours says so (_ensure)
+        if live and all(_controller_uid(p) == job["metadata"]["uid"] for p in pods):
             return True
         old = sorted(p["metadata"]["name"] for p in pods
-                     if job is None or _controller_uid(p) != job["metadata"]["uid"])
+                     if not live or _controller_uid(p) != job["metadata"]["uid"])
         raise NotYet(f"waiting for {len(old)} pod(s) of an earlier {api.job_name(run.name, attempt)} to "
                      f"terminate: {', '.join(old[:3])}")
+
+    async def _ensure_identity(self, run: Run, *, again: bool = False) -> None:
+        """The namespace's trainer identity (render.render_trainer_identity), made by the first
+        launch that needs it. Whatever has those names is taken as it is: they are the
+        operator's by convention (docs/contract.md), and a run's pods need nothing of them but
+        their names. again: it is known to be missing, whatever the memo says."""
+        key = (run.namespace, render.pod_service_account(run))
+        lock = self._identity_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            made = self._identities.get(key)
+            if not again and made is not None and time.monotonic() - made < IDENTITY_FRESH:
+                return
+            for obj in render.render_trainer_identity(*key):    # in order: see there
+                try:
+                    await self.kube.create(obj)
+                except ApiError as e:
+                    if 400 <= e.status < 500 and e.status not in (401, 408, 429):
+                        raise LaunchError(Reason.CREATE_REJECTED, f"the API server refused {obj['kind']} "
+                                          f"{obj['metadata']['name']}: {e.message}") from None
+                    raise
+            self._identities[key] = time.monotonic()
 
     async def _ensure(self, run: Run, obj: Mapping[str, Any]) -> bool:
         """Create it, or check that what has its name is ours. True if created now."""
@@ -491,10 +529,6 @@ class EksBackend:
             raise LaunchError(Reason.NAME_CONFLICT, f"{obj['kind']} {name} already exists and is not "
                               f"owned by this AlpacaFineTune {run.name} (uid {run.uid}); delete it, "
                               f"or rename the run")
-        if obj["kind"] == "RoleBinding" and existing is not None \
-                and existing.get("subjects") != obj["subjects"]:
-            # spec.serviceAccountName may have changed since an earlier attempt.
-            await self.kube.patch("rolebindings", run.namespace, name, {"subjects": obj["subjects"]})
         return False
 
     async def hold(self, run: Run, attempt: int) -> None:
@@ -542,8 +576,8 @@ class EksBackend:
 
     async def suspend(self, run: Run, attempt: int) -> None:
         # The pending gang goes (a corrected spec, a gang that could not be placed, the end of
-        # a run): the Job itself, so that the next launch renders it anew. The ConfigMap,
-        # Service and RBAC stay, and so do kept failed Jobs.
+        # a run): the Job itself, so that the next launch renders it anew. The Service stays,
+        # and so do kept failed Jobs.
         jobs = await self._jobs(run)
         keep = self._kept(run, jobs, attempt)
         for job in jobs:
@@ -554,14 +588,18 @@ class EksBackend:
         pass    # it remembers nothing per run (the shared Cache follows the watch events)
 
     async def delete(self, run: Run) -> None:
+        """The run's children (ttlSecondsAfterFinished); the namespace's trainer identity stays."""
         ns, name = run.namespace, run.name
         for job in await self._jobs(run):
             await self._delete_job(run, job)
-        for plural, child in (("services", api.service_name(name)),
-                              ("configmaps", api.config_map_name(name)),
-                              ("rolebindings", api.progress_role_name(name)),
-                              ("roles", api.progress_role_name(name)),
-                              ("serviceaccounts", api.trainer_account_name(name))):
+        children = [("services", api.service_name(name))]
+        if (run.status.get("workload") or {}).get("configMap"):
+            # Made by an operator version that made a ConfigMap and an identity per run.
+            children += [("configmaps", api.legacy_config_map_name(name)),
+                         ("rolebindings", api.legacy_progress_role_name(name)),
+                         ("roles", api.legacy_progress_role_name(name)),
+                         ("serviceaccounts", api.legacy_trainer_account_name(name))]
+        for plural, child in children:
             obj = await self.kube.get(plural, ns, child)
             if obj is not None and _owned_by(obj, run):
                 await self.kube.delete(plural, ns, child, uid=obj["metadata"]["uid"])

@@ -49,21 +49,43 @@ def _meta(run: Run, name: str, extra_labels: Mapping[str, str] | None = None) ->
 
 
 def pod_service_account(run: Run) -> str:
-    return run.spec.service_account_name or api.trainer_account_name(run.name)
+    return run.spec.service_account_name or api.TRAINER_ACCOUNT
 
 
-def render_config_map(run: Run, ds_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """ds_config: a user's complete DeepSpeed JSON (deepspeed.configMapRef), else generated."""
-    config = ds_config if ds_config is not None else render_deepspeed_config(run.spec)
-    data = {"train_args.json": json.dumps(render_training_args(run.spec)) + "\n"}
-    if config is not None:     # zeroStage 0: no file, so alpaca-launch passes no --deepspeed
-        data["ds_config.json"] = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _meta(run, api.config_map_name(run.name)),
-        "data": data,
-    }
+def _shared_meta(namespace: str, name: str) -> dict[str, Any]:
+    # Shared by the namespace's runs, so owned by none of them: it stays when they go.
+    return {"name": name, "namespace": namespace, "labels": {api.LABEL_MANAGED_BY: api.MANAGED_BY}}
+
+
+def render_trainer_identity(namespace: str, account: str) -> list[dict[str, Any]]:
+    """What lets the pods running as `account` report progress, made once per namespace
+    (and account): the ServiceAccount when it is the operator's own, the Role, and its
+    binding to the account, in creation order (an operator without the `bind` verb, the
+    chart's, may bind only a Role that exists). The Role allows every run's status in the
+    namespace; the admission policy (manifests/policy/) lets a pod write only its own run's
+    status.progress."""
+    objs: list[dict[str, Any]] = []
+    if account == api.TRAINER_ACCOUNT:
+        objs.append({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _shared_meta(namespace, account)})
+    objs.append({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _shared_meta(namespace, api.TRAINER_ROLE),
+        "rules": [{"apiGroups": [api.GROUP], "resources": [f"{api.PLURAL}/status"], "verbs": ["get", "patch"]}],
+    })
+    objs.append({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _shared_meta(namespace, api.trainer_binding_name(account)),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": api.TRAINER_ROLE},
+        "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
+    })
+    return objs
+
+
+def gang_needs_service(run: Run) -> bool:
+    """A gang of one finds rank 0 at its own address; more need the headless Service's names."""
+    return run.spec.resources.nodes > 1
 
 
 def render_service(run: Run) -> dict[str, Any]:
@@ -83,51 +105,27 @@ def render_service(run: Run) -> dict[str, Any]:
     }
 
 
-def render_service_account(run: Run) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": _meta(run, api.trainer_account_name(run.name)),
-    }
+def deepspeed_config_text(run: Run, ds_config: Mapping[str, Any] | None = None) -> str | None:
+    """ds_config: a user's complete DeepSpeed JSON (deepspeed.configMapRef), else generated.
+    None for zeroStage 0: alpaca-launch then passes no --deepspeed. Compact: it travels in
+    an environment variable."""
+    config = ds_config if ds_config is not None else render_deepspeed_config(run.spec)
+    return None if config is None else json.dumps(config, sort_keys=True, separators=(",", ":"))
 
 
-def render_role(run: Run) -> dict[str, Any]:
-    # All that rank 0 may do: report progress on its own AlpacaFineTune.
-    return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "Role",
-        "metadata": _meta(run, api.progress_role_name(run.name)),
-        "rules": [{
-            "apiGroups": [api.GROUP],
-            "resources": [f"{api.PLURAL}/status"],
-            "resourceNames": [run.name],
-            "verbs": ["get", "patch"],
-        }],
-    }
-
-
-def render_role_binding(run: Run) -> dict[str, Any]:
-    return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "RoleBinding",
-        "metadata": _meta(run, api.progress_role_name(run.name)),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                    "name": api.progress_role_name(run.name)},
-        "subjects": [{"kind": "ServiceAccount", "name": pod_service_account(run),
-                      "namespace": run.namespace}],
-    }
-
-
-def _env(run: Run, attempt: int) -> list[dict[str, Any]]:
+def _env(run: Run, attempt: int, ds_config: str | None) -> list[dict[str, Any]]:
     r = run.spec.resources
+    master: dict[str, Any] = {"value": api.master_addr(run.name, attempt)} if gang_needs_service(run) \
+        else {"valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
     env: list[dict[str, Any]] = [
         {"name": "PET_NNODES", "value": str(r.nodes)},
         {"name": "PET_NPROC_PER_NODE", "value": str(r.gpus_per_node)},
         {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {
             "fieldPath": f"metadata.annotations['{api.ANNOTATION_COMPLETION_INDEX}']"}}},
-        {"name": "PET_MASTER_ADDR", "value": api.master_addr(run.name, attempt)},
+        {"name": "PET_MASTER_ADDR", **master},
         {"name": "PET_MASTER_PORT", "value": str(api.RENDEZVOUS_PORT)},
-        {"name": "ALPACA_CONFIG_DIR", "value": api.CONFIG_DIR},
+        {"name": api.ENV_TRAIN_ARGS, "value": json.dumps(render_training_args(run.spec))},
+        *([{"name": api.ENV_DEEPSPEED_CONFIG, "value": ds_config}] if ds_config is not None else []),
         {"name": "ALPACA_WORKDIR", "value": api.WORKDIR},
         {"name": "ALPACA_OUTPUT_URI", "value": run.spec.output_uri},
         {"name": "ALPACA_FINETUNE_NAME", "value": run.name},
@@ -197,9 +195,10 @@ def _affinity(given: Mapping[str, Any], avoid: list[str]) -> dict[str, Any]:
 
 
 def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None,
-               workload_priority: bool = False) -> dict[str, Any]:
-    """workload_priority: spec.priorityClassName also names a Kueue WorkloadPriorityClass
-    (the backend looked), which then ranks the gang in its queue."""
+               ds_config: Mapping[str, Any] | None = None, workload_priority: bool = False) -> dict[str, Any]:
+    """ds_config: as deepspeed_config_text takes it. workload_priority: spec.priorityClassName
+    also names a Kueue WorkloadPriorityClass (the backend looked), which then ranks the gang
+    in its queue."""
     spec, r = run.spec, run.spec.resources
     name = api.job_name(run.name, attempt)
     labels = {api.LABEL_ATTEMPT: str(attempt)}
@@ -207,7 +206,6 @@ def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None,
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
-        "subdomain": api.service_name(run.name),
         "serviceAccountName": pod_service_account(run),
         "tolerations": _tolerations(run),
         "containers": [{
@@ -218,23 +216,23 @@ def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None,
             # The image writes its one-line reason to /dev/termination-log; a crash that
             # wrote none still leaves the end of its log as the pod's termination message.
             "terminationMessagePolicy": "FallbackToLogsOnError",
-            "env": _env(run, attempt),
+            "env": _env(run, attempt, deepspeed_config_text(run, ds_config)),
             "ports": [{"name": "rendezvous", "containerPort": api.RENDEZVOUS_PORT, "protocol": "TCP"}],
             "resources": _resources(run),
             "volumeMounts": [
-                {"name": "config", "mountPath": api.CONFIG_DIR, "readOnly": True},
                 {"name": "shm", "mountPath": "/dev/shm"},
                 {"name": "workspace", "mountPath": api.WORKDIR},
                 *[dict(m) for m in spec.volume_mounts],
             ],
         }],
         "volumes": [
-            {"name": "config", "configMap": {"name": api.config_map_name(run.name)}},
             {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": r.shared_memory}},
             {"name": "workspace", "emptyDir": {}},
             *[dict(v) for v in spec.volumes],
         ],
     }
+    if gang_needs_service(run):
+        pod_spec["subdomain"] = api.service_name(run.name)
     if node_selector:
         pod_spec["nodeSelector"] = node_selector
     if spec.image_pull_secrets:
@@ -394,24 +392,16 @@ def unsatisfiable_message(run: Run, capacity: Capacity) -> str:
 def render_children(run: Run, attempt: int, *, deadline_seconds: int | None = None,
                     ds_config: Mapping[str, Any] | None = None,
                     workload_priority: bool = False) -> list[dict[str, Any]]:
-    """Everything attempt `attempt` needs, in creation order (the Job last)."""
-    objs = []
-    if not run.spec.service_account_name:
-        objs.append(render_service_account(run))
-    objs += [
-        render_role(run),
-        render_role_binding(run),
-        render_config_map(run, ds_config),
-        render_service(run),
-        render_job(run, attempt, deadline_seconds=deadline_seconds, workload_priority=workload_priority),
-    ]
+    """Everything attempt `attempt` needs but the namespace's trainer identity
+    (render_trainer_identity), in creation order (the Job last)."""
+    objs = [render_service(run)] if gang_needs_service(run) else []
+    objs.append(render_job(run, attempt, deadline_seconds=deadline_seconds, ds_config=ds_config,
+                           workload_priority=workload_priority))
     return objs
 
 
 def workload_names(run: Run, attempt: int) -> dict[str, str]:
-    return {
-        "job": api.job_name(run.name, attempt),
-        "service": api.service_name(run.name),
-        "configMap": api.config_map_name(run.name),
-        "serviceAccount": pod_service_account(run),
-    }
+    names = {"job": api.job_name(run.name, attempt), "serviceAccount": pod_service_account(run)}
+    if gang_needs_service(run):
+        names["service"] = api.service_name(run.name)
+    return names
