@@ -334,7 +334,7 @@ def bench(n: int, gpus: int, args, kube_client: str | None = None, kueue: bool =
     op = None
     try:
         cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "manifests" / "crd"))
-        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/alpacafinetunes.alpaca.dev")
+        cluster.wait_established("alpacafinetunes.alpaca.dev")
         cluster.kubectl("create", "namespace", NAMESPACE)
         if queued:
             _queue_for_bench(cluster)
@@ -495,7 +495,7 @@ def bench_sagemaker(n: int, args) -> dict:
             sm.client("s3").create_bucket(Bucket="alpaca-bench")
             sm.plan("smb-", training_seconds=args.sagemaker_training_seconds)
             cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "manifests" / "crd"))
-            cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/alpacafinetunes.alpaca.dev")
+            cluster.wait_established("alpacafinetunes.alpaca.dev")
             cluster.kubectl("create", "namespace", NAMESPACE)
             api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
             api.configuration.connection_pool_maxsize = args.parallel + 4

@@ -322,6 +322,14 @@ class Cluster:
             raise ClusterError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
         return proc
 
+    def wait_established(self, crd: str, timeout: float = 60) -> None:
+        """`kubectl wait --for=condition=Established` fails outright ("accessor error") when
+        it reads the CRD before the API server wrote its first status: poll instead."""
+        path = '{.status.conditions[?(@.type=="Established")].status}'
+        self._wait(f"CRD {crd} Established", lambda: self.kubectl(
+            "get", f"crd/{crd}", "-o", f"jsonpath={path}", check=False).stdout.strip() == "True",
+            timeout, "kube-apiserver")
+
     def _etcd_healthy(self) -> bool:
         import urllib.request
         try:
