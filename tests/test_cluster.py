@@ -175,3 +175,50 @@ def test_cluster_up_twice_is_harmless_and_down_leaves_nothing(tmp_path):
     for name, pid in first.items():
         assert not hack_cluster._alive(pid), f"{name} (pid {pid}) outlived cluster down"
     assert not any(own.running().values())
+
+
+def test_pods_of_a_pytorchjob_succeed_and_pods_of_other_owners_keep_running(cluster, namespace):
+    """kwok ends the pods of a Kubeflow PyTorchJob as it ends a Job's (the operator benchmark's
+    peer runs them: bench/operator_bench.py --kubeflow); a pod of any other owner runs on. The
+    stage matches the owner's kind alone, so a stand-in kind of that name serves."""
+    group = "stages-test.alpaca.dev"
+    crd = {
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"pytorchjobs.{group}"},
+        "spec": {"group": group, "scope": "Namespaced",
+                 "names": {"kind": "PyTorchJob", "plural": "pytorchjobs", "singular": "pytorchjob"},
+                 "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                     "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
+    }
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(crd))
+    try:
+        cluster.wait_established(f"pytorchjobs.{group}")
+        cluster.kubectl("-n", namespace, "apply", "-f", "-", input=json.dumps(
+            {"apiVersion": f"{group}/v1", "kind": "PyTorchJob", "metadata": {"name": "pt"}}))
+        cluster.kubectl("-n", namespace, "create", "configmap", "other")
+        pods = {}
+        for name, (api_version, kind, owner) in {"pt-master-0": (f"{group}/v1", "PyTorchJob", "pytorchjob/pt"),
+                                                 "other-owned": ("v1", "ConfigMap", "configmap/other")}.items():
+            uid = get_json(cluster, "-n", namespace, owner)["metadata"]["uid"]
+            pods[name] = {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "annotations": {"kwok.alpaca.dev/complete-after": "1s"},
+                             "ownerReferences": [{"apiVersion": api_version, "kind": kind, "name": owner.split("/")[1],
+                                                  "uid": uid, "controller": True}]},
+                "spec": {"restartPolicy": "Never", "nodeSelector": {"eks.amazonaws.com/nodegroup": "gpu-p4d"},
+                         "tolerations": [GPU_TOLERATION],
+                         "containers": [{"name": "pytorch", "image": "example.invalid/x:1",
+                                         "resources": {"limits": {"nvidia.com/gpu": "1"}}}]},
+            }
+        cluster.kubectl("-n", namespace, "apply", "-f", "-",
+                        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": list(pods.values())}))
+
+        def phase(name):
+            return get_json(cluster, "-n", namespace, "pod", name)["status"].get("phase")
+        wait_for("both pods Running", lambda: phase("other-owned") == "Running" and phase("pt-master-0") in (
+            "Running", "Succeeded"))
+        wait_for("the PyTorchJob's pod to succeed", lambda: phase("pt-master-0") == "Succeeded")
+        time.sleep(2)       # past the other pod's complete-after too
+        assert phase("other-owned") == "Running"
+    finally:
+        cluster.kubectl("delete", "crd", f"pytorchjobs.{group}", "--wait=false", check=False)
