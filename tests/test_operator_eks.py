@@ -276,9 +276,10 @@ def test_ttl_deletes_children_but_keeps_the_run(cluster, operator, namespace):
         st = aft(cluster, namespace, "brief")["status"]
         return any(c["type"] == "ChildrenDeleted" and c["status"] == "True" for c in st["conditions"])
     wait_for("ChildrenDeleted", cleaned, timeout=30, on_timeout=dump(cluster, namespace, operator))
-    left = cluster.kubectl("get", "jobs,services,configmaps,roles,rolebindings", "-n", namespace,
-                           "-l", "alpaca.dev/finetune=brief", "-o", "name").stdout.split()
-    assert left == []
+    # Requested: the Job goes once its pods have (deleted in the foreground).
+    wait_for("the children gone", lambda: not cluster.kubectl(
+        "get", "jobs,pods,services,configmaps,roles,rolebindings", "-n", namespace, "-l", "alpaca.dev/finetune=brief",
+        "-o", "name").stdout.split(), timeout=30, on_timeout=dump(cluster, namespace, operator))
     # The namespace's trainer identity is not the run's: it stays for the next one.
     cluster.kubectl("get", "sa/alpaca-trainer", "role/alpaca-trainer-progress", "rolebinding/alpaca-trainer-progress",
                     "-n", namespace)
@@ -510,10 +511,13 @@ def test_a_replaced_gang_waits_for_its_old_pods_to_go(cluster, operator, namespa
                     "-p", '{"metadata":{"finalizers":["example.com/hold"]}}')
     try:
         cluster.kubectl("patch", "aft", "linger", "-n", namespace, "--type=merge", "-p", '{"spec":{"resources":{"cpu":"4"}}}')
-        wait_for("the old Job gone", lambda: not jobs(cluster, namespace, "linger"), timeout=30,
-                 on_timeout=dump(cluster, namespace, operator))
+        # Deleted in the foreground: the old Job stays, being deleted, while its pod does.
+        gone = wait_for("the old Job being deleted", lambda: [j for j in jobs(cluster, namespace, "linger")
+                                                             if j["metadata"].get("deletionTimestamp")],
+                        timeout=30, on_timeout=dump(cluster, namespace, operator))
         time.sleep(4)
-        assert jobs(cluster, namespace, "linger") == [], "a new Job met the old, terminating pod"
+        assert [j["metadata"]["uid"] for j in jobs(cluster, namespace, "linger")] == [gone[0]["metadata"]["uid"]], \
+            "a new Job met the old, terminating pod"
     finally:
         cluster.kubectl("patch", "pod", old, "-n", namespace, "--type=merge", "-p", '{"metadata":{"finalizers":null}}',
                         check=False)

@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 
 _EXIT_CODE = re.compile(r"exit code (\d+)")
 _POD = re.compile(r"for pod [^/\s]+/(\S+)|Pod [^/\s]+/(\S+) has condition")
-PROBE_AFTER = 3.0    # seconds a new Job's pods get before the operator asks why they do not run
+# Seconds a new Job's pods get before the operator asks why they do not run (a pod list):
+# under a burst of launches most gangs take several seconds to be placed, and asking then
+# finds nothing wrong.
+PROBE_AFTER = 10.0
 # Seconds between looks while leftover objects of a run's names stand in the way: nothing
 # the operator watches announces their deletion, and a look is a few GETs.
 ORPHAN_RECHECK = 5.0
@@ -178,7 +181,9 @@ class EksBackend:
 
     async def _delete_job(self, run: Run, job: Mapping[str, Any]) -> None:
         name = job["metadata"]["name"]
-        await self.kube.delete("jobs", run.namespace, name, "Background", uid=job["metadata"]["uid"])
+        # Foreground: the Job stays, being deleted, until its pods are gone, so a Job of the
+        # same name (a replaced pending gang, a resume) cannot be created beside them.
+        await self.kube.delete("jobs", run.namespace, name, "Foreground", uid=job["metadata"]["uid"])
         self.cache.drop_job(run.namespace, run.name, name)
 
     @staticmethod
@@ -451,7 +456,7 @@ class EksBackend:
         await self._ensure_identity(run)
         for obj in children:
             await self._ensure(run, obj)
-        if await self._old_pods_linger(run, attempt):
+        if render.gang_needs_service(run) and await self._old_pods_linger(run, attempt):
             return None
         if not await self._ensure(run, job):
             return None     # it existed: what state it is in, only observing can tell
@@ -460,10 +465,13 @@ class EksBackend:
                            placed=False, generation=run.generation)
 
     async def _old_pods_linger(self, run: Run, attempt: int) -> bool:
-        """Pods named like this attempt's, still there from an earlier incarnation (a
-        suspended attempt, a deleted run of the same name), would meet the new gang under
-        the same hostnames (NAME-aA-I.NAME): wait until they are gone. True if the Job
-        already exists with these pods (nothing to create)."""
+        """Pods named like this attempt's, still there from an earlier incarnation, would meet
+        a gang of more than one node under the same hostnames (NAME-aA-I.NAME): wait until
+        they are gone. The operator's own Jobs keep theirs from that (deleted in the
+        foreground); this finds those of a deleted run of the same name, whose Jobs the
+        garbage collector deleted in the background. A gang of one has no hostnames to
+        share, and the run identity its checkpoints carry keeps it apart from the old run's
+        pod. True if the Job already exists with these pods (nothing to create)."""
         pods = await self.kube.list("pods", run.namespace,
                                     f"{api.LABEL_FINETUNE}={run.name},{api.LABEL_ATTEMPT}={attempt}")
         if not pods:
