@@ -20,6 +20,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, s
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .timefmt import parse_time
+
 log = logging.getLogger(__name__)
 
 PREFIX = "alpaca_operator"
@@ -166,13 +168,6 @@ def backend_of(body: Mapping[str, Any] | None) -> str:
     return str(((body or {}).get("spec") or {}).get("backend") or "eks")
 
 
-def _parse_time(s: str | None) -> dt.datetime | None:
-    try:
-        return dt.datetime.fromisoformat(s.replace("Z", "+00:00")) if s else None
-    except (AttributeError, ValueError):
-        return None
-
-
 @_safe
 def run_seen(body: Mapping[str, Any], deleted: bool = False) -> None:
     """A run as a watch event showed it (the start-up listing included)."""
@@ -194,7 +189,7 @@ def status_written(old: Mapping[str, Any], new: Mapping[str, Any] | None) -> Non
     run_phase(meta.get("namespace", ""), meta.get("name", ""), backend, after.get("phase"))
     if after.get("phase") in RUNNING_PHASES and before.get("phase") not in RUNNING_PHASES \
             and (after.get("attempts") or 1) == 1:
-        created = _parse_time(meta.get("creationTimestamp"))
+        created = parse_time(meta.get("creationTimestamp"))
         if created is not None:
             time_to_running(backend, (dt.datetime.now(dt.timezone.utc) - created).total_seconds())
 

@@ -137,7 +137,7 @@ class Observation:
     workload: Mapping[str, str] = field(default_factory=dict)  # status.workload names
     permanent: bool = False               # FAILED in a way no new attempt can fix
     # FAILED: the node the failed worker ran on and, when the failure is the node's (a GPU or
-    # NCCL error, the node NotReady, a node-pressure eviction), why (status.node_evidence).
+    # NCCL error, the node NotReady, a node-pressure eviction), why (attempts.node_evidence).
     node: str | None = None
     node_evidence: str = ""
     node_health: str = ""                 # the node's own GPU-health conditions, if published
