@@ -193,20 +193,3 @@ def status_written(old: Mapping[str, Any], new: Mapping[str, Any] | None) -> Non
         if created is not None:
             time_to_running(backend, (dt.datetime.now(dt.timezone.utc) - created).total_seconds())
 
-
-def instrument_boto3(client: Any, system: str) -> Any:
-    """Count every call of a boto3 client (SageMaker, S3) by operation and HTTP status or
-    AWS error code, from botocore's own after-call events; returns the client."""
-    def after_call(http_response: Any = None, parsed: Any = None, event_name: str = "", **_: Any) -> None:
-        err = (parsed.get("Error") or {}).get("Code") if isinstance(parsed, dict) else None
-        status = getattr(http_response, "status_code", None)
-        api_call(system, event_name.rsplit(".", 1)[-1], err or status or "unknown")
-
-    def after_error(exception: Any = None, event_name: str = "", **_: Any) -> None:
-        # No response at all (a connection error, a timeout): the class names the cause.
-        api_call(system, event_name.rsplit(".", 1)[-1], type(exception).__name__)
-
-    service = client.meta.service_model.service_id.hyphenize()
-    client.meta.events.register(f"after-call.{service}", after_call)
-    client.meta.events.register(f"after-call-error.{service}", after_error)
-    return client
