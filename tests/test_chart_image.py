@@ -2,11 +2,12 @@
 agrees with the chart."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import yaml
 
@@ -32,6 +33,26 @@ def test_installs_only_lock_pinned_operator_dependencies():
     for src in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
         for s in src.split():
             assert (ROOT / s).exists(), f"COPY source {s} is missing"
+
+
+def test_what_the_package_links_to_is_copied_where_the_link_points():
+    # COPY keeps a symlink a symlink: the CRD and the training image's exit codes must land at
+    # the link's target inside /src, or the build's pip install meets a dangling link.
+    copies = [ln.split()[1:] for ln in DOCKERFILE.read_text().splitlines()
+              if ln.startswith("COPY ") and "--from" not in ln]
+    landed = set()
+    for *srcs, dst in copies:
+        for src in srcs:
+            path = ROOT / src
+            if path.is_dir():
+                landed |= {PurePosixPath(dst) / f.relative_to(path).as_posix() for f in path.rglob("*")}
+            else:
+                landed.add(PurePosixPath(dst) / path.name if dst.endswith("/") else PurePosixPath(dst))
+    links = [p for p in (ROOT / "operator").rglob("*") if p.is_symlink()]
+    assert {"exitcodes.py", "alpacafinetunes.alpaca.dev.yaml"} <= {p.name for p in links}
+    for link in links:
+        target = (link.parent / os.readlink(link)).resolve().relative_to(ROOT)
+        assert PurePosixPath("/src") / target.as_posix() in landed, f"{link} -> {target} is not copied"
 
 
 def test_the_operator_imports_without_the_kubernetes_client():

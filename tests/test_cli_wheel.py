@@ -17,6 +17,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 UV = Path(sys.executable).parent / "uv"
 CRD = ROOT / "manifests" / "crd" / "alpacafinetunes.alpaca.dev.yaml"
+EXIT_CODES = ROOT / "image" / "alpaca_train" / "exitcodes.py"
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -51,6 +52,26 @@ def test_the_wheel_carries_the_crd_and_it_is_the_repositorys(installed, tmp_path
     # Imported from the venv, not the source tree; the CRD a plain file there, byte for byte ours.
     assert str(installed.parent) in module and ROOT.as_posix() not in module
     assert not Path(crd).is_symlink() and Path(crd).read_bytes() == CRD.read_bytes()
+
+
+def test_the_wheel_carries_the_training_images_exit_codes(installed, tmp_path):
+    # The backends read them from the image's module (backends/base.py): in the wheel a plain
+    # file, byte for byte the image's, and no alpaca_train installed with it (a partial one
+    # would shadow the image's own).
+    proc = _run([str(installed / "python"), "-c",
+                 "import importlib.util, alpaca_operator.backends.base as b, alpaca_operator.exitcodes as e; "
+                 "print(e.__file__); print(sorted(b.PERMANENT_EXIT_CODES)); "
+                 "print(importlib.util.find_spec('alpaca_train'))"], cwd=tmp_path, env=_outside_env({}))
+    path, codes, train = proc.stdout.splitlines()
+    assert str(installed.parent) in path and not Path(path).is_symlink()
+    assert Path(path).read_bytes() == EXIT_CODES.read_bytes()
+    assert codes == "[64, 65, 66, 67]" and train == "None"
+
+
+def test_the_operators_exit_codes_are_the_images_one_source():
+    # One file, linked, not a copy the operator keeps equal to the image's.
+    pkg = ROOT / "operator" / "alpaca_operator" / "exitcodes.py"
+    assert pkg.is_symlink() and pkg.resolve() == EXIT_CODES.resolve()
 
 
 def test_the_packaged_crd_is_the_charts_one_source():

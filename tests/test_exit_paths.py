@@ -338,13 +338,3 @@ def test_every_rank_exits_with_the_contracts_code_every_time(case, gang, inputs,
             assert f"tearing down the process group did not finish within {FROZEN_EXIT_TIMEOUT_S}s" in logs[0]
     print(f"{case}: {runs} gangs in {time.monotonic() - t0:.1f}s")
 
-
-def test_the_operator_fails_the_same_codes_at_once_that_the_image_calls_permanent():
-    from alpaca_operator.backends import base
-    from alpaca_operator.backends.sagemaker import mapping
-
-    from alpaca_train import exitcodes
-
-    assert base.PERMANENT_EXIT_CODES == exitcodes.PERMANENT
-    assert mapping.PERMANENT_EXIT_CODES is base.PERMANENT_EXIT_CODES
-    assert exitcodes.LossNotFiniteError("x").exit_code == exitcodes.LOSS_NOT_FINITE == 67

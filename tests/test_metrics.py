@@ -6,13 +6,12 @@ from __future__ import annotations
 import datetime as dt
 import urllib.request
 
-import boto3
-from botocore.config import Config
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from alpaca_operator import metrics
+from alpaca_operator.backends.sagemaker.client import Aws, AwsError, AwsUnavailable
 from support import free_port, wait_for
 
 P = metrics.PREFIX
@@ -103,24 +102,25 @@ def test_hooks_never_raise(registry):
     metrics.run_seen({})
 
 
-def test_boto3_calls_counted_by_operation_and_code(registry, s3):
-    client = metrics.instrument_boto3(boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1",
-                                                   aws_access_key_id="testing", aws_secret_access_key="testing"),
-                                      "s3")
-    client.list_buckets()
-    with pytest.raises(client.exceptions.NoSuchBucket):
-        client.list_objects_v2(Bucket="no-such-bucket-here")
+def test_aws_calls_counted_by_operation_and_code(registry, s3, monkeypatch):
+    # The SageMaker backend's client counts every call it makes (SageMaker, S3), as the
+    # backend and preflight make them.
+    for k, v in s3.env.items():
+        monkeypatch.setenv(k, v)
+    aws = Aws(max_attempts=1)
+    aws.call_sync("s3", "us-east-1", "ListBuckets")
+    with pytest.raises(AwsError):
+        aws.call_sync("s3", "us-east-1", "ListObjectsV2", Bucket="no-such-bucket-here")
     assert value(registry, f"{P}_api_calls_total", system="s3", verb="ListBuckets", code="200") == 1
+    assert value(registry, f"{P}_api_errors_total", system="s3", verb="ListBuckets", code="200") == 0
     assert value(registry, f"{P}_api_errors_total", system="s3", verb="ListObjectsV2", code="NoSuchBucket") == 1
-    offline = metrics.instrument_boto3(boto3.client("s3", endpoint_url=f"http://127.0.0.1:{free_port()}",
-                                                    region_name="us-east-1", aws_access_key_id="x",
-                                                    aws_secret_access_key="x",
-                                                    config=Config(retries={"max_attempts": 1})),
-                                       "s3")
-    with pytest.raises(Exception):
-        offline.list_buckets()
+    # No answer at all (nothing listens): the exception's class is the code.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(AwsUnavailable):
+        Aws(max_attempts=1).call_sync("s3", "us-east-1", "ListBuckets")
     assert value(registry, f"{P}_api_errors_total", system="s3", verb="ListBuckets",
                  code="EndpointConnectionError") == 1
+    aws.close()
 
 
 def test_served_in_the_prometheus_text_format(registry):

@@ -1,16 +1,16 @@
-"""Self-healing decisions (issue 19 §1 hangs, §3 bad nodes), pure: status.py and render.py.
-No cluster; tests/test_operator_eks.py and tests/test_e2e_eks.py run them for real."""
+"""Self-healing decisions (issue 19 §1 hangs, §3 bad nodes), pure: status.py, attempts.py and
+render.py. No cluster; tests/test_operator_eks.py and tests/test_e2e_eks.py run them for real."""
 from __future__ import annotations
 
 import asyncio
 
+from alpaca_operator.backends.attempts import avoided_nodes, gpu_health, node_evidence
 from alpaca_operator.backends.base import FailureKind, Observation, Run, WorkloadState as W
 from alpaca_operator.backends.eks import render
 from alpaca_operator.backends.eks.backend import EksBackend, PodFailure, first_failure
 from alpaca_operator.kube import ApiError
 from alpaca_operator.spec import parse_spec
-from alpaca_operator.status import (Action, Reason, avoided_nodes, decide, gpu_health, node_evidence,
-                                    progress_deadline)
+from alpaca_operator.status import Action, Reason, decide, progress_deadline
 from test_operator_status import SPEC, at, iso, merge, obs, run, step
 
 

@@ -21,8 +21,8 @@ LOSS_NOT_FINITE = 67
 LOSS_SPIKE = 68  # a loss spike (guards.py): retried, skipping the spike's steps
 TERMINATED = 143  # 128 + SIGTERM: stopped, a checkpoint saved and synced first
 
-# The operator keeps its own copy (operator/alpaca_operator/backends/base.py: its image does
-# not install this package); tests/test_exit_paths.py keeps the two equal.
+# The operator reads these codes from this very file (operator/alpaca_operator/exitcodes.py is
+# a link to it, shipped in its wheel and image): keep the module to the standard library.
 PERMANENT = frozenset({USAGE, DATAERR, NOINPUT, LOSS_NOT_FINITE})
 
 

@@ -20,6 +20,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, s
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .timefmt import parse_time
+
 log = logging.getLogger(__name__)
 
 PREFIX = "alpaca_operator"
@@ -166,13 +168,6 @@ def backend_of(body: Mapping[str, Any] | None) -> str:
     return str(((body or {}).get("spec") or {}).get("backend") or "eks")
 
 
-def _parse_time(s: str | None) -> dt.datetime | None:
-    try:
-        return dt.datetime.fromisoformat(s.replace("Z", "+00:00")) if s else None
-    except (AttributeError, ValueError):
-        return None
-
-
 @_safe
 def run_seen(body: Mapping[str, Any], deleted: bool = False) -> None:
     """A run as a watch event showed it (the start-up listing included)."""
@@ -194,24 +189,7 @@ def status_written(old: Mapping[str, Any], new: Mapping[str, Any] | None) -> Non
     run_phase(meta.get("namespace", ""), meta.get("name", ""), backend, after.get("phase"))
     if after.get("phase") in RUNNING_PHASES and before.get("phase") not in RUNNING_PHASES \
             and (after.get("attempts") or 1) == 1:
-        created = _parse_time(meta.get("creationTimestamp"))
+        created = parse_time(meta.get("creationTimestamp"))
         if created is not None:
             time_to_running(backend, (dt.datetime.now(dt.timezone.utc) - created).total_seconds())
 
-
-def instrument_boto3(client: Any, system: str) -> Any:
-    """Count every call of a boto3 client (SageMaker, S3) by operation and HTTP status or
-    AWS error code, from botocore's own after-call events; returns the client."""
-    def after_call(http_response: Any = None, parsed: Any = None, event_name: str = "", **_: Any) -> None:
-        err = (parsed.get("Error") or {}).get("Code") if isinstance(parsed, dict) else None
-        status = getattr(http_response, "status_code", None)
-        api_call(system, event_name.rsplit(".", 1)[-1], err or status or "unknown")
-
-    def after_error(exception: Any = None, event_name: str = "", **_: Any) -> None:
-        # No response at all (a connection error, a timeout): the class names the cause.
-        api_call(system, event_name.rsplit(".", 1)[-1], type(exception).__name__)
-
-    service = client.meta.service_model.service_id.hyphenize()
-    client.meta.events.register(f"after-call.{service}", after_call)
-    client.meta.events.register(f"after-call-error.{service}", after_error)
-    return client

@@ -27,7 +27,7 @@ from . import instances, memory_estimate as mem
 from .backends.sagemaker.backend import split_s3
 from .backends.sagemaker.client import Aws, AwsError, AwsNotConfigured, AwsUnavailable
 from .spec import FineTuneSpec, SageMakerSettings, SpecError, parse_sagemaker, sagemaker_defaults
-from .status import Reason
+from .vocabulary import Reason
 
 log = logging.getLogger(__name__)
 

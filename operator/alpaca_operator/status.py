@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -22,101 +21,8 @@ from . import instances
 from .backends.base import (EXIT_CODE_MEANING, LOSS_NOT_FINITE, LOSS_SPIKE, Extras, FailureKind, LossFailure,
                             Observation, Run, WorkloadState, parse_loss_failure)
 from .spec import FineTuneSpec, sagemaker_instances
-
-
-class Phase:
-    PENDING = "Pending"
-    QUEUED = "Queued"          # Kueue has not admitted the gang (or preempted it)
-    LAUNCHING = "Launching"
-    RUNNING = "Running"
-    UPLOADING = "Uploading"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    SUSPENDED = "Suspended"
-    STOPPING = "Stopping"      # SageMaker: StopTrainingJob called
-    STOPPED = "Stopped"
-
-
-class Cond:
-    """Condition types."""
-    CREATED = "Created"
-    RUNNING = "Running"
-    RESTARTING = "Restarting"
-    SUSPENDED = "Suspended"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    CHILDREN_DELETED = "ChildrenDeleted"
-    PREFLIGHT = "Preflight"     # the checks before the first launch (preflight.py)
-    BACKEND_AVAILABLE = "BackendAvailable"  # False while the backend's API cannot be reached
-    STOPPING = "Stopping"       # deleted; its workload outside the cluster is being stopped
-
-
-class Reason:
-    """Condition and Event reasons (CamelCase, part of the API: users match on them)."""
-    ACCEPTED = "Accepted"
-    CREATING = "Creating"
-    CREATED = "Created"
-    LAUNCHING = "Launching"
-    RUNNING = "Running"
-    ALL_PODS_RUNNING = "AllPodsRunning"
-    UPLOADING = "Uploading"
-    SUCCEEDED = "Succeeded"
-    COMPLETED = "Completed"
-    RESTARTING = "Restarting"
-    WORKER_FAILED = "WorkerFailed"            # a restart counted against backoffLimit
-    DISRUPTED = "Disrupted"                   # a restart counted against disruptionLimit
-    PERMANENT_FAILURE = "PermanentFailure"    # not retried (exit 64/65/66/67, out of memory)
-    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
-    DISRUPTION_LIMIT_EXCEEDED = "DisruptionLimitExceeded"
-    DEADLINE_EXCEEDED = "DeadlineExceeded"
-    LOSS_NOT_FINITE = "LossNotFinite"         # the loss went NaN/inf: not retried
-    LOSS_SPIKE = "LossSpike"                  # a restart against backoffLimit, skipping the spike
-    SUSPENDED = "Suspended"
-    RESUMED = "Resumed"
-    FAILED = "Failed"
-    TTL_EXPIRED = "TTLExpired"
-    CHILDREN_DELETED = "ChildrenDeleted"
-    STOPPING_WORKLOAD = "StoppingTrainingJob"   # deleted: waiting for the job to stop
-    STOPPED = "Stopped"                         # deleted: the job stopped; the run goes
-    UNSUPPORTED_BACKEND = "UnsupportedBackend"
-    INVALID_SPEC = "InvalidSpec"
-    # Launch problems the backends report (LaunchError) and workers that do not start.
-    CREATE_REJECTED = "CreateRejected"        # the API server refused a child (4xx)
-    NAME_CONFLICT = "NameConflict"
-    UNSCHEDULABLE = "Unschedulable"
-    SCHEDULING_TIMEOUT = "SchedulingTimeout"  # the gang was not placed in time: its pods went
-    RELAUNCHING = "Relaunching"               # the spec changed before the gang started
-    QUEUED = "Queued"                         # waiting for Kueue to admit the gang
-    PREEMPTED = "Preempted"                   # Kueue suspended the running gang: a disruption
-    UNSATISFIABLE = "Unsatisfiable"           # no nodes of the cluster could ever hold the gang
-    IMAGE_PULL_FAILED = "ImagePullFailed"
-    FAILED_CREATE = "FailedCreate"
-    # Self-healing (issue 19).
-    PROGRESS_DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"  # hung: no step within the deadline
-    NODE_SUSPECTED = "NodeSuspected"          # a failure attributed to a node; later attempts avoid it
-    # The Preflight condition (issue 16). The failing ones end the run before any launch.
-    PREFLIGHT_PASSED = "PreflightPassed"
-    PREFLIGHT_WARNINGS = "PreflightWarnings"  # passed, with a warning (memory above 90 %, a 403)
-    INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
-    BUCKET_NOT_FOUND = "BucketNotFound"
-    INSTANCE_TYPE_NOT_OFFERED = "InstanceTypeNotOffered"
-    QUOTA_TOO_LOW = "QuotaTooLow"             # the account's limit, not its use, is below instanceCount
-    ROLE_NOT_PASSABLE = "RoleNotPassable"     # the operator may not iam:PassRole the execution role
-    # The backend's API (SageMaker: client.classify() sorts AWS's errors into these).
-    QUOTA_EXCEEDED = "QuotaExceeded"          # the account's instance quota is in use: waiting, as for nodes
-    BACKEND_UNAVAILABLE = "BackendUnavailable"  # throttled, 5xx, unreachable: retried, the phase kept
-    BACKEND_ANSWERS = "BackendAnswers"        # ... and answering again
-    AWS_NOT_CONFIGURED = "AwsNotConfigured"   # no credentials or region: retried
-    AWS_ACCESS_DENIED = "AwsAccessDenied"     # refused for who asks (IAM, credentials): Failed
-    AWS_REQUEST_REJECTED = "AwsRequestRejected"  # refused for what is asked (ValidationException): Failed
-
-
-class Outcome:
-    """status.attemptHistory[].outcome."""
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    DISRUPTED = "Disrupted"
-    PERMANENT_FAILURE = "PermanentFailure"
+from .timefmt import fmt_time, parse_time
+from .vocabulary import Cond, Outcome, Phase, Reason
 
 
 TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.STOPPED})
@@ -142,19 +48,6 @@ PLACEMENT_RETRY_MAX = 300.0
 # A hang is acted on this long after its deadline: the status write of the last report and
 # the timer that wakes the operator need not race to the second.
 DEADLINE_SLACK = 1.0
-# What in a trainer's termination message blames the GPU node rather than the run: NVIDIA
-# Xid errors, CUDA runtime/driver errors, NCCL errors (a link flap, a dead peer's NIC), ECC
-# errors. docs/contract.md lists them; the run's own bugs (a Python exception, an OOM of
-# host memory) do not match.
-NODE_ERROR = re.compile(
-    r"\bXid\b|CUDA error|CUDA_ERROR_\w+|cudaError\w*|NCCL error|ncclSystemError|ncclInternalError"
-    r"|ncclUnhandledCudaError|uncorrectable ECC|ECC error|GPU has fallen off the bus",
-    re.IGNORECASE)
-# CUDA errors that are the run's own (a batch too large, an index out of range in a
-# kernel): a CUDA error message saying one of these blames the run, not the node.
-RUN_CUDA_ERROR = re.compile(r"out of memory|device-side assert", re.IGNORECASE)
-# The kubelet's eviction messages for node pressure ("The node was low on resource: memory").
-NODE_PRESSURE = re.compile(r"node was low on resource|node had condition: \[\w*Pressure\]", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -190,19 +83,6 @@ class Plan:
 
 
 # ---- time --------------------------------------------------------------------------
-
-def fmt_time(t: dt.datetime) -> str:
-    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(s: str | None) -> dt.datetime | None:
-    if not s:
-        return None
-    try:
-        return dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
 
 def _duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
@@ -334,7 +214,7 @@ class _Draft:
         entry.update({k: v for k, v in extra.items() if v is not None})
         if loss is not None:
             # Where the run goes back to (0: the start), and for a spike the steps that every
-            # later attempt skips (skip_steps()).
+            # later attempt skips (backends/attempts.py skip_steps()).
             entry["resumeFromStep"] = loss.checkpoint or 0
             if loss.kind == LOSS_SPIKE:
                 entry["skipSteps"] = loss.steps
@@ -373,7 +253,7 @@ def failure_detail(obs: Observation) -> str:
     return out
 
 
-# ---- hangs and bad nodes -------------------------------------------------------------
+# ---- hangs and the loss's verdicts -------------------------------------------------
 
 @dataclass(frozen=True)
 class ProgressDeadline:
@@ -417,51 +297,10 @@ def progress_deadline(run: Run, obs: Observation) -> ProgressDeadline | None:
                             int(step) if isinstance(step, (int, float)) else None, progress["updatedAt"])
 
 
-def node_evidence(termination_message: str, pod_reason: str, pod_message: str,
-                  node_conditions: list[Mapping[str, Any]] | None) -> str:
-    """Why a failed worker's node, not the run, is to blame; "" when nothing says so. The
-    trainer's own termination message naming a GPU/NCCL error (NODE_ERROR), an eviction for
-    node pressure, or the node not Ready (node_conditions None: the node could not be read)."""
-    found = NODE_ERROR.search(termination_message or "")
-    if found and not RUN_CUDA_ERROR.search(termination_message):
-        start = max(0, found.start() - 80)
-        return f"termination message: {termination_message[start:found.end() + 160].strip()}"
-    if pod_reason == "Evicted" and NODE_PRESSURE.search(pod_message or ""):
-        return f"evicted for node pressure: {pod_message.strip()}"
-    for c in node_conditions or ():
-        if c.get("type") == "Ready" and c.get("status") != "True":
-            why = ": ".join(str(x) for x in (c.get("reason"), c.get("message")) if x) or f"status {c.get('status')}"
-            return f"node not Ready ({why})"
-    return ""
-
-
-def gpu_health(node_conditions: list[Mapping[str, Any]] | None) -> str:
-    """The node's GPU-health conditions as node-problem-detector or DCGM publish them (a
-    condition type naming the GPU, True meaning a problem), for the Event: "" if none."""
-    bad = [c for c in node_conditions or ()
-           if "gpu" in str(c.get("type", "")).lower() and c.get("status") == "True"]
-    return "; ".join(f"{c['type']}: {c.get('reason') or ''} {c.get('message') or ''}".strip() for c in bad)
-
-
-def avoided_nodes(history: list[Mapping[str, Any]] | None, attempt: int, window: int) -> list[str]:
-    """The nodes attempt `attempt` keeps off: those a failure in one of the `window`
-    attempts before it was attributed to (and that were not kept for too few nodes)."""
-    return sorted({e["node"] for e in history or () if e.get("node") and e.get("nodeAvoided")
-                   and attempt - window <= int(e.get("attempt") or 0) < attempt})
-
-
 def loss_failure(obs: Observation) -> LossFailure | None:
     """The trainer's verdict on the loss, from the failed worker's termination message (EKS)
     or the backend's failure message (SageMaker's FailureReason)."""
     return parse_loss_failure(obs.termination_message or obs.message, obs.exit_code)
-
-
-def skip_steps(status: Mapping[str, Any]) -> str | None:
-    """The steps every new attempt skips: those of each loss spike so far ("7-9,20-22"),
-    for the trainer's ALPACA_SKIP_STEPS. From attemptHistory, so a relaunch, a resume or a
-    restarted operator renders the same."""
-    ranges = dict.fromkeys(e["skipSteps"] for e in status.get("attemptHistory") or () if e.get("skipSteps"))
-    return ",".join(ranges) or None
 
 
 def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: bool = True) -> Plan:

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
+from .. import exitcodes
 from ..spec import FineTuneSpec
 
 
@@ -31,17 +32,20 @@ class FailureKind(str, enum.Enum):
     PERMANENT = "Permanent"    # a retry cannot fix it (bad input, missing model): fail now
 
 
-# The training image's exit codes (docs/contract.md, image/alpaca_train/exitcodes.py): a copy,
-# since the operator's image does not install the training package. Both backends use this
-# one; tests/test_exit_paths.py keeps it equal to the image's.
-EXIT_SIGTERM = 143
-EXIT_LOSS_NOT_FINITE = 67
-EXIT_LOSS_SPIKE = 68
-PERMANENT_EXIT_CODES = frozenset({64, 65, 66, EXIT_LOSS_NOT_FINITE})
+# The training image's exit codes (docs/contract.md), as both backends act on them, from the
+# image's own module: operator/alpaca_operator/exitcodes.py is a link to
+# image/alpaca_train/exitcodes.py (the wheel and the operator's image get it as a file), so
+# the two sides cannot disagree. A link, not an import of alpaca_train: the operator does not
+# install the training package, and a partial copy of it under that name would shadow the
+# real one wherever both are installed.
+EXIT_SIGTERM = exitcodes.TERMINATED
+EXIT_LOSS_NOT_FINITE = exitcodes.LOSS_NOT_FINITE
+EXIT_LOSS_SPIKE = exitcodes.LOSS_SPIKE
+PERMANENT_EXIT_CODES = exitcodes.PERMANENT
 EXIT_CODE_MEANING = {
-    64: "invalid argument or configuration",
-    65: "bad input data",
-    66: "missing model or data",
+    exitcodes.USAGE: "invalid argument or configuration",
+    exitcodes.DATAERR: "bad input data",
+    exitcodes.NOINPUT: "missing model or data",
     EXIT_LOSS_NOT_FINITE: "the loss was not finite",
     EXIT_LOSS_SPIKE: "loss spike",
     137: "killed (SIGKILL)",
@@ -137,7 +141,7 @@ class Observation:
     workload: Mapping[str, str] = field(default_factory=dict)  # status.workload names
     permanent: bool = False               # FAILED in a way no new attempt can fix
     # FAILED: the node the failed worker ran on and, when the failure is the node's (a GPU or
-    # NCCL error, the node NotReady, a node-pressure eviction), why (status.node_evidence).
+    # NCCL error, the node NotReady, a node-pressure eviction), why (attempts.node_evidence).
     node: str | None = None
     node_evidence: str = ""
     node_health: str = ""                 # the node's own GPU-health conditions, if published

@@ -18,7 +18,9 @@ from ... import api
 from ...cache import Cache
 from ...kube import KIND_TO_PLURAL, ApiError, Kube, path
 from ...spec import WAIT
-from ...status import Reason, avoided_nodes, fmt_time, gpu_health, node_evidence, parse_time
+from ...timefmt import fmt_time, parse_time
+from ...vocabulary import Reason
+from ..attempts import avoided_nodes, gpu_health, node_evidence
 from ..base import (EXIT_SIGTERM, PERMANENT_EXIT_CODES, FailureKind, LaunchError, NotYet, Observation,
                     Run, WorkloadState)
 from ..user_config import read_user_ds_config

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from ... import api, instances
 from ...deepspeed_config import render_deepspeed_config
 from ...training_args import render_training_args
-from ...status import avoided_nodes, skip_steps
+from ..attempts import avoided_nodes, skip_steps
 from ..base import EXIT_SIGTERM, PERMANENT_EXIT_CODES, SKIP_STEPS_ENV, Run
 
 GPU_RESOURCE = "nvidia.com/gpu"

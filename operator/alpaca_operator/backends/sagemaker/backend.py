@@ -36,7 +36,8 @@ from urllib.parse import urlsplit
 
 from ...kube import Kube
 from ...spec import SpecError, parse_sagemaker, sagemaker_defaults
-from ...status import Phase, Reason, parse_time
+from ...timefmt import parse_time
+from ...vocabulary import Phase, Reason
 from ..base import BackendRefused, BackendUnavailable, LaunchError, NotYet, Observation, Run, WorkloadState
 from . import mapping
 from .client import Aws, AwsError, AwsNotConfigured, AwsUnavailable, Kind, is_not_found

@@ -13,7 +13,7 @@ import datetime as dt
 import re
 from typing import Any, Mapping
 
-from ...status import fmt_time
+from ...timefmt import fmt_time
 from ..base import PERMANENT_EXIT_CODES, Extras, NamedEvent, Observation, WorkloadState
 
 RUNNING_SECONDARY = frozenset({"Training", "Uploading"})

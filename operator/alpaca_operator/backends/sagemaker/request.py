@@ -21,8 +21,8 @@ from ...deepspeed_config import render_deepspeed_config
 from ...sagemaker_limits import HYPERPARAMETER_VALUE_MAX, create_training_job_errors
 from ...spec import (IMAGE_ACCESS_VPC, FineTuneSpec, SageMakerSettings, SpecError, check_sagemaker,
                      parse_sagemaker)
-from ...status import skip_steps
 from ...training_args import render_training_args
+from ..attempts import skip_steps
 from ..base import SKIP_STEPS_ENV, Run
 from .names import training_job_name
 

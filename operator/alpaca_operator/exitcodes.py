@@ -1,0 +1,1 @@
+../../image/alpaca_train/exitcodes.py
