@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 from ...kube import Kube
-from ...spec import SpecError, parse_sagemaker, sagemaker_defaults
+from ...spec import SpecError, sagemaker_defaults
 from ...timefmt import parse_time
 from ...vocabulary import Phase, Reason
 from ..base import BackendRefused, BackendUnavailable, LaunchError, NotYet, Observation, Run, WorkloadState
