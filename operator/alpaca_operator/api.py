@@ -10,8 +10,13 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "AlpacaFineTune"
 PLURAL = "alpacafinetunes"
-# kopf's finalizer (handlers.py), which the reconciler also adds itself before a SageMaker launch.
+# The operator's finalizer, on a SageMaker run before its first launch: the reconciler stops
+# the training job of a deleted run, then removes it (kopf's own finalizer handling is not
+# used: its change detection costs a deep copy of every event's body).
 FINALIZER = f"{GROUP}/operator"
+# On a run: `keep` lets a deleted SageMaker run go and its training job run on.
+ANNOTATION_ON_DELETE = f"{GROUP}/on-delete"
+ON_DELETE_KEEP = "keep"
 
 # Labels on everything the operator creates; the first one is how it finds its children.
 LABEL_FINETUNE = "alpaca.dev/finetune"

@@ -45,6 +45,8 @@ MAX_BACKOFF = 60.0
 # A change of the run's own spec triggers a reconcile at once anyway.
 LAUNCH_RETRY = 10.0
 LAUNCH_RETRY_MAX = 300.0
+# A deleted run whose training job cannot be stopped yet (no credentials, AWS unreachable).
+RELEASE_RETRY = 30.0
 
 
 def utcnow() -> dt.datetime:
@@ -203,6 +205,8 @@ class Reconciler:
                 self.forget(namespace, name)
                 return None
             if body["metadata"].get("deletionTimestamp"):
+                if api.FINALIZER in (body["metadata"].get("finalizers") or ()):
+                    return await self._finalize(body)
                 return None     # the garbage collector removes the children with it
             try:
                 run, plan, backend, answered = await self._plan(body, known, probe, answered)
@@ -304,30 +308,60 @@ class Reconciler:
         self.cache.put_run(new)
         return new
 
-    async def release(self, namespace: str, name: str) -> str | None:
-        """The finalizer's work for a deleted run of a backend that needs one (SageMaker):
-        None when the run may go, else what it waits for. Under the run's lock, so it sees what
-        a reconcile in flight has just created. The state machine writes the phase (Stopping
-        while the workload stops, then Stopped) with the resourceVersion it read."""
-        async with self._state((namespace, name)).lock:
-            body = await self._get(namespace, name)
-            if body is None:
-                return None
+    async def _finalize(self, body: Mapping[str, Any]) -> float | None:
+        """A deleted run that has the operator's finalizer (a SageMaker run: a training job
+        outside the cluster is nobody's garbage): its job stopped first, then the finalizer
+        removed. Returns when to look again while it waits. The finalizer is on the run
+        before its first job is created (reconcile), and this runs under the run's lock, so a
+        run deleted at any point of a launch still has its job stopped. A job InProgress gets
+        StopTrainingJob, and the run stays (phase Stopping) until the job is Stopped; a
+        finished job's run goes at once. The annotation alpaca.dev/on-delete: keep lets the
+        run go and the job run on. With the operator down, the run waits (docs/operator.md
+        says how to release it by hand)."""
+        meta = body["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        if (meta.get("annotations") or {}).get(api.ANNOTATION_ON_DELETE) == api.ON_DELETE_KEEP:
+            log.info("%s/%s: annotation %s=%s: the training job is left running", ns, name,
+                     api.ANNOTATION_ON_DELETE, api.ON_DELETE_KEEP)
+        else:
             try:
-                run = _run(body, parse_spec(body.get("spec")))
-            except SpecError:
-                return None     # never launched anything
-            backend = self.backends.get(run.spec.backend)
-            found = await backend.release(run) if backend is not None else None
-            if found is None:
+                waiting = await self._release(body)
+            except (BackendUnavailable, LaunchError, BackendRefused) as e:
+                log.warning("%s/%s: cannot stop the training job yet: %s", ns, name, e)
+                return RELEASE_RETRY
+            if waiting is not None:
+                log.info("%s/%s: %s", ns, name, waiting)
+                return max(5.0, getattr(self.backends.get("sagemaker"), "interval", RELEASE_RETRY) / 3)
+        while (body := await self._get(ns, name)) is not None and api.FINALIZER in (body["metadata"].get("finalizers") or ()):
+            try:
+                await self.kube.patch(api.PLURAL, ns, name, {"metadata": {
+                    "resourceVersion": body["metadata"]["resourceVersion"],
+                    "finalizers": [f for f in body["metadata"]["finalizers"] if f != api.FINALIZER]}})
                 return None
-            plan = status.deleting(run, self.clock(), *found)
-            if not plan.empty:
-                try:
-                    await self._write(body, plan)
-                except Conflict:
-                    return f"the run changed while {found[0]} was looked at; looking again"
-            return None if found[1] == status.Phase.STOPPED else f"waiting for {found[0]} to stop"
+            except ApiError as e:
+                if e.status != 409:
+                    raise
+        return None
+
+    async def _release(self, body: Mapping[str, Any]) -> str | None:
+        """Stop the deleted run's workload: None when the run may go, else what it waits for.
+        The state machine writes the phase (Stopping while the workload stops, then Stopped)
+        with the resourceVersion it read."""
+        try:
+            run = _run(body, parse_spec(body.get("spec")))
+        except SpecError:
+            return None     # never launched anything
+        backend = self.backends.get(run.spec.backend)
+        found = await backend.release(run) if backend is not None else None
+        if found is None:
+            return None
+        plan = status.deleting(run, self.clock(), *found)
+        if not plan.empty:
+            try:
+                await self._write(body, plan)
+            except Conflict:
+                return f"the run changed while {found[0]} was looked at; looking again"
+        return None if found[1] == status.Phase.STOPPED else f"waiting for {found[0]} to stop"
 
     async def _status_after(self, key: Key, decide: Callable[[Run], status.Plan]) -> status.Plan | None:
         """Writes what `decide` makes of the fresh run, after a failure; returns that plan, or
