@@ -41,6 +41,23 @@ def login(settings: kopf.OperatorSettings, logger: Any, **_: Any) -> kopf.Connec
     return kube.login(settings, logger)
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """kopf builds the "essence" of every event's body (a deep copy of the whole object,
+    managedFields and status included) and diffs it with the stored one, whatever handlers
+    there are; only change-detecting handlers (on.create/update/delete/field) and daemons
+    read the result, and this operator has none. Empty, it costs nothing: the deep copies
+    were a sixth of the operator's CPU under the 500-run benchmark (py-spy)."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        pass
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # The API server ends each watch after server_timeout and the client gives up shortly
@@ -56,6 +73,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.level = logging.WARNING
     # With --peering: how long a silent replica is still taken to be alive (failover time).
     settings.peering.lifetime = int(os.environ.get("ALPACA_PEERING_LIFETIME", "60"))
+    settings.persistence.diffbase_storage = NoDiffBase()
 
     client = kube.Kube(lambda: kube.login(settings))
     memo.kube = client

@@ -40,6 +40,9 @@ ORPHAN_RECHECK = 5.0
 # How old the node listing may be that launches check a gang against (nodes come and go
 # in minutes; a launch's check needs no fresher view).
 NODES_FRESH = 5.0
+# The same for the namespace's pending training pods, which the probes of gangs not placed
+# yet read: a burst of launches asks once every few seconds, not once per gang.
+PENDING_FRESH = 3.0
 # How long a namespace's trainer identity, once made (or found), is trusted without asking
 # again: a user may delete it, and a launch after this long makes it anew.
 IDENTITY_FRESH = 600.0
@@ -172,6 +175,9 @@ class EksBackend:
         # (namespace, account) -> monotonic time its trainer identity was made or found; one
         # lock each, so that 500 runs applied at once make it once.
         self._identities: dict[tuple[str, str], float] = {}
+        # namespace -> (monotonic time, its pending training pods); one lock each
+        self._pending: dict[str, tuple[float, list[dict]]] = {}
+        self._pending_locks: dict[str, asyncio.Lock] = {}
         self._identity_locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     async def _jobs(self, run: Run) -> list[dict]:
@@ -366,13 +372,32 @@ class EksBackend:
         pods = await self.kube.list("pods", run.namespace, f"{api.LABEL_JOB_NAME}={job['metadata']['name']}")
         return [p for p in pods if _controller_uid(p) == job["metadata"]["uid"]]
 
+    async def _pending_pods(self, namespace: str) -> list[dict]:
+        """The namespace's pending training pods, at most PENDING_FRESH seconds old."""
+        lock = self._pending_locks.setdefault(namespace, asyncio.Lock())
+        async with lock:
+            now = time.monotonic()
+            seen = self._pending.get(namespace)
+            if seen is None or now - seen[0] > PENDING_FRESH:
+                listing = await self.kube.request("GET", path("pods", namespace), query={
+                    "labelSelector": f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY}", "fieldSelector": "status.phase=Pending"})
+                # Held until the next look: only what the probe reads.
+                pods = [{"metadata": {k: v for k, v in (p.get("metadata") or {}).items()
+                                      if k in ("name", "deletionTimestamp", "ownerReferences")},
+                         "status": {k: v for k, v in (p.get("status") or {}).items()
+                                    if k in ("phase", "conditions", "containerStatuses")}}
+                        for p in (listing or {}).get("items") or ()]
+                seen = self._pending[namespace] = (now, pods)
+            return seen[1]
+
     async def _why_not_running(self, run: Run, job: Mapping[str, Any]) -> tuple[str, str]:
         """Why the attempt's workers do not run, as the scheduler, the kubelet or the Job
         controller said it: ("", "") when nothing is wrong (yet)."""
         spec, status = job.get("spec") or {}, job.get("status") or {}
-        for pod in await self._pods(run, job):
+        for pod in await self._pending_pods(run.namespace):
             name, st = pod["metadata"]["name"], pod.get("status") or {}
-            if pod["metadata"].get("deletionTimestamp") or st.get("phase") != "Pending":
+            if pod["metadata"].get("deletionTimestamp") or st.get("phase") != "Pending" \
+                    or _controller_uid(pod) != job["metadata"]["uid"]:
                 continue
             for c in st.get("conditions") or ():
                 if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
