@@ -69,6 +69,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # kopf waits this long after an event for more of the same object; the reconciler folds
     # bursts itself, so a short window only adds latency.
     settings.batching.batch_window = 0.02
+    # A per-object worker holds the last event's whole body while it waits for more (5 s by
+    # default): under a burst of 500 runs that is a body per run and Job alive at once. The
+    # reconciler folds bursts itself, so a worker may go soon.
+    settings.queueing.idle_timeout = 1.0
     # Our own Events describe transitions (reconciler.py); kopf's only its own trouble.
     settings.posting.level = logging.WARNING
     # With --peering: how long a silent replica is still taken to be alive (failover time).
@@ -102,9 +106,12 @@ async def finetune_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo,
         memo.cache.drop_run(ns, name)
         memo.reconciler.forget(ns, name, event["object"])
         return
-    memo.cache.put_run(event["object"])
     if memo.reconciler.is_own_write(ns, name, body.metadata.get("resourceVersion")):
-        return      # the echo of our own status write: nothing new in it
+        # The echo of our own status write: nothing new in it, and the cache already has it
+        # (or, after a second write, something newer, which the echo must not replace: a
+        # plan from it would be refused with 409 and read again).
+        return
+    memo.cache.put_run(event["object"])
     await memo.reconciler.trigger(ns, name)
 
 
