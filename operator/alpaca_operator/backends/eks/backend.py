@@ -175,10 +175,10 @@ class EksBackend:
         # (namespace, account) -> monotonic time its trainer identity was made or found; one
         # lock each, so that 500 runs applied at once make it once.
         self._identities: dict[tuple[str, str], float] = {}
+        self._identity_locks: dict[tuple[str, str], asyncio.Lock] = {}
         # namespace -> (monotonic time, its pending training pods); one lock each
         self._pending: dict[str, tuple[float, list[dict]]] = {}
         self._pending_locks: dict[str, asyncio.Lock] = {}
-        self._identity_locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     async def _jobs(self, run: Run) -> list[dict]:
         """The run's Jobs, fresh from the API server: those it owns (by UID), not merely
