@@ -106,12 +106,12 @@ async def finetune_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo,
         memo.cache.drop_run(ns, name)
         memo.reconciler.forget(ns, name, event["object"])
         return
-    if memo.reconciler.is_own_write(ns, name, body.metadata.get("resourceVersion")):
-        # The echo of our own status write: nothing new in it, and the cache already has it
-        # (or, after a second write, something newer, which the echo must not replace: a
-        # plan from it would be refused with 409 and read again).
-        return
-    memo.cache.put_run(event["object"])
+    rv = body.metadata.get("resourceVersion")
+    cached = (memo.cache.run(ns, name) or {}).get("metadata", {}).get("resourceVersion")
+    if not memo.reconciler.is_stale_echo(ns, name, rv, cached):
+        memo.cache.put_run(event["object"])
+    if memo.reconciler.is_own_write(ns, name, rv):
+        return      # the echo of our own status write: nothing new in it
     await memo.reconciler.trigger(ns, name)
 
 

@@ -121,6 +121,18 @@ class Reconciler:
         st = self._keys.get((namespace, name))
         return st is not None and resource_version is not None and resource_version in st.written
 
+    def is_stale_echo(self, namespace: str, name: str, resource_version: str | None,
+                      cached: str | None) -> bool:
+        """Is this the watch's echo of one of our writes while the cache already holds a later
+        one of ours (its reply came before this echo)? Then the echo must not replace it: a
+        plan from the older body would be refused with 409. Any other event is the newest the
+        watch knows, and replaces whatever the cache holds (a write's reply included)."""
+        st = self._keys.get((namespace, name))
+        if st is None or resource_version not in st.written or cached not in st.written:
+            return False
+        written = list(st.written)
+        return written.index(cached) > written.index(resource_version)
+
     async def trigger(self, namespace: str, name: str) -> None:
         """Reconcile now, unless a reconcile of this run is already queued behind the lock
         (it will read everything fresh, this trigger's news included)."""
@@ -318,8 +330,12 @@ class Reconciler:
         finished job's run goes at once. The annotation alpaca.dev/on-delete: keep lets the
         run go and the job run on. With the operator down, the run waits (docs/operator.md
         says how to release it by hand)."""
+        ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        # Fresh: a write from a stale body would conflict, and nothing else would refresh it.
+        body = await self._get(ns, name)
+        if body is None:
+            return None
         meta = body["metadata"]
-        ns, name = meta["namespace"], meta["name"]
         if (meta.get("annotations") or {}).get(api.ANNOTATION_ON_DELETE) == api.ON_DELETE_KEEP:
             log.info("%s/%s: annotation %s=%s: the training job is left running", ns, name,
                      api.ANNOTATION_ON_DELETE, api.ON_DELETE_KEEP)
