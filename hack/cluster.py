@@ -62,6 +62,14 @@ G5_NODEGROUP = "gpu-g5"
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}
 
 
+def crd_established(kubectl, crd: str) -> bool:
+    """Is the CRD Established? What to poll: `kubectl wait --for=condition=Established` fails
+    outright ("accessor error") when it reads the CRD before the API server wrote its first
+    status. kubectl: a Cluster's (or the tests' handle's), taking check=False."""
+    path = '{.status.conditions[?(@.type=="Established")].status}'
+    return kubectl("get", f"crd/{crd}", "-o", f"jsonpath={path}", check=False).stdout.strip() == "True"
+
+
 class ClusterError(RuntimeError):
     pass
 
@@ -323,12 +331,7 @@ class Cluster:
         return proc
 
     def wait_established(self, crd: str, timeout: float = 60) -> None:
-        """`kubectl wait --for=condition=Established` fails outright ("accessor error") when
-        it reads the CRD before the API server wrote its first status: poll instead."""
-        path = '{.status.conditions[?(@.type=="Established")].status}'
-        self._wait(f"CRD {crd} Established", lambda: self.kubectl(
-            "get", f"crd/{crd}", "-o", f"jsonpath={path}", check=False).stdout.strip() == "True",
-            timeout, "kube-apiserver")
+        self._wait(f"CRD {crd} Established", lambda: crd_established(self.kubectl, crd), timeout, "kube-apiserver")
 
     def _etcd_healthy(self) -> bool:
         import urllib.request

@@ -49,11 +49,8 @@ class ClusterHandle:
         return proc
 
     def wait_established(self, crd: str, timeout: float = 60) -> None:
-        """`kubectl wait --for=condition=Established` fails outright ("accessor error") when
-        it reads the CRD before the API server wrote its first status: poll instead."""
-        path = '{.status.conditions[?(@.type=="Established")].status}'
         deadline = time.monotonic() + timeout
-        while self.kubectl("get", f"crd/{crd}", "-o", f"jsonpath={path}", check=False).stdout.strip() != "True":
+        while not hack_cluster.crd_established(self.kubectl, crd):
             if time.monotonic() > deadline:
                 raise AssertionError(f"CRD {crd} not Established in {timeout:.0f}s")
             time.sleep(0.2)

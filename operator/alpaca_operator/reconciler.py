@@ -347,7 +347,8 @@ class Reconciler:
                 return RELEASE_RETRY
             if waiting is not None:
                 log.info("%s/%s: %s", ns, name, waiting)
-                return max(5.0, getattr(self.backends.get("sagemaker"), "interval", RELEASE_RETRY) / 3)
+                backend = self.backends.get((body.get("spec") or {}).get("backend"))
+                return max(5.0, getattr(backend, "interval", RELEASE_RETRY) / 3)
         while (body := await self._get(ns, name)) is not None and api.FINALIZER in (body["metadata"].get("finalizers") or ()):
             try:
                 await self.kube.patch(api.PLURAL, ns, name, {"metadata": {

@@ -12,7 +12,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 from ... import api
 from ...cache import Cache
@@ -161,6 +161,26 @@ def _failed(job: Mapping[str, Any]) -> bool:
     return "Failed" in _true_conditions(job)
 
 
+class SharedLook:
+    """What one look found, per key, shared by every caller for `fresh` seconds after it; one
+    look at a time per key, so a burst of callers (500 launches at once) waits for one look
+    instead of each making its own. A look that raises stores nothing."""
+
+    def __init__(self, fresh: float):
+        self.fresh = fresh
+        self._seen: dict[Any, tuple[float, Any]] = {}
+        self._locks: dict[Any, asyncio.Lock] = {}
+
+    async def get(self, key: Any, look: Callable[[], Awaitable[Any]], *, again: bool = False) -> Any:
+        """again: look whatever the last look found (it is known to be out of date)."""
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            seen = self._seen.get(key)
+            if again or seen is None or time.monotonic() - seen[0] > self.fresh:
+                started = time.monotonic()
+                seen = self._seen[key] = (started, await look())
+            return seen[1]
+
+
 class EksBackend:
     name = "eks"
     needs_finalizer = False     # every child has an ownerReference to the run: the GC's work
@@ -168,17 +188,13 @@ class EksBackend:
     def __init__(self, kube: Kube, cache: Cache | None = None):
         self.kube = kube
         self.cache = cache or Cache()
-        # One node listing shared by every launch for NODES_FRESH seconds: 500 runs applied
-        # at once cost a few LISTs, not 500. (monotonic time, items or None: not readable)
-        self._nodes: tuple[float, list[dict] | None] | None = None
-        self._nodes_lock = asyncio.Lock()
-        # (namespace, account) -> monotonic time its trainer identity was made or found; one
-        # lock each, so that 500 runs applied at once make it once.
-        self._identities: dict[tuple[str, str], float] = {}
-        self._identity_locks: dict[tuple[str, str], asyncio.Lock] = {}
-        # namespace -> (monotonic time, its pending training pods); one lock each
-        self._pending: dict[str, tuple[float, list[dict]]] = {}
-        self._pending_locks: dict[str, asyncio.Lock] = {}
+        # One node listing shared by every launch: 500 runs applied at once cost a few LISTs,
+        # not 500 (items, or None: not readable).
+        self._nodes = SharedLook(NODES_FRESH)
+        # (namespace, account) -> its trainer identity, made once (the look returns nothing).
+        self._identities = SharedLook(IDENTITY_FRESH)
+        # namespace -> its pending training pods.
+        self._pending = SharedLook(PENDING_FRESH)
 
     async def _jobs(self, run: Run) -> list[dict]:
         """The run's Jobs, fresh from the API server: those it owns (by UID), not merely
@@ -328,12 +344,10 @@ class EksBackend:
 
     async def _node_listing(self) -> list[dict] | None:
         """Every node, at most NODES_FRESH seconds old; None where nodes cannot be read."""
-        async with self._nodes_lock:
-            now = time.monotonic()
-            if self._nodes is None or now - self._nodes[0] > NODES_FRESH:
-                listing = await self._read_nodes()
-                self._nodes = (now, None if listing is None else listing.get("items") or [])
-            return self._nodes[1]
+        async def look() -> list[dict] | None:
+            listing = await self._read_nodes()
+            return None if listing is None else listing.get("items") or []
+        return await self._nodes.get(None, look)
 
     async def _unsatisfiable(self, run: Run, attempt: int) -> Observation | None:
         """A gang no set of this cluster's nodes could ever hold fails before any pod
@@ -374,21 +388,16 @@ class EksBackend:
 
     async def _pending_pods(self, namespace: str) -> list[dict]:
         """The namespace's pending training pods, at most PENDING_FRESH seconds old."""
-        lock = self._pending_locks.setdefault(namespace, asyncio.Lock())
-        async with lock:
-            now = time.monotonic()
-            seen = self._pending.get(namespace)
-            if seen is None or now - seen[0] > PENDING_FRESH:
-                listing = await self.kube.request("GET", path("pods", namespace), query={
-                    "labelSelector": f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY}", "fieldSelector": "status.phase=Pending"})
-                # Held until the next look: only what the probe reads.
-                pods = [{"metadata": {k: v for k, v in (p.get("metadata") or {}).items()
-                                      if k in ("name", "deletionTimestamp", "ownerReferences")},
-                         "status": {k: v for k, v in (p.get("status") or {}).items()
-                                    if k in ("phase", "conditions", "containerStatuses")}}
-                        for p in (listing or {}).get("items") or ()]
-                seen = self._pending[namespace] = (now, pods)
-            return seen[1]
+        async def look() -> list[dict]:
+            listing = await self.kube.request("GET", path("pods", namespace), query={
+                "labelSelector": f"{api.LABEL_MANAGED_BY}={api.MANAGED_BY}", "fieldSelector": "status.phase=Pending"})
+            # Held until the next look: only what the probe reads.
+            return [{"metadata": {k: v for k, v in (p.get("metadata") or {}).items()
+                                  if k in ("name", "deletionTimestamp", "ownerReferences")},
+                     "status": {k: v for k, v in (p.get("status") or {}).items()
+                                if k in ("phase", "conditions", "containerStatuses")}}
+                    for p in (listing or {}).get("items") or ()]
+        return await self._pending.get(namespace, look)
 
     async def _why_not_running(self, run: Run, job: Mapping[str, Any]) -> tuple[str, str]:
         """Why the attempt's workers do not run, as the scheduler, the kubelet or the Job
@@ -520,25 +529,16 @@ class EksBackend:
         operator's by convention (docs/contract.md), and a run's pods need nothing of them but
         their names. again: it is known to be missing, whatever the memo says."""
         key = (run.namespace, render.pod_service_account(run))
-        lock = self._identity_locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            made = self._identities.get(key)
-            if not again and made is not None and time.monotonic() - made < IDENTITY_FRESH:
-                return
-            for obj in render.render_trainer_identity(*key):    # in order: see there
-                try:
-                    await self.kube.create(obj)
-                except ApiError as e:
-                    if 400 <= e.status < 500 and e.status not in (401, 408, 429):
-                        raise LaunchError(Reason.CREATE_REJECTED, f"the API server refused {obj['kind']} "
-                                          f"{obj['metadata']['name']}: {e.message}") from None
-                    raise
-            self._identities[key] = time.monotonic()
 
-    async def _ensure(self, run: Run, obj: Mapping[str, Any]) -> bool:
-        """Create it, or check that what has its name is ours. True if created now."""
+        async def make() -> None:
+            for obj in render.render_trainer_identity(*key):    # in order: see there
+                await self._create_or_refuse(obj)
+        await self._identities.get(key, make, again=again)
+
+    async def _create_or_refuse(self, obj: Mapping[str, Any]) -> dict | None:
+        """Create; None if it exists. LaunchError for what the same request would meet again."""
         try:
-            created = await self.kube.create(obj)
+            return await self.kube.create(obj)
         except ApiError as e:
             if 400 <= e.status < 500 and e.status not in (401, 408, 429):
                 # Quota, admission (PodSecurity, a webhook), an invalid field: the same
@@ -546,6 +546,10 @@ class EksBackend:
                 raise LaunchError(Reason.CREATE_REJECTED, f"the API server refused {obj['kind']} "
                                   f"{obj['metadata']['name']}: {e.message}") from None
             raise
+
+    async def _ensure(self, run: Run, obj: Mapping[str, Any]) -> bool:
+        """Create it, or check that what has its name is ours. True if created now."""
+        created = await self._create_or_refuse(obj)
         if created is not None:
             if obj["kind"] == "Job":
                 self.cache.put_job(created)
