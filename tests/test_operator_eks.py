@@ -153,8 +153,11 @@ def test_sample_lifecycle(cluster, operator, namespace, sample):
         assert st["startTime"] and st["completionTime"] and st["observedGeneration"] == body["metadata"]["generation"]
         assert st["workload"] == {"job": f"{name}-a1", **({"service": name} if job["spec"]["parallelism"] > 1 else {}),
                                   "serviceAccount": d["spec"].get("serviceAccountName") or "alpaca-trainer"}
-        assert recorders[name].stop() == ["Pending", "Launching", "Running", "Succeeded"]
-        assert event_reasons(cluster, namespace, name) == ["Accepted", "Launching", "Running", "Succeeded"]
+        # Launched at once: the first status write is Launching's (no Pending, no Accepted).
+        assert recorders[name].stop() == ["Launching", "Running", "Succeeded"]
+        assert event_reasons(cluster, namespace, name) == ["Launching", "Running", "Succeeded"]
+        preflight = [c for c in st["conditions"] if c["type"] == "Preflight"]
+        assert [c["status"] for c in preflight] == ["True"], st["conditions"]   # written with Launching
 
 
 def test_kubectl_get_columns_and_progress_from_rank0(cluster, operator, namespace, tmp_path):
@@ -253,7 +256,7 @@ def test_suspend_and_resume(cluster, operator, namespace):
                     on_timeout=dump(cluster, namespace, operator))
     assert body["status"]["attempts"] == 1      # a resume is not a restart
     reasons = event_reasons(cluster, namespace, "pause")
-    assert reasons == ["Accepted", "Launching", "Running", "Suspended", "Resumed", "Running", "Succeeded"], reasons
+    assert reasons == ["Launching", "Running", "Suspended", "Resumed", "Running", "Succeeded"], reasons
 
 
 def test_deadline_exceeded(cluster, operator, namespace):
@@ -295,6 +298,9 @@ def test_missing_deepspeed_configmap_waits_in_pending(cluster, operator, namespa
         return st.get("phase") == "Pending" and any(c["reason"] == "ConfigMapNotFound" for c in st.get("conditions", []))
     wait_for("Pending with ConfigMapNotFound", blocked, on_timeout=dump(cluster, namespace, operator))
     assert jobs(cluster, namespace, "byo-ds") == []
+    # The refused first launch wrote the run's first status: the preflight's result is in it.
+    conditions = aft(cluster, namespace, "byo-ds")["status"]["conditions"]
+    assert [c["status"] for c in conditions if c["type"] == "Preflight"] == ["True"], conditions
     ds = {"zero_optimization": {"stage": 2}, "train_batch_size": "auto"}
     cluster.kubectl("create", "configmap", "later", "-n", namespace, f"--from-literal=ds.json={json.dumps(ds)}")
     wait_for("Succeeded once the ConfigMap exists", phase_is(cluster, namespace, "byo-ds", "Succeeded"), timeout=90,

@@ -72,6 +72,10 @@ def test_happy_path_pending_launching_running_uploading_succeeded():
     assert [e.reason for e in plan.events] == ["Accepted"]
     assert cond(st, "Created")["status"] == "False"
     assert st["observedGeneration"] == 1
+    # A brand-new run launches before it writes: Pending is what a refused launch leaves
+    # (the reconciler writes the next plan, from the launch's outcome, instead).
+    assert plan.deferred
+    assert not decide(run(st), obs(W.ABSENT, attempt=0), at(0.5)).deferred
 
     # The Job exists (created at 1): attempt 1 started then.
     plan, st = step(run(st), obs(W.STARTING, ready=1), 1.5)

@@ -131,6 +131,11 @@ def test_unavailable_keeps_the_phase_and_says_when_it_tries_again():
     assert cond["status"] == "True" and cond["reason"] == "BackendAnswers"
     assert backend_answers(_run({**running, **back.patch}), T0 + dt.timedelta(seconds=31)).empty
     assert backend_answers(_run(running), T0).empty
+    # A new run's first launch could not reach it: that is the run's first status, Pending.
+    first = backend_unavailable(_run({}), T0, "CreateTrainingJob: endpoint unreachable", T0 + dt.timedelta(seconds=1))
+    assert first.patch["phase"] == "Pending" and first.patch["reason"] == "BackendUnavailable"
+    assert get_condition(first.patch, Cond.BACKEND_AVAILABLE)["status"] == "False"
+    assert [(e.type, e.reason) for e in first.events] == [("Warning", "BackendUnavailable")]
 
 
 def test_the_write_of_what_the_backend_answered_also_says_it_answers_again():

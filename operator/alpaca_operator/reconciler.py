@@ -164,8 +164,8 @@ class Reconciler:
                 else:
                     log.exception("reconcile %s/%s failed; retrying in %.0fs", namespace, name, delay)
                 if isinstance(e, BackendUnavailable):
-                    await self._status_after(key, lambda run: status.backend_unavailable(
-                        run, self.clock(), str(e), self.clock() + dt.timedelta(seconds=delay)))
+                    await self._status_after(key, lambda run: self._with_preflight(run, status.backend_unavailable(
+                        run, self.clock(), str(e), self.clock() + dt.timedelta(seconds=delay))))
                 self._requeue(key, delay)
                 return
             metrics.reconcile_done(metrics.backend_of(self.cache.run(*key)), time.monotonic() - started)
@@ -226,17 +226,23 @@ class Reconciler:
                 requeue = plan.requeue_after
                 if plan.empty:
                     return requeue
-                if plan.actions and not fresh and not (plan.patch and plan.status_first):
+                if plan.actions and not fresh and not (plan.patch and plan.status_first) and not plan.deferred:
                     # Acting without a status write first: nothing would catch a stale body
                     # (a resume already undone, an attempt already counted). Read it afresh.
+                    # (A deferred first launch is safe on a stale body: attempt 1's launch is
+                    # idempotent, and the write after it checks the resourceVersion.)
                     body, fresh = await self._get(namespace, name), True
                     continue
                 if self.preflight is not None and status.needs_preflight(run, plan):
                     plan = status.preflight(run, plan, await self._preflight(run), self.clock())
+                else:
+                    plan = self._with_preflight(run, plan)
                 if backend is not None and backend.needs_finalizer and api.FINALIZER not in \
                         (body["metadata"].get("finalizers") or ()) and any(a.kind == "launch" for a in plan.actions):
                     body = await self._add_finalizer(body)
-                if plan.status_first:
+                if plan.deferred:
+                    known = await self._act(run, backend, plan)
+                elif plan.status_first:
                     body = await self._write(body, plan)
                     # Act on what was just written: a new attempt renders from it (the
                     # nodes it avoids and the steps it skips are in the attemptHistory entry
@@ -264,13 +270,13 @@ class Reconciler:
                     delay = min(longest, first * 2 ** (st.blocked - 1)) * random.uniform(0.8, 1.2)
                 log.warning("%s/%s: cannot launch yet: %s: %s; trying again in %.0fs", namespace, name,
                             e.reason, e.message, delay)
-                await self._status_after((namespace, name),
-                                         lambda run: status.invalid(run, self.clock(), e.reason, e.message))
+                await self._status_after((namespace, name), lambda run: self._with_preflight(
+                    run, status.invalid(run, self.clock(), e.reason, e.message)))
                 return delay
             except BackendRefused as e:
                 log.warning("%s/%s: %s: %s", namespace, name, e.reason, e.message)
-                failed = await self._status_after((namespace, name),
-                                                  lambda run: status.refused(run, self.clock(), e.reason, e.message))
+                failed = await self._status_after((namespace, name), lambda run: self._with_preflight(
+                    run, status.refused(run, self.clock(), e.reason, e.message)))
                 return failed.requeue_after if failed is not None else 1.0
             if backend is not None and (body.get("status") or {}).get("phase") in status.TERMINAL:
                 backend.forget(replace(run, status=body.get("status") or {}))
@@ -379,6 +385,15 @@ class Reconciler:
             except Conflict:
                 return f"the run changed while {found[0]} was looked at; looking again"
         return None if found[1] == status.Phase.STOPPED else f"waiting for {found[0]} to stop"
+
+    def _with_preflight(self, run: Run, plan: status.Plan) -> status.Plan:
+        """The plan, with the passed preflight's condition where a deferred first launch left
+        it unwritten: the launch's outcome is the run's first status write."""
+        memo = self._state((run.namespace, run.name)).preflight
+        if self.preflight is None or memo is None or memo[:2] != (run.uid, run.generation) \
+                or memo[2].failure is not None or not plan.patch or not status.unrecorded_preflight(run):
+            return plan
+        return status.preflight(run, plan, memo[2], self.clock())
 
     async def _status_after(self, key: Key, decide: Callable[[Run], status.Plan]) -> status.Plan | None:
         """Writes what `decide` makes of the fresh run, after a failure; returns that plan, or

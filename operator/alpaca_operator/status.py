@@ -74,6 +74,10 @@ class Plan:
     # True: write the status before acting (a new attempt number must be durable before its
     # Job exists). False: act first (the TTL deletion must happen before it is recorded).
     status_first: bool = True
+    # True: act, and write nothing of this plan: the next round's plan, from what the action
+    # made, is the first write (a new run goes straight to Launching, one status write and
+    # one Event fewer per run; a refused launch writes Pending with its reason instead).
+    deferred: bool = False
     requeue_after: float | None = None
     restart: str | None = None      # a new attempt starts: its cause (a Reason), for metrics
 
@@ -332,7 +336,9 @@ def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: b
                 d.clear_condition(Cond.SUSPENDED, Reason.RESUMED, d.new["message"])
             # else: Pending with the reason of the last failed launch, which stays until
             # a launch succeeds (no status write per retry).
-            return d.plan(actions=[Action("launch", 1, rp.active_deadline_seconds)])
+            # Nothing is counted yet, so nothing must be durable before the launch: a brand-new
+            # run writes its first status from the launch's outcome.
+            return d.plan(actions=[Action("launch", 1, rp.active_deadline_seconds)], deferred=phase is None)
         # The first workload exists: attempt 1 is counted.
         attempt = 1
         d.new["attempts"] = 1
@@ -763,7 +769,13 @@ def needs_preflight(run: Run, plan: Plan) -> bool:
     """The plan launches the first attempt and no preflight has been recorded: it runs once
     per run, before anything is created (its condition, once written, says it ran)."""
     return run.attempt == 0 and any(a.kind == "launch" and a.attempt == 1 for a in plan.actions) \
-        and get_condition(run.status, Cond.PREFLIGHT) is None
+        and unrecorded_preflight(run)
+
+
+def unrecorded_preflight(run: Run) -> bool:
+    """No status write has recorded the run's preflight yet (a deferred first launch writes
+    it with the launch's outcome)."""
+    return run.attempt == 0 and get_condition(run.status, Cond.PREFLIGHT) is None
 
 
 def preflight(run: Run, plan: Plan, outcome: Any, now: dt.datetime) -> Plan:
@@ -811,7 +823,10 @@ def backend_unavailable(run: Run, now: dt.datetime, message: str, retry_at: dt.d
     if d.phase in TERMINAL:
         return Plan()
     was = get_condition(d.new, Cond.BACKEND_AVAILABLE)
-    if was is None or was.get("status") != "False":
+    if d.phase is None:
+        # A new run's first launch could not reach the backend: this is its first status.
+        d.to(Phase.PENDING, Reason.BACKEND_UNAVAILABLE, message, warning=True)
+    elif was is None or was.get("status") != "False":
         d.event(Reason.BACKEND_UNAVAILABLE, message, warning=True)
     d.condition(Cond.BACKEND_AVAILABLE, False, Reason.BACKEND_UNAVAILABLE,
                 f"{message}; next try at {fmt_time(retry_at)}")
