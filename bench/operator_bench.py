@@ -1199,7 +1199,10 @@ def write_docs(section: str, heading: str = "## Operator", path: Path | None = N
         for sub in OPERATOR_SUBPARTS:
             kept = _span(lines[old[0]:old[1]], sub) if old else None
             if kept:
-                new += [""] + lines[old[0] + kept[0]:old[0] + kept[1]]
+                part = lines[old[0] + kept[0]:old[0] + kept[1]]
+                while part and not part[-1].strip():    # one blank line between parts, not more
+                    part.pop()
+                new += [""] + part
     span = _span(lines, heading)
     if span is None and heading in OPERATOR_SUBPARTS and _span(lines, "## Operator"):
         end = _span(lines, "## Operator")[1]

@@ -191,3 +191,6 @@ def test_the_kubeflow_part_ends_the_operator_section_and_outlives_its_rewrite(tm
     assert text.count(ob.KUBEFLOW_HEADING) == 1 and "**missed**" in text
     assert "new operator figures" in text and "kueue figures" in text and "sagemaker figures" in text
     assert headings(docs)[-2] == ob.KUBEFLOW_HEADING
+    # Rewritten again and again, the kept parts stay one blank line apart.
+    ob.write_docs("## Operator\n\nnewer operator figures\n", "## Operator", docs)
+    assert "\n\n\n" not in docs.read_text()
