@@ -216,9 +216,13 @@ def test_a_gang_of_one_finds_rank_0_at_its_own_address_and_more_through_the_serv
     assert "subdomain" not in one
     assert {"name": "PET_MASTER_ADDR", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} \
         in one["containers"][0]["env"]
+    # ...and needs no rendezvous port (alpaca-launch takes a free one): none is declared, so
+    # pods on a shared host network never wait for, or clash on, 29500.
+    assert "ports" not in one["containers"][0]
     two = render.render_job(run_of({**MINIMAL, "resources": {"nodes": 2}}), 1)["spec"]["template"]["spec"]
     assert two["subdomain"] == "ft"
     assert {"name": "PET_MASTER_ADDR", "value": "ft-a1-0.ft"} in two["containers"][0]["env"]
+    assert two["containers"][0]["ports"] == [{"name": "rendezvous", "containerPort": 29500, "protocol": "TCP"}]
 
 
 def test_service_is_headless_and_publishes_not_ready_pods():

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -126,10 +127,13 @@ def test_launcher_exits_with_the_workers_permanent_code_and_reason(tiny_model, t
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "c", "output": "d"\n')
     write_json(tmp_path / "etc" / "train_args.json", ["--model_name_or_path", str(tiny_model), "--data_path", str(bad)])
-    env = dict(train_env, PET_NNODES="1", PET_NPROC_PER_NODE="1", PET_MASTER_PORT=str(free_port()),
-               ALPACA_CONFIG_DIR=str(tmp_path / "etc"), ALPACA_WORKDIR=str(tmp_path / "work"),
-               ALPACA_FAILURE_FILE=str(tmp_path / "termination-log"))
-    proc = run_cmd([VENV_BIN / "alpaca-launch"], env, timeout=200)
+    # The rendezvous port is taken, as by another run's rank 0 on a shared host network: a
+    # one-node gang must not need it (it failed with EADDRINUSE when it bound the fixed port).
+    with socket.create_server(("0.0.0.0", 0)) as taken:
+        env = dict(train_env, PET_NNODES="1", PET_NPROC_PER_NODE="1", PET_MASTER_PORT=str(taken.getsockname()[1]),
+                   ALPACA_CONFIG_DIR=str(tmp_path / "etc"), ALPACA_WORKDIR=str(tmp_path / "work"),
+                   ALPACA_FAILURE_FILE=str(tmp_path / "termination-log"))
+        proc = run_cmd([VENV_BIN / "alpaca-launch"], env, timeout=200)
     assert proc.returncode == 65, proc.output[-3000:]  # torchrun itself exited 1
     assert (tmp_path / "termination-log").read_text().startswith(f"{bad}: line 2: malformed JSON record")
 

@@ -70,10 +70,16 @@ def default_nproc() -> int:
 
 def torchrun_command(nnodes: int, nproc: int, node_rank: int, master_addr: str, master_port: int,
                      train_args: list[str]) -> list[str]:
+    if nnodes == 1:
+        # One node needs no address others can reach: --standalone takes a free local port.
+        # A fixed port would clash with any other run's rank 0 on a shared host network
+        # (hostNetwork pods; two SageMaker local-mode jobs): EADDRINUSE, a failed attempt.
+        rendezvous = ["--standalone", "--nnodes=1"]
+    else:
+        rendezvous = [f"--nnodes={nnodes}", f"--node_rank={node_rank}",
+                      f"--master_addr={master_addr}", f"--master_port={master_port}"]
     return [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nnodes={nnodes}", f"--nproc_per_node={nproc}", f"--node_rank={node_rank}",
-        f"--master_addr={master_addr}", f"--master_port={master_port}",
+        sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc_per_node={nproc}",
         # The operator restarts the whole gang; a local restart would desynchronise it.
         "--max_restarts=0",
         "-m", "alpaca_train.train", *train_args,

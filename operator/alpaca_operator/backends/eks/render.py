@@ -217,7 +217,10 @@ def render_job(run: Run, attempt: int, *, deadline_seconds: int | None = None,
             # wrote none still leaves the end of its log as the pod's termination message.
             "terminationMessagePolicy": "FallbackToLogsOnError",
             "env": _env(run, attempt, deepspeed_config_text(run, ds_config)),
-            "ports": [{"name": "rendezvous", "containerPort": api.RENDEZVOUS_PORT, "protocol": "TCP"}],
+            # Only a gang of several listens on the rendezvous port; one node takes a free
+            # local port (alpaca-launch: torchrun --standalone), so it holds no host port.
+            **({"ports": [{"name": "rendezvous", "containerPort": api.RENDEZVOUS_PORT, "protocol": "TCP"}]}
+               if gang_needs_service(run) else {}),
             "resources": _resources(run),
             "volumeMounts": [
                 {"name": "shm", "mountPath": "/dev/shm"},
