@@ -164,8 +164,8 @@ class Reconciler:
                 else:
                     log.exception("reconcile %s/%s failed; retrying in %.0fs", namespace, name, delay)
                 if isinstance(e, BackendUnavailable):
-                    await self._status_after(key, lambda run: self._with_preflight(run, status.backend_unavailable(
-                        run, self.clock(), str(e), self.clock() + dt.timedelta(seconds=delay))))
+                    await self._status_after(key, lambda run: status.backend_unavailable(
+                        run, self.clock(), str(e), self.clock() + dt.timedelta(seconds=delay)))
                 self._requeue(key, delay)
                 return
             metrics.reconcile_done(metrics.backend_of(self.cache.run(*key)), time.monotonic() - started)
@@ -270,13 +270,13 @@ class Reconciler:
                     delay = min(longest, first * 2 ** (st.blocked - 1)) * random.uniform(0.8, 1.2)
                 log.warning("%s/%s: cannot launch yet: %s: %s; trying again in %.0fs", namespace, name,
                             e.reason, e.message, delay)
-                await self._status_after((namespace, name), lambda run: self._with_preflight(
-                    run, status.invalid(run, self.clock(), e.reason, e.message)))
+                await self._status_after((namespace, name),
+                                         lambda run: status.invalid(run, self.clock(), e.reason, e.message))
                 return delay
             except BackendRefused as e:
                 log.warning("%s/%s: %s: %s", namespace, name, e.reason, e.message)
-                failed = await self._status_after((namespace, name), lambda run: self._with_preflight(
-                    run, status.refused(run, self.clock(), e.reason, e.message)))
+                failed = await self._status_after((namespace, name),
+                                                  lambda run: status.refused(run, self.clock(), e.reason, e.message))
                 return failed.requeue_after if failed is not None else 1.0
             if backend is not None and (body.get("status") or {}).get("phase") in status.TERMINAL:
                 backend.forget(replace(run, status=body.get("status") or {}))
@@ -347,7 +347,7 @@ class Reconciler:
                      api.ANNOTATION_ON_DELETE, api.ON_DELETE_KEEP)
         else:
             try:
-                waiting = await self._release(body)
+                waiting, body = await self._release(body)
             except (BackendUnavailable, LaunchError, BackendRefused) as e:
                 log.warning("%s/%s: cannot stop the training job yet: %s", ns, name, e)
                 return RELEASE_RETRY
@@ -355,7 +355,7 @@ class Reconciler:
                 log.info("%s/%s: %s", ns, name, waiting)
                 backend = self.backends.get((body.get("spec") or {}).get("backend"))
                 return max(5.0, getattr(backend, "interval", RELEASE_RETRY) / 3)
-        while (body := await self._get(ns, name)) is not None and api.FINALIZER in (body["metadata"].get("finalizers") or ()):
+        while body is not None and api.FINALIZER in (body["metadata"].get("finalizers") or ()):
             try:
                 await self.kube.patch(api.PLURAL, ns, name, {"metadata": {
                     "resourceVersion": body["metadata"]["resourceVersion"],
@@ -364,27 +364,29 @@ class Reconciler:
             except ApiError as e:
                 if e.status != 409:
                     raise
+            body = await self._get(ns, name)
         return None
 
-    async def _release(self, body: Mapping[str, Any]) -> str | None:
-        """Stop the deleted run's workload: None when the run may go, else what it waits for.
-        The state machine writes the phase (Stopping while the workload stops, then Stopped)
-        with the resourceVersion it read."""
+    async def _release(self, body: Mapping[str, Any]) -> tuple[str | None, Mapping[str, Any]]:
+        """Stop the deleted run's workload. Returns None when the run may go, else what it
+        waits for; and the run as last written (the finalizer's removal needs its
+        resourceVersion). The state machine writes the phase (Stopping while the workload
+        stops, then Stopped) with the resourceVersion it read."""
         try:
             run = _run(body, parse_spec(body.get("spec")))
         except SpecError:
-            return None     # never launched anything
+            return None, body   # never launched anything
         backend = self.backends.get(run.spec.backend)
         found = await backend.release(run) if backend is not None else None
         if found is None:
-            return None
+            return None, body
         plan = status.deleting(run, self.clock(), *found)
         if not plan.empty:
             try:
-                await self._write(body, plan)
+                body = await self._write(body, plan)
             except Conflict:
-                return f"the run changed while {found[0]} was looked at; looking again"
-        return None if found[1] == status.Phase.STOPPED else f"waiting for {found[0]} to stop"
+                return f"the run changed while {found[0]} was looked at; looking again", body
+        return None if found[1] == status.Phase.STOPPED else f"waiting for {found[0]} to stop", body
 
     def _with_preflight(self, run: Run, plan: status.Plan) -> status.Plan:
         """The plan, with the passed preflight's condition where a deferred first launch left
@@ -398,7 +400,8 @@ class Reconciler:
     async def _status_after(self, key: Key, decide: Callable[[Run], status.Plan]) -> status.Plan | None:
         """Writes what `decide` makes of the fresh run, after a failure; returns that plan, or
         None if nothing was written (a conflict, an API error: left to the next reconcile,
-        which the caller queues)."""
+        which the caller queues). A deferred first launch that failed left the preflight's
+        condition unwritten: this write carries it."""
         try:
             body = await self._get(*key)
             if body is None:
@@ -407,7 +410,7 @@ class Reconciler:
                 run = _run(body, parse_spec(body.get("spec")))
             except SpecError:
                 return None
-            plan = decide(run)
+            plan = self._with_preflight(run, decide(run))
             if not plan.empty:
                 await self._write(body, plan)
             return plan

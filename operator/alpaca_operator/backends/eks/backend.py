@@ -193,8 +193,9 @@ class EksBackend:
         self._nodes = SharedLook(NODES_FRESH)
         # (namespace, account) -> its trainer identity, made once (the look returns nothing).
         self._identities = SharedLook(IDENTITY_FRESH)
-        # namespace -> its pending training pods.
+        # namespace -> its pending training pods; and the pod creations refused there.
         self._pending = SharedLook(PENDING_FRESH)
+        self._failed_creates = SharedLook(PENDING_FRESH)
 
     async def _jobs(self, run: Run) -> list[dict]:
         """The run's Jobs, fresh from the API server: those it owns (by UID), not merely
@@ -399,6 +400,18 @@ class EksBackend:
                     for p in (listing or {}).get("items") or ()]
         return await self._pending.get(namespace, look)
 
+    async def _failed_create_events(self, namespace: str) -> list[dict]:
+        """The namespace's FailedCreate Events, at most PENDING_FRESH seconds old: one listing
+        for every gang still short of pods, however many (a busy Job controller leaves
+        hundreds short for a while)."""
+        async def look() -> list[dict]:
+            listing = await self.kube.request("GET", path("events", namespace),
+                                              query={"fieldSelector": f"reason={Reason.FAILED_CREATE}"})
+            return [{"uid": (e.get("involvedObject") or {}).get("uid"), "message": e.get("message", ""),
+                     "at": e.get("lastTimestamp") or e.get("eventTime") or ""}
+                    for e in (listing or {}).get("items") or ()]
+        return await self._failed_creates.get(namespace, look)
+
     async def _why_not_running(self, run: Run, job: Mapping[str, Any]) -> tuple[str, str]:
         """Why the attempt's workers do not run, as the scheduler, the kubelet or the Job
         controller said it: ("", "") when nothing is wrong (yet)."""
@@ -420,12 +433,9 @@ class EksBackend:
         if created < int(spec.get("parallelism") or 1):
             # Pods the Job controller could not create (quota, PodSecurity, a webhook) are
             # only in its Events.
-            listing = await self.kube.request("GET", path("events", run.namespace), query={
-                "fieldSelector": f"involvedObject.uid={job['metadata']['uid']},reason=FailedCreate"})
-            events = (listing or {}).get("items") or []
+            events = [e for e in await self._failed_create_events(run.namespace) if e["uid"] == job["metadata"]["uid"]]
             if events:
-                last = max(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
-                message = last.get("message", "")
+                message = max(events, key=lambda e: e["at"])["message"]
                 if f'serviceaccount "{api.TRAINER_ACCOUNT}" not found' in message \
                         and render.pod_service_account(run) == api.TRAINER_ACCOUNT:
                     # Someone deleted the namespace's trainer identity: made again, the Job
