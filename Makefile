@@ -23,6 +23,8 @@ LOCAL_EXEC_MAX_PROCS ?= 2
 # Exported: the test fixtures' and the demo's own clusters follow it too.
 export KUEUE ?= 1
 PYTEST_ARGS ?=
+# pytest-xdist workers of make test (0: one process). tests/conftest.py says who runs what.
+TEST_WORKERS ?= 2
 
 .PHONY: help setup venv controlplane kube-tools cluster-up cluster-down cluster-status \
         test test-gpu demo demo-down run-operator bench-operator bench-train lock manifests images clean
@@ -58,7 +60,7 @@ cluster-status: ## which control-plane processes run
 	@$(PYTHON_BOOTSTRAP) hack/cluster.py status
 
 test: setup ## the test suite, against the real control plane and a local S3 (what CI runs)
-	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not gpu" -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-gpu: setup ## the checks that need a CUDA GPU
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)

@@ -67,13 +67,35 @@ def _env_with(kubeconfig: Path) -> dict:
     return env
 
 
+# `make test` runs two pytest-xdist workers, each with control plane, S3 and stand-in of its
+# own. The rest of the suite mostly waits on them (test_operator_eks keeps 2 cores 28% busy),
+# while the modules below train for real, or run processes that do: one worker runs all of
+# those, one after another, dealt first; the other worker runs the rest. Two trainings at
+# once would halve each one's CPU under its deadlines, and gangs of local-exec pods on two
+# control planes would share this host's rendezvous port.
+TRAINING_GROUP = "training"
+TRAINING_MODULES = ("test_train_", "test_e2e_", "test_exit_paths", "test_demo", "test_operator_sagemaker_exec",
+                    "test_gpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    def group(item) -> str:
+        module = item.path.stem
+        return TRAINING_GROUP if module.startswith(TRAINING_MODULES) else module
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=lambda item: group(item) != TRAINING_GROUP)     # stable: modules keep their order
+
+
 @pytest.fixture(scope="session")
 def cluster():
     # Kueue runs as `make cluster-up` runs it: unless KUEUE=0. A shared cluster started the
-    # other way is not the one asked for.
+    # other way is not the one asked for. Parallel workers each need one of their own: a
+    # module changes cluster-wide objects (the admission policy, the CRD, Kueue's queues).
     kueue = hack_cluster.kueue_wanted()
     shared = hack_cluster.Cluster(ROOT / ".cluster")
-    if shared.kubeconfig.exists() and shared.healthy() and shared.kueue_enabled() == kueue:
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) <= 1 and shared.kubeconfig.exists() \
+            and shared.healthy() and shared.kueue_enabled() == kueue:
         yield ClusterHandle(str(shared.kubeconfig), _env_with(shared.kubeconfig))
         return
     own = hack_cluster.Cluster(Path(tempfile.mkdtemp(prefix="alpaca-cluster-")), three_free_ports())
