@@ -60,7 +60,7 @@ cluster-status: ## which control-plane processes run
 	@$(PYTHON_BOOTSTRAP) hack/cluster.py status
 
 test: setup ## the test suite, against the real control plane and a local S3 (what CI runs)
-	$(PY) -m pytest -m "not gpu" -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not gpu" -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-gpu: setup ## the checks that need a CUDA GPU
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
