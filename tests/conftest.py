@@ -78,10 +78,12 @@ TRAINING_MODULES = ("test_train_", "test_e2e_", "test_exit_paths", "test_demo", 
                     "test_gpu")
 
 
-def _group(module_path: str) -> str:
+def _group(nodeid: str) -> str:
+    module_path = nodeid.split("::")[0]
     return TRAINING_GROUP if Path(module_path).stem.startswith(TRAINING_MODULES) else module_path
 
 
+@pytest.hookimpl(optionalhook=True)     # pytest -p no:xdist has no such hook
 def pytest_xdist_make_scheduler(config, log):
     # xdist's own loadgroup reads xdist_group marks into node ids, which pytest 9 no longer
     # lets it rewrite; the grouping is made here instead: whole modules, the training ones
@@ -90,13 +92,13 @@ def pytest_xdist_make_scheduler(config, log):
 
     class ByGroup(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return _group(nodeid.split("::")[0])
+            return _group(nodeid)
     return ByGroup(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
     # The training group first (stable: modules keep their order), so it starts at once.
-    items.sort(key=lambda item: _group(item.nodeid.split("::")[0]) != TRAINING_GROUP)
+    items.sort(key=lambda item: _group(item.nodeid) != TRAINING_GROUP)
 
 
 @pytest.fixture(scope="session")
