@@ -74,8 +74,8 @@ demo-down: ## stop what make demo left running (the SageMaker stand-in, the clus
 run-operator: setup ## run the operator locally against $$KUBECONFIG (kopf, standalone)
 	$(PY) -m alpaca_operator --verbose
 
-bench-operator: setup ## N = 100 and 500 AlpacaFineTunes at once on their own simulated nodegroup, 200 through a Kueue quota of 8 (and 500 with Kueue installed), 500 against Kubeflow's training-operator (built on first use), and 200 sagemaker runs against the stand-in; writes docs/benchmarks.md
-	$(PY) bench/operator_bench.py --runs 100 --runs 500 --kueue 200 --kubeflow 500 --sagemaker 200 --write-docs
+bench-operator: setup ## N = 100, 500 and 2,000 AlpacaFineTunes at once on their own simulated nodegroup, 8 gangs of 64 nodes, 200 through a Kueue quota of 8 (and 500 with Kueue installed), 500 against Kubeflow's training-operator (built on first use), and 200 sagemaker runs against the stand-in; writes docs/benchmarks.md
+	$(PY) bench/operator_bench.py --runs 100 --runs 500 --runs 2000 --gangs 8x64 --kueue 200 --kubeflow 500 --sagemaker 200 --write-docs
 
 bench-train: setup ## our training script against Stanford Alpaca's, and full fine-tuning against LoRA, on CPU; writes the generated part of docs/benchmarks.md
 	$(PY) bench/bench_train.py --write-docs
