@@ -466,7 +466,6 @@ def bench(n: int, gpus: int, args, kube_client: str | None = None, kueue: bool =
             "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
             "runs": n,
             "pods": n * nodes,
-            "nodes_per_run": nodes,
             "gpus_per_pod": gpus,
             "gpu_nodes": gpu_nodes,
             "all_running": len(latencies),
@@ -1330,7 +1329,7 @@ def client_markdown(report: dict) -> str:
 
 
 def gang(r: dict) -> str:
-    n = r.get("nodes_per_run") or r["pods"] // r["runs"]
+    n = r["pods"] // r["runs"]
     return f" of {n} nodes x {r['gpus_per_pod']} GPUs" if n > 1 else ""
 
 

@@ -17,7 +17,7 @@ _spec.loader.exec_module(ob)
 
 def row(runs: int, nodes: int = 1, *, after_last: float = 10.0, running: int | None = None,
         rss: float = 100.0) -> dict:
-    return {"runs": runs, "pods": runs * nodes, "nodes_per_run": nodes, "gpus_per_pod": 8 if nodes > 1 else 1,
+    return {"runs": runs, "pods": runs * nodes, "gpus_per_pod": 8 if nodes > 1 else 1,
             "gpu_nodes": runs * nodes, "all_running": runs if running is None else running,
             "all_running_after_last_apply_s": after_last, "operator_peak_rss_mib": rss,
             "running_p50_s": 1.0, "running_p95_s": 2.0, "running_max_s": 3.0, "all_succeeded_s": 40.0,
