@@ -7,6 +7,7 @@ end. Nothing here skips: a part that cannot start fails the tests that need it, 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -138,9 +139,38 @@ def namespace(cluster, request):
 
 @pytest.fixture(scope="session")
 def crd(cluster):
+    """The CRD and its immutability policy (manifests/crd/), both in force."""
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "manifests" / "crd"))
     cluster.wait_established("alpacafinetunes.alpaca.dev")
+    _wait_for_immutability(cluster)
     return "alpacafinetunes.alpaca.dev"
+
+
+def _wait_for_immutability(cluster, timeout: float = 60) -> None:
+    """The API server enforces a new ValidatingAdmissionPolicy once its informers have seen
+    the policy and its binding: a moment after the apply, with no condition saying so. So a
+    started probe run's spec is changed until the change is refused."""
+    ns = f"crd-probe-{uuid.uuid4().hex[:6]}"
+    probe = {"apiVersion": "alpaca.dev/v1alpha1", "kind": "AlpacaFineTune", "metadata": {"name": "probe"},
+             "spec": {"model": {"uri": "s3://alpaca-test/m/"}, "data": {"uri": "s3://alpaca-test/d.json"},
+                      "output": {"uri": "s3://alpaca-test/probe/"}, "runPolicy": {"suspend": True}}}
+    cluster.kubectl("create", "namespace", ns)
+    try:
+        cluster.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(probe))
+        cluster.kubectl("patch", "-n", ns, "aft", "probe", "--subresource=status", "--type=merge",
+                        "-p", json.dumps({"status": {"startTime": "2026-12-01T00:00:00Z"}}))
+        deadline = time.monotonic() + timeout
+        for epochs in range(2, 10_000):
+            proc = cluster.kubectl("patch", "-n", ns, "aft", "probe", "--type=merge",
+                                   "-p", json.dumps({"spec": {"training": {"epochs": epochs}}}), check=False)
+            if proc.returncode != 0:
+                assert "spec.training is immutable" in proc.stderr, proc.stderr
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the immutability policy of manifests/crd/ not in force after {timeout:.0f}s")
+            time.sleep(0.2)
+    finally:
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
 @dataclass

@@ -65,10 +65,15 @@ def one(docs: list[dict], kind: str) -> dict:
     return doc
 
 
-def source_crds() -> list[dict]:
+def crd_sources() -> list[dict]:
+    """manifests/crd/ (the CRD and its immutability policy) and manifests/peering/ (kopf's CRDs)."""
     return [d for p in sorted([*(ROOT / "manifests" / "crd").glob("*.yaml"),
                                *(ROOT / "manifests" / "peering").glob("*.yaml")])
             for d in yaml.safe_load_all(p.read_text()) if d]
+
+
+def kind_and_name(doc: dict) -> tuple[str, str]:
+    return doc["kind"], doc["metadata"]["name"]
 
 
 # ---- lint and schema ---------------------------------------------------------------
@@ -127,17 +132,19 @@ def test_schema_refuses_a_bad_value_naming_it(tmp_path, values, named):
 
 def test_chart_crds_are_exactly_manifests_crd_plus_keep(tmp_path):
     """The chart reads manifests/crd/ (and manifests/peering/) through symlinks: a copy that
-    drifted, or a CRD left out, fails here."""
+    drifted, or a CRD left out, fails here. The CRD's immutability policy comes and stays
+    with it."""
     for link in ("crd", "peering"):
         assert (CHART / "files" / link).is_symlink(), f"files/{link} must link to manifests/{link}, not copy it"
-    rendered = by_kind(render(tmp_path), "CustomResourceDefinition")
-    for crd in rendered:
-        assert crd["metadata"]["annotations"].pop("helm.sh/resource-policy") == "keep"
-        if not crd["metadata"]["annotations"]:
-            del crd["metadata"]["annotations"]
-    key = lambda d: d["metadata"]["name"]  # noqa: E731
-    assert sorted(rendered, key=key) == sorted(source_crds(), key=key)
-    assert not by_kind(render(tmp_path, {"crds": {"enabled": False}}), "CustomResourceDefinition")
+    sources = {kind_and_name(d) for d in crd_sources()}
+    assert ("ValidatingAdmissionPolicy", "alpacafinetune-immutability.alpaca.dev") in sources
+    rendered = [d for d in render(tmp_path) if kind_and_name(d) in sources]
+    for doc in rendered:
+        assert doc["metadata"]["annotations"].pop("helm.sh/resource-policy") == "keep"
+        if not doc["metadata"]["annotations"]:
+            del doc["metadata"]["annotations"]
+    assert sorted(rendered, key=kind_and_name) == sorted(crd_sources(), key=kind_and_name)
+    assert not [d for d in render(tmp_path, {"crds": {"enabled": False}}) if kind_and_name(d) in sources]
 
 
 def test_chart_admission_policy_is_manifests_policy_exempting_its_own_account(tmp_path):
@@ -146,14 +153,16 @@ def test_chart_admission_policy_is_manifests_policy_exempting_its_own_account(tm
     assert (CHART / "files" / "policy").is_symlink()
     source = [d for p in sorted((ROOT / "manifests" / "policy").glob("*.yaml"))
               for d in yaml.safe_load_all(p.read_text()) if d]
+    names = {kind_and_name(d) for d in source}
     docs = render(tmp_path, namespace="ml-ops")
-    rendered = by_kind(docs, "ValidatingAdmissionPolicy") + by_kind(docs, "ValidatingAdmissionPolicyBinding")
+    rendered = [d for d in docs if kind_and_name(d) in names]
     account = one(docs, "ServiceAccount")["metadata"]["name"]
     exempt = [c for c in rendered[0]["spec"]["matchConditions"] if c["name"] == "not-the-operator"]
     assert exempt and f"system:serviceaccount:ml-ops:{account}" in exempt[0]["expression"]
     assert json.dumps(rendered).replace(f"ml-ops:{account}", "alpaca-system:alpaca-operator") == json.dumps(source)
     off = render(tmp_path, {"admissionPolicy": {"enabled": False}})
-    assert not by_kind(off, "ValidatingAdmissionPolicy")
+    assert [kind_and_name(d) for d in by_kind(off, "ValidatingAdmissionPolicy")] == [
+        ("ValidatingAdmissionPolicy", "alpacafinetune-immutability.alpaca.dev")]   # the CRD's, not this one
 
 
 # ---- what the values do ------------------------------------------------------------
@@ -272,8 +281,8 @@ def test_every_object_passes_the_api_servers_openapi(cluster, tmp_path):
     # The CRDs are the sources the other tests install too; apply them for real so that
     # the peering objects can be checked against them.
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
-                    input="\n---\n".join(json.dumps(d) for d in source_crds()))
-    for crd in source_crds():
+                    input="\n---\n".join(json.dumps(d) for d in crd_sources()))
+    for crd in by_kind(crd_sources(), "CustomResourceDefinition"):
         cluster.wait_established(crd["metadata"]["name"])
     for name in (ns, *watched):
         cluster.kubectl("create", "namespace", name)

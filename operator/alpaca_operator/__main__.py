@@ -18,13 +18,6 @@ import os
 import random
 import sys
 
-# kopf imports the kubernetes client, when installed, only to recognise its model classes;
-# this operator hands kopf plain dicts, and the import costs 58 MiB and two seconds of
-# start-up. kube.login() lifts the block if a kubeconfig needs the client's exec plugins.
-sys.modules.setdefault("kubernetes", None)  # type: ignore[arg-type]
-
-import kopf  # noqa: E402
-
 
 def priority_from_ip(ip: str | None) -> int | None:
     """A peering priority that no other live replica has: its pod IP as a number (kopf
@@ -51,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
+
+    # kopf imports the kubernetes client, when installed, only to recognise its model classes;
+    # this operator hands kopf plain dicts, and the import costs 58 MiB and two seconds of
+    # start-up. kube.login() lifts the block if a kubeconfig needs the client's exec plugins.
+    # Here, not on import: a process that imports this module for priority_from_ip (the
+    # tests) would lose the client for good.
+    sys.modules.setdefault("kubernetes", None)  # type: ignore[arg-type]
+    import kopf
 
     from . import handlers, metrics  # noqa: F401  (registers the handlers)
     metrics.serve(args.metrics_port)
