@@ -104,7 +104,7 @@ def test_crd_dir_holds_only_this_crd_and_its_immutability_policy():
 
 def test_immutability_is_checked_on_spec_updates_only_not_on_status_writes():
     """A CRD rule runs on every write, status included: the comparisons of whole spec
-    subtrees live in a policy that matches only the main resource (docs/benchmarks.md)."""
+    subtrees live in a policy that matches only the main resource (docs/api.md)."""
     schemas = [openapi_schema(), *(sub for _, sub in iter_schema(openapi_schema()))]
     assert not [r for sub in schemas for r in sub.get("x-kubernetes-validations") or () if "oldSelf" in r["rule"]]
     policy, binding = [d for d in yaml.safe_load_all(IMMUTABILITY_FILE.read_text()) if d]
