@@ -7,6 +7,7 @@ end. Nothing here skips: a part that cannot start fails the tests that need it, 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from support import free_port, three_free_ports
+from support import free_port, three_free_ports, wait_for
 
 # The training-image tests' fixtures (tiny model, training environment) and the SageMaker stand-in's.
 pytest_plugins = ["fixtures_train", "fixtures_sagemaker"]
@@ -159,16 +160,15 @@ def _wait_for_immutability(cluster, timeout: float = 60) -> None:
         cluster.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(probe))
         cluster.kubectl("patch", "-n", ns, "aft", "probe", "--subresource=status", "--type=merge",
                         "-p", json.dumps({"status": {"startTime": "2026-12-01T00:00:00Z"}}))
-        deadline = time.monotonic() + timeout
-        for epochs in range(2, 10_000):
-            proc = cluster.kubectl("patch", "-n", ns, "aft", "probe", "--type=merge",
-                                   "-p", json.dumps({"spec": {"training": {"epochs": epochs}}}), check=False)
-            if proc.returncode != 0:
-                assert "spec.training is immutable" in proc.stderr, proc.stderr
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the immutability policy of manifests/crd/ not in force after {timeout:.0f}s")
-            time.sleep(0.2)
+        epochs = itertools.count(2)
+
+        def refused() -> str | None:
+            proc = cluster.kubectl("patch", "-n", ns, "aft", "probe", "--type=merge", "-p",
+                                   json.dumps({"spec": {"training": {"epochs": next(epochs)}}}), check=False)
+            return proc.stderr if proc.returncode != 0 else None
+
+        stderr = wait_for("the immutability policy of manifests/crd/ in force", refused, timeout, interval=0.2)
+        assert "spec.training is immutable" in stderr, stderr
     finally:
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
