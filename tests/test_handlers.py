@@ -1,6 +1,8 @@
 """The kopf handlers' set-up: what the operator leaves out of kopf's machinery must stay unused."""
 from __future__ import annotations
 
+import json
+
 import kopf
 
 from alpaca_operator import handlers
@@ -29,3 +31,42 @@ def test_the_echo_of_an_own_write_never_replaces_a_later_own_write():
     assert not r.is_stale_echo("ns", "a", "6", "7")        # someone else's change: the watch's newest
     assert not r.is_stale_echo("ns", "a", "7", "6")        # the cache holds a foreign body: ours is newer
     assert not r.is_stale_echo("ns", "b", "5", "7")        # nothing written for that run
+
+
+def test_a_released_event_object_keeps_only_what_kopf_reads_after_the_handlers():
+    """kopf's views of an event's object are reference cycles: what the object still holds
+    after the handler waits for a full garbage collection. The cache keeps its own compact
+    copy, and kopf then reads only the metadata (deletion and finalizers)."""
+    from kopf._cogs.structs import finalizers
+
+    from alpaca_operator.cache import Cache, release
+
+    def event_object(rv: str) -> dict:
+        # Decoded, as kopf decodes the watch stream: no string is shared with another body.
+        return json.loads(json.dumps({"apiVersion": "batch/v1", "kind": "Job",
+                "metadata": {"name": "run-1", "namespace": "ns", "resourceVersion": rv,
+                             "labels": {"alpaca.dev/finetune": "run"}, "finalizers": ["x/y"],
+                             "deletionTimestamp": "2026-12-06T00:00:00Z",
+                             "managedFields": [{"manager": "kube-controller-manager", "fieldsV1": {"f:status": {}}}]},
+                "spec": {"parallelism": 2, "template": {"spec": {"containers": [{"name": "trainer"}]}}},
+                "status": {"conditions": [{"type": "Complete", "status": "True"}]}}))
+
+    cache = Cache()
+    raw = event_object("5")
+    cache.put_job(raw)
+    release(raw)
+    assert set(raw) == {"apiVersion", "kind", "metadata"} and "managedFields" not in raw["metadata"]
+    body = kopf.Body(raw)
+    assert finalizers.is_deletion_ongoing(body) and finalizers.is_deletion_blocked(body, "x/y")
+
+    held = cache.jobs("ns", "run")[0]
+    assert held["status"] == {"conditions": [{"type": "Complete", "status": "True"}]}
+    assert held["spec"] == {"parallelism": 2} and "managedFields" not in held["metadata"]
+    # Interned: a second body shares its keys and short values with the first, not copies.
+    other = event_object("6")
+    other["metadata"]["name"] = "run-2"
+    cache.put_job(other)
+    second = cache.jobs("ns", "run")[1]
+    key = next(k for k in second["status"]["conditions"][0] if k == "status")
+    assert key is next(k for k in held["status"]["conditions"][0] if k == "status")
+    assert second["status"]["conditions"][0]["type"] is held["status"]["conditions"][0]["type"]

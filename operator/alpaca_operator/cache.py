@@ -9,25 +9,63 @@ launch that meets an existing Job observes it afresh.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Mapping
 
 from . import api
 
 Key = tuple[str, str]
+# Strings up to this long are interned in cached bodies: names, phases, reasons, timestamps;
+# not messages or URIs, which are mostly unique.
+SHORT = 40
+
+
+def release(raw: dict[str, Any]) -> None:
+    """Empty, in place, a watch event's object once the cache has taken what it needs: only
+    its identity stays (kind, metadata without managedFields).
+
+    kopf wraps each event's object in views that point back at it (reference cycles), so the
+    object outlives its handler until a full garbage collection, which is rare while many
+    objects are alive: at 500 runs, about 600 such bodies (14 MiB) were waiting for one, and
+    every status write left one more. After the handlers, kopf reads only the metadata here
+    (no diff-base, progress or finalizer of its own), and the parts taken out are freed as
+    soon as the cache lets them go."""
+    for key in [k for k in raw if k not in ("apiVersion", "kind", "metadata")]:
+        del raw[key]
+    meta = raw.get("metadata")
+    if isinstance(meta, dict):
+        meta.pop("managedFields", None)
 
 
 def _slim(body: Mapping[str, Any], *, job: bool = False) -> dict[str, Any]:
-    """What the operator reads of a cached object: without metadata.managedFields and a Job's
-    pod template (which carries the DeepSpeed JSON and the training arguments), most of
-    its size; 500 runs' Jobs held whole cost tens of MiB."""
-    slim = dict(body)
+    """What the operator reads of a cached object, as a compact copy: without
+    metadata.managedFields and a Job's pod template (which carries the DeepSpeed JSON and
+    the training arguments), most of its size; 500 runs' Jobs held whole cost tens of MiB.
+
+    Keys and short strings are interned: every decoded body has its own copy of each key,
+    and the same few values ("True", "eks", condition types) recur in all of them. That
+    halves what a run holds (14 to 6 KiB for a run, 10 to 5 KiB for its Job) for about
+    30 microseconds a copy."""
+    slim = {sys.intern(k): _compact(v) for k, v in body.items() if k not in ("metadata", "spec")}
     meta = body.get("metadata")
-    if isinstance(meta, Mapping) and "managedFields" in meta:
-        slim["metadata"] = {k: v for k, v in meta.items() if k != "managedFields"}
+    if isinstance(meta, Mapping):
+        slim["metadata"] = {sys.intern(k): _compact(v) for k, v in meta.items() if k != "managedFields"}
     spec = body.get("spec")
-    if job and isinstance(spec, Mapping) and "template" in spec:
-        slim["spec"] = {k: v for k, v in spec.items() if k != "template"}
+    if isinstance(spec, Mapping):
+        slim["spec"] = {sys.intern(k): _compact(v) for k, v in spec.items() if not (job and k == "template")}
+    elif "spec" in body:
+        slim["spec"] = spec
     return slim
+
+
+def _compact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {sys.intern(k): _compact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_compact(v) for v in value]
+    if isinstance(value, str) and len(value) <= SHORT:
+        return sys.intern(value)
+    return value
 
 
 class Cache:

@@ -28,7 +28,7 @@ import kopf
 
 from . import api, kube, metrics
 from .backends import make_backends
-from .cache import Cache
+from .cache import Cache, release
 from .preflight import Preflight
 from .reconciler import Reconciler
 
@@ -110,6 +110,7 @@ async def finetune_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo,
     cached = (memo.cache.run(ns, name) or {}).get("metadata", {}).get("resourceVersion")
     if not memo.reconciler.is_stale_echo(ns, name, rv, cached):
         memo.cache.put_run(event["object"])
+    release(event["object"])
     if memo.reconciler.is_own_write(ns, name, rv):
         return      # the echo of our own status write: nothing new in it
     await memo.reconciler.trigger(ns, name)
@@ -132,6 +133,7 @@ async def job_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_:
         seen = memo.job_seen.get(uid)
         summary = _job_summary(body, seen)
         memo.job_seen[uid] = summary
+        release(event["object"])
         # A new Job was seen by the reconcile that created it, and at startup every run is
         # listed and reconciled anyway (event type None).
         if seen == summary or (seen is None and event["type"] in (None, "ADDED")):

@@ -46,6 +46,10 @@ MAX_RETRIES = 10
 MAX_RETRY_AFTER = 32.0      # seconds: API Priority and Fairness asks for at most 32; more is capped
 # Log in again this long before credentials that say when they expire do expire.
 EXPIRY_MARGIN = dt.timedelta(seconds=60)
+# Connections to the API server at most. Each TLS connection holds asyncio's 256 KiB read
+# buffer: 64 of them were 14 MiB of the operator's 121 MiB at 500 runs, and 16 launch as fast
+# (docs/benchmarks.md).
+CONNECTIONS = 16
 
 # plural -> api prefix, for everything the operator touches (all namespaced).
 RESOURCES: dict[str, str] = {
@@ -205,7 +209,7 @@ class AiohttpTransport:
     one is closed only after its requests have had their timeout to finish."""
 
     def __init__(self, credentials: Callable[[], kopf.ConnectionInfo | None], *,
-                 connections: int = 64, timeout: float = 30):
+                 connections: int = CONNECTIONS, timeout: float = 30):
         self.login = Login(credentials)
         self._connections = connections
         self._timeout = timeout
@@ -272,7 +276,7 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
 
 class Kube:
     def __init__(self, credentials: Callable[[], kopf.ConnectionInfo | None], *,
-                 connections: int = 64, timeout: float = 30, transport: Transport | None = None):
+                 connections: int = CONNECTIONS, timeout: float = 30, transport: Transport | None = None):
         self.transport = transport or AiohttpTransport(credentials, connections=connections,
                                                        timeout=timeout)
         self.requests: Counter[str] = Counter()   # "VERB plural" -> HTTP requests sent, for the benchmark
