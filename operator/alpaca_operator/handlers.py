@@ -18,6 +18,7 @@ CPU under the 500-run benchmark.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -33,6 +34,9 @@ from .preflight import Preflight
 from .reconciler import Reconciler
 
 log = logging.getLogger(__name__)
+
+# gc.set_threshold's (young, middle, old); Python's default is (700, 10, 10).
+GC_THRESHOLDS = (10_000, 10, 10)
 
 
 @kopf.on.login()
@@ -78,6 +82,14 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # With --peering: how long a silent replica is still taken to be alive (failover time).
     settings.peering.lifetime = int(os.environ.get("ALPACA_PEERING_LIFETIME", "60"))
     settings.persistence.diffbase_storage = NoDiffBase()
+    # Python's cyclic garbage collector was 17% of the operator's CPU at 500 runs (702
+    # young collections, 7 full ones over every live object). What is alive now (modules,
+    # kopf) lives as long as the process: leave it out of every scan, and collect the young
+    # generation ten times less often. The event bodies that kopf's views keep in cycles
+    # are emptied by the handlers (cache.release), so a later collection frees little.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
     client = kube.Kube(lambda: kube.login(settings))
     memo.kube = client
