@@ -70,3 +70,63 @@ def test_a_released_event_object_keeps_only_what_kopf_reads_after_the_handlers()
     key = next(k for k in second["status"]["conditions"][0] if k == "status")
     assert key is next(k for k in held["status"]["conditions"][0] if k == "status")
     assert second["status"]["conditions"][0]["type"] is held["status"]["conditions"][0]["type"]
+
+
+def test_the_newest_reconcile_alone_says_when_to_look_again():
+    """A reconcile reads everything afresh: the wake-up an earlier one asked for (the pod
+    probe of a Launching run) must not fire once a later one has planned (a Running run's
+    progress deadline), nor once a finished run needs none."""
+    import asyncio
+
+    import pytest
+
+    from alpaca_operator.cache import Cache
+    from alpaca_operator.reconciler import Reconciler
+
+    async def main() -> None:
+        r = Reconciler(None, {}, Cache())
+        plans = iter([5.0, 1800.0, None])
+
+        async def reconcile(namespace: str, name: str) -> float | None:
+            return next(plans)
+        r.reconcile = reconcile     # type: ignore[method-assign]
+        loop = asyncio.get_running_loop()
+        st = r._state(("ns", "a"))
+        await r.trigger("ns", "a")      # launched: look at the pods in 5 s
+        assert st.timer is not None and st.due == pytest.approx(loop.time() + 5, abs=1)
+        await r.trigger("ns", "a")      # running: look when the progress deadline passes
+        assert st.timer is not None and st.due == pytest.approx(loop.time() + 1800, abs=1)
+        await r.trigger("ns", "a")      # finished
+        assert st.timer is None
+        r.stop()
+    asyncio.run(main())
+
+
+def test_news_that_come_while_a_reconcile_waits_for_a_slot_fold_into_it():
+    """Under a burst every slot is busy: a trigger holds its run's lock while it waits for
+    one, and has read nothing yet. A Job's news arriving then must not queue a second
+    reconcile behind it, which would find nothing left to do."""
+    import asyncio
+
+    from alpaca_operator.cache import Cache
+    from alpaca_operator.reconciler import Reconciler
+
+    async def main() -> None:
+        r = Reconciler(None, {}, Cache(), concurrency=1)
+        seen: list[str] = []
+
+        async def reconcile(namespace: str, name: str) -> None:
+            seen.append(name)
+        r.reconcile = reconcile     # type: ignore[method-assign]
+        await r._slots.acquire()                        # another run's reconcile
+        first = asyncio.create_task(r.trigger("ns", "a"))
+        await asyncio.sleep(0.01)                       # it holds a's lock, waiting for the slot
+        second = asyncio.create_task(r.trigger("ns", "a"))  # the Job's news
+        await asyncio.sleep(0.01)
+        r._slots.release()
+        await asyncio.gather(first, second)
+        assert seen == ["a"]
+        await r.trigger("ns", "a")                      # news after it read: looked at again
+        assert seen == ["a", "a"]
+        r.stop()
+    asyncio.run(main())
