@@ -130,3 +130,26 @@ def test_news_that_come_while_a_reconcile_waits_for_a_slot_fold_into_it():
         assert seen == ["a", "a"]
         r.stop()
     asyncio.run(main())
+
+
+def test_the_job_watch_asks_the_api_server_for_the_operators_jobs_only():
+    """kopf's `labels=` filter on job_event runs on the client, after every Job event of the
+    cluster has been sent and decoded; the label selector of the watch request (which kopf
+    takes from settings.watching.label_selectors) leaves other teams' Jobs on the server."""
+    import asyncio
+
+    from kopf._cogs.structs.references import Resource
+
+    from alpaca_operator import api
+
+    async def main() -> kopf.OperatorSettings:
+        settings, memo = kopf.OperatorSettings(), kopf.Memo()
+        await handlers.configure(settings=settings, memo=memo)
+        memo.reconciler.stop()
+        await memo.kube.close()
+        return settings
+
+    settings = asyncio.run(main())
+    selectors = settings.watching.label_selectors
+    assert selectors.collect(Resource("batch", "v1", "jobs")) == [api.LABEL_FINETUNE]
+    assert selectors.collect(Resource(api.GROUP, api.VERSION, api.PLURAL)) == []
