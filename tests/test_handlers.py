@@ -153,3 +153,33 @@ def test_the_job_watch_asks_the_api_server_for_the_operators_jobs_only():
     selectors = settings.watching.label_selectors
     assert selectors.collect(Resource("batch", "v1", "jobs")) == [api.LABEL_FINETUNE]
     assert selectors.collect(Resource(api.GROUP, api.VERSION, api.PLURAL)) == []
+
+
+def test_the_echo_of_the_version_the_cache_holds_is_not_copied_again():
+    import asyncio
+
+    from alpaca_operator.cache import Cache
+    from alpaca_operator.reconciler import Reconciler
+
+    def body(rv: str, phase: str) -> dict:
+        return json.loads(json.dumps({"apiVersion": "alpaca.dev/v1alpha1", "kind": "AlpacaFineTune",
+                                      "metadata": {"name": "a", "namespace": "ns", "uid": "u", "resourceVersion": rv},
+                                      "spec": {"backend": "eks"}, "status": {"phase": phase}}))
+
+    async def event(memo: kopf.Memo, raw: dict) -> None:
+        await handlers.finetune_event(event={"type": "MODIFIED", "object": raw}, body=kopf.Body(raw), memo=memo)
+
+    cache = Cache()
+    memo = kopf.Memo(cache=cache, reconciler=Reconciler(None, {}, cache))
+    triggered: list[str] = []
+
+    async def trigger(namespace: str, name: str) -> None:
+        triggered.append(cache.run(namespace, name)["metadata"]["resourceVersion"])
+    memo.reconciler.trigger = trigger   # type: ignore[method-assign]
+    cache.put_run(body("7", "Running"))         # the reply of our write
+    memo.reconciler._state(("ns", "a")).written.append("7")
+    held = cache.run("ns", "a")
+    asyncio.run(event(memo, body("7", "Running")))     # its echo
+    assert cache.run("ns", "a") is held and triggered == []
+    asyncio.run(event(memo, body("9", "Succeeded")))   # news: copied, and looked at
+    assert cache.run("ns", "a")["status"] == {"phase": "Succeeded"} and triggered == ["9"]
