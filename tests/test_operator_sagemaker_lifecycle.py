@@ -17,6 +17,7 @@ from alpaca_operator.backends.base import Run
 from alpaca_operator.backends.sagemaker.client import Aws
 from alpaca_operator.backends.sagemaker.names import training_job_name
 from alpaca_operator.backends.sagemaker.progress import read_progress
+from alpaca_operator.reconciler import RELEASE_RETRY
 from alpaca_operator.spec import parse_spec
 from alpaca_operator.status import deleting
 from operator_harness import OperatorProcess, PhaseRecorder, aft, apply, phase_is, wait_for
@@ -129,6 +130,31 @@ def test_deleting_is_a_state_machine_step():
     assert stopped.patch["phase"] == "Stopped" and stopped.patch["completionTime"]
     assert {c["type"]: c for c in stopped.patch["conditions"]}["Stopping"]["status"] == "False"
     assert [e.reason for e in stopped.events] == ["Stopped"]
+
+
+def test_a_run_deleted_while_sagemaker_is_down_stays_until_its_job_is_stopped(cluster, operator, sagemaker_local,
+                                                                               sm_bucket, namespace):
+    """No job is left billing because AWS did not answer when its run was deleted: the run
+    keeps its finalizer, and the operator tries again (RELEASE_RETRY) until the job is
+    stopped; only then does the run go."""
+    name = "sm-d-down"
+    sagemaker_local.plan(f"{name}-", training_seconds=None)     # trains until stopped
+    show = dump(cluster, namespace, operator, sagemaker_local)
+    apply(cluster, namespace, finetune(name, sm_bucket))
+    wait_for("Running", phase_is(cluster, namespace, name, "Running"), timeout=60, on_timeout=show)
+    job = training_job_name(name, uid_of(cluster, namespace, name), 1)
+    since = len(operator.log_path.read_bytes())
+    with sagemaker_local.faults(unreachable=True):
+        cluster.kubectl("delete", "aft", name, "-n", namespace, "--wait=false")
+        wait_for("a try to stop the job", lambda: "cannot stop the training job yet" in
+                 operator.log_path.read_text(errors="replace")[since:], timeout=90, on_timeout=show)
+        body = aft(cluster, namespace, name)
+        assert body["metadata"].get("deletionTimestamp") and FINALIZER in body["metadata"]["finalizers"]
+        assert not sagemaker_local.calls(job).get("StopTrainingJob")
+    wait_for(f"{name} gone", _gone(cluster, namespace, name), timeout=RELEASE_RETRY + 60, on_timeout=show)
+    assert sagemaker_local.calls(job).get("StopTrainingJob") == 1
+    assert sagemaker_local.client("sagemaker").describe_training_job(
+        TrainingJobName=job)["TrainingJobStatus"] == "Stopped"
 
 
 # ---- TTL ---------------------------------------------------------------------------------
