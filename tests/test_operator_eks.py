@@ -338,6 +338,45 @@ def events(cluster, namespace: str, name: str) -> list[dict]:
     return sorted(found, key=lambda e: int(e["metadata"]["resourceVersion"]))
 
 
+def test_a_create_the_api_server_fails_shows_in_the_status_and_is_tried_again(cluster, operator, namespace):
+    """An admission webhook that is down makes the API server answer 500 to the Job's
+    create. The new run says so (Pending, BackendAvailable False, one Warning), not a blank
+    phase, and runs once the webhook is gone."""
+    name, hook = "eks-hook-down", f"alpaca-test-down-{namespace}"
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": hook},
+        "webhooks": [{
+            "name": "down.alpaca.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+            "failurePolicy": "Fail", "timeoutSeconds": 2,
+            "clientConfig": {"url": "https://127.0.0.1:1/validate"},     # nothing listens
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+            "rules": [{"apiGroups": ["batch"], "apiVersions": ["v1"], "operations": ["CREATE"],
+                       "resources": ["jobs"]}]}]}))
+
+    def available(body: dict) -> dict:
+        return next((c for c in (body.get("status") or {}).get("conditions") or ()
+                     if c["type"] == "BackendAvailable"), {})
+    try:
+        apply(cluster, namespace, finetune(name))
+        body = wait_for("BackendAvailable False", lambda: (lambda b: b if available(b).get("status") == "False"
+                                                           else None)(aft(cluster, namespace, name)),
+                        timeout=60, on_timeout=dump(cluster, namespace, operator))
+        cond = available(body)
+        assert body["status"]["phase"] == "Pending" and cond["reason"] == "BackendUnavailable", body["status"]
+        assert f"could not create Job {name}-a1: 500" in cond["message"], cond
+        assert "down.alpaca.dev" in cond["message"] and "next try at" in cond["message"], cond
+        assert not jobs(cluster, namespace, name)
+    finally:
+        cluster.kubectl("delete", "validatingwebhookconfiguration", hook, "--ignore-not-found")
+    body = wait_for("Succeeded", phase_is(cluster, namespace, name, "Succeeded"), timeout=120,
+                    on_timeout=dump(cluster, namespace, operator))
+    assert body["status"]["attempts"] == 1 and len(jobs(cluster, namespace, name)) == 1
+    assert available(body)["status"] == "True" and available(body)["reason"] == "BackendAnswers"
+    reasons = event_reasons(cluster, namespace, name)
+    assert reasons.count("BackendUnavailable") == 1 and reasons.count("BackendAnswers") == 1, reasons
+
+
 def test_a_disruption_restarts_the_gang_without_using_the_backoff_limit(cluster, operator, namespace):
     apply(cluster, namespace, finetune("spot", nodes=2, run_for="8s", run_policy={"backoffLimit": 0}))
     wait_for("Running", phase_is(cluster, namespace, "spot", "Running"), on_timeout=dump(cluster, namespace, operator))

@@ -180,9 +180,8 @@ class Reconciler:
                                      or {}).get("status") == "False":
                 await self._status_after(key, lambda run: status.backend_answers(run, self.clock()))
             # This reconcile read everything afresh, so its plan alone says when to look
-            # again: an earlier timer (the launch's pod probe, set while Launching) is out of
-            # date. Kept, it woke every run once more just after it ran, for nothing: a
-            # quarter of the reconciles of the 500-run benchmark.
+            # again: an earlier timer is out of date. Kept, the pod probe a Launching run
+            # asked for fired after the run was Running, for nothing.
             self._requeue(key, requeue, replace=True)
 
     def _requeue(self, key: Key, delay: float | None, *, replace: bool = False) -> None:

@@ -21,8 +21,8 @@ from ...spec import WAIT
 from ...timefmt import fmt_time, parse_time
 from ...vocabulary import Reason
 from ..attempts import avoided_nodes, gpu_health, node_evidence
-from ..base import (EXIT_SIGTERM, PERMANENT_EXIT_CODES, FailureKind, LaunchError, NotYet, Observation,
-                    Run, WorkloadState)
+from ..base import (EXIT_SIGTERM, PERMANENT_EXIT_CODES, BackendUnavailable, FailureKind, LaunchError, NotYet,
+                    Observation, Run, WorkloadState)
 from ..user_config import read_user_ds_config
 from . import render
 
@@ -555,6 +555,12 @@ class EksBackend:
                 # request fails the same way until the spec or the cluster changes.
                 raise LaunchError(Reason.CREATE_REJECTED, f"the API server refused {obj['kind']} "
                                   f"{obj['metadata']['name']}: {e.message}") from None
+            if e.status >= 500:
+                # The API server, or an admission webhook it calls, failed (a webhook whose
+                # service is down answers 500): worth retrying, and meanwhile the run says
+                # so (BackendAvailable False) instead of showing no phase at all.
+                raise BackendUnavailable(f"the API server could not create {obj['kind']} "
+                                         f"{obj['metadata']['name']}: {e.status} {e.message}") from None
             raise
 
     async def _ensure(self, run: Run, obj: Mapping[str, Any]) -> bool:
