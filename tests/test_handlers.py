@@ -1,11 +1,17 @@
 """The kopf handlers' set-up: what the operator leaves out of kopf's machinery must stay unused."""
 from __future__ import annotations
 
+import asyncio
 import json
 
 import kopf
+import pytest
+from kopf._cogs.structs import finalizers
+from kopf._cogs.structs.references import Resource
 
-from alpaca_operator import handlers
+from alpaca_operator import api, handlers
+from alpaca_operator.cache import Cache, release
+from alpaca_operator.reconciler import Reconciler
 
 
 def test_no_handler_reads_the_diffbase_that_is_left_empty():
@@ -21,9 +27,6 @@ def test_no_handler_reads_the_diffbase_that_is_left_empty():
 
 
 def test_the_echo_of_an_own_write_never_replaces_a_later_own_write():
-    from alpaca_operator.cache import Cache
-    from alpaca_operator.reconciler import Reconciler
-
     r = Reconciler(None, {}, Cache())
     r._state(("ns", "a")).written.extend(["5", "7"])
     assert r.is_stale_echo("ns", "a", "5", "7")            # our 7's reply came before 5's echo
@@ -37,10 +40,6 @@ def test_a_released_event_object_keeps_only_what_kopf_reads_after_the_handlers()
     """kopf's views of an event's object are reference cycles: what the object still holds
     after the handler waits for a full garbage collection. The cache keeps its own compact
     copy, and kopf then reads only the metadata (deletion and finalizers)."""
-    from kopf._cogs.structs import finalizers
-
-    from alpaca_operator.cache import Cache, release
-
     def event_object(rv: str) -> dict:
         # Decoded, as kopf decodes the watch stream: no string is shared with another body.
         return json.loads(json.dumps({"apiVersion": "batch/v1", "kind": "Job",
@@ -76,13 +75,6 @@ def test_the_newest_reconcile_alone_says_when_to_look_again():
     """A reconcile reads everything afresh: the wake-up an earlier one asked for (the pod
     probe of a Launching run) must not fire once a later one has planned (a Running run's
     progress deadline), nor once a finished run needs none."""
-    import asyncio
-
-    import pytest
-
-    from alpaca_operator.cache import Cache
-    from alpaca_operator.reconciler import Reconciler
-
     async def main() -> None:
         r = Reconciler(None, {}, Cache())
         plans = iter([5.0, 1800.0, None])
@@ -106,11 +98,6 @@ def test_news_that_come_while_a_reconcile_waits_for_a_slot_fold_into_it():
     """Under a burst every slot is busy: a trigger holds its run's lock while it waits for
     one, and has read nothing yet. A Job's news arriving then must not queue a second
     reconcile behind it, which would find nothing left to do."""
-    import asyncio
-
-    from alpaca_operator.cache import Cache
-    from alpaca_operator.reconciler import Reconciler
-
     async def main() -> None:
         r = Reconciler(None, {}, Cache(), concurrency=1)
         seen: list[str] = []
@@ -136,12 +123,6 @@ def test_the_job_watch_asks_the_api_server_for_the_operators_jobs_only():
     """kopf's `labels=` filter on job_event runs on the client, after every Job event of the
     cluster has been sent and decoded; the label selector of the watch request (which kopf
     takes from settings.watching.label_selectors) leaves other teams' Jobs on the server."""
-    import asyncio
-
-    from kopf._cogs.structs.references import Resource
-
-    from alpaca_operator import api
-
     async def main() -> kopf.OperatorSettings:
         settings, memo = kopf.OperatorSettings(), kopf.Memo()
         await handlers.configure(settings=settings, memo=memo)
@@ -156,11 +137,6 @@ def test_the_job_watch_asks_the_api_server_for_the_operators_jobs_only():
 
 
 def test_the_echo_of_the_version_the_cache_holds_is_not_copied_again():
-    import asyncio
-
-    from alpaca_operator.cache import Cache
-    from alpaca_operator.reconciler import Reconciler
-
     def body(rv: str, phase: str) -> dict:
         return json.loads(json.dumps({"apiVersion": "alpaca.dev/v1alpha1", "kind": "AlpacaFineTune",
                                       "metadata": {"name": "a", "namespace": "ns", "uid": "u", "resourceVersion": rv},
