@@ -159,3 +159,13 @@ def test_the_echo_of_the_version_the_cache_holds_is_not_copied_again():
     assert cache.run("ns", "a") is held and triggered == []
     asyncio.run(event(memo, body("9", "Succeeded")))   # news: copied, and looked at
     assert cache.run("ns", "a")["status"] == {"phase": "Succeeded"} and triggered == ["9"]
+    # A Job: the reply of its create, then the watch's ADDED of the same version.
+    job = {"metadata": {"name": "a-a1", "namespace": "ns", "resourceVersion": "11",
+                        "labels": {api.LABEL_FINETUNE: "a"}}, "status": {}}
+    cache.put_job(json.loads(json.dumps(job)))
+    held_job = cache.jobs("ns", "a")[0]
+    cache.put_job(json.loads(json.dumps(job)))
+    assert cache.jobs("ns", "a")[0] is held_job
+    job["metadata"]["resourceVersion"], job["status"] = "12", {"ready": 1}
+    cache.put_job(json.loads(json.dumps(job)))
+    assert cache.jobs("ns", "a")[0]["status"] == {"ready": 1}
