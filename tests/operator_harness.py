@@ -13,6 +13,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
+import kubernetes
+
+from alpaca_operator import api
 from support import free_port, wait_for  # noqa: F401  (wait_for is re-exported to the operator tests)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,6 +142,25 @@ def kubectl_as(env: dict, *args: str, check: bool = False) -> subprocess.Complet
     if check and proc.returncode != 0:
         raise AssertionError(f"kubectl {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
     return proc
+
+
+def patch_status_as(env: dict, namespace: str, name: str, status: dict, *,
+                    check: bool = False) -> subprocess.CompletedProcess:
+    """A merge patch of the run's status with env's credentials, sent as the image's reporter
+    sends it: the kubernetes client's one PATCH (kubectl patch would GET first, which the
+    trainer Role does not allow). returncode 0, or 1 with the API server's message as stderr."""
+    client = kubernetes.config.new_client_from_config(config_file=env["KUBECONFIG"])
+    try:
+        kubernetes.client.CustomObjectsApi(client).patch_namespaced_custom_object_status(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": status}, _request_timeout=30)
+    except kubernetes.client.ApiException as e:
+        message = json.loads(e.body or "{}").get("message") or str(e)
+        if check:
+            raise AssertionError(f"PATCH {name}/status refused: {message}") from None
+        return subprocess.CompletedProcess([], 1, "", message)
+    finally:
+        client.close()
+    return subprocess.CompletedProcess([], 0, "", "")
 
 
 def get_json(cluster, *args: str) -> Any:

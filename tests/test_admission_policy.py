@@ -12,7 +12,7 @@ import yaml
 from alpaca_operator.backends.base import Run
 from alpaca_operator.backends.eks import render
 from alpaca_operator.spec import parse_spec
-from operator_harness import get_json, kubectl_as, token_env
+from operator_harness import get_json, kubectl_as, patch_status_as, token_env
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = ROOT / "manifests" / "policy"
@@ -74,11 +74,6 @@ def _pod(cluster, namespace: str, name: str, account: str) -> dict:
     return get_json(cluster, "pod", name, "-n", namespace)
 
 
-def _patch(env: dict, namespace: str, name: str, status: dict):
-    return kubectl_as(env, "patch", "alpacafinetune", name, "-n", namespace, "--subresource=status",
-                      "--type=merge", "-p", json.dumps({"status": status}))
-
-
 def test_trainer_writes_only_its_own_progress(cluster, policy, namespace, tmp_path):
     k = cluster.kubectl
     k("create", "serviceaccount", "shared", "-n", namespace)
@@ -95,7 +90,7 @@ def test_trainer_writes_only_its_own_progress(cluster, policy, namespace, tmp_pa
     for name in ("alpha", "beta"):
         k("patch", "aft", name, "-n", namespace, "--subresource=status", "--type=merge",
           "-p", json.dumps({"status": started}))
-    ok = _patch(operator, namespace, "alpha", {"message": "running, said the operator"})
+    ok = patch_status_as(operator, namespace, "alpha", {"message": "running, said the operator"})
     assert ok.returncode == 0, ok.stderr
 
     pod = _pod(cluster, namespace, "alpha-a1-0-x7k2q", "shared")
@@ -104,7 +99,7 @@ def test_trainer_writes_only_its_own_progress(cluster, policy, namespace, tmp_pa
     rank0 = token_env(cluster, token.stdout.strip(), tmp_path / "rank0.kubeconfig")
 
     progress = {"progress": {"stage": "training", "step": 10, "totalSteps": 40, "display": "10/40", "loss": 1.5}}
-    ok = _patch(rank0, namespace, "alpha", progress)
+    ok = patch_status_as(rank0, namespace, "alpha", progress)
     assert ok.returncode == 0, ok.stderr
     assert get_json(cluster, "aft", "alpha", "-n", namespace)["status"]["progress"]["step"] == 10
 
@@ -112,23 +107,23 @@ def test_trainer_writes_only_its_own_progress(cluster, policy, namespace, tmp_pa
                           ({"startTime": None}, "startTime"), ({"conditions": []}, "conditions"),
                           ({"reason": "Succeeded"}, "reason"),
                           ({"progress": {"step": 11}, "message": "done"}, "message")):
-        denied = _patch(rank0, namespace, "alpha", change)
+        denied = patch_status_as(rank0, namespace, "alpha", change)
         assert denied.returncode != 0, change
         assert f"status.{field} is written only by the operator" in denied.stderr, denied.stderr
     # The same account is bound to beta's Role, but the pod is alpha's.
-    denied = _patch(rank0, namespace, "beta", progress)
+    denied = patch_status_as(rank0, namespace, "beta", progress)
     assert denied.returncode != 0 and "pod alpha-a1-0-x7k2q belongs to another run" in denied.stderr, denied.stderr
     # A token that names no pod cannot tell which run it is: refused too.
     plain = token_env(cluster, k("create", "token", "shared", "-n", namespace).stdout.strip(),
                       tmp_path / "plain.kubeconfig")
-    denied = _patch(plain, namespace, "alpha", progress)
+    denied = patch_status_as(plain, namespace, "alpha", progress)
     assert denied.returncode != 0 and "did not authenticate with a pod-bound token" in denied.stderr, denied.stderr
 
     # Reports that cannot be true: refused (a negative step by the CRD's schema already).
     for report, why in (({"step": 999999, "totalSteps": 1}, "may not exceed status.progress.totalSteps"),
                         ({"loss": -1}, "status.progress.loss may not be negative"),
                         ({"step": -1}, "status.progress.step")):
-        denied = _patch(rank0, namespace, "alpha", {"progress": report})
+        denied = patch_status_as(rank0, namespace, "alpha", {"progress": report})
         assert denied.returncode != 0 and why in denied.stderr, (report, denied.stderr)
 
     # A bare pod named like alpha's pods, under another account that someone bound to
@@ -140,7 +135,7 @@ def test_trainer_writes_only_its_own_progress(cluster, policy, namespace, tmp_pa
     token = k("create", "token", "intruder", "-n", namespace, "--bound-object-kind=Pod",
               f"--bound-object-name={fake['metadata']['name']}", f"--bound-object-uid={fake['metadata']['uid']}")
     intruder = token_env(cluster, token.stdout.strip(), tmp_path / "intruder.kubeconfig")
-    denied = _patch(intruder, namespace, "alpha", progress)
+    denied = patch_status_as(intruder, namespace, "alpha", progress)
     assert denied.returncode != 0 and "only the trainer account shared of AlpacaFineTune alpha" in denied.stderr, \
         denied.stderr
 
@@ -168,20 +163,25 @@ def test_under_the_operators_shared_trainer_account_a_pod_reports_only_its_own_r
         _run_with_rbac(cluster, namespace, name, None)
     progress = {"progress": {"stage": "training", "step": 3, "totalSteps": 40, "display": "3/40", "loss": 2.0}}
     gamma = _pod_token(cluster, namespace, "gamma-a1-0-abcde", "alpaca-trainer", tmp_path / "gamma.kubeconfig")
-    ok = _patch(gamma, namespace, "gamma", progress)
+    ok = patch_status_as(gamma, namespace, "gamma", progress)
     assert ok.returncode == 0, ok.stderr
     # RBAC lets it through (the Role names no run); the policy does not.
-    denied = _patch(gamma, namespace, "delta", progress)
+    denied = patch_status_as(gamma, namespace, "delta", progress)
     assert denied.returncode != 0 and "pod gamma-a1-0-abcde belongs to another run" in denied.stderr, denied.stderr
     assert (get_json(cluster, "aft", "delta", "-n", namespace).get("status") or {}).get("progress") is None
+    # Nor can it read another run (its spec: buckets, environment), through the status or
+    # otherwise: the Role allows patch alone.
+    for how in (("--subresource=status",), ()):
+        read = kubectl_as(gamma, "get", "alpacafinetune", "delta", "-n", namespace, "-o", "json", *how)
+        assert read.returncode != 0 and "forbidden" in read.stderr.lower(), (how, read.stdout[:200], read.stderr)
     # A pod of a run an earlier operator version made runs as that run's own NAME-trainer.
     cluster.kubectl("create", "serviceaccount", "delta-trainer", "-n", namespace)
     cluster.kubectl("create", "rolebinding", "delta-progress", "-n", namespace, "--role=alpaca-trainer-progress",
                     f"--serviceaccount={namespace}:delta-trainer")
     legacy = _pod_token(cluster, namespace, "delta-a1-0-fghij", "delta-trainer", tmp_path / "delta.kubeconfig")
-    ok = _patch(legacy, namespace, "delta", progress)
+    ok = patch_status_as(legacy, namespace, "delta", progress)
     assert ok.returncode == 0, ok.stderr
     assert get_json(cluster, "aft", "delta", "-n", namespace)["status"]["progress"]["step"] == 3
     # ...and that account is only delta's.
-    denied = _patch(legacy, namespace, "gamma", {"progress": {"step": 4}})
+    denied = patch_status_as(legacy, namespace, "gamma", {"progress": {"step": 4}})
     assert denied.returncode != 0, denied.stderr

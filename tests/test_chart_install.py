@@ -143,7 +143,7 @@ RUN_NAMESPACE_RULES = {
     "serviceaccounts": {"get", "create", "delete"},
     "configmaps": {"get", "delete"},
     "pods": {"list"},
-    "roles.rbac.authorization.k8s.io": {"get", "create", "delete"},
+    "roles.rbac.authorization.k8s.io": {"get", "create", "patch", "delete"},
     "rolebindings.rbac.authorization.k8s.io": {"get", "create", "delete"},
     "events": {"create", "list"},
     "workloads.kueue.x-k8s.io": {"list", "patch"},

@@ -17,7 +17,7 @@ from alpaca_operator.backends.base import Run
 from alpaca_operator.backends.eks import render
 from alpaca_operator.spec import parse_spec
 from operator_harness import (OperatorProcess, PhaseRecorder, aft, apply, assert_subset, get_json, kubectl_as,
-                              phase_is, token_env, wait_for)
+                              patch_status_as, phase_is, token_env, wait_for)
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "manifests" / "samples"
@@ -174,18 +174,16 @@ def test_kubectl_get_columns_and_progress_from_rank0(cluster, operator, namespac
     progress = {"status": {"progress": {"stage": "training", "step": 120, "totalSteps": 400, "epoch": 0.9,
                                         "loss": 1.234, "learningRate": 1.9e-5, "tokensPerSecond": 5231.5,
                                         "eta": "00:42:10", "updatedAt": "2026-11-28T04:00:00Z"}}}
-    kubectl_as(as_pod, "patch", "alpacafinetune", "cols", "-n", namespace, "--subresource=status",
-               "--type=merge", "-p", json.dumps(progress), check=True)
+    patch_status_as(as_pod, namespace, "cols", progress["status"], check=True)
     for verb_args in (["patch", "alpacafinetune", "cols", "--type=merge", "-p", '{"spec":{"image":"x"}}'],
-                      ["get", "pods"], ["delete", "alpacafinetune", "cols"], ["get", "secrets"]):
+                      ["get", "pods"], ["delete", "alpacafinetune", "cols"], ["get", "secrets"],
+                      ["get", "alpacafinetune", "cols"], ["get", "alpacafinetune", "cols", "--subresource=status"]):
         denied = kubectl_as(as_pod, *verb_args, "-n", namespace)
         assert denied.returncode != 0 and "forbidden" in denied.stderr.lower(), (verb_args, denied.stderr)
-    denied = kubectl_as(as_pod, "patch", "alpacafinetune", "cols", "-n", namespace, "--subresource=status",
-                        "--type=merge", "-p", '{"status":{"phase":"Succeeded"}}')
+    denied = patch_status_as(as_pod, namespace, "cols", {"phase": "Succeeded"})
     assert denied.returncode != 0 and "status.phase is written only by the operator" in denied.stderr
     apply(cluster, namespace, finetune("other", run_for="30s"))
-    other = kubectl_as(as_pod, "patch", "alpacafinetune", "other", "-n", namespace, "--subresource=status",
-                       "--type=merge", "-p", json.dumps(progress))
+    other = patch_status_as(as_pod, namespace, "other", progress["status"])
     assert other.returncode != 0 and "forbidden" in other.stderr.lower()
 
     wait_for("the Progress column", lambda: aft(cluster, namespace, "cols")["status"]["progress"].get("display") == "120/400",
@@ -195,9 +193,8 @@ def test_kubectl_get_columns_and_progress_from_rank0(cluster, operator, namespac
     assert header == ["NAME", "PHASE", "BACKEND", "NODES", "GPUS/NODE", "REASON", "PROGRESS", "LOSS", "AGE"], header
     assert row[:8] == ["cols", "Running", "eks", "2", "8", "Running", "120/400", "1.234"], row
     # rank 0 says it is uploading: the phase follows
-    kubectl_as(as_pod, "patch", "alpacafinetune", "cols", "-n", namespace, "--subresource=status",
-               "--type=merge", "-p", json.dumps({"status": {"progress": {
-                   "stage": "uploading", "step": 400, "updatedAt": "2099-01-01T00:00:00Z"}}}), check=True)
+    patch_status_as(as_pod, namespace, "cols", {"progress": {
+        "stage": "uploading", "step": 400, "updatedAt": "2099-01-01T00:00:00Z"}}, check=True)
     wait_for("Uploading", phase_is(cluster, namespace, "cols", "Uploading"), on_timeout=dump(cluster, namespace, operator))
     assert aft(cluster, namespace, "cols")["status"]["progress"]["display"] == "400/400"
 
@@ -324,6 +321,20 @@ def test_a_deleted_trainer_account_is_made_again(cluster, operator, namespace):
              on_timeout=dump(cluster, namespace, operator))
     new = get_json(cluster, "sa", "alpaca-trainer", "-n", namespace)
     assert new["metadata"]["uid"] != old["metadata"]["uid"]
+
+
+def test_an_earlier_versions_trainer_role_is_narrowed_to_patch(cluster, operator, namespace):
+    """Earlier operators gave the namespace's trainer Role get as well as patch on the runs'
+    status, which let a run's pods read every run of the namespace. The first launch there
+    narrows such a Role in place, and the run goes on as ever."""
+    legacy = render.render_trainer_identity(namespace, "alpaca-trainer")[1]
+    legacy["rules"] = render.LEGACY_TRAINER_RULES
+    cluster.kubectl("create", "-f", "-", input=json.dumps(legacy))
+    apply(cluster, namespace, finetune("narrowed", run_for="1s"))
+    wait_for("Succeeded", phase_is(cluster, namespace, "narrowed", "Succeeded"), timeout=60,
+             on_timeout=dump(cluster, namespace, operator))
+    role = get_json(cluster, "role", "alpaca-trainer-progress", "-n", namespace)
+    assert role["rules"] == [{"apiGroups": ["alpaca.dev"], "resources": ["alpacafinetunes/status"], "verbs": ["patch"]}]
 
 
 # ---- disruptions, permanent errors, failures the user can see (issue 11) --------------------

@@ -7,9 +7,8 @@ itself, with the pod-bound token rank 0 would use, under the admission policy.
 from __future__ import annotations
 
 import datetime as dt
-import json
 
-from operator_harness import aft, apply, kubectl_as, phase_is, token_env, wait_for
+from operator_harness import aft, apply, patch_status_as, phase_is, token_env, wait_for
 from test_operator_eks import dump, events, finetune, jobs, operator, pods  # noqa: F401 - operator: a fixture
 
 
@@ -26,8 +25,7 @@ def report_progress(cluster, namespace: str, name: str, pod: dict, tmp_path, **p
                             f"--bound-object-uid={pod['metadata']['uid']}").stdout.strip()
     as_pod = token_env(cluster, token, tmp_path / f"{pod['metadata']['name']}.kubeconfig")
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    kubectl_as(as_pod, "patch", "alpacafinetune", name, "-n", namespace, "--subresource=status", "--type=merge",
-               "-p", json.dumps({"status": {"progress": {**progress, "updatedAt": now}}}), check=True)
+    patch_status_as(as_pod, namespace, name, {"progress": {**progress, "updatedAt": now}}, check=True)
     return now
 
 

@@ -239,7 +239,7 @@ def test_the_trainer_identity_is_one_per_namespace_and_may_only_report_status():
     role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
             "metadata": {"name": "alpaca-trainer-progress", **shared},
             "rules": [{"apiGroups": ["alpaca.dev"], "resources": ["alpacafinetunes/status"],
-                       "verbs": ["get", "patch"]}]}
+                       "verbs": ["patch"]}]}
     # Owned by no run (it outlives each), and in the order an operator without `bind` needs.
     assert render.render_trainer_identity("team", "alpaca-trainer") == [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "alpaca-trainer", **shared}},

@@ -47,8 +47,8 @@ create/delete of its own; pods only list (a failed pod's exit code and terminati
 - apiGroups: [alpaca.dev]
   resources: [alpacafinetunes]
   verbs: [get, list, watch, patch]
-# Its status writes (merge patches). get+patch is also what the per-run Role grants the
-# training pods: RBAC lets the operator grant only what it holds itself.
+# Its status writes (merge patches). patch is also what the namespace's trainer Role grants
+# the training pods: RBAC lets the operator grant only what it holds itself.
 - apiGroups: [alpaca.dev]
   resources: [alpacafinetunes/status]
   verbs: [get, patch]
@@ -67,8 +67,12 @@ create/delete of its own; pods only list (a failed pod's exit code and terminati
 - apiGroups: [""]
   resources: [services, serviceaccounts]
   verbs: [get, create, delete]
+# patch: an earlier version's trainer Role, which also allowed get, narrowed in place.
 - apiGroups: [rbac.authorization.k8s.io]
-  resources: [roles, rolebindings]
+  resources: [roles]
+  verbs: [get, create, patch, delete]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [rolebindings]
   verbs: [get, create, delete]
 # get: spec.deepspeed.configMapRef; delete: the per-run ConfigMap of earlier operator versions.
 - apiGroups: [""]

@@ -542,8 +542,30 @@ class EksBackend:
 
         async def make() -> None:
             for obj in render.render_trainer_identity(*key):    # in order: see there
-                await self._create_or_refuse(obj)
+                if await self._create_or_refuse(obj) is None and obj["kind"] == "Role":
+                    await self._narrow_legacy_role(run.namespace, obj)
         await self._identities.get(key, make, again=again)
+
+    async def _narrow_legacy_role(self, namespace: str, role: Mapping[str, Any]) -> None:
+        """An earlier version's trainer Role also allowed `get`, which let a run's pods read
+        every run of the namespace: narrowed to what the pods need, in place (deleted and made
+        again, a pod's report in between would be refused)."""
+        name = role["metadata"]["name"]
+        live = await self.kube.get("roles", namespace, name)
+        if live is None or live.get("rules") != render.LEGACY_TRAINER_RULES:
+            return
+        try:
+            # With the resourceVersion read: a Role someone changed meanwhile is theirs.
+            await self.kube.patch("roles", namespace, name, {
+                "metadata": {"resourceVersion": live["metadata"]["resourceVersion"]}, "rules": role["rules"]})
+        except ApiError as e:
+            if e.status not in (403, 409):
+                raise
+            # Refused (an operator whose RBAC lacks roles' patch) or changed: the runs need
+            # nothing of it but what it already allows, so they go on.
+            log.warning("%s: Role %s still allows get: %s", namespace, name, e)
+            return
+        log.info("%s: Role %s narrowed to %s", namespace, name, role["rules"])
 
     async def _create_or_refuse(self, obj: Mapping[str, Any]) -> dict | None:
         """Create; None if it exists. LaunchError for what the same request would meet again."""

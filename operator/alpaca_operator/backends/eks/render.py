@@ -6,6 +6,7 @@ the attempt exists too (the crash-safety argument in backend.py relies on it).
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -57,6 +58,14 @@ def _shared_meta(namespace: str, name: str) -> dict[str, Any]:
     return {"name": name, "namespace": namespace, "labels": {api.LABEL_MANAGED_BY: api.MANAGED_BY}}
 
 
+# The pods' one right: a merge patch of the run's status (its progress). No get: the Role
+# covers every run of the namespace, and a read would show a pod the other runs' specs.
+TRAINER_RULES = [{"apiGroups": [api.GROUP], "resources": [f"{api.PLURAL}/status"], "verbs": ["patch"]}]
+# What the Role allowed as earlier operator versions made it: such a Role is narrowed to
+# TRAINER_RULES (one that anyone changed otherwise is left as it is).
+LEGACY_TRAINER_RULES = [{"apiGroups": [api.GROUP], "resources": [f"{api.PLURAL}/status"], "verbs": ["get", "patch"]}]
+
+
 def render_trainer_identity(namespace: str, account: str) -> list[dict[str, Any]]:
     """What lets the pods running as `account` report progress, made once per namespace
     (and account): the ServiceAccount when it is the operator's own, the Role, and its
@@ -71,7 +80,7 @@ def render_trainer_identity(namespace: str, account: str) -> list[dict[str, Any]
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
         "metadata": _shared_meta(namespace, api.TRAINER_ROLE),
-        "rules": [{"apiGroups": [api.GROUP], "resources": [f"{api.PLURAL}/status"], "verbs": ["get", "patch"]}],
+        "rules": copy.deepcopy(TRAINER_RULES),
     })
     objs.append({
         "apiVersion": "rbac.authorization.k8s.io/v1",
