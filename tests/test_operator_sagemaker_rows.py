@@ -5,13 +5,15 @@ operator and the SageMaker stand-in (progression mode).
   node, whatever spec.resources says (its default is 8).
 - The Loss column: progress.json's loss, to 4 significant digits.
 - Warm pools: two runs in a row with keepAlivePeriodInSeconds; the second job starts on the
-  first one's instances (the stand-in's Starting skips the instance launch), and the first
-  run's status shows its warm pool.
+  first one's instances (the stand-in's Starting skips the instance launch), and each run's
+  status follows its warm pool after the run ended: the first one's Reused, the second
+  one's Terminated when its keep-alive ends; then neither job is described again.
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 import uuid
 
 from alpaca_operator.backends.sagemaker.names import training_job_name
@@ -19,6 +21,7 @@ from operator_harness import OperatorProcess, aft, apply, phase_is, wait_for
 from test_operator_sagemaker import IMAGE, dump, finetune
 
 STEP = 2.0      # seconds per stand-in stage: a cold Starting lasts at least this long
+KEEP_BRIEFLY = 3    # the second run's keepAlivePeriodInSeconds
 
 
 def starting(desc: dict) -> dict:
@@ -70,8 +73,9 @@ def test_g5_xlarge_rows_the_loss_and_a_warm_pool_reused_by_the_next_run(cluster,
         pool = body["status"]["sagemaker"]["warmPoolStatus"]
         assert pool["status"] == "Available" and pool["resourceRetainedBillableTimeInSeconds"] >= 0, pool
 
-        # The next run of the sweep: another learning rate, the same instances, role and VPC.
-        apply(cluster, namespace, finetune(second, bucket, **settings))
+        # The next run of the sweep: another learning rate, the same instances, role and VPC;
+        # its own pool waits only a few seconds.
+        apply(cluster, namespace, finetune(second, bucket, **{**settings, "keepAlivePeriodInSeconds": KEEP_BRIEFLY}))
         body = wait_for("the second Succeeded", phase_is(cluster, namespace, second, "Succeeded"), timeout=90,
                         on_timeout=on_timeout)
         job2 = body["status"]["sagemaker"]["trainingJobName"]
@@ -82,7 +86,19 @@ def test_g5_xlarge_rows_the_loss_and_a_warm_pool_reused_by_the_next_run(cluster,
         warm_start = starting(warm)["EndTime"] - starting(warm)["StartTime"]
         assert cold_start.total_seconds() >= STEP and warm_start < cold_start, (cold_start, warm_start)
         assert cold["WarmPoolStatus"]["Status"] == "Reused" and cold["WarmPoolStatus"]["ReusedByJob"] == job2
-        assert body["status"]["sagemaker"]["warmPoolStatus"]["status"] == "Available"
         assert body["status"]["resources"]["gpusPerNode"] == 1
+        # Both runs are finished, and their status follows their pools to the end: the first
+        # one's was taken by the second job, the second one's expired.
+        reused = {"status": "Reused", "reusedByJob": job2,
+                  "resourceRetainedBillableTimeInSeconds": cold["WarmPoolStatus"]["ResourceRetainedBillableTimeInSeconds"]}
+        wait_for("the first run's pool Reused", lambda: aft(cluster, namespace, first)["status"]["sagemaker"].get(
+            "warmPoolStatus") == reused, timeout=30, on_timeout=on_timeout)
+        expired = {"status": "Terminated", "resourceRetainedBillableTimeInSeconds": KEEP_BRIEFLY}
+        wait_for("the second run's pool Terminated", lambda: aft(cluster, namespace, second)["status"]["sagemaker"].get(
+            "warmPoolStatus") == expired, timeout=30, on_timeout=on_timeout)
+        # ...and then they are left alone: no more describes of either job (the poll is 1 s).
+        before = [sagemaker_local.calls(j).get("DescribeTrainingJob", 0) for j in (job, job2)]
+        time.sleep(4)
+        assert [sagemaker_local.calls(j).get("DescribeTrainingJob", 0) for j in (job, job2)] == before
     finally:
         op.stop()

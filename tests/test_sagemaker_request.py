@@ -433,6 +433,24 @@ def test_keep_alive_becomes_the_warm_pool_of_resource_config():
     assert not ParamValidator().validate(p, operation_model().input_shape).has_errors()
 
 
+def test_a_finished_job_is_looked_at_again_only_while_its_warm_pool_is_held():
+    def completed(**pool) -> dict:
+        desc = _desc("Completed", "Completed", ["Starting", "Completed"], **({"WarmPoolStatus": pool} if pool else {}))
+        desc["ResourceConfig"]["KeepAlivePeriodInSeconds"] = 600
+        return desc
+    assert _obs(completed()).extras.poll_after is None
+    assert _obs(completed(Status="Terminated", ResourceRetainedBillableTimeInSeconds=600)).extras.poll_after is None
+    assert _obs(completed(Status="Reused", ReusedByJob="next")).extras.poll_after is None
+    assert _obs(completed(Status="Available", ResourceRetainedBillableTimeInSeconds=0)).extras.poll_after == 30.0
+    # While it waits: every 10 intervals, and just after the keep-alive's end; never sooner
+    # than one interval.
+    assert mapping.pool_poll(completed(Status="Available", ResourceRetainedBillableTimeInSeconds=0), 30.0) == 300.0
+    assert mapping.pool_poll(completed(Status="Available", ResourceRetainedBillableTimeInSeconds=500), 30.0) == 102.0
+    assert mapping.pool_poll(completed(Status="Available", ResourceRetainedBillableTimeInSeconds=599), 30.0) == 30.0
+    assert mapping.pool_poll(completed(Status="InUse"), 30.0) == 30.0
+    assert mapping.pool_held(completed(Status="Available")) and not mapping.pool_held(completed(Status="Reused"))
+
+
 def test_warm_pool_status_and_a_rounded_loss_reach_the_status():
     desc = _desc("Completed", "Completed", ["Starting", "Completed"], WarmPoolStatus={
         "Status": "Reused", "ResourceRetainedBillableTimeInSeconds": 42, "ReusedByJob": "next-job"})

@@ -8,9 +8,11 @@ adopted: the run fails with a message naming the job.
 
 Polling: a job is described once per poll interval (ALPACA_SAGEMAKER_POLL_SECONDS, default
 30, plus 0-25 % jitter so runs created together spread out), at most twice per interval
-whatever triggers the reconcile, and never again once finished. Each describe of a running job also reads the
-job's progress.json (docs/contract.md) from the output prefix. A run whose status records its
-job finished is not looked up at all (after a restart, too): the status says all there is.
+whatever triggers the reconcile, and never again once finished, but while its warm pool is held
+(mapping.pool_poll: every 10 intervals, and at the keep-alive's end). Each describe of a running
+job also reads the job's progress.json (docs/contract.md) from the output prefix. A run whose
+status records its job finished (and no warm pool held) is not looked up at all (after a
+restart, too): the status says all there is.
 
 Memory: what is remembered per job (the last describe, the tags) goes when its run is
 deleted or its status records the job finished (forget()).
@@ -132,8 +134,9 @@ class SageMakerBackend:
     async def describe(self, run: Run, job: str, *, fresh: bool = False) -> dict[str, Any] | None:
         seen = self._seen.get(job)
         now = time.monotonic()
-        if seen is not None and seen.desc is not None and seen.desc.get("TrainingJobStatus") in mapping.FINISHED:
-            return seen.desc     # a finished job never changes
+        ended = seen is not None and seen.desc is not None and seen.desc.get("TrainingJobStatus") in mapping.FINISHED
+        if ended and not mapping.pool_held(seen.desc):
+            return seen.desc     # a finished job never changes (but for its warm pool while held)
         # At most two describes per interval, however often the run is reconciled.
         if seen is not None and not fresh and now - seen.at < self.interval / 2:
             return seen.desc
@@ -145,7 +148,7 @@ class SageMakerBackend:
         except AwsError:
             desc = None
         self._seen[job] = _Seen(desc, now, seen.progress if seen else None)
-        if desc is not None and desc.get("TrainingJobStatus") in ("InProgress", *mapping.FINISHED):
+        if desc is not None and desc.get("TrainingJobStatus") in ("InProgress", *mapping.FINISHED) and not ended:
             self._seen[job].progress = await self._progress(run, job)
         return desc
 
@@ -208,9 +211,11 @@ class SageMakerBackend:
         block = run.status.get("sagemaker") or {}
         reported = int(block.get("reportedTransitions") or 0) if block.get("trainingJobName") == job else 0
         seen = self._seen.get(job)
+        ended = desc.get("TrainingJobStatus") in mapping.FINISHED
         return mapping.observe_description(run.name, attempt, desc, reported=reported, stopped_by=stopped_by,
                                            progress=seen.progress if seen else None,
-                                           poll_after=self._jitter())
+                                           poll_after=mapping.pool_poll(desc, self.interval) if ended
+                                           else self._jitter())
 
     def _foreign(self, run: Run, attempt: int, job: str) -> Observation:
         return Observation(WorkloadState.FAILED, attempt=attempt, reason=mapping.REASON_NAME_CONFLICT,
@@ -226,7 +231,8 @@ class SageMakerBackend:
         block = run.status.get("sagemaker") or {}
         name = block.get("trainingJobName")
         if run.status.get("phase") not in (Phase.SUCCEEDED, Phase.FAILED) or not name \
-                or block.get("trainingJobStatus") not in mapping.FINISHED:
+                or block.get("trainingJobStatus") not in mapping.FINISHED \
+                or (block.get("warmPoolStatus") or {}).get("status") in mapping.POOL_HELD:
             return None
         return name if self._stored_name(run, max(run.attempt, 1)) == name else None
 

@@ -20,6 +20,16 @@ RUNNING_SECONDARY = frozenset({"Training", "Uploading"})
 WARNING_SECONDARY = frozenset({"Failed", "Stopped", "Stopping", "Interrupted", "MaxRuntimeExceeded",
                                "MaxWaitTimeExceeded", "Restarting"})
 FINISHED = frozenset({"Completed", "Failed", "Stopped"})
+# WarmPoolStatus.Status values while the pool's instances are still held (and billed): a
+# finished job's pool then still changes, to Reused or Terminated.
+POOL_HELD = frozenset({"Available", "InUse"})
+# While a finished job's pool is held, the job is described once per this many poll intervals
+# (5 minutes by default) and once just after its keep-alive ends: about a dozen calls for an
+# hour's pool. (ACK's controller, too, takes a job whose pool is Available or InUse as still
+# changing.)
+POOL_POLL_INTERVALS = 10
+# Seconds after the keep-alive's end before the look that should find the pool Terminated.
+POOL_END_SLACK = 2.0
 
 # Condition/Event reasons of this backend.
 REASON_JOB_FAILED = "TrainingJobFailed"
@@ -113,6 +123,23 @@ def transition_events(run_name: str, desc: Mapping[str, Any], already: int) -> t
     return tuple(out)
 
 
+def pool_held(desc: Mapping[str, Any] | None) -> bool:
+    """Is the described job's warm pool still held (a finished job's description then changes)?"""
+    return ((desc or {}).get("WarmPoolStatus") or {}).get("Status") in POOL_HELD
+
+
+def pool_poll(desc: Mapping[str, Any], interval: float) -> float:
+    """Seconds until a finished job's held warm pool is next described: at its keep-alive's
+    end, and at most POOL_POLL_INTERVALS poll intervals from now, never sooner than one."""
+    pool = desc.get("WarmPoolStatus") or {}
+    keep = (desc.get("ResourceConfig") or {}).get("KeepAlivePeriodInSeconds")
+    latest = interval * POOL_POLL_INTERVALS
+    if pool.get("Status") != "Available" or keep is None:
+        return interval
+    left = float(keep) - float(pool.get("ResourceRetainedBillableTimeInSeconds") or 0)
+    return max(interval, min(latest, left + POOL_END_SLACK))
+
+
 def observe_description(run_name: str, attempt: int, desc: Mapping[str, Any], *, reported: int,
                         stopped_by: str | None, progress: Mapping[str, Any] | None,
                         poll_after: float | None) -> Observation:
@@ -138,7 +165,8 @@ def observe_description(run_name: str, attempt: int, desc: Mapping[str, Any], *,
         progress=progress or None,
         events=events,
         message=f"SageMaker training job {job}: {status}" + (f" ({secondary})" if secondary else ""),
-        poll_after=None if finished else poll_after,
+        # A finished job is looked at again only while its warm pool is held.
+        poll_after=None if finished and not pool_held(desc) else poll_after,
     )
     common = dict(attempt=attempt, total=count, created_at=_time(desc.get("CreationTime")),
                   workload={"trainingJobName": job}, extras=extras)
