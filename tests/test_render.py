@@ -483,3 +483,29 @@ def test_a_queued_run_gives_kueue_a_suspended_job_with_its_queue_priority_and_to
     plain = render.render_job(run_of(MINIMAL), 1)
     assert "suspend" not in plain["spec"] and not any(k.startswith("kueue") for k in plain["metadata"]["labels"])
     assert plain["spec"]["podFailurePolicy"] == job["spec"]["podFailurePolicy"]
+
+
+def test_bare_pods_are_the_jobs_pods_with_the_names_and_ranks_the_job_would_give():
+    """docs/design/eks-pods.md: the gang without a Job. Each pod is the Job's template with an
+    Indexed Job's pod hostname and rank annotation, owned by the run; rank 0's address resolves
+    to the first pod through the gang's Service."""
+    run = run_of({**MINIMAL, "resources": {"nodes": 2}})
+    job = render.render_job(run, 3, deadline_seconds=600)
+    template = job["spec"]["template"]
+    pods = render.render_pods(run, 3, deadline_seconds=600)
+    assert [p["metadata"]["name"] for p in pods] == ["ft-a3-0", "ft-a3-1"]
+    for index, pod in enumerate(pods):
+        meta, spec = pod["metadata"], pod["spec"]
+        assert (pod["apiVersion"], pod["kind"], meta["namespace"]) == ("v1", "Pod", run.namespace)
+        assert meta["labels"] == {**template["metadata"]["labels"], "alpaca.dev/finetune": "ft",
+                                  "app.kubernetes.io/managed-by": "alpaca-operator"}
+        assert meta["labels"]["alpaca.dev/attempt"] == "3"
+        assert meta["annotations"]["batch.kubernetes.io/job-completion-index"] == str(index)
+        assert meta["annotations"]["alpaca.dev/generation"] == job["metadata"]["annotations"]["alpaca.dev/generation"]
+        assert meta["ownerReferences"] == [render.owner_reference(run)]
+        assert spec == {**template["spec"], "hostname": meta["name"], "activeDeadlineSeconds": 600}
+    env = {e["name"]: e for e in pods[0]["spec"]["containers"][0]["env"]}
+    assert env["PET_MASTER_ADDR"]["value"] == f"{pods[0]['spec']['hostname']}.{pods[0]['spec']['subdomain']}"
+    # One node: no Service, no deadline unless given.
+    one = render.render_pods(run_of(MINIMAL), 1)
+    assert len(one) == 1 and "subdomain" not in one[0]["spec"] and "activeDeadlineSeconds" not in one[0]["spec"]

@@ -54,6 +54,11 @@ def job_name(name: str, attempt: int) -> str:
     return f"{name}-a{attempt}"
 
 
+def pod_name(name: str, attempt: int, index: int) -> str:
+    """A gang member's name, and its hostname: what an Indexed Job names its pods' hosts."""
+    return f"{job_name(name, attempt)}-{index}"
+
+
 def trainer_binding_name(account: str) -> str:
     """The RoleBinding that gives `account` the trainer Role in a namespace."""
     return TRAINER_ROLE if account == TRAINER_ACCOUNT else f"{TRAINER_ROLE}-{account}"
@@ -65,7 +70,7 @@ def service_name(name: str) -> str:
 
 def master_addr(name: str, attempt: int) -> str:
     """Rank 0's DNS name: Indexed Job pods are `JOB-INDEX` under the pod subdomain."""
-    return f"{job_name(name, attempt)}-0.{service_name(name)}"
+    return f"{pod_name(name, attempt, 0)}.{service_name(name)}"
 
 
 # What operator versions before the shared trainer identity made per run, each owned by

@@ -412,6 +412,28 @@ def render_children(run: Run, attempt: int, *, deadline_seconds: int | None = No
     return objs
 
 
+def render_pods(run: Run, attempt: int, *, deadline_seconds: int | None = None,
+                ds_config: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The gang as bare pods, without a Job (docs/design/eks-pods.md): the Job's pod template,
+    one pod per rank with the name and hostname an Indexed Job would give it and the rank in
+    the same annotation, owned by the run. The Job's deadline becomes each pod's (which the
+    kubelet enforces)."""
+    job = render_job(run, attempt, deadline_seconds=deadline_seconds, ds_config=ds_config)
+    template = job["spec"]["template"]
+    pods = []
+    for index in range(run.spec.resources.nodes):
+        name = api.pod_name(run.name, attempt, index)
+        meta = _meta(run, name, template["metadata"]["labels"])
+        meta["annotations"] = {**template["metadata"].get("annotations", {}), **job["metadata"]["annotations"],
+                               api.ANNOTATION_COMPLETION_INDEX: str(index)}
+        spec = copy.deepcopy(template["spec"])
+        spec["hostname"] = name
+        if deadline_seconds is not None:
+            spec["activeDeadlineSeconds"] = job["spec"]["activeDeadlineSeconds"]
+        pods.append({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec})
+    return pods
+
+
 def workload_names(run: Run, attempt: int) -> dict[str, str]:
     names = {"job": api.job_name(run.name, attempt), "serviceAccount": pod_service_account(run)}
     if gang_needs_service(run):
