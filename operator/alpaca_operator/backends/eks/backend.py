@@ -131,6 +131,56 @@ def classify(failure: PodFailure | None, job_message: str) -> FailureKind:
     return FailureKind.RETRYABLE
 
 
+def _ready(pod: Mapping[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or ())
+
+
+def observe_pods(run: Run, attempt: int, pods: list[Mapping[str, Any]], *, started: bool,
+                 holding: bool) -> Observation:
+    """The attempt's gang of bare pods (docs/design/eks-pods.md) as observe_job reads a Job.
+    started: the run recorded that this attempt's gang ran; then a pod that is gone (its node
+    deleted, an eviction) ends the attempt as a disruption, as the Job's DisruptionTarget rule
+    does. holding: runPolicy.suspend, whose hold deletes the pods: they are not a failure
+    then. A gang short of pods that never ran is ABSENT, so that launch makes the rest (its
+    names are fixed, the creates idempotent)."""
+    total = run.spec.resources.nodes
+    if not pods:
+        return Observation(WorkloadState.ABSENT, attempt=attempt)
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    common = dict(attempt=attempt, total=total, ready=sum(1 for p in live if _ready(p)),
+                  created_at=min(p["metadata"].get("creationTimestamp") or "" for p in pods) or None,
+                  workload=render.workload_names(run, attempt), generation=_generation(pods[0]))
+    if holding:
+        return Observation(WorkloadState.STARTING, placed=False, held=not live, **common)
+    phases = [(p.get("status") or {}).get("phase") for p in pods]
+    if len(pods) == total and all(ph == "Succeeded" for ph in phases):
+        ends = [((cs.get("state") or {}).get("terminated") or {}).get("finishedAt") or ""
+                for p in pods for cs in (p.get("status") or {}).get("containerStatuses") or ()]
+        return Observation(WorkloadState.SUCCEEDED, finished_at=max(ends, default="") or None, **common)
+    failure = first_failure(pods)
+    gone = started and len(live) < total and "Failed" not in phases
+    if failure is None and gone:
+        names = {p["metadata"]["name"] for p in live}
+        missing = next((api.pod_name(run.name, attempt, i) for i in range(total)
+                        if api.pod_name(run.name, attempt, i) not in names), "")
+        failure = PodFailure(missing, None, disrupted=True)
+    if failure is not None or "Failed" in phases:
+        failure = failure or PodFailure(next(p["metadata"]["name"] for p in pods
+                                             if (p.get("status") or {}).get("phase") == "Failed"), None)
+        message = (f"pod {failure.pod} is gone" if gone and failure.exit_code is None else
+                   f"pod {failure.pod} failed" + (f" with exit code {failure.exit_code}"
+                                                  if failure.exit_code is not None else ""))
+        return Observation(WorkloadState.FAILED, reason="PodFailed", message=message, exit_code=failure.exit_code,
+                           failed_worker=failure.pod, failure_kind=classify(failure, ""),
+                           termination_message=failure.message[:1024], **common)
+    if len(live) < total and not started:
+        return Observation(WorkloadState.ABSENT, attempt=attempt)
+    if common["ready"] >= total:
+        return Observation(WorkloadState.RUNNING, **common)
+    return Observation(WorkloadState.STARTING, placed=False, **common)
+
+
 def _kueue_managed(job: Mapping[str, Any]) -> bool:
     return api.KUEUE_QUEUE_LABEL in (job["metadata"].get("labels") or {})
 
