@@ -298,3 +298,19 @@ def test_every_object_passes_the_api_servers_openapi(cluster, tmp_path):
             assert proc.stdout.count("(server dry run)") == len(objects), proc.stdout
     finally:
         cluster.kubectl("delete", "namespace", ns, *watched, "--wait=false", check=False)
+
+
+def test_eks_workload_pods_sets_the_operator_and_grants_the_pods_it_makes(tmp_path):
+    def pod_verbs(docs: list[dict]) -> set[str]:
+        rules = [r for d in by_kind(docs, "ClusterRole") for r in d["rules"] if "pods" in r["resources"]]
+        return {v for r in rules for v in r["verbs"]}
+
+    def env(docs: list[dict]) -> dict:
+        return {e["name"]: e.get("value") for e in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    default = render(tmp_path)
+    assert env(default)["ALPACA_EKS_WORKLOAD"] == "job" and pod_verbs(default) == {"list"}
+    pods = render(tmp_path, {"eksWorkload": "pods"})
+    assert env(pods)["ALPACA_EKS_WORKLOAD"] == "pods"
+    assert pod_verbs(pods) == {"get", "list", "watch", "create", "delete"}
+    bad = helm("template", "x", str(CHART), "-f", values_file(tmp_path, {"eksWorkload": "pod"}), check=False)
+    assert bad.returncode != 0 and "eksWorkload" in bad.stderr

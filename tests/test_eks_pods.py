@@ -39,7 +39,9 @@ def test_the_gang_starts_runs_and_succeeds_as_its_pods_do():
     o = observe(gang({"phase": "Pending"}, {"phase": "Running", "ready": True}), started=False)
     assert (o.state, o.ready, o.total, o.placed) == (WorkloadState.STARTING, 1, 2, False)
     assert o.created_at == "2026-12-07T05:00:00Z" and o.generation == GANG.generation
-    assert o.workload == render.workload_names(GANG, 2)
+    assert o.workload == render.workload_names(GANG, 2, bare=True) == {
+        "pods": "ft-a2-0..ft-a2-1", "serviceAccount": "alpaca-trainer", "service": "ft"}
+    assert not o.ends_at_deadline      # the operator fails the attempt at the deadline
     o = observe(gang({"phase": "Running", "ready": True}, {"phase": "Running", "ready": True}))
     assert (o.state, o.ready) == (WorkloadState.RUNNING, 2)
     o = observe(gang({"phase": "Succeeded", "exit_code": 0, "finished": "2026-12-07T06:00:01Z"},

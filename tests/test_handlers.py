@@ -21,7 +21,7 @@ def test_no_handler_reads_the_diffbase_that_is_left_empty():
     assert not list(registry._changing.get_all_handlers())
     assert not list(registry._spawning.get_all_handlers())
     watched = sorted(h.fn.__name__ for h in registry._watching.get_all_handlers())
-    assert watched == ["finetune_event", "job_event"]
+    assert watched == ["finetune_event", "job_event"]     # pod_event with ALPACA_EKS_WORKLOAD=pods only
     body = kopf.Body({"metadata": {"name": "x", "managedFields": [{"manager": "m"}]}, "spec": {"a": 1}})
     assert handlers.NoDiffBase().build(body=body) == {} and handlers.NoDiffBase().fetch(body=body) is None
 
@@ -133,6 +133,8 @@ def test_the_job_watch_asks_the_api_server_for_the_operators_jobs_only():
     settings = asyncio.run(main())
     selectors = settings.watching.label_selectors
     assert selectors.collect(Resource("batch", "v1", "jobs")) == [api.LABEL_FINETUNE]
+    # Bare pods (ALPACA_EKS_WORKLOAD=pods) only: not the Jobs' pods, nor anyone else's.
+    assert selectors.collect(Resource("", "v1", "pods")) == [f"{api.LABEL_FINETUNE},!{api.LABEL_JOB_NAME}"]
     assert selectors.collect(Resource(api.GROUP, api.VERSION, api.PLURAL)) == []
 
 

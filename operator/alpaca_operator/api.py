@@ -5,6 +5,8 @@ live in one place.
 """
 from __future__ import annotations
 
+import os
+
 GROUP = "alpaca.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -48,6 +50,16 @@ TRAINER_ROLE = "alpaca-trainer-progress"
 # ConfigMap per run; docs/contract.md).
 ENV_TRAIN_ARGS = "ALPACA_TRAIN_ARGS"
 ENV_DEEPSPEED_CONFIG = "ALPACA_DEEPSPEED_CONFIG"
+
+
+# How an EKS run's gang runs: "job" (the default), an Indexed Job per attempt; "pods", the
+# operator makes the pods itself (docs/design/eks-pods.md). Runs with queueName keep their Job
+# either way: Kueue admits Jobs. The chart's value eksWorkload sets it.
+WORKLOAD_ENV = "ALPACA_EKS_WORKLOAD"
+
+
+def bare_pods_from_env() -> bool:
+    return os.environ.get(WORKLOAD_ENV, "job") == "pods"
 
 
 def job_name(name: str, attempt: int) -> str:

@@ -37,6 +37,26 @@ def release(raw: dict[str, Any]) -> None:
         meta.pop("managedFields", None)
 
 
+# What observe_pods and the probes read of a bare pod; the rest (its spec with the training
+# arguments and the DeepSpeed JSON, kwok's and the kubelet's bookkeeping) is never read back.
+POD_METADATA = ("name", "namespace", "uid", "resourceVersion", "labels", "ownerReferences", "creationTimestamp",
+                "deletionTimestamp")
+POD_STATUS = ("phase", "reason", "message", "conditions", "containerStatuses")
+
+
+def _slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
+    meta, status = body["metadata"], body.get("status") or {}
+    generation = (meta.get("annotations") or {}).get(api.ANNOTATION_GENERATION)
+    slim: dict[str, Any] = {
+        "metadata": {**{k: meta[k] for k in POD_METADATA if k in meta},
+                     **({"annotations": {api.ANNOTATION_GENERATION: generation}} if generation else {})},
+        "status": {k: status[k] for k in POD_STATUS if k in status},
+    }
+    if node := (body.get("spec") or {}).get("nodeName"):
+        slim["spec"] = {"nodeName": node}
+    return _slim(slim)
+
+
 def _slim(body: Mapping[str, Any], *, job: bool = False) -> dict[str, Any]:
     """What the operator reads of a cached object, as a compact copy: without
     metadata.managedFields and a Job's pod template (which carries the DeepSpeed JSON and
@@ -72,6 +92,7 @@ class Cache:
     def __init__(self) -> None:
         self._runs: dict[Key, Mapping[str, Any]] = {}
         self._jobs: dict[Key, dict[str, Mapping[str, Any]]] = {}
+        self._pods: dict[Key, dict[str, Mapping[str, Any]]] = {}     # bare pods (no Job)
 
     # ---- runs ----------------------------------------------------------------------
 
@@ -85,11 +106,12 @@ class Cache:
             self._runs[key] = _slim(body)
 
     def runs_held(self) -> int:
-        return len(self._runs) + len(self._jobs)
+        return len(self._runs) + len(self._jobs) + len(self._pods)
 
     def drop_run(self, namespace: str, name: str) -> None:
         self._runs.pop((namespace, name), None)
         self._jobs.pop((namespace, name), None)
+        self._pods.pop((namespace, name), None)
 
     # ---- jobs ----------------------------------------------------------------------
 
@@ -115,3 +137,27 @@ class Cache:
     def set_jobs(self, namespace: str, name: str, jobs: list[Mapping[str, Any]]) -> None:
         """What a fresh listing found (possibly nothing)."""
         self._jobs[(namespace, name)] = {j["metadata"]["name"]: _slim(j, job=True) for j in jobs}
+
+    # ---- bare pods -----------------------------------------------------------------
+
+    def pods(self, namespace: str, name: str) -> list[Mapping[str, Any]] | None:
+        """The run's bare pods, or None if none was ever seen (as jobs())."""
+        pods = self._pods.get((namespace, name))
+        return None if pods is None else list(pods.values())
+
+    def put_pod(self, body: Mapping[str, Any]) -> None:
+        meta = body["metadata"]
+        owner = (meta.get("labels") or {}).get(api.LABEL_FINETUNE)
+        if owner:
+            pods = self._pods.setdefault((meta["namespace"], owner), {})
+            if not _same_version(pods.get(meta["name"]), body):
+                pods[meta["name"]] = _slim_pod(body)
+
+    def drop_pod(self, namespace: str, owner: str, pod: str) -> None:
+        pods = self._pods.get((namespace, owner))
+        if pods is not None:
+            pods.pop(pod, None)
+
+    def set_pods(self, namespace: str, name: str, pods: list[Mapping[str, Any]]) -> None:
+        """What a fresh listing found (possibly nothing)."""
+        self._pods[(namespace, name)] = {p["metadata"]["name"]: _slim_pod(p) for p in pods}

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 # gc.set_threshold's (young, middle, old); Python's default is (700, 10, 10).
 GC_THRESHOLDS = (10_000, 10, 10)
 JOBS = ("batch", "v1", "jobs")
+PODS = ("", "v1", "pods")
+POD_SELECTOR = f"{api.LABEL_FINETUNE},!{api.LABEL_JOB_NAME}"
+BARE_PODS = api.bare_pods_from_env()
 
 
 @kopf.on.login()
@@ -84,6 +87,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # kopf's, on the client, after every Job event of a shared cluster (other teams' batch
     # work included) has been sent, decoded and queued.
     settings.watching.label_selectors[JOBS] = api.LABEL_FINETUNE
+    # The bare pods of ALPACA_EKS_WORKLOAD=pods only: not a Job's (the Job watch has those),
+    # nor anyone else's.
+    settings.watching.label_selectors[PODS] = POD_SELECTOR
     # Python's cyclic garbage collector was 17% of the operator's CPU at 500 runs (702
     # young collections, 7 full ones over every live object). What is alive now (modules,
     # kopf) lives as long as the process: leave it out of every scan, and collect the young
@@ -156,6 +162,36 @@ async def job_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_:
 
 
 JOB_TERMINAL = ("Complete", "Failed")
+
+
+async def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A bare pod of a run (ALPACA_EKS_WORKLOAD=pods): looked at again when what observe_pods
+    reads changed (its phase, readiness, deletion), as job_event does for a Job."""
+    owners = [r for r in body.metadata.get("ownerReferences") or ()
+              if r.get("kind") == api.KIND and r.get("apiVersion", "").startswith(api.GROUP + "/")]
+    if not owners:
+        return
+    uid = body.metadata.uid
+    if event["type"] == "DELETED":
+        memo.job_seen.pop(uid, None)
+        memo.cache.drop_pod(body.metadata.namespace, owners[0]["name"], body.metadata.name)
+    else:
+        memo.cache.put_pod(event["object"])
+        seen = memo.job_seen.get(uid)
+        status = body.get("status") or {}
+        summary = (status.get("phase"), bool(body.metadata.get("deletionTimestamp")),
+                   any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or ()))
+        memo.job_seen[uid] = summary
+        release(event["object"])
+        if seen == summary or (seen is None and event["type"] in (None, "ADDED")):
+            return
+    await memo.reconciler.trigger(body.metadata.namespace, owners[0]["name"])
+
+
+if BARE_PODS:
+    # Registered only when the operator makes pods: otherwise the pods are the Jobs', and the
+    # chart grants no pod watch.
+    kopf.on.event(*PODS, labels={api.LABEL_FINETUNE: kopf.PRESENT, api.LABEL_JOB_NAME: kopf.ABSENT})(pod_event)
 
 
 def _job_summary(body: kopf.Body, seen: tuple | None) -> tuple:

@@ -411,7 +411,9 @@ def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: b
         return d.plan(actions=[Action("suspend", attempt)], requeue_after=1.0)
     if obs.queued:
         return _queued(d, obs, attempt)
-    job = obs.workload.get("job", "the workload")
+    if not obs.ends_at_deadline and remaining is not None and remaining <= 0:
+        return _attempt_failed(d, obs, attempt, remaining)
+    job = obs.workload.get("job") or obs.workload.get("pods") or "the workload"
     pods = f"{obs.ready}/{obs.total} pods of {job} running"
     was_running = phase in (Phase.RUNNING, Phase.UPLOADING)
     requeue = None
@@ -463,6 +465,9 @@ def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: b
         requeue = min(PROBE_MAX, max(PROBE_INTERVAL, age / 2))
         if timeout and age < timeout:
             requeue = min(requeue, timeout - age + DEADLINE_SLACK)
+    if not obs.ends_at_deadline and remaining is not None:
+        # Wake up when the deadline passes: nothing else would end the attempt then.
+        requeue = remaining if requeue is None else min(requeue, remaining)
     return d.plan(actions=actions, requeue_after=requeue)
 
 
@@ -641,7 +646,8 @@ def _succeed(d: _Draft, obs: Observation) -> Plan:
     d.new["workload"] = dict(obs.workload) or d.new.get("workload")
     start = parse_time(d.new.get("startTime"))
     took = f" in {_duration((parse_time(d.new['completionTime']) - start).total_seconds())}" if start else ""
-    msg = f"{obs.workload.get('job', 'the workload')} completed{took}; model at {spec.output_uri}"
+    msg = f"{obs.workload.get('job') or obs.workload.get('pods') or 'the workload'} completed{took}; " \
+          f"model at {spec.output_uri}"
     d.history(obs, Outcome.SUCCEEDED, Reason.COMPLETED, msg)
     d.to(Phase.SUCCEEDED, Reason.SUCCEEDED, msg)
     d.condition(Cond.SUCCEEDED, True, Reason.COMPLETED, msg)

@@ -78,9 +78,15 @@ create/delete of its own; pods only list (a failed pod's exit code and terminati
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, delete]
+# list: a failed pod's exit code, why pods do not start. With eksWorkload pods, also the
+# bare pods the operator makes, watches and deletes itself.
 - apiGroups: [""]
   resources: [pods]
+  {{- if eq .Values.eksWorkload "pods" }}
+  verbs: [get, list, watch, create, delete]
+  {{- else }}
   verbs: [list]
+  {{- end }}
 # Events on the runs (kubectl describe aft); list: a Job's FailedCreate Events (why its
 # pods could not be created).
 - apiGroups: [""]

@@ -159,6 +159,10 @@ class Observation:
     # Held in place for spec.runPolicy.suspend (EKS: the Job suspended, or its Kueue Workload
     # deactivated): nothing runs, and launch() resumes this same workload.
     held: bool = False
+    # The workload ends itself at the run's activeDeadlineSeconds (a Job's own deadline; a
+    # SageMaker job the backend stops). False: the operator fails the attempt when it passes
+    # (bare pods: the kubelet enforces a pod's deadline, but the operator does not rely on it).
+    ends_at_deadline: bool = True
 
 
 class LaunchError(Exception):

@@ -11,7 +11,7 @@ import datetime as dt
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, Mapping
 
 from ... import api
@@ -150,7 +150,8 @@ def observe_pods(run: Run, attempt: int, pods: list[Mapping[str, Any]], *, start
     live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
     common = dict(attempt=attempt, total=total, ready=sum(1 for p in live if _ready(p)),
                   created_at=min(p["metadata"].get("creationTimestamp") or "" for p in pods) or None,
-                  workload=render.workload_names(run, attempt), generation=_generation(pods[0]))
+                  workload=render.workload_names(run, attempt, bare=True), generation=_generation(pods[0]),
+                  ends_at_deadline=False)
     if holding:
         return Observation(WorkloadState.STARTING, placed=False, held=not live, **common)
     phases = [(p.get("status") or {}).get("phase") for p in pods]
@@ -179,6 +180,24 @@ def observe_pods(run: Run, attempt: int, pods: list[Mapping[str, Any]], *, start
     if common["ready"] >= total:
         return Observation(WorkloadState.RUNNING, **common)
     return Observation(WorkloadState.STARTING, placed=False, **common)
+
+
+def _pending_reason(pods: list[Mapping[str, Any]]) -> tuple[str, str]:
+    """Why these pending workers do not start, as the scheduler or the kubelet said it
+    (Unschedulable, an image that cannot be pulled); ("", "") when nothing is wrong yet."""
+    for pod in pods:
+        name, st = pod["metadata"]["name"], pod.get("status") or {}
+        if pod["metadata"].get("deletionTimestamp") or st.get("phase") != "Pending":
+            continue
+        for c in st.get("conditions") or ():
+            if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+                return Reason.UNSCHEDULABLE, f"pod {name}: {c.get('message') or 'no node fits'}"
+        for cs in st.get("containerStatuses") or ():
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in STUCK_WAITING:
+                return Reason.IMAGE_PULL_FAILED if "Image" in waiting["reason"] else waiting["reason"], \
+                    f"pod {name}: {waiting['reason']}: {waiting.get('message') or cs.get('image', '')}"
+    return "", ""
 
 
 def _kueue_managed(job: Mapping[str, Any]) -> bool:
@@ -235,9 +254,10 @@ class EksBackend:
     name = "eks"
     needs_finalizer = False     # every child has an ownerReference to the run: the GC's work
 
-    def __init__(self, kube: Kube, cache: Cache | None = None):
+    def __init__(self, kube: Kube, cache: Cache | None = None, *, bare_pods: bool | None = None):
         self.kube = kube
         self.cache = cache or Cache()
+        self.bare_pods = api.bare_pods_from_env() if bare_pods is None else bare_pods
         # One node listing shared by every launch: 500 runs applied at once cost a few LISTs,
         # not 500 (items, or None: not readable).
         self._nodes = SharedLook(NODES_FRESH)
@@ -279,7 +299,13 @@ class EksBackend:
 
     # ---- observe -------------------------------------------------------------------
 
+    def _bare(self, run: Run) -> bool:
+        """Does the run's gang run as bare pods? (A queued run keeps its Job: Kueue admits Jobs.)"""
+        return self.bare_pods and not run.spec.queue_name
+
     async def observe(self, run: Run) -> Observation:
+        if self._bare(run):
+            return await self._observe_pods(run)
         cached = self.cache.jobs(run.namespace, run.name)
         owned = [j for j in cached if _owned_by(j, run)] if cached is not None else await self._jobs(run)
         jobs = {_attempt_of(j): j for j in owned}
@@ -466,19 +492,10 @@ class EksBackend:
         """Why the attempt's workers do not run, as the scheduler, the kubelet or the Job
         controller said it: ("", "") when nothing is wrong (yet)."""
         spec, status = job.get("spec") or {}, job.get("status") or {}
-        for pod in await self._pending_pods(run.namespace):
-            name, st = pod["metadata"]["name"], pod.get("status") or {}
-            if pod["metadata"].get("deletionTimestamp") or st.get("phase") != "Pending" \
-                    or _controller_uid(pod) != job["metadata"]["uid"]:
-                continue
-            for c in st.get("conditions") or ():
-                if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
-                    return Reason.UNSCHEDULABLE, f"pod {name}: {c.get('message') or 'no node fits'}"
-            for cs in st.get("containerStatuses") or ():
-                waiting = (cs.get("state") or {}).get("waiting") or {}
-                if waiting.get("reason") in STUCK_WAITING:
-                    return Reason.IMAGE_PULL_FAILED if "Image" in waiting["reason"] else waiting["reason"], \
-                        f"pod {name}: {waiting['reason']}: {waiting.get('message') or cs.get('image', '')}"
+        reason, why = _pending_reason([p for p in await self._pending_pods(run.namespace)
+                                       if _controller_uid(p) == job["metadata"]["uid"]])
+        if reason:
+            return reason, why
         created = int(status.get("active") or 0) + int(status.get("succeeded") or 0) + int(status.get("failed") or 0)
         if created < int(spec.get("parallelism") or 1):
             # Pods the Job controller could not create (quota, PodSecurity, a webhook) are
@@ -498,6 +515,8 @@ class EksBackend:
     async def launch(self, run: Run, attempt: int, *, deadline_seconds: int | None) -> Observation | None:
         if (impossible := await self._unsatisfiable(run, attempt)) is not None:
             return impossible
+        if self._bare(run):
+            return await self._launch_pods(run, attempt, deadline_seconds)
         # From the cache, not a listing per launch: a Job held while the cache had not seen it
         # yet (right after a restart) is found by the observation that follows.
         current = next((j for j in self.cache.jobs(run.namespace, run.name) or () if _owned_by(j, run)
@@ -513,11 +532,7 @@ class EksBackend:
             for job in jobs:
                 if _attempt_of(job) < attempt and job["metadata"]["name"] not in keep:
                     await self._delete_job(run, job)
-        ds_config = await read_user_ds_config(self.kube, run)
-        text = render.deepspeed_config_text(run, ds_config)
-        if text is not None and len(text.encode()) > ENV_VALUE_MAX:
-            raise LaunchError("InvalidDeepSpeedConfig", f"the DeepSpeed JSON is {len(text.encode())} bytes (compact); "
-                              f"the pods' environment carries it, which allows at most {ENV_VALUE_MAX}")
+        ds_config = await self._ds_config(run)
         *children, job = render.render_children(run, attempt, deadline_seconds=deadline_seconds,
                                                 ds_config=ds_config,
                                                 workload_priority=await self._workload_priority(run))
@@ -527,6 +542,100 @@ class EksBackend:
             if e.reason != Reason.NAME_CONFLICT:
                 raise
             raise await self._in_the_way(run, [*children, job]) from None
+
+    async def _ds_config(self, run: Run) -> dict | None:
+        """The user's DeepSpeed JSON (deepspeed.configMapRef), refused when the pods'
+        environment cannot carry it."""
+        ds_config = await read_user_ds_config(self.kube, run)
+        text = render.deepspeed_config_text(run, ds_config)
+        if text is not None and len(text.encode()) > ENV_VALUE_MAX:
+            raise LaunchError("InvalidDeepSpeedConfig", f"the DeepSpeed JSON is {len(text.encode())} bytes (compact); "
+                              f"the pods' environment carries it, which allows at most {ENV_VALUE_MAX}")
+        return ds_config
+
+    # ---- bare pods (ALPACA_EKS_WORKLOAD=pods) ----------------------------------------
+
+    async def _run_pods(self, run: Run) -> list[Mapping[str, Any]]:
+        """The run's bare pods (owned by it: a Job's pods are the Job's), from the cache, or
+        listed once when the cache has seen none yet."""
+        cached = self.cache.pods(run.namespace, run.name)
+        if cached is None:
+            listed = await self.kube.list("pods", run.namespace, f"{api.LABEL_FINETUNE}={run.name},!{api.LABEL_JOB_NAME}")
+            self.cache.set_pods(run.namespace, run.name, listed)
+            cached = self.cache.pods(run.namespace, run.name) or []
+        return [p for p in cached if _owned_by(p, run)]
+
+    @staticmethod
+    def _kept_pods(run: Run, pods: list[Mapping[str, Any]], current: int) -> set[str]:
+        """The failed pods of earlier attempts kept for `kubectl logs`, as _kept keeps failed
+        Jobs: of the newest failedJobsHistoryLimit attempts, and of the last one until the
+        current attempt has run."""
+        limit = run.spec.run_policy.failed_jobs_history_limit
+        if run.attempt == current and run.status.get("phase") not in ("Running", "Uploading", "Succeeded"):
+            limit = max(limit, 1)
+        failed = sorted({_attempt_of(p) for p in pods if _attempt_of(p) < current
+                         and (p.get("status") or {}).get("phase") == "Failed"}, reverse=True)[:limit]
+        return {p["metadata"]["name"] for p in pods if _attempt_of(p) in failed
+                and (p.get("status") or {}).get("phase") == "Failed"}
+
+    async def _delete_pods(self, run: Run, pods: list[Mapping[str, Any]], keep: set[str] = frozenset()) -> None:
+        for pod in pods:
+            if pod["metadata"]["name"] not in keep and not pod["metadata"].get("deletionTimestamp"):
+                await self.kube.delete("pods", run.namespace, pod["metadata"]["name"], uid=pod["metadata"]["uid"])
+
+    async def _observe_pods(self, run: Run) -> Observation:
+        pods = await self._run_pods(run)
+        current = max(run.attempt, 1)
+        keep = self._kept_pods(run, pods, current)
+        stale = tuple(sorted({_attempt_of(p) for p in pods if _attempt_of(p) < current
+                              and p["metadata"]["name"] not in keep and not p["metadata"].get("deletionTimestamp")}))
+        mine = [p for p in pods if _attempt_of(p) == current]
+        started = run.attempt == current and run.status.get("phase") in ("Running", "Uploading")
+        obs = observe_pods(run, current, mine, started=started, holding=run.spec.run_policy.suspend)
+        obs = replace(obs, stale_attempts=stale, ends_at_deadline=False)
+        if obs.state is WorkloadState.FAILED:
+            # The Job's failure policy, done here: the rest of the gang stops at once (its GPUs
+            # are free for the next attempt); the failed pod stays for `kubectl logs`.
+            await self._delete_pods(run, [p for p in mine if (p.get("status") or {}).get("phase") != "Failed"])
+            failure = first_failure(mine) or PodFailure(obs.failed_worker or "", obs.exit_code)
+            return replace(obs, **await self._suspect_node(run, current, failure))
+        if obs.state is WorkloadState.STARTING and not obs.held:
+            created = parse_time(obs.created_at)
+            if created is not None and (dt.datetime.now(dt.timezone.utc) - created).total_seconds() >= PROBE_AFTER:
+                names = {p["metadata"]["name"] for p in mine}
+                reason, why = _pending_reason([p for p in await self._pending_pods(run.namespace)
+                                               if p["metadata"]["name"] in names])
+                if reason:
+                    return replace(obs, reason=reason, message=why)
+        return obs
+
+    async def _launch_pods(self, run: Run, attempt: int, deadline_seconds: int | None) -> Observation | None:
+        if attempt > 1:
+            # Older attempts first: their pods hold the GPUs the new gang needs.
+            pods = await self._run_pods(run)
+            await self._delete_pods(run, [p for p in pods if _attempt_of(p) < attempt],
+                                    self._kept_pods(run, pods, attempt))
+        ds_config = await self._ds_config(run)
+        await self._ensure_identity(run)
+        if render.gang_needs_service(run):
+            await self._ensure(run, render.render_service(run))
+        made = False
+        for pod in render.render_pods(run, attempt, deadline_seconds=deadline_seconds, ds_config=ds_config):
+            try:
+                made = await self._ensure(run, pod) or made
+            except LaunchError as e:
+                if f'serviceaccount "{api.TRAINER_ACCOUNT}" not found' not in e.message \
+                        or render.pod_service_account(run) != api.TRAINER_ACCOUNT:
+                    raise
+                # Someone deleted the namespace's trainer identity: made again, then the pod.
+                await self._ensure_identity(run, again=True)
+                made = await self._ensure(run, pod) or made
+        if not made:
+            return None     # they existed: what state they are in, only observing can tell
+        return Observation(WorkloadState.STARTING, attempt=attempt, total=run.spec.resources.nodes,
+                           created_at=fmt_time(dt.datetime.now(dt.timezone.utc)),
+                           workload=render.workload_names(run, attempt, bare=True), placed=False,
+                           generation=run.generation, ends_at_deadline=False)
 
     async def _in_the_way(self, run: Run, objs: list[Mapping[str, Any]]) -> LaunchError | NotYet:
         """Every object of this attempt's names that is not this run's, in one message (one
@@ -641,6 +750,8 @@ class EksBackend:
         if created is not None:
             if obj["kind"] == "Job":
                 self.cache.put_job(created)
+            elif obj["kind"] == "Pod":
+                self.cache.put_pod(created)
             return True
         plural, name = KIND_TO_PLURAL[obj["kind"]], obj["metadata"]["name"]
         existing = await self.kube.get(plural, run.namespace, name)
@@ -662,6 +773,11 @@ class EksBackend:
         """In place, as Kueue suspends a Job: the Job controller stops the pods (their exit 143
         is ignored by the podFailurePolicy) and starts them again on release. Kueue's own Jobs
         are held through their Workload, since Kueue unsuspends a Job whose Workload it admitted."""
+        if self._bare(run):
+            # Bare pods are held by deleting them; release makes them again (launch).
+            pods = await self._run_pods(run)
+            await self._delete_pods(run, pods, self._kept_pods(run, pods, attempt))
+            return
         jobs = await self._jobs(run)
         keep = self._kept(run, jobs, attempt)
         for job in jobs:
@@ -705,6 +821,10 @@ class EksBackend:
         # The pending gang goes (a corrected spec, a gang that could not be placed, the end of
         # a run): the Job itself, so that the next launch renders it anew. The Service stays,
         # and so do kept failed Jobs.
+        if self._bare(run):
+            pods = await self._run_pods(run)
+            await self._delete_pods(run, pods, self._kept_pods(run, pods, attempt))
+            return
         jobs = await self._jobs(run)
         keep = self._kept(run, jobs, attempt)
         for job in jobs:
@@ -719,6 +839,8 @@ class EksBackend:
         ns, name = run.namespace, run.name
         for job in await self._jobs(run):
             await self._delete_job(run, job)
+        if self.bare_pods:
+            await self._delete_pods(run, await self._run_pods(run))
         children = [("services", api.service_name(name))]
         if (run.status.get("workload") or {}).get("configMap"):
             # Made by an operator version that made a ConfigMap and an identity per run.

@@ -434,8 +434,13 @@ def render_pods(run: Run, attempt: int, *, deadline_seconds: int | None = None,
     return pods
 
 
-def workload_names(run: Run, attempt: int) -> dict[str, str]:
-    names = {"job": api.job_name(run.name, attempt), "serviceAccount": pod_service_account(run)}
+def workload_names(run: Run, attempt: int, *, bare: bool = False) -> dict[str, str]:
+    """status.workload; bare: the attempt's pods are the operator's own (render_pods), named
+    as a range, NAME-aA-0..N-1."""
+    first = api.pod_name(run.name, attempt, 0)
+    last = api.pod_name(run.name, attempt, run.spec.resources.nodes - 1)
+    names = {"pods": first if first == last else f"{first}..{last}"} if bare else {"job": api.job_name(run.name, attempt)}
+    names["serviceAccount"] = pod_service_account(run)
     if gang_needs_service(run):
         names["service"] = api.service_name(run.name)
     return names
