@@ -38,7 +38,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{/*
 The namespaced rules: exactly what the operator calls (docs/operator.md, "Permissions").
 No Secrets; ConfigMaps only get (its own NAME-config, a run's deepspeed.configMapRef) and
-create/delete of its own; pods only list (a failed pod's exit code and termination message, why pods do not start).
+create/delete of its own; pods only list (a failed pod's exit code and termination message, why pods do not start),
+unless eksWorkload is pods (the operator then makes them).
 */}}
 {{- define "alpaca-operator.namespacedRules" -}}
 # The runs: kopf lists and watches them; the operator reads one afresh before acting;
