@@ -172,7 +172,7 @@ def observe_pods(run: Run, attempt: int, pods: list[Mapping[str, Any]], *, start
         message = (f"pod {failure.pod} is gone" if gone and failure.exit_code is None else
                    f"pod {failure.pod} failed" + (f" with exit code {failure.exit_code}"
                                                   if failure.exit_code is not None else ""))
-        return Observation(WorkloadState.FAILED, reason="PodFailed", message=message, exit_code=failure.exit_code,
+        return Observation(WorkloadState.FAILED, reason=Reason.WORKER_FAILED, message=message, exit_code=failure.exit_code,
                            failed_worker=failure.pod, failure_kind=classify(failure, ""),
                            termination_message=failure.message[:1024], **common)
     if len(live) < total and not started:
