@@ -23,12 +23,13 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import kopf
 
 from . import api, kube, metrics
 from .backends import make_backends
+from .backends.eks.backend import pod_ready
 from .cache import Cache, release
 from .preflight import Preflight
 from .reconciler import Reconciler
@@ -136,62 +137,54 @@ async def finetune_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo,
     await memo.reconciler.trigger(ns, name)
 
 
-@kopf.on.event(*JOBS, labels={api.LABEL_FINETUNE: kopf.PRESENT})
-async def job_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def _child_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, put: Callable[[Any], None],
+                       drop: Callable[[str, str, str], None], summarize: Callable[[kopf.Body, tuple | None], tuple]) -> None:
+    """A run's Job or bare pod changed: cached (put, drop), and the run looked at again only
+    when what the state machine reads of it (summarize) changed. A Job's status changes often
+    in ways that do not matter here (counters, uncounted pods, interim conditions)."""
     owners = [r for r in body.metadata.get("ownerReferences") or ()
               if r.get("kind") == api.KIND and r.get("apiVersion", "").startswith(api.GROUP + "/")]
     if not owners:
         return
-    # Job status changes often in ways that do not matter here (counters, uncounted pods,
-    # interim conditions); look again only when something the state machine reads changed.
     uid = body.metadata.uid
     if event["type"] == "DELETED":
         memo.job_seen.pop(uid, None)
-        memo.cache.drop_job(body.metadata.namespace, owners[0]["name"], body.metadata.name)
+        drop(body.metadata.namespace, owners[0]["name"], body.metadata.name)
     else:
-        memo.cache.put_job(event["object"])
+        put(event["object"])
         seen = memo.job_seen.get(uid)
-        summary = _job_summary(body, seen)
+        summary = summarize(body, seen)
         memo.job_seen[uid] = summary
         release(event["object"])
-        # A new Job was seen by the reconcile that created it, and at startup every run is
+        # A new child was seen by the reconcile that created it, and at startup every run is
         # listed and reconciled anyway (event type None).
         if seen == summary or (seen is None and event["type"] in (None, "ADDED")):
             return
     await memo.reconciler.trigger(body.metadata.namespace, owners[0]["name"])
 
 
+@kopf.on.event(*JOBS, labels={api.LABEL_FINETUNE: kopf.PRESENT})
+async def job_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await _child_event(event, body, memo, memo.cache.put_job, memo.cache.drop_job, _job_summary)
+
+
 JOB_TERMINAL = ("Complete", "Failed")
 
 
 async def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """A bare pod of a run (ALPACA_EKS_WORKLOAD=pods): looked at again when what observe_pods
-    reads changed (its phase, readiness, deletion), as job_event does for a Job."""
-    owners = [r for r in body.metadata.get("ownerReferences") or ()
-              if r.get("kind") == api.KIND and r.get("apiVersion", "").startswith(api.GROUP + "/")]
-    if not owners:
-        return
-    uid = body.metadata.uid
-    if event["type"] == "DELETED":
-        memo.job_seen.pop(uid, None)
-        memo.cache.drop_pod(body.metadata.namespace, owners[0]["name"], body.metadata.name)
-    else:
-        memo.cache.put_pod(event["object"])
-        seen = memo.job_seen.get(uid)
-        status = body.get("status") or {}
-        summary = (status.get("phase"), bool(body.metadata.get("deletionTimestamp")),
-                   any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or ()))
-        memo.job_seen[uid] = summary
-        release(event["object"])
-        if seen == summary or (seen is None and event["type"] in (None, "ADDED")):
-            return
-    await memo.reconciler.trigger(body.metadata.namespace, owners[0]["name"])
+    """A bare pod of a run (ALPACA_EKS_WORKLOAD=pods), as job_event handles a Job."""
+    await _child_event(event, body, memo, memo.cache.put_pod, memo.cache.drop_pod, _pod_summary)
 
 
 if BARE_PODS:
     # Registered only when the operator makes pods: otherwise the pods are the Jobs', and the
     # chart grants no pod watch.
     kopf.on.event(*PODS, labels={api.LABEL_FINETUNE: kopf.PRESENT, api.LABEL_JOB_NAME: kopf.ABSENT})(pod_event)
+
+
+def _pod_summary(body: kopf.Body, seen: tuple | None) -> tuple:
+    """What observe_pods tells apart: the pod's phase, its deletion, its readiness."""
+    return ((body.get("status") or {}).get("phase"), bool(body.metadata.get("deletionTimestamp")), pod_ready(body))
 
 
 def _job_summary(body: kopf.Body, seen: tuple | None) -> tuple:

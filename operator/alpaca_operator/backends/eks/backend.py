@@ -131,7 +131,8 @@ def classify(failure: PodFailure | None, job_message: str) -> FailureKind:
     return FailureKind.RETRYABLE
 
 
-def _ready(pod: Mapping[str, Any]) -> bool:
+def pod_ready(pod: Mapping[str, Any]) -> bool:
+    """The pod's Ready condition is True (what a Job's status.ready counts)."""
     return any(c.get("type") == "Ready" and c.get("status") == "True"
                for c in (pod.get("status") or {}).get("conditions") or ())
 
@@ -148,7 +149,7 @@ def observe_pods(run: Run, attempt: int, pods: list[Mapping[str, Any]], *, start
     if not pods:
         return Observation(WorkloadState.ABSENT, attempt=attempt)
     live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
-    common = dict(attempt=attempt, total=total, ready=sum(1 for p in live if _ready(p)),
+    common = dict(attempt=attempt, total=total, ready=sum(1 for p in live if pod_ready(p)),
                   created_at=min(p["metadata"].get("creationTimestamp") or "" for p in pods) or None,
                   workload=render.workload_names(run, attempt, bare=True), generation=_generation(pods[0]),
                   ends_at_deadline=False)
@@ -592,7 +593,7 @@ class EksBackend:
         mine = [p for p in pods if _attempt_of(p) == current]
         started = run.attempt == current and run.status.get("phase") in ("Running", "Uploading")
         obs = observe_pods(run, current, mine, started=started, holding=run.spec.run_policy.suspend)
-        obs = replace(obs, stale_attempts=stale, ends_at_deadline=False)
+        obs = replace(obs, stale_attempts=stale)
         if obs.state is WorkloadState.FAILED:
             # The Job's failure policy, done here: the rest of the gang stops at once (its GPUs
             # are free for the next attempt); the failed pod stays for `kubectl logs`.
