@@ -10,7 +10,7 @@ launch that meets an existing Job observes it afresh.
 from __future__ import annotations
 
 import sys
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from . import api
 
@@ -88,11 +88,46 @@ def _same_version(held: Mapping[str, Any] | None, body: Mapping[str, Any]) -> bo
     return held is not None and rv is not None and held["metadata"].get("resourceVersion") == rv
 
 
+class _Children:
+    """One kind of a run's children (Jobs, bare pods), per run by their alpaca.dev/finetune
+    label, each as `slim` keeps it."""
+
+    def __init__(self, slim: Callable[[Mapping[str, Any]], dict[str, Any]]) -> None:
+        self._slim = slim
+        self._by_run: dict[Key, dict[str, Mapping[str, Any]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_run)
+
+    def of(self, namespace: str, name: str) -> list[Mapping[str, Any]] | None:
+        held = self._by_run.get((namespace, name))
+        return None if held is None else list(held.values())
+
+    def put(self, body: Mapping[str, Any]) -> None:
+        meta = body["metadata"]
+        owner = (meta.get("labels") or {}).get(api.LABEL_FINETUNE)
+        if owner:
+            held = self._by_run.setdefault((meta["namespace"], owner), {})
+            if not _same_version(held.get(meta["name"]), body):
+                held[meta["name"]] = self._slim(body)
+
+    def drop(self, namespace: str, owner: str, name: str) -> None:
+        held = self._by_run.get((namespace, owner))
+        if held is not None:
+            held.pop(name, None)
+
+    def set(self, namespace: str, name: str, bodies: list[Mapping[str, Any]]) -> None:
+        self._by_run[(namespace, name)] = {b["metadata"]["name"]: self._slim(b) for b in bodies}
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._by_run.pop((namespace, name), None)
+
+
 class Cache:
     def __init__(self) -> None:
         self._runs: dict[Key, Mapping[str, Any]] = {}
-        self._jobs: dict[Key, dict[str, Mapping[str, Any]]] = {}
-        self._pods: dict[Key, dict[str, Mapping[str, Any]]] = {}     # bare pods (no Job)
+        self._jobs = _Children(lambda body: _slim(body, job=True))
+        self._pods = _Children(_slim_pod)     # bare pods (no Job)
 
     # ---- runs ----------------------------------------------------------------------
 
@@ -110,54 +145,38 @@ class Cache:
 
     def drop_run(self, namespace: str, name: str) -> None:
         self._runs.pop((namespace, name), None)
-        self._jobs.pop((namespace, name), None)
-        self._pods.pop((namespace, name), None)
+        self._jobs.forget(namespace, name)
+        self._pods.forget(namespace, name)
 
     # ---- jobs ----------------------------------------------------------------------
 
     def jobs(self, namespace: str, name: str) -> list[Mapping[str, Any]] | None:
         """The run's Jobs, or None if no Job of it was ever seen (then ask the API server:
         right after a start, the Jobs' listing may not have arrived yet)."""
-        jobs = self._jobs.get((namespace, name))
-        return None if jobs is None else list(jobs.values())
+        return self._jobs.of(namespace, name)
 
     def put_job(self, body: Mapping[str, Any]) -> None:
-        meta = body["metadata"]
-        owner = (meta.get("labels") or {}).get(api.LABEL_FINETUNE)
-        if owner:
-            jobs = self._jobs.setdefault((meta["namespace"], owner), {})
-            if not _same_version(jobs.get(meta["name"]), body):
-                jobs[meta["name"]] = _slim(body, job=True)
+        self._jobs.put(body)
 
     def drop_job(self, namespace: str, owner: str, job: str) -> None:
-        jobs = self._jobs.get((namespace, owner))
-        if jobs is not None:
-            jobs.pop(job, None)
+        self._jobs.drop(namespace, owner, job)
 
     def set_jobs(self, namespace: str, name: str, jobs: list[Mapping[str, Any]]) -> None:
         """What a fresh listing found (possibly nothing)."""
-        self._jobs[(namespace, name)] = {j["metadata"]["name"]: _slim(j, job=True) for j in jobs}
+        self._jobs.set(namespace, name, jobs)
 
     # ---- bare pods -----------------------------------------------------------------
 
     def pods(self, namespace: str, name: str) -> list[Mapping[str, Any]] | None:
         """The run's bare pods, or None if none was ever seen (as jobs())."""
-        pods = self._pods.get((namespace, name))
-        return None if pods is None else list(pods.values())
+        return self._pods.of(namespace, name)
 
     def put_pod(self, body: Mapping[str, Any]) -> None:
-        meta = body["metadata"]
-        owner = (meta.get("labels") or {}).get(api.LABEL_FINETUNE)
-        if owner:
-            pods = self._pods.setdefault((meta["namespace"], owner), {})
-            if not _same_version(pods.get(meta["name"]), body):
-                pods[meta["name"]] = _slim_pod(body)
+        self._pods.put(body)
 
     def drop_pod(self, namespace: str, owner: str, pod: str) -> None:
-        pods = self._pods.get((namespace, owner))
-        if pods is not None:
-            pods.pop(pod, None)
+        self._pods.drop(namespace, owner, pod)
 
     def set_pods(self, namespace: str, name: str, pods: list[Mapping[str, Any]]) -> None:
         """What a fresh listing found (possibly nothing)."""
-        self._pods[(namespace, name)] = {p["metadata"]["name"]: _slim_pod(p) for p in pods}
+        self._pods.set(namespace, name, pods)
