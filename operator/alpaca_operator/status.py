@@ -307,6 +307,11 @@ def loss_failure(obs: Observation) -> LossFailure | None:
     return parse_loss_failure(obs.termination_message or obs.message, obs.exit_code)
 
 
+def _workload_label(obs: Observation) -> str:
+    """How messages name the attempt's workload: its Job, or its bare pods."""
+    return obs.workload.get("job") or obs.workload.get("pods") or "the workload"
+
+
 def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: bool = True) -> Plan:
     d = _Draft(run, now)
     spec, rp = run.spec, run.spec.run_policy
@@ -413,7 +418,7 @@ def decide(run: Run, obs: Observation, now: dt.datetime, *, backend_available: b
         return _queued(d, obs, attempt)
     if not obs.ends_at_deadline and remaining is not None and remaining <= 0:
         return _attempt_failed(d, obs, attempt, remaining)
-    job = obs.workload.get("job") or obs.workload.get("pods") or "the workload"
+    job = _workload_label(obs)
     pods = f"{obs.ready}/{obs.total} pods of {job} running"
     was_running = phase in (Phase.RUNNING, Phase.UPLOADING)
     requeue = None
@@ -646,8 +651,7 @@ def _succeed(d: _Draft, obs: Observation) -> Plan:
     d.new["workload"] = dict(obs.workload) or d.new.get("workload")
     start = parse_time(d.new.get("startTime"))
     took = f" in {_duration((parse_time(d.new['completionTime']) - start).total_seconds())}" if start else ""
-    msg = f"{obs.workload.get('job') or obs.workload.get('pods') or 'the workload'} completed{took}; " \
-          f"model at {spec.output_uri}"
+    msg = f"{_workload_label(obs)} completed{took}; model at {spec.output_uri}"
     d.history(obs, Outcome.SUCCEEDED, Reason.COMPLETED, msg)
     d.to(Phase.SUCCEEDED, Reason.SUCCEEDED, msg)
     d.condition(Cond.SUCCEEDED, True, Reason.COMPLETED, msg)
