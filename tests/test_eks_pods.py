@@ -85,3 +85,19 @@ def test_a_hold_deleting_the_pods_is_not_a_failure():
     o = observe(terminating[:1] + gang({"phase": "Running"}, {"phase": "Running"})[1:], holding=True)
     assert (o.state, o.held) == (WorkloadState.STARTING, False)
     assert observe([], holding=True).state is WorkloadState.ABSENT
+
+
+def test_a_corrected_pending_gangs_old_pods_on_their_way_out_are_not_its_failure():
+    # status.decide replaces a pending gang whose spec changed: the old pods, being deleted,
+    # end with 143. They are the old generation's, not a failure of the gang made anew.
+    old = gang({"phase": "Failed", "exit_code": 143}, {"phase": "Pending"})
+    for pod in old:
+        pod["metadata"]["deletionTimestamp"] = "2026-12-07T06:00:00Z"
+        pod["metadata"]["annotations"]["alpaca.dev/generation"] = str(GANG.generation - 1)
+    assert observe(old, started=False).state is WorkloadState.ABSENT
+    # Once the gang ran, a pod on its way out is what it was (here: a failure).
+    assert observe(old, started=True).state is WorkloadState.FAILED
+    # The same pods of this generation, before the gang ran: a failure of this gang.
+    for pod in old:
+        pod["metadata"]["annotations"]["alpaca.dev/generation"] = str(GANG.generation)
+    assert observe(old, started=False).state is WorkloadState.FAILED

@@ -146,6 +146,10 @@ def observe_pods(run: Run, attempt: int, pods: list[Mapping[str, Any]], *, start
     then. A gang short of pods that never ran is ABSENT, so that launch makes the rest (its
     names are fixed, the creates idempotent)."""
     total = run.spec.resources.nodes
+    if not started:
+        # The pods of a pending gang corrected since (status.decide replaces it), on their
+        # way out: not this gang's, nor its failure (kwok and kubelets end them with 143).
+        pods = [p for p in pods if not (p["metadata"].get("deletionTimestamp") and _generation(p) != run.generation)]
     if not pods:
         return Observation(WorkloadState.ABSENT, attempt=attempt)
     live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
@@ -556,13 +560,13 @@ class EksBackend:
 
     # ---- bare pods (ALPACA_EKS_WORKLOAD=pods) ----------------------------------------
 
-    async def _run_pods(self, run: Run) -> list[Mapping[str, Any]]:
+    async def _run_pods(self, run: Run, *, listed: bool = False) -> list[Mapping[str, Any]]:
         """The run's bare pods (owned by it: a Job's pods are the Job's), from the cache, or
-        listed once when the cache has seen none yet."""
+        listed when the cache has seen none yet (or `listed`: the cache is not to be trusted)."""
         cached = self.cache.pods(run.namespace, run.name)
-        if cached is None:
-            listed = await self.kube.list("pods", run.namespace, f"{api.LABEL_FINETUNE}={run.name},!{api.LABEL_JOB_NAME}")
-            self.cache.set_pods(run.namespace, run.name, listed)
+        if cached is None or listed:
+            found = await self.kube.list("pods", run.namespace, f"{api.LABEL_FINETUNE}={run.name},!{api.LABEL_JOB_NAME}")
+            self.cache.set_pods(run.namespace, run.name, found)
             cached = self.cache.pods(run.namespace, run.name) or []
         return [p for p in cached if _owned_by(p, run)]
 
@@ -584,8 +588,8 @@ class EksBackend:
             if pod["metadata"]["name"] not in keep and not pod["metadata"].get("deletionTimestamp"):
                 await self.kube.delete("pods", run.namespace, pod["metadata"]["name"], uid=pod["metadata"]["uid"])
 
-    async def _observe_pods(self, run: Run) -> Observation:
-        pods = await self._run_pods(run)
+    async def _observe_pods(self, run: Run, *, listed: bool = False) -> Observation:
+        pods = await self._run_pods(run, listed=listed)
         current = max(run.attempt, 1)
         keep = self._kept_pods(run, pods, current)
         stale = tuple(sorted({_attempt_of(p) for p in pods if _attempt_of(p) < current
@@ -594,6 +598,12 @@ class EksBackend:
         started = run.attempt == current and run.status.get("phase") in ("Running", "Uploading")
         obs = observe_pods(run, current, mine, started=started, holding=run.spec.run_policy.suspend)
         obs = replace(obs, stale_attempts=stale)
+        if obs.state is WorkloadState.FAILED and not listed \
+                and obs.failed_worker not in {p["metadata"]["name"] for p in mine}:
+            # A pod missing from the cache may be one the watch has not delivered yet (the
+            # operator has just started, its listing is under way): before a gang is ended
+            # for a pod gone, the API server says whether it is.
+            return await self._observe_pods(run, listed=True)
         if obs.state is WorkloadState.FAILED:
             # The Job's failure policy, done here: the rest of the gang stops at once (its GPUs
             # are free for the next attempt); the failed pod stays for `kubectl logs`.
@@ -618,25 +628,44 @@ class EksBackend:
                                     self._kept_pods(run, pods, attempt))
         ds_config = await self._ds_config(run)
         await self._ensure_identity(run)
-        if render.gang_needs_service(run):
-            await self._ensure(run, render.render_service(run))
-        made = False
-        for pod in render.render_pods(run, attempt, deadline_seconds=deadline_seconds, ds_config=ds_config):
-            try:
-                made = await self._ensure(run, pod) or made
-            except LaunchError as e:
-                if f'serviceaccount "{api.TRAINER_ACCOUNT}" not found' not in e.message \
-                        or render.pod_service_account(run) != api.TRAINER_ACCOUNT:
-                    raise
-                # Someone deleted the namespace's trainer identity: made again, then the pod.
-                await self._ensure_identity(run, again=True)
-                made = await self._ensure(run, pod) or made
+        service = [render.render_service(run)] if render.gang_needs_service(run) else []
+        pods = render.render_pods(run, attempt, deadline_seconds=deadline_seconds, ds_config=ds_config)
+        try:
+            made = await self._make_pods(run, service, pods)
+        except LaunchError as e:
+            if e.reason != Reason.NAME_CONFLICT:
+                raise
+            # As for a Job's: every leftover in one message, with the command that removes them.
+            raise await self._in_the_way(run, [*service, *pods]) from None
         if not made:
             return None     # they existed: what state they are in, only observing can tell
         return Observation(WorkloadState.STARTING, attempt=attempt, total=run.spec.resources.nodes,
                            created_at=fmt_time(dt.datetime.now(dt.timezone.utc)),
                            workload=render.workload_names(run, attempt, bare=True), placed=False,
                            generation=run.generation, ends_at_deadline=False)
+
+    async def _make_pods(self, run: Run, service: list[Mapping[str, Any]], pods: list[Mapping[str, Any]]) -> bool:
+        """The gang's Service, then its pods all at once (a gang of 64 is not 64 round trips
+        in a row), each unless it exists; True if a pod was made now. Every create is
+        answered before a refusal is raised: none is left in flight behind it."""
+        for obj in service:
+            await self._ensure(run, obj)
+        made = await asyncio.gather(*(self._make_pod(run, pod) for pod in pods), return_exceptions=True)
+        for outcome in made:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return any(made)
+
+    async def _make_pod(self, run: Run, pod: Mapping[str, Any]) -> bool:
+        try:
+            return await self._ensure(run, pod)
+        except LaunchError as e:
+            if f'serviceaccount "{api.TRAINER_ACCOUNT}" not found' not in e.message \
+                    or render.pod_service_account(run) != api.TRAINER_ACCOUNT:
+                raise
+            # Someone deleted the namespace's trainer identity: made again, then the pod.
+            await self._ensure_identity(run, again=True)
+            return await self._ensure(run, pod)
 
     async def _in_the_way(self, run: Run, objs: list[Mapping[str, Any]]) -> LaunchError | NotYet:
         """Every object of this attempt's names that is not this run's, in one message (one
