@@ -14,11 +14,12 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from alpaca_operator import api
 from alpaca_operator.__main__ import priority_from_ip
 from alpaca_operator.status import parse_time
 from operator_harness import OperatorProcess, free_port, get_json, service_account_env, wait_for
 from test_chart import CHART, helm, values_file
-from test_operator_eks import apply, finetune, phase_is
+from test_operator_eks import apply, attempt_names, finetune, phase_is
 from test_operator_peering import reporters
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -264,6 +265,47 @@ def test_cluster_wide_account_drives_a_lifecycle(cluster, cluster_wide, namespac
         assert delay.total_seconds() <= 3, f"the Job was created {delay} after the run"
     finally:
         op.stop()
+
+
+def test_the_pods_workload_runs_a_gang_under_the_charts_own_rbac(cluster, cluster_wide, tmp_path):
+    """eksWorkload: pods, namespaced: the chart's account alone makes the gang's bare pods,
+    watches them, ends a failed one's gang and restarts it, without a refusal or a Warning."""
+    rel = Release(cluster, f"pd{uuid.uuid4().hex[:5]}", f"alpaca-pd-{uuid.uuid4().hex[:5]}", tmp_path)
+    ns = f"runs-{uuid.uuid4().hex[:6]}"
+    for n in (rel.namespace, ns):
+        cluster.kubectl("create", "namespace", n)
+    try:
+        rel.install({"crds": {"enabled": False}, "admissionPolicy": {"enabled": False},
+                     "watchNamespaces": [ns], "eksWorkload": "pods"})
+        # The operator runs here as the chart's Deployment would run it: with its environment.
+        deployment = get_json(cluster, "deployment", rel.fullname, "-n", rel.namespace)
+        env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+               if e["name"] == api.WORKLOAD_ENV}
+        assert env == {api.WORKLOAD_ENV: "pods"}
+        assert rel.can_i("create", "pods", ns) and rel.can_i("delete", "pods", ns) and not rel.can_i(
+            "create", "pods", rel.namespace)
+        op = rel.operator(tmp_path / "operator.log", "--namespace", ns, extra_env=env)
+        op.start()
+        try:
+            apply(cluster, ns, finetune("gang", nodes=2, run_for="2s"),
+                  finetune("flaky", run_for="1s", fail=3, run_policy={"backoffLimit": 1}))
+            for name, phase in (("gang", "Succeeded"), ("flaky", "Failed")):
+                body = wait_for(f"{name} {phase}", phase_is(cluster, ns, name, "Succeeded", "Failed"), timeout=90,
+                                on_timeout=lambda: op.tail(40))
+                assert body["status"]["phase"] == phase, body["status"]
+            assert get_json(cluster, "aft", "flaky", "-n", ns)["status"]["attempts"] == 2
+            assert get_json(cluster, "jobs", "-n", ns)["items"] == []
+            assert attempt_names(cluster, ns, "gang") == ["gang-a1"]
+            assert_no_forbidden(op)
+            warnings = [f"{e['involvedObject']['kind']}/{e['involvedObject']['name']}: {e['reason']}"
+                        for e in get_json(cluster, "events", "-n", ns, "--field-selector", "type=Warning")["items"]
+                        if e["involvedObject"]["name"] != "flaky"]
+            assert not warnings, warnings
+        finally:
+            op.stop()
+    finally:
+        rel.uninstall()
+        cluster.kubectl("delete", "namespace", rel.namespace, ns, "--wait=false", check=False)
 
 
 def test_upgrade_upgrades_the_crd_and_uninstall_keeps_it_and_the_runs(cluster, cluster_wide, namespace, tmp_path):

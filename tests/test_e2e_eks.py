@@ -19,6 +19,7 @@ import pytest
 from conftest import BIN
 from fixtures_train import CACHE, assert_generates, keys, run_cmd, upload_inputs, write_records, VENV_BIN
 from operator_harness import OperatorProcess, get_json, wait_for
+from test_operator_eks import made_from
 
 LOCAL_EXEC = {"alpaca.dev/local-exec": "true"}
 TOLERATE = {"key": "alpaca.dev/local-exec", "operator": "Exists", "effect": "NoSchedule"}
@@ -215,7 +216,7 @@ def test_a_lora_finetune_through_the_operator(cluster, served, operator, inputs,
     spec["resources"]["nodes"] = 1
     cluster.kubectl("-n", served, "apply", "-f", "-", input=json.dumps(doc))
     wait_finished(cluster, served, "lora", operator)
-    pod = get_json(cluster, "job", "lora-a1", "-n", served)["spec"]["template"]["spec"]
+    pod = made_from(cluster, served, operator, "lora", 1)["spec"]
     env = {e["name"] for e in pod["containers"][0]["env"]}
     assert "ALPACA_TRAIN_ARGS" in env and "ALPACA_DEEPSPEED_CONFIG" not in env, "zeroStage 0: no DeepSpeed config"
     # One node: rank 0 is the pod itself, no headless Service.

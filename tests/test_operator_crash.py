@@ -1,13 +1,19 @@
 """Crash safety: the operator is SIGKILLed at random moments, 20 times, while 10 runs go
-through their lives (some restart their gang and fail). In the end every run has exactly
-one Job, the one of its last attempt, and the terminal status it would have had anyway."""
+through their lives (some restart their gang and fail). In the end every run has the
+workload of its last attempt and of the failed one before it (failedJobsHistoryLimit 1),
+and the terminal status it would have had anyway. In both EKS modes: Jobs, and bare pods
+(ALPACA_EKS_WORKLOAD=pods)."""
 from __future__ import annotations
 
 import json
 import random
 import time
 
+import pytest
+
+from alpaca_operator import api
 from operator_harness import OperatorProcess, get_json, wait_for
+from test_operator_eks import attempt_names
 
 KILLS = 20
 OK, FLAKY = 7, 3
@@ -31,9 +37,10 @@ def run(name: str, *, fail: bool, seconds: int) -> dict:
     }
 
 
-def test_sigkill_at_random_points(cluster, crd, namespace, tmp_path):
+@pytest.mark.parametrize("workload", ["job", "pods"])
+def test_sigkill_at_random_points(cluster, crd, namespace, tmp_path, workload):
     rng = random.Random(int(time.time()))
-    op = OperatorProcess(cluster.env, tmp_path / "operator.log")
+    op = OperatorProcess({**cluster.env, api.WORKLOAD_ENV: workload}, tmp_path / "operator.log")
     names = [f"ok-{i}" for i in range(OK)] + [f"flaky-{i}" for i in range(FLAKY)]
     rng.shuffle(names)
     # Lives of 5 to 30 s (flaky ones: two attempts of 4 s), created one per kill cycle, so
@@ -59,7 +66,7 @@ def test_sigkill_at_random_points(cluster, crd, namespace, tmp_path):
             done = [i for i in items if i.get("status", {}).get("phase") in ("Succeeded", "Failed")]
             return items if len(done) == len(names) else None
         items = wait_for("every run to finish", all_done, timeout=180, interval=1,
-                         on_timeout=lambda: cluster.kubectl("get", "aft,jobs", "-n", namespace).stdout
+                         on_timeout=lambda: cluster.kubectl("get", "aft,jobs,pods", "-n", namespace).stdout
                          + "\n" + op.tail())
     finally:
         op.stop()
@@ -67,13 +74,12 @@ def test_sigkill_at_random_points(cluster, crd, namespace, tmp_path):
     problems = []
     for item in items:
         name, st = item["metadata"]["name"], item["status"]
-        job_names = sorted(j["metadata"]["name"] for j in get_json(
-            cluster, "jobs", "-n", namespace, "-l", f"alpaca.dev/finetune={name}")["items"])
+        found = attempt_names(cluster, namespace, name)
         want_attempts = 2 if name.startswith("flaky") else 1
         want_phase = "Failed" if name.startswith("flaky") else "Succeeded"
-        # The last attempt's Job, and the failed one before it (failedJobsHistoryLimit 1).
-        if job_names != [f"{name}-a{a}" for a in range(max(1, want_attempts - 1), want_attempts + 1)]:
-            problems.append(f"{name}: Jobs {job_names}")
+        # The last attempt's workload, and the failed one before it (failedJobsHistoryLimit 1).
+        if found != [f"{name}-a{a}" for a in range(max(1, want_attempts - 1), want_attempts + 1)]:
+            problems.append(f"{name}: workloads {found}")
         if (st["phase"], st.get("attempts")) != (want_phase, want_attempts):
             problems.append(f"{name}: phase {st['phase']} attempts {st.get('attempts')}")
         if want_phase == "Succeeded" and (st.get("output") != item["spec"]["output"]["uri"]

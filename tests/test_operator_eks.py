@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from alpaca_operator import api
 from alpaca_operator.backends.base import Run
 from alpaca_operator.backends.eks import render
 from alpaca_operator.spec import parse_spec
@@ -64,6 +65,37 @@ def pods(cluster, namespace: str, name: str) -> list[dict]:
     return get_json(cluster, "pods", "-n", namespace, "-l", f"alpaca.dev/finetune={name}")["items"]
 
 
+# The tests below that read a run's workload through these helpers run in both EKS modes:
+# here with Jobs, and again in test_operator_eks_pods with bare pods (ALPACA_EKS_WORKLOAD=pods).
+
+def bare(op: OperatorProcess) -> bool:
+    """This operator runs a gang as bare pods, not as a Job."""
+    return op.env.get(api.WORKLOAD_ENV) == "pods"
+
+
+def attempt_names(cluster, namespace: str, name: str) -> list[str]:
+    """The attempts whose workload is still there, NAME-aA: its Job, or its bare pods."""
+    found = {j["metadata"]["name"] for j in jobs(cluster, namespace, name)}
+    found |= {api.job_name(name, int(p["metadata"]["labels"][api.LABEL_ATTEMPT])) for p in pods(cluster, namespace, name)
+              if api.LABEL_JOB_NAME not in p["metadata"]["labels"]}
+    return sorted(found)
+
+
+def made_from(cluster, namespace: str, op: OperatorProcess, name: str, attempt: int) -> dict:
+    """What the attempt's pods were made from (metadata and spec): its Job's pod template, or
+    its bare rank 0 itself."""
+    if bare(op):
+        return get_json(cluster, "pod", api.pod_name(name, attempt, 0), "-n", namespace)
+    job = get_json(cluster, "job", api.job_name(name, attempt), "-n", namespace)
+    return {"metadata": job["metadata"], "spec": {**job["spec"]["template"]["spec"],
+                                                  "activeDeadlineSeconds": job["spec"].get("activeDeadlineSeconds")}}
+
+
+def workload_text(op: OperatorProcess, name: str, attempt: int) -> str:
+    """How the operator's messages name the attempt's workload (what it failed to create)."""
+    return f"Pod {api.pod_name(name, attempt, 0)}" if bare(op) else f"Job {api.job_name(name, attempt)}"
+
+
 def event_reasons(cluster, namespace: str, name: str) -> list[str]:
     events = get_json(cluster, "events", "-n", namespace,
                       "--field-selector", f"involvedObject.name={name},involvedObject.kind=AlpacaFineTune")["items"]
@@ -84,7 +116,7 @@ def dump(cluster, namespace: str, op: OperatorProcess):
     return text
 
 
-def expected_children(cluster, namespace: str, body: dict, attempt: int) -> list[dict]:
+def expected_children(cluster, namespace: str, body: dict, attempt: int, bare_pods: bool = False) -> list[dict]:
     spec = parse_spec(body["spec"])
     run = Run(body["metadata"]["name"], namespace, body["metadata"]["uid"], 1, spec)
     ds = None
@@ -92,7 +124,29 @@ def expected_children(cluster, namespace: str, body: dict, attempt: int) -> list
         cm = get_json(cluster, "configmap", spec.deepspeed.config_map_ref.name, "-n", namespace)
         ds = json.loads(cm["data"][spec.deepspeed.config_map_ref.key])
     deadline = spec.run_policy.active_deadline_seconds
+    if bare_pods:
+        service = [render.render_service(run)] if render.gang_needs_service(run) else []
+        return service + render.render_pods(run, attempt, deadline_seconds=deadline, ds_config=ds)
     return render.render_children(run, attempt, deadline_seconds=deadline, ds_config=ds)
+
+
+# What admission adds to every pod, and not to a Job's template: the DefaultTolerationSeconds
+# plugin's tolerations, and the ServiceAccount plugin's API token volume.
+DEFAULT_TOLERATIONS = {"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"}
+TOKEN_VOLUME = "kube-api-access-"
+
+
+def without_defaults(live: dict) -> dict:
+    """A live pod without what admission added to it (a Job's template has none of it)."""
+    if live.get("kind") != "Pod":
+        return live
+    spec = live["spec"]
+    containers = [{**c, "volumeMounts": [m for m in c.get("volumeMounts") or () if not m["name"].startswith(TOKEN_VOLUME)]}
+                  for c in spec["containers"]]
+    return {**live, "spec": {**spec, "containers": containers,
+                             "volumes": [v for v in spec.get("volumes") or () if not v["name"].startswith(TOKEN_VOLUME)],
+                             "tolerations": [t for t in spec.get("tolerations") or ()
+                                             if t.get("key") not in DEFAULT_TOLERATIONS]}}
 
 
 # ---- samples -----------------------------------------------------------------------------
@@ -123,9 +177,9 @@ def test_sample_lifecycle(cluster, operator, namespace, sample):
         body = wait_for(f"{name} Launching", phase_is(cluster, namespace, name, "Launching", "Running", "Succeeded"),
                         on_timeout=dump(cluster, namespace, operator))
         # Every child, exactly as rendered (the API server's defaults aside), owned by the run.
-        for want in expected_children(cluster, namespace, body, attempt=1):
+        for want in expected_children(cluster, namespace, body, attempt=1, bare_pods=bare(operator)):
             kind, child = want["kind"].lower(), want["metadata"]["name"]
-            live = get_json(cluster, kind, child, "-n", namespace)
+            live = without_defaults(get_json(cluster, kind, child, "-n", namespace))
             assert_subset(want, live, f"{want['kind']}/{child}")
             assert live["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"]
         # The namespace's trainer identity, exactly as rendered, owned by no run.
@@ -135,10 +189,9 @@ def test_sample_lifecycle(cluster, operator, namespace, sample):
             assert_subset(want, live, f"{want['kind']}/{want['metadata']['name']}")
             assert not live["metadata"].get("ownerReferences")
 
-        job = get_json(cluster, "job", f"{name}-a1", "-n", namespace)
-        selector = job["spec"]["template"]["spec"].get("nodeSelector") or {}
+        selector = made_from(cluster, namespace, operator, name, 1)["spec"].get("nodeSelector") or {}
         fits = [n for n, labels in nodes.items() if all(labels.get(k) == v for k, v in selector.items())]
-        nodes_wanted = job["spec"]["parallelism"]
+        nodes_wanted = body["spec"]["resources"]["nodes"]
         if len(fits) < nodes_wanted:
             pytest.fail(f"{sample.name}: {name} selects {selector}, which {len(fits)} simulated GPU nodes match "
                         f"(it needs {nodes_wanted}); the samples must fit the demo nodegroup")
@@ -151,7 +204,10 @@ def test_sample_lifecycle(cluster, operator, namespace, sample):
         st = final["status"]
         assert st["output"] == d["spec"]["output"]["uri"] and st["attempts"] == 1
         assert st["startTime"] and st["completionTime"] and st["observedGeneration"] == body["metadata"]["generation"]
-        assert st["workload"] == {"job": f"{name}-a1", **({"service": name} if job["spec"]["parallelism"] > 1 else {}),
+        last = api.pod_name(name, 1, nodes_wanted - 1)
+        workload = ({"pods": last if nodes_wanted == 1 else f"{name}-a1-0..{last}"} if bare(operator)
+                    else {"job": f"{name}-a1"})
+        assert st["workload"] == {**workload, **({"service": name} if nodes_wanted > 1 else {}),
                                   "serviceAccount": d["spec"].get("serviceAccountName") or "alpaca-trainer"}
         # Launched at once: the first status write is Launching's (no Pending, no Accepted).
         assert recorders[name].stop() == ["Launching", "Running", "Succeeded"]
@@ -209,8 +265,8 @@ def test_worker_failure_restarts_the_gang_then_fails(cluster, operator, namespac
     assert failed["status"] == "True" and failed["reason"] == "BackoffLimitExceeded"
     assert "exited with code 3" in failed["message"] and "flaky-a3-" in failed["message"]
     assert "exited with code 3" in st["message"]
-    # The last attempt's Job stays for `kubectl logs`, and failedJobsHistoryLimit (1) earlier one.
-    assert sorted(j["metadata"]["name"] for j in jobs(cluster, namespace, "flaky")) == ["flaky-a2", "flaky-a3"]
+    # The last attempt's workload stays for `kubectl logs`, and failedJobsHistoryLimit (1) earlier one.
+    assert attempt_names(cluster, namespace, "flaky") == ["flaky-a2", "flaky-a3"]
     assert {p["metadata"]["labels"]["alpaca.dev/attempt"] for p in pods(cluster, namespace, "flaky")} == {"2", "3"}
     assert [h["outcome"] for h in st["attemptHistory"]] == ["Failed"] * 3
     reasons = event_reasons(cluster, namespace, "flaky")
@@ -294,7 +350,7 @@ def test_missing_deepspeed_configmap_waits_in_pending(cluster, operator, namespa
         st = aft(cluster, namespace, "byo-ds").get("status", {})
         return st.get("phase") == "Pending" and any(c["reason"] == "ConfigMapNotFound" for c in st.get("conditions", []))
     wait_for("Pending with ConfigMapNotFound", blocked, on_timeout=dump(cluster, namespace, operator))
-    assert jobs(cluster, namespace, "byo-ds") == []
+    assert attempt_names(cluster, namespace, "byo-ds") == []
     # The refused first launch wrote the run's first status: the preflight's result is in it.
     conditions = aft(cluster, namespace, "byo-ds")["status"]["conditions"]
     assert [c["status"] for c in conditions if c["type"] == "Preflight"] == ["True"], conditions
@@ -302,8 +358,7 @@ def test_missing_deepspeed_configmap_waits_in_pending(cluster, operator, namespa
     cluster.kubectl("create", "configmap", "later", "-n", namespace, f"--from-literal=ds.json={json.dumps(ds)}")
     wait_for("Succeeded once the ConfigMap exists", phase_is(cluster, namespace, "byo-ds", "Succeeded"), timeout=90,
              on_timeout=dump(cluster, namespace, operator))
-    env = {e["name"]: e.get("value") for e in get_json(cluster, "job", "byo-ds-a1", "-n", namespace)
-           ["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env = _env_of(made_from(cluster, namespace, operator, "byo-ds", 1))
     assert json.loads(env["ALPACA_DEEPSPEED_CONFIG"]) == ds
 
 
@@ -363,7 +418,9 @@ def test_a_create_the_api_server_fails_shows_in_the_status_and_is_tried_again(cl
             "clientConfig": {"url": "https://127.0.0.1:1/validate"},     # nothing listens
             "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
             "rules": [{"apiGroups": ["batch"], "apiVersions": ["v1"], "operations": ["CREATE"],
-                       "resources": ["jobs"]}]}]}))
+                       "resources": ["jobs"]},
+                      {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                       "resources": ["pods"]}]}]}))
 
     def available(body: dict) -> dict:
         return next((c for c in (body.get("status") or {}).get("conditions") or ()
@@ -375,14 +432,14 @@ def test_a_create_the_api_server_fails_shows_in_the_status_and_is_tried_again(cl
                         timeout=60, on_timeout=dump(cluster, namespace, operator))
         cond = available(body)
         assert body["status"]["phase"] == "Pending" and cond["reason"] == "BackendUnavailable", body["status"]
-        assert f"could not create Job {name}-a1: 500" in cond["message"], cond
+        assert f"could not create {workload_text(operator, name, 1)}: 500" in cond["message"], cond
         assert "down.alpaca.dev" in cond["message"] and "next try at" in cond["message"], cond
-        assert not jobs(cluster, namespace, name)
+        assert not attempt_names(cluster, namespace, name)
     finally:
         cluster.kubectl("delete", "validatingwebhookconfiguration", hook, "--ignore-not-found")
     body = wait_for("Succeeded", phase_is(cluster, namespace, name, "Succeeded"), timeout=120,
                     on_timeout=dump(cluster, namespace, operator))
-    assert body["status"]["attempts"] == 1 and len(jobs(cluster, namespace, name)) == 1
+    assert body["status"]["attempts"] == 1 and attempt_names(cluster, namespace, name) == [f"{name}-a1"]
     assert available(body)["status"] == "True" and available(body)["reason"] == "BackendAnswers"
     reasons = event_reasons(cluster, namespace, name)
     assert reasons.count("BackendUnavailable") == 1 and reasons.count("BackendAnswers") == 1, reasons
@@ -417,14 +474,14 @@ def test_a_permanent_exit_code_fails_at_once_with_the_pods_reason(cluster, opera
     failed = conditions(body)["Failed"]
     assert st["attempts"] == 1 and failed["reason"] == "PermanentFailure", st
     assert "exited with code 65 (bad input data): alpaca_data.json: record 3 has no instruction" in failed["message"]
-    assert [j["metadata"]["name"] for j in jobs(cluster, namespace, "baddata")] == ["baddata-a1"]   # no retry
+    assert attempt_names(cluster, namespace, "baddata") == ["baddata-a1"]   # no retry
     assert st["attemptHistory"][0]["exitCode"] == 65
 
 
 def test_a_run_that_cannot_start_counts_nothing_and_can_still_be_fixed(cluster, operator, namespace):
     cluster.kubectl("create", "configmap", "my-ds-config", "-n", namespace,
                     "--from-literal=ds_config.json={\"zero_optimization\": {\"stage\": 2}}")
-    cluster.kubectl("create", "quota", "no-jobs", "-n", namespace, "--hard=count/jobs.batch=0")
+    cluster.kubectl("create", "quota", "no-jobs", "-n", namespace, "--hard=count/jobs.batch=0,count/pods=0")
     apply(cluster, namespace, finetune("typo", run_for="2s", deepspeed={"configMapRef": {"name": "my-ds-confg"}},
                                        run_policy={"activeDeadlineSeconds": 600}))
 
@@ -439,10 +496,11 @@ def test_a_run_that_cannot_start_counts_nothing_and_can_still_be_fixed(cluster, 
     # Nothing started, so the typo can be fixed (spec.deepspeed is immutable only once started).
     cluster.kubectl("patch", "aft", "typo", "-n", namespace, "--type=merge",
                     "-p", '{"spec":{"deepspeed":{"configMapRef":{"name":"my-ds-config"}}}}')
-    # The quota refuses the Job: the server's message, and Pending without a hot loop.
+    # The quota refuses the Job (or the bare pod): the server's message, and Pending without a hot loop.
     body = wait_for("CreateRejected", pending("CreateRejected"), timeout=20, on_timeout=dump(cluster, namespace, operator))
     created = conditions(body)["Created"]
-    assert "exceeded quota: no-jobs" in created["message"] and "Job typo-a1" in created["message"], created
+    assert "exceeded quota: no-jobs" in created["message"] and workload_text(operator, "typo", 1) in created["message"], \
+        created
     assert "startTime" not in body["status"] and "attempts" not in body["status"]
     time.sleep(4)
     assert aft(cluster, namespace, "typo")["metadata"]["resourceVersion"] == body["metadata"]["resourceVersion"]
@@ -452,10 +510,10 @@ def test_a_run_that_cannot_start_counts_nothing_and_can_still_be_fixed(cluster, 
     cluster.kubectl("annotate", "aft", "typo", "-n", namespace, "example.com/poke=1")
     body = wait_for("Succeeded", phase_is(cluster, namespace, "typo", "Succeeded"), timeout=30,
                     on_timeout=dump(cluster, namespace, operator))
-    job = get_json(cluster, "job", "typo-a1", "-n", namespace)
-    # The run started when its gang ran, not before its Job existed.
-    assert body["status"]["startTime"] >= job["metadata"]["creationTimestamp"] and body["status"]["attempts"] == 1
-    assert job["spec"]["activeDeadlineSeconds"] == 600          # the deadline counts from the real start
+    made = made_from(cluster, namespace, operator, "typo", 1)
+    # The run started when its gang ran, not before its workload existed.
+    assert body["status"]["startTime"] >= made["metadata"]["creationTimestamp"] and body["status"]["attempts"] == 1
+    assert made["spec"]["activeDeadlineSeconds"] == 600          # the deadline counts from the real start
 
 
 def test_workers_that_cannot_start_say_why_within_seconds(cluster, operator, namespace):
@@ -484,21 +542,30 @@ def test_workers_that_cannot_start_say_why_within_seconds(cluster, operator, nam
         warn = [e for e in events(cluster, namespace, name) if e["reason"] == reason]
         assert len(warn) == 1 and warn[0]["type"] == "Warning", events(cluster, namespace, name)
     cluster.kubectl("delete", "aft", "nowhere", "nopull", "-n", namespace, "--wait=true", timeout=60)
-    # Pods the Job controller cannot create (a quota) are only in the Job's Events: FailedCreate.
     cluster.kubectl("create", "quota", "no-pods", "-n", namespace, "--hard=pods=0")
     apply(cluster, namespace, finetune("noquota"))
-    wait_for("FailedCreate", says("noquota", "FailedCreate", "exceeded quota: no-pods"), timeout=30,
-             on_timeout=dump(cluster, namespace, operator))
+    if bare(operator):
+        # The operator creates bare pods itself: the quota's refusal is the create's answer.
+        def refused():
+            body = aft(cluster, namespace, "noquota")
+            created = conditions(body).get("Created") or {}
+            return body if created.get("reason") == "CreateRejected" and "exceeded quota: no-pods" in created.get(
+                "message", "") else None
+        wait_for("CreateRejected", refused, timeout=30, on_timeout=dump(cluster, namespace, operator))
+    else:
+        # Pods the Job controller cannot create (a quota) are only in the Job's Events: FailedCreate.
+        wait_for("FailedCreate", says("noquota", "FailedCreate", "exceeded quota: no-pods"), timeout=30,
+                 on_timeout=dump(cluster, namespace, operator))
 
 
 def test_a_recreated_run_never_sees_the_old_runs_job(cluster, operator, namespace):
     apply(cluster, namespace, finetune("again", run_for="1s"))
     wait_for("Succeeded", phase_is(cluster, namespace, "again", "Succeeded"), timeout=60,
              on_timeout=dump(cluster, namespace, operator))
-    old_job = get_json(cluster, "job", "again-a1", "-n", namespace)
+    old = made_from(cluster, namespace, operator, "again", 1)
     # Deleted without its children (they stay, ownerless), and created again.
     cluster.kubectl("delete", "aft", "again", "-n", namespace, "--cascade=orphan", "--wait=true")
-    wait_for("the orphaned Job", lambda: not get_json(cluster, "job", "again-a1", "-n", namespace)["metadata"].get(
+    wait_for("the orphaned workload", lambda: not made_from(cluster, namespace, operator, "again", 1)["metadata"].get(
         "ownerReferences"), timeout=30)
     apply(cluster, namespace, finetune("again", run_for="1s"))
 
@@ -509,10 +576,10 @@ def test_a_recreated_run_never_sees_the_old_runs_job(cluster, operator, namespac
     time.sleep(12)     # two more looks at the leftovers: the same message, no second Event
     body = aft(cluster, namespace, "again")
     assert body["status"]["phase"] == "Pending" and "completionTime" not in body["status"], body["status"]
-    assert get_json(cluster, "job", "again-a1", "-n", namespace)["metadata"]["uid"] == old_job["metadata"]["uid"]
+    assert made_from(cluster, namespace, operator, "again", 1)["metadata"]["uid"] == old["metadata"]["uid"]
     # Every leftover in one message, in a fixed order, with the command that removes them.
     message = conditions(body)["Created"]["message"]
-    stale = ["job/again-a1"]
+    stale = ["pod/again-a1-0"] if bare(operator) else ["job/again-a1"]
     assert f"1 object(s) with this run's names already exist" in message and ", ".join(stale) in message, message
     assert f"kubectl -n {namespace} delete {' '.join(stale)}" in message, message
     assert [e["reason"] for e in events(cluster, namespace, "again")].count("NameConflict") == 1
@@ -520,8 +587,8 @@ def test_a_recreated_run_never_sees_the_old_runs_job(cluster, operator, namespac
     cluster.kubectl("-n", namespace, "delete", *stale, "--wait=true", timeout=60)
     wait_for("Succeeded", phase_is(cluster, namespace, "again", "Succeeded"), timeout=40,
              on_timeout=dump(cluster, namespace, operator))
-    new_job = get_json(cluster, "job", "again-a1", "-n", namespace)
-    assert new_job["metadata"]["ownerReferences"][0]["uid"] == aft(cluster, namespace, "again")["metadata"]["uid"]
+    new = made_from(cluster, namespace, operator, "again", 1)
+    assert new["metadata"]["ownerReferences"][0]["uid"] == aft(cluster, namespace, "again")["metadata"]["uid"]
 
 
 def test_a_resumed_gang_never_runs_beside_its_old_pods(cluster, operator, namespace):
@@ -582,8 +649,9 @@ def test_a_replaced_gang_waits_for_its_old_pods_to_go(cluster, operator, namespa
     assert body["status"]["phase"] == "Succeeded" and body["status"]["attempts"] == 1
 
 
-def _env_of(job: dict) -> dict[str, str]:
-    return {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+def _env_of(made: dict) -> dict[str, str]:
+    """The environment of what made_from returns."""
+    return {e["name"]: e.get("value") for e in made["spec"]["containers"][0]["env"]}
 
 
 def test_a_non_finite_loss_fails_the_run_at_once_with_the_step_and_the_last_good_checkpoint(
@@ -598,7 +666,7 @@ def test_a_non_finite_loss_fails_the_run_at_once_with_the_step_and_the_last_good
     assert failed["reason"] == "LossNotFinite" and body["status"]["attempts"] == 1, body["status"]
     assert "not finite at step 14" in failed["message"] and "checkpoint-10 in s3://alpaca-test/runs/diverge/" \
         in failed["message"]
-    assert [j["metadata"]["name"] for j in jobs(cluster, namespace, "diverge")] == ["diverge-a1"]   # no retry
+    assert attempt_names(cluster, namespace, "diverge") == ["diverge-a1"]   # no retry
     assert body["status"]["attemptHistory"][0]["resumeFromStep"] == 10
 
 
@@ -614,9 +682,10 @@ def test_a_loss_spike_restarts_and_the_next_attempt_is_told_the_steps_to_skip(cl
     assert st["attempts"] == 2 and conditions(body)["Failed"]["reason"] == "BackoffLimitExceeded", st
     assert [(e["reason"], e["skipSteps"], e["resumeFromStep"]) for e in st["attemptHistory"]] == \
         [("LossSpike", "7-9", 4)] * 2
-    env = {j["metadata"]["name"]: _env_of(j) for j in jobs(cluster, namespace, "spike")}
-    # The second attempt's Job, created right after the first failed, already has the range.
-    assert "ALPACA_SKIP_STEPS" not in env.get("spike-a1", {}) and env["spike-a2"]["ALPACA_SKIP_STEPS"] == "7-9"
+    assert attempt_names(cluster, namespace, "spike") == ["spike-a1", "spike-a2"]
+    env = {a: _env_of(made_from(cluster, namespace, operator, "spike", a)) for a in (1, 2)}
+    # The second attempt's workload, created right after the first failed, already has the range.
+    assert "ALPACA_SKIP_STEPS" not in env[1] and env[2]["ALPACA_SKIP_STEPS"] == "7-9"
     assert "skipping steps 7-9" in next(e["message"] for e in events(cluster, namespace, "spike")
                                         if e["reason"] == "Restarting")
 
@@ -708,15 +777,16 @@ def test_a_pending_gang_can_be_corrected_and_is_replaced(cluster, operator, name
         return body if body["status"].get("reason") == "Unschedulable" else None
     body = wait_for("Unschedulable", unschedulable, timeout=30, on_timeout=dump(cluster, namespace, operator))
     assert "startTime" not in body["status"] and "Insufficient cpu" in body["status"]["message"], body["status"]["message"]
-    old_uid = jobs(cluster, namespace, "greedy")[0]["metadata"]["uid"]
+    old_uid = made_from(cluster, namespace, operator, "greedy", 1)["metadata"]["uid"]
     cluster.kubectl("patch", "aft", "greedy", "-n", namespace, "--type=merge",
                     "-p", '{"spec":{"resources":{"cpu":"4"}}}')
     body = wait_for("Succeeded", phase_is(cluster, namespace, "greedy", "Succeeded", "Failed"), timeout=60,
                     on_timeout=dump(cluster, namespace, operator))
     assert body["status"]["phase"] == "Succeeded" and body["status"]["attempts"] == 1, body["status"]
-    (job,) = jobs(cluster, namespace, "greedy")
-    assert job["metadata"]["uid"] != old_uid and job["metadata"]["annotations"]["alpaca.dev/generation"] == "2"
-    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "4"
+    assert attempt_names(cluster, namespace, "greedy") == ["greedy-a1"]
+    made = made_from(cluster, namespace, operator, "greedy", 1)
+    assert made["metadata"]["uid"] != old_uid and made["metadata"]["annotations"]["alpaca.dev/generation"] == "2"
+    assert made["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "4"
     # Once started, spec.resources is immutable again.
     proc = cluster.kubectl("patch", "aft", "greedy", "-n", namespace, "--type=merge",
                            "-p", '{"spec":{"resources":{"cpu":"8"}}}', check=False)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import datetime as dt
 
 from operator_harness import aft, apply, patch_status_as, phase_is, token_env, wait_for
-from test_operator_eks import dump, events, finetune, jobs, operator, pods  # noqa: F401 - operator: a fixture
+from test_operator_eks import (attempt_names, dump, events, finetune, made_from, operator,  # noqa: F401 - a fixture
+                               pods)
 
 
 def rank0(cluster, namespace: str, name: str, attempt: int) -> dict:
@@ -55,8 +56,8 @@ def test_a_gang_that_stops_reporting_is_replaced_after_the_progress_deadline(clu
     st = body["status"]
     assert st["phase"] == "Succeeded" and st["attempts"] == 2 and "disruptions" not in st, st
     assert [e["reason"] for e in st["attemptHistory"]] == ["ProgressDeadlineExceeded", "Completed"]
-    # The hung gang's Job is gone (deleted, not failed: nothing to keep for kubectl logs).
-    assert [j["metadata"]["name"] for j in jobs(cluster, namespace, "hang")] == ["hang-a2"]
+    # The hung gang's workload is gone (deleted, not failed: nothing to keep for kubectl logs).
+    assert attempt_names(cluster, namespace, "hang") == ["hang-a2"]
     restart = next(e for e in events(cluster, namespace, "hang") if e["reason"] == "Restarting")
     assert restart["type"] == "Warning" and "hung: step 5 in stage training" in restart["message"]
 
@@ -71,11 +72,9 @@ def test_a_failure_blamed_on_the_node_keeps_the_next_attempt_off_it(cluster, ope
     cluster.kubectl("annotate", "pod", pod["metadata"]["name"], "-n", namespace, "kwok.alpaca.dev/fail-exit-code=1",
                     "kwok.alpaca.dev/termination-message=RuntimeError: CUDA error: uncorrectable ECC error encountered")
 
-    def second_job():
-        found = [j for j in jobs(cluster, namespace, "badnode") if j["metadata"]["name"] == "badnode-a2"]
-        return found[0] if found else None
-    job = wait_for("attempt 2's Job", second_job, timeout=60, on_timeout=dump(cluster, namespace, operator))
-    assert job["spec"]["template"]["spec"]["affinity"] == {"nodeAffinity": {
+    wait_for("attempt 2's workload", lambda: "badnode-a2" in attempt_names(cluster, namespace, "badnode"), timeout=60,
+             on_timeout=dump(cluster, namespace, operator))
+    assert made_from(cluster, namespace, operator, "badnode", 2)["spec"]["affinity"] == {"nodeAffinity": {
         "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [
             {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": [node]}]}]}}}
 
