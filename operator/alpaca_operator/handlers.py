@@ -105,7 +105,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.cache = Cache()
     memo.reconciler = Reconciler(client, make_backends(client, memo.cache), memo.cache,
                                  concurrency=int(os.environ.get("ALPACA_WORKERS", "32")), preflight=Preflight())
-    memo.job_seen = {}
+    memo.child_seen = {}     # a Job's or bare pod's uid -> the summary of it last acted on
     stats = os.environ.get("ALPACA_OPERATOR_STATS")
     if stats:
         memo.stats_task = asyncio.get_running_loop().create_task(_write_stats(stats, memo))
@@ -148,13 +148,13 @@ async def _child_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, p
         return
     uid = body.metadata.uid
     if event["type"] == "DELETED":
-        memo.job_seen.pop(uid, None)
+        memo.child_seen.pop(uid, None)
         drop(body.metadata.namespace, owners[0]["name"], body.metadata.name)
     else:
         put(event["object"])
-        seen = memo.job_seen.get(uid)
+        seen = memo.child_seen.get(uid)
         summary = summarize(body, seen)
-        memo.job_seen[uid] = summary
+        memo.child_seen[uid] = summary
         release(event["object"])
         # A new child was seen by the reconcile that created it, and at startup every run is
         # listed and reconciled anyway (event type None).

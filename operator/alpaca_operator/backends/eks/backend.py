@@ -583,6 +583,12 @@ class EksBackend:
         return {p["metadata"]["name"] for p in pods if _attempt_of(p) in failed
                 and (p.get("status") or {}).get("phase") == "Failed"}
 
+    async def _stop_gang(self, run: Run, attempt: int) -> None:
+        """Every bare pod of the run goes but the failed ones kept for `kubectl logs`: a hold,
+        or a pending gang replaced (both made again by the next launch)."""
+        pods = await self._run_pods(run)
+        await self._delete_pods(run, pods, self._kept_pods(run, pods, attempt))
+
     async def _delete_pods(self, run: Run, pods: list[Mapping[str, Any]], keep: set[str] = frozenset()) -> None:
         for pod in pods:
             if pod["metadata"]["name"] not in keep and not pod["metadata"].get("deletionTimestamp"):
@@ -805,8 +811,7 @@ class EksBackend:
         are held through their Workload, since Kueue unsuspends a Job whose Workload it admitted."""
         if self._bare(run):
             # Bare pods are held by deleting them; release makes them again (launch).
-            pods = await self._run_pods(run)
-            await self._delete_pods(run, pods, self._kept_pods(run, pods, attempt))
+            await self._stop_gang(run, attempt)
             return
         jobs = await self._jobs(run)
         keep = self._kept(run, jobs, attempt)
@@ -852,8 +857,7 @@ class EksBackend:
         # a run): the Job itself, so that the next launch renders it anew. The Service stays,
         # and so do kept failed Jobs.
         if self._bare(run):
-            pods = await self._run_pods(run)
-            await self._delete_pods(run, pods, self._kept_pods(run, pods, attempt))
+            await self._stop_gang(run, attempt)
             return
         jobs = await self._jobs(run)
         keep = self._kept(run, jobs, attempt)
