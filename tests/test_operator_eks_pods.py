@@ -2,8 +2,9 @@
 without a Job. The real control plane and kwok, the operator with the trainer-status policy,
 as test_operator_eks runs it in its default (Job) mode. Its tests and test_operator_heal_eks's
 that read the workload through attempt_names and made_from run here again; these are the
-lifecycles that differ: success, a failed rank ending the gang, restarts, the deadline,
-suspend and resume, deletion, and rank 0's report under the policy with a bare pod's name."""
+lifecycles that differ: success, a failed rank ending the gang, restarts, suspend and
+resume, a replaced gang's old pods, and rank 0's report under the policy with a bare pod's
+name."""
 from __future__ import annotations
 
 import time
@@ -25,6 +26,8 @@ from test_operator_eks import (  # noqa: F401
     test_a_pending_gang_can_be_corrected_and_is_replaced,
     test_a_permanent_exit_code_fails_at_once_with_the_pods_reason,
     test_a_recreated_run_never_sees_the_old_runs_job,
+    test_deadline_exceeded,
+    test_delete_while_running_removes_everything,
     test_a_run_that_cannot_start_counts_nothing_and_can_still_be_fixed,
     test_an_impossible_gang_fails_at_once_and_never_makes_a_pod,
     test_kubectl_get_columns_and_progress_from_rank0,
@@ -91,19 +94,6 @@ def test_a_failed_rank_stops_the_gang_and_restarts_it_then_fails(cluster, operat
     assert jobs(cluster, namespace, "flaky") == []
 
 
-def test_the_deadline_is_the_operators_to_enforce(cluster, operator, namespace):
-    # kwok does not enforce a pod's activeDeadlineSeconds: the operator does.
-    apply(cluster, namespace, finetune("slow", nodes=1, run_for="300s",
-                                       run_policy={"activeDeadlineSeconds": 5, "backoffLimit": 3}))
-    body = wait_for("Failed", phase_is(cluster, namespace, "slow", "Failed"), timeout=60,
-                    on_timeout=dump(cluster, namespace, operator))
-    failed = next(c for c in body["status"]["conditions"] if c["type"] == "Failed")
-    assert failed["reason"] == "DeadlineExceeded" and body["status"]["attempts"] == 1
-    wait_for("the pods to go", lambda: not [p for p in pods(cluster, namespace, "slow")
-                                            if not p["metadata"].get("deletionTimestamp")], timeout=30,
-             on_timeout=dump(cluster, namespace, operator))
-
-
 def test_suspend_deletes_the_pods_and_resume_makes_the_same_attempt_again(cluster, operator, namespace):
     apply(cluster, namespace, finetune("pause", nodes=2, run_for="8s"))
     wait_for("Running", phase_is(cluster, namespace, "pause", "Running"), on_timeout=dump(cluster, namespace, operator))
@@ -119,15 +109,6 @@ def test_suspend_deletes_the_pods_and_resume_makes_the_same_attempt_again(cluste
     assert body["status"]["attempts"] == 1      # a resume is not a restart
     reasons = event_reasons(cluster, namespace, "pause")
     assert reasons == ["Launching", "Running", "Suspended", "Resumed", "Running", "Succeeded"], reasons
-
-
-def test_delete_while_running_removes_the_pods(cluster, operator, namespace):
-    apply(cluster, namespace, finetune("doomed", nodes=2, run_for="120s"))
-    wait_for("Running", phase_is(cluster, namespace, "doomed", "Running"), on_timeout=dump(cluster, namespace, operator))
-    cluster.kubectl("delete", "alpacafinetune", "doomed", "-n", namespace, "--wait=true", timeout=60)
-    wait_for("the pods and the Service garbage-collected", lambda: not cluster.kubectl(
-        "get", "pods,services", "-n", namespace, "-l", "alpaca.dev/finetune=doomed", "-o", "name").stdout.split(),
-        timeout=60)
 
 
 def test_a_queued_run_keeps_its_job(cluster, operator, namespace):
