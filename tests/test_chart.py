@@ -30,6 +30,7 @@ NON_DEFAULT = {
     "sagemaker": {"region": "eu-west-1", "roleArn": "arn:aws:iam::123456789012:role/SageMakerExecution",
                   "image": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/alpaca-train:1.2"},
     "logLevel": "debug",
+    "eksWorkload": "job",
     "podAnnotations": {"example.com/team": "ml"},
     "resources": {"requests": {"cpu": "200m", "memory": "200Mi"}, "limits": {"memory": "300Mi"}},
     **LOCAL_EXEC,
@@ -201,8 +202,9 @@ def test_rbac_is_least_privilege(tmp_path):
                 assert "secrets" not in rule["resources"], where
                 if {"configmaps", "pods"} & set(rule["resources"]):
                     # configmaps: get a named one (configMapRef), delete an earlier version's
-                    # own; pods: list a Job's, for the exit code.
-                    allowed = {"configmaps": {"get", "delete"}, "pods": {"list"}}
+                    # own; pods: the gang's bare pods (the default eksWorkload), never update,
+                    # patch, exec or logs.
+                    allowed = {"configmaps": {"get", "delete"}, "pods": {"get", "list", "watch", "create", "delete"}}
                     for r in {"configmaps", "pods"} & set(rule["resources"]):
                         assert set(rule["verbs"]) <= allowed[r], where
 
@@ -300,7 +302,7 @@ def test_every_object_passes_the_api_servers_openapi(cluster, tmp_path):
         cluster.kubectl("delete", "namespace", ns, *watched, "--wait=false", check=False)
 
 
-def test_eks_workload_pods_sets_the_operator_and_grants_the_pods_it_makes(tmp_path):
+def test_eks_workload_sets_the_operator_and_grants_pods_only_where_it_makes_them(tmp_path):
     def pod_verbs(docs: list[dict]) -> set[str]:
         rules = [r for d in by_kind(docs, "ClusterRole") for r in d["rules"] if "pods" in r["resources"]]
         return {v for r in rules for v in r["verbs"]}
@@ -308,9 +310,9 @@ def test_eks_workload_pods_sets_the_operator_and_grants_the_pods_it_makes(tmp_pa
     def env(docs: list[dict]) -> dict:
         return {e["name"]: e.get("value") for e in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
     default = render(tmp_path)
-    assert env(default)["ALPACA_EKS_WORKLOAD"] == "job" and pod_verbs(default) == {"list"}
-    pods = render(tmp_path, {"eksWorkload": "pods"})
-    assert env(pods)["ALPACA_EKS_WORKLOAD"] == "pods"
-    assert pod_verbs(pods) == {"get", "list", "watch", "create", "delete"}
+    assert env(default)["ALPACA_EKS_WORKLOAD"] == "pods"
+    assert pod_verbs(default) == {"get", "list", "watch", "create", "delete"}
+    job = render(tmp_path, {"eksWorkload": "job"})
+    assert env(job)["ALPACA_EKS_WORKLOAD"] == "job" and pod_verbs(job) == {"list"}
     bad = helm("template", "x", str(CHART), "-f", values_file(tmp_path, {"eksWorkload": "pod"}), check=False)
     assert bad.returncode != 0 and "eksWorkload" in bad.stderr

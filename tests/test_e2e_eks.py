@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from alpaca_operator import api
 from conftest import BIN
 from fixtures_train import CACHE, assert_generates, keys, run_cmd, upload_inputs, write_records, VENV_BIN
 from operator_harness import OperatorProcess, get_json, wait_for
@@ -32,7 +33,8 @@ STEPS = 600
 
 @pytest.fixture(scope="module")
 def operator(cluster, crd, tmp_path_factory):
-    op = OperatorProcess(cluster.env, tmp_path_factory.mktemp("operator") / "operator.log")
+    # The Job mode (the default is bare pods, which test_e2e_eks_pods.py trains with).
+    op = OperatorProcess({**cluster.env, api.WORKLOAD_ENV: "job"}, tmp_path_factory.mktemp("operator") / "operator.log")
     op.start()
     yield op
     op.stop()

@@ -21,7 +21,8 @@ def test_no_handler_reads_the_diffbase_that_is_left_empty():
     assert not list(registry._changing.get_all_handlers())
     assert not list(registry._spawning.get_all_handlers())
     watched = sorted(h.fn.__name__ for h in registry._watching.get_all_handlers())
-    assert watched == ["finetune_event", "job_event"]     # pod_event with ALPACA_EKS_WORKLOAD=pods only
+    # pod_event: the default, ALPACA_EKS_WORKLOAD=pods (not with job); job_event: queued runs keep their Job.
+    assert watched == ["finetune_event", "job_event", "pod_event"]
     body = kopf.Body({"metadata": {"name": "x", "managedFields": [{"manager": "m"}]}, "spec": {"a": 1}})
     assert handlers.NoDiffBase().build(body=body) == {} and handlers.NoDiffBase().fetch(body=body) is None
 

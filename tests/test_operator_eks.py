@@ -30,7 +30,8 @@ def operator(cluster, crd, tmp_path_factory):
     # With the trainer-status policy installed, as in a real cluster: the operator's own
     # writes must pass it. (Removed after: other modules play rank 0 with unbound tokens.)
     cluster.kubectl("apply", "-f", str(POLICY))
-    op = OperatorProcess(cluster.env, tmp_path_factory.mktemp("operator") / "operator.log")
+    # The Job mode (the default is bare pods): test_operator_eks_pods.py runs these tests in that.
+    op = OperatorProcess({**cluster.env, api.WORKLOAD_ENV: "job"}, tmp_path_factory.mktemp("operator") / "operator.log")
     op.start()
     yield op
     op.stop()
@@ -70,7 +71,7 @@ def pods(cluster, namespace: str, name: str) -> list[dict]:
 
 def bare(op: OperatorProcess) -> bool:
     """This operator runs a gang as bare pods, not as a Job."""
-    return op.env.get(api.WORKLOAD_ENV) == "pods"
+    return api.bare_pods_from_env(op.env)
 
 
 def attempt_names(cluster, namespace: str, name: str) -> list[str]:

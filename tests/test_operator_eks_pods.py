@@ -1,6 +1,6 @@
-"""ALPACA_EKS_WORKLOAD=pods (docs/design/eks-pods.md): the operator makes a run's pods itself,
-without a Job. The real control plane and kwok, the operator with the trainer-status policy,
-as test_operator_eks runs it in its default (Job) mode. Its tests and test_operator_heal_eks's
+"""ALPACA_EKS_WORKLOAD=pods, the default (docs/design/eks-pods.md): the operator makes a run's
+pods itself, without a Job. The real control plane and kwok, the operator with the
+trainer-status policy, as test_operator_eks runs it in the Job mode. Its tests and test_operator_heal_eks's
 that read the workload through attempt_names and made_from run here again; these are the
 lifecycles that differ: success, a failed rank ending the gang, restarts, suspend and
 resume, a replaced gang's old pods, and rank 0's report under the policy with a bare pod's

@@ -143,7 +143,9 @@ def test_without_a_queue_name_kueue_leaves_the_run_alone(kueue_cluster, kueue_op
     body = wait_for("plain Succeeded", phase_is(c, ns, "plain", "Succeeded", "Failed"), timeout=60,
                     on_timeout=dump(c, ns, kueue_operator))
     assert body["status"]["phase"] == "Succeeded"
-    (job,) = jobs(c, ns, "plain")
-    assert "suspend" not in job["spec"] or job["spec"]["suspend"] is False
-    assert not any(k.startswith("kueue.x-k8s.io/") for k in job["metadata"].get("labels") or {})
+    # The operator's default: bare pods, which Kueue neither gates nor labels.
+    assert jobs(c, ns, "plain") == []
+    (pod,) = pods(c, ns, "plain")
+    assert not pod["spec"].get("schedulingGates")
+    assert not any(k.startswith("kueue.x-k8s.io/") for k in pod["metadata"].get("labels") or {})
     assert get_json(c, "workloads.kueue.x-k8s.io", "-n", ns)["items"] == []

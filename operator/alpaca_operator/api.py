@@ -6,6 +6,7 @@ live in one place.
 from __future__ import annotations
 
 import os
+from typing import Mapping
 
 GROUP = "alpaca.dev"
 VERSION = "v1alpha1"
@@ -52,14 +53,15 @@ ENV_TRAIN_ARGS = "ALPACA_TRAIN_ARGS"
 ENV_DEEPSPEED_CONFIG = "ALPACA_DEEPSPEED_CONFIG"
 
 
-# How an EKS run's gang runs: "job" (the default), an Indexed Job per attempt; "pods", the
-# operator makes the pods itself (docs/design/eks-pods.md). Runs with queueName keep their Job
+# How an EKS run's gang runs: "pods" (the default), the operator makes the pods itself, as
+# Kubeflow's training-operator does (docs/design/eks-pods.md); "job", an Indexed Job per
+# attempt, whose pods kube-controller-manager makes. Runs with queueName keep their Job
 # either way: Kueue admits Jobs. The chart's value eksWorkload sets it.
 WORKLOAD_ENV = "ALPACA_EKS_WORKLOAD"
 
 
-def bare_pods_from_env() -> bool:
-    return os.environ.get(WORKLOAD_ENV, "job") == "pods"
+def bare_pods_from_env(env: Mapping[str, str] = os.environ) -> bool:
+    return env.get(WORKLOAD_ENV, "pods") == "pods"
 
 
 def job_name(name: str, attempt: int) -> str:

@@ -38,8 +38,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{/*
 The namespaced rules: exactly what the operator calls (docs/operator.md, "Permissions").
 No Secrets; ConfigMaps only get (its own NAME-config, a run's deepspeed.configMapRef) and
-create/delete of its own; pods only list (a failed pod's exit code and termination message, why pods do not start),
-unless eksWorkload is pods (the operator then makes them).
+create/delete of its own; pods get/list/watch/create/delete with eksWorkload pods (the default: the
+operator makes a gang's pods), only list with eksWorkload job (a failed pod's exit code and
+termination message, why pods do not start).
 */}}
 {{- define "alpaca-operator.namespacedRules" -}}
 # The runs: kopf lists and watches them; the operator reads one afresh before acting;
@@ -79,8 +80,8 @@ unless eksWorkload is pods (the operator then makes them).
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, delete]
-# list: a failed pod's exit code, why pods do not start. With eksWorkload pods, also the
-# bare pods the operator makes, watches and deletes itself.
+# With eksWorkload pods (the default), the bare pods the operator makes, watches and deletes
+# itself; list: a failed pod's exit code, why pods do not start.
 - apiGroups: [""]
   resources: [pods]
   {{- if eq .Values.eksWorkload "pods" }}
