@@ -1,8 +1,9 @@
 """A typed, defaulted view of an AlpacaFineTune's spec (docs/contract.md).
 
-The API server applies the CRD's defaults, but the operator does not rely on that alone:
-objects stored before a default was added, and unit tests, come without them. The
-defaults here are the CRD's; tests/test_render.py checks a few of them against it.
+The API server applies the CRD's defaults within the blocks a run gives, but not to the
+blocks training, deepspeed, runPolicy and preflight when they are omitted (docs/api.md: a
+filled-in block weighs on every write and watch event of every run): for those, these
+defaults are the only ones. They are the CRD's; tests/test_render.py checks them against it.
 """
 from __future__ import annotations
 
