@@ -154,7 +154,8 @@ class Proc:
 class Observer:
     """Watches jobs, pods and runs in the namespace through `kubectl get --watch` (cheap Go
     decoding, so the observer does not steal the operator's CPU), and records when each
-    run's Job appeared, when all its pods ran, and when it finished."""
+    run's workload appeared (its Job, or its first pod where the operator makes the pods
+    itself), when all its pods ran, and when it finished."""
 
     def __init__(self, env: dict, nodes: int, runs: str = "alpacafinetunes", run_label: str = "alpaca.dev/finetune",
                  run_state: str = "{.status.phase}"):
@@ -163,7 +164,10 @@ class Observer:
         PyTorchJob's condition that is True)."""
         self.nodes = nodes
         self._stopped = threading.Event()
-        self.job_seen: dict[str, float] = {}
+        self.job_seen: dict[str, float] = {}     # run -> when its Job, or its first pod, was seen
+        # Does the controller make a Job per run (ALPACA_EKS_WORKLOAD=job)? Else its pods are
+        # its workload (the operator's default, and a PyTorchJob's).
+        self.jobs_made = runs == "alpacafinetunes" and env.get("ALPACA_EKS_WORKLOAD", "pods") == "job"
         self.running_pods: dict[str, set[str]] = {}
         self.all_running: dict[str, float] = {}
         self.succeeded: dict[str, float] = {}
@@ -208,6 +212,8 @@ class Observer:
             self.job_seen.setdefault(run, now)
 
     def _pod(self, now, name, run=None, phase=None, *_):
+        if run and not self.jobs_made:
+            self.job_seen.setdefault(run, now)
         if run and phase == "Running":
             pods = self.running_pods.setdefault(run, set())
             pods.add(name)
@@ -264,6 +270,7 @@ class QueueObserver(Observer):
 
     def __init__(self, env: dict, nodes: int):
         super().__init__(env, nodes)
+        self.jobs_made = True      # queued runs keep their Job in either mode: Kueue admits Jobs
         self.concurrency = Concurrency()
         label = "{.object.metadata.labels.alpaca\\.dev/finetune}"
         cond = "{{.object.status.conditions[?(@.type==\"{}\")].status}}"
@@ -781,7 +788,8 @@ def main() -> int:
         log(json.dumps(sagemaker[-1]))
     report = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
               "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)], "results": results,
-              "sagemaker": sagemaker, "kueue": kueue, "kubeflow": kubeflow}
+              "sagemaker": sagemaker, "kueue": kueue, "kubeflow": kubeflow,
+              "eks_workload": os.environ.get("ALPACA_EKS_WORKLOAD", "pods")}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report) if results else ""
@@ -1182,7 +1190,9 @@ def kubeflow_markdown(report: dict) -> str:
         f"measured {report['date']} on {report['machine']}; load average {load[0]} before, {load[1]} after.\n\n"
         f"Kubeflow's training-operator {version}, built from its Go module (`hack/kubeflow`, "
         "`hack/build-kubeflow.sh`), runs beside the same local control plane as the operator, each on a "
-        f"fresh one: {n} PyTorchJobs of one pod (its Master) against {n} AlpacaFineTunes of one pod, both "
+        f"fresh one: {n} PyTorchJobs of one pod (its Master) against {n} AlpacaFineTunes of one pod ("
+        + ("the operator making each pod itself, `eksWorkload: pods`, its default" if report.get("eks_workload", "pods") == "pods"
+           else "each a Job, `eksWorkload: job`") + "), both "
         f"{report['kubeflow']['shipped']['gpus_per_pod']} GPU(s) per pod on {INSTANCE_TYPE} nodes that fit every "
         f"pod at once ({report['kubeflow']['shipped']['gpu_nodes']} simulated), each pod running "
         f"{report['kubeflow']['shipped']['run_for']} (kwok, which ends the pods of a PyTorchJob as it does a "
@@ -1345,7 +1355,7 @@ def markdown(report: dict) -> str:
             f"{r['all_running_after_last_apply_s']} s | {r['all_succeeded_s']} s | "
             f"{r['operator_peak_rss_mib']} MiB | {r['operator_cpu_s']} s | {r['operator_requests_per_run']} |")
     detail = "\n".join(
-        f"- {r['runs']} runs{gang(r)}: created in {r['apply_seconds']} s; Jobs created "
+        f"- {r['runs']} runs{gang(r)}: created in {r['apply_seconds']} s; workload (Jobs, or bare pods) created "
         f"{r['job_created_p50_s']} s (p50) / {r['job_created_max_s']} s (max) after each apply; "
         f"control plane CPU seconds {r['control_plane_cpu_s']}; requests {r['operator_requests_by_kind']}"
         + (f"; the benchmark's watches closed by the API server and started again: {r['watch_restarts']}"
@@ -1359,8 +1369,11 @@ def markdown(report: dict) -> str:
         f"pod; each pod runs {report['results'][0]['run_for']} (kwok). Times are from each run's create call to all its pods "
         "Running (seen by a watch), and to every run Succeeded. The operator's memory and CPU "
         "come from /proc; its requests are counted by its own client (kopf's few watch streams "
-        "come on top).\n\n"
-        f"Measured {report['date']} on {report['machine']}; load average {load[0]} before, "
+        "come on top). "
+        + ("The operator makes each run's pods itself (`eksWorkload: pods`, its default).\n\n"
+           if report.get("eks_workload", "pods") == "pods" else
+           "Each run's attempt is a Job (`eksWorkload: job`), whose pods kube-controller-manager makes.\n\n")
+        + f"Measured {report['date']} on {report['machine']}; load average {load[0]} before, "
         f"{load[1]} after (a machine shared with other builds: the control plane and the "
         "operator share its 2 cores).\n\n"
         + "\n".join(rows) + "\n\n"
