@@ -946,8 +946,10 @@ def kueue_markdown(report: dict) -> str:
         f"- {q['succeeded']} of {q['runs']} Succeeded, {q['failed']} Failed; created in {q['apply_seconds']} s. "
         f"Operator requests {q['operator_requests_by_kind']}; Kueue's {q['kueue_requests_by_kind']}.\n\n"
         f"Kueue installed, no `queueName`: the {compare}-run case above (1 GPU per pod, every pod fits), "
-        f"once per round on a control plane without Kueue and once with Kueue running (its webhooks see "
-        f"every Job), {len(rounds) // 2} round(s), the order alternating. Compared: first apply -> every "
+        f"once per round on a control plane without Kueue and once with Kueue running ("
+        + ("the runs' bare pods, which Kueue's Job integration does not see"
+           if report.get("eks_workload", "pods") == "pods" else "its webhooks see every Job")
+        + f"), {len(rounds) // 2} round(s), the order alternating. Compared: first apply -> every "
         f"run's pods Running, median over the rounds. With Kueue {v['with_s']} s against {v['without_s']} s "
         f"without ({v['ratio']}x): {verdict}. The margin is the relative spread between the rounds without "
         f"Kueue in this run ({v['spread']:.0%}): a difference the plain control plane shows against "
