@@ -101,3 +101,26 @@ def test_a_corrected_pending_gangs_old_pods_on_their_way_out_are_not_its_failure
     for pod in old:
         pod["metadata"]["annotations"]["alpaca.dev/generation"] = str(GANG.generation)
     assert observe(old, started=False).state is WorkloadState.FAILED
+
+
+def test_a_run_keeps_the_workload_kind_it_started_with_whatever_the_mode_now():
+    """An upgrade that changed the mode (the default became pods): a run whose Job runs must
+    never get bare pods beside it, nor a run of bare pods a Job; only a run not yet launched
+    follows the mode."""
+    from dataclasses import replace
+
+    from alpaca_operator.backends.eks.backend import EksBackend
+    from alpaca_operator.cache import Cache
+
+    pods_mode, job_mode = EksBackend(None, Cache(), bare_pods=True), EksBackend(None, Cache(), bare_pods=False)
+    as_job = replace(GANG, status={"attempts": 1, "workload": render.workload_names(GANG, 1)})
+    as_pods = replace(GANG, status={"attempts": 1, "workload": render.workload_names(GANG, 1, bare=True)})
+    assert [b._bare(r) for b in (pods_mode, job_mode) for r in (GANG, as_job, as_pods)] == \
+        [True, False, True, False, False, True]
+    # Made as a Job just before a crash, its status not written yet: the Job the watch saw decides.
+    job = render.render_children(GANG, 1)[-1]
+    job["metadata"]["ownerReferences"] = [{"uid": GANG.uid, "kind": "AlpacaFineTune", "name": GANG.name}]
+    pods_mode.cache.put_job(job)
+    assert not pods_mode._bare(GANG)
+    # Queued runs are Jobs in either mode (Kueue admits Jobs).
+    assert not pods_mode._bare(replace(as_pods, spec=replace(GANG.spec, queue_name="gpu")))

@@ -2,7 +2,8 @@
 through their lives (some restart their gang and fail). In the end every run has the
 workload of its last attempt and of the failed one before it (failedJobsHistoryLimit 1),
 and the terminal status it would have had anyway. In both EKS modes: Jobs, and bare pods
-(ALPACA_EKS_WORKLOAD=pods)."""
+(ALPACA_EKS_WORKLOAD=pods, the default). And the operator restarted in the other mode while
+runs are under way (an upgrade that changes it): each run keeps the kind it started with."""
 from __future__ import annotations
 
 import json
@@ -94,3 +95,45 @@ def test_sigkill_at_random_points(cluster, crd, namespace, tmp_path, workload):
             problems.append(f"{name}: terminal conditions {terminal}")
     assert not problems, "\n".join(problems) + f"\n(operator started {op.starts} times)\n" + op.tail(30)
     assert op.starts == KILLS + 1
+
+
+@pytest.mark.parametrize("before,after", [("job", "pods"), ("pods", "job")])
+def test_a_switched_mode_leaves_each_started_run_the_workload_kind_it_started_with(
+        cluster, crd, namespace, tmp_path, before, after):
+    """An upgrade that changes the mode (eksWorkload's default became pods) while runs are
+    under way: each keeps its kind, its running gang is never doubled by one of the other
+    kind, and its restart is of its own kind too. (After a switch to the job mode, with no
+    pod watch there, a run of bare pods is looked at every UNWATCHED_PODS_POLL seconds.)"""
+    docs = {"long": run("long", fail=False, seconds=15), "flaky": run("flaky", fail=True, seconds=4)}
+    first = OperatorProcess({**cluster.env, api.WORKLOAD_ENV: before}, tmp_path / "before.log")
+    first.start()
+    try:
+        for doc in docs.values():
+            cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc))
+
+        def under_way():
+            items = {i["metadata"]["name"]: i.get("status") or {} for i in get_json(cluster, "aft", "-n", namespace)["items"]}
+            return items if items.get("long", {}).get("phase") == "Running" \
+                and (items.get("flaky", {}).get("workload") or {}) else None
+        wait_for("long Running and flaky launched", under_way, timeout=60, on_timeout=first.tail)
+    finally:
+        first.stop()
+    second = OperatorProcess({**cluster.env, api.WORKLOAD_ENV: after}, tmp_path / "after.log")
+    second.start()
+    try:
+        def finished():
+            items = get_json(cluster, "aft", "-n", namespace)["items"]
+            return items if all((i.get("status") or {}).get("phase") in ("Succeeded", "Failed") for i in items) else None
+        items = wait_for("both runs finished", finished, timeout=120, interval=1,
+                         on_timeout=lambda: cluster.kubectl("get", "aft,jobs,pods", "-n", namespace).stdout + second.tail())
+    finally:
+        second.stop()
+    got = {i["metadata"]["name"]: (i["status"]["phase"], i["status"]["attempts"]) for i in items}
+    assert got == {"long": ("Succeeded", 1), "flaky": ("Failed", 2)}, got
+    jobs = get_json(cluster, "jobs", "-n", namespace)["items"]
+    bare = [p for p in get_json(cluster, "pods", "-n", namespace)["items"] if api.LABEL_JOB_NAME not in p["metadata"]["labels"]]
+    made = sorted({j["metadata"]["name"] for j in jobs} if before == "job" else
+                  {api.job_name(p["metadata"]["labels"][api.LABEL_FINETUNE], int(p["metadata"]["labels"][api.LABEL_ATTEMPT]))
+                   for p in bare})
+    assert made == ["flaky-a1", "flaky-a2", "long-a1"], made
+    assert not (bare if before == "job" else jobs), "a gang of the other kind was made"

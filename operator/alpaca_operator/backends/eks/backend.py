@@ -21,8 +21,8 @@ from ...spec import WAIT
 from ...timefmt import fmt_time, parse_time
 from ...vocabulary import Reason
 from ..attempts import avoided_nodes, gpu_health, node_evidence
-from ..base import (EXIT_SIGTERM, PERMANENT_EXIT_CODES, BackendUnavailable, FailureKind, LaunchError, NotYet,
-                    Observation, Run, WorkloadState)
+from ..base import (EXIT_SIGTERM, PERMANENT_EXIT_CODES, BackendUnavailable, Extras, FailureKind, LaunchError,
+                    NotYet, Observation, Run, WorkloadState)
 from ..user_config import read_user_ds_config
 from . import render
 
@@ -34,6 +34,9 @@ _POD = re.compile(r"for pod [^/\s]+/(\S+)|Pod [^/\s]+/(\S+) has condition")
 # under a burst of launches most gangs take several seconds to be placed, and asking then
 # finds nothing wrong.
 PROBE_AFTER = 10.0
+# Seconds between looks at a run of bare pods made before a switch to the job mode: that
+# mode has no pod watch to announce their changes (and its RBAC lists pods, no more).
+UNWATCHED_PODS_POLL = 10.0
 # Seconds between looks while leftover objects of a run's names stand in the way: nothing
 # the operator watches announces their deletion, and a look is a few GETs.
 ORPHAN_RECHECK = 5.0
@@ -305,12 +308,25 @@ class EksBackend:
     # ---- observe -------------------------------------------------------------------
 
     def _bare(self, run: Run) -> bool:
-        """Does the run's gang run as bare pods? (A queued run keeps its Job: Kueue admits Jobs.)"""
-        return self.bare_pods and not run.spec.queue_name
+        """Does the run's gang run as bare pods? A queued run keeps its Job (Kueue admits
+        Jobs). A run keeps the kind its first attempt was made as (status.workload names its
+        Job or its pods), whatever the operator's mode is now: after an upgrade that changed
+        the mode (eksWorkload's default became pods), a run whose Job is running must never
+        get a gang of bare pods beside it. Until the status says, a Job of the run that the
+        watch has seen (made just before a crash) decides it."""
+        if run.spec.queue_name:
+            return False
+        made = run.status.get("workload") or {}
+        if "job" in made or "pods" in made:
+            return "pods" in made
+        return self.bare_pods and not any(_owned_by(j, run) for j in self.cache.jobs(run.namespace, run.name) or ())
 
     async def observe(self, run: Run) -> Observation:
         if self._bare(run):
-            return await self._observe_pods(run)
+            obs = await self._observe_pods(run)
+            if not self.bare_pods and obs.state not in (WorkloadState.SUCCEEDED, WorkloadState.FAILED):
+                obs = replace(obs, extras=Extras(poll_after=UNWATCHED_PODS_POLL))
+            return obs
         cached = self.cache.jobs(run.namespace, run.name)
         owned = [j for j in cached if _owned_by(j, run)] if cached is not None else await self._jobs(run)
         jobs = {_attempt_of(j): j for j in owned}
@@ -564,7 +580,8 @@ class EksBackend:
         """The run's bare pods (owned by it: a Job's pods are the Job's), from the cache, or
         listed when the cache has seen none yet (or `listed`: the cache is not to be trusted)."""
         cached = self.cache.pods(run.namespace, run.name)
-        if cached is None or listed:
+        # (The job mode has no pod watch to keep the cache current: it always lists.)
+        if cached is None or listed or not self.bare_pods:
             found = await self.kube.list("pods", run.namespace, f"{api.LABEL_FINETUNE}={run.name},!{api.LABEL_JOB_NAME}")
             self.cache.set_pods(run.namespace, run.name, found)
             cached = self.cache.pods(run.namespace, run.name) or []
@@ -873,7 +890,9 @@ class EksBackend:
         ns, name = run.namespace, run.name
         for job in await self._jobs(run):
             await self._delete_job(run, job)
-        if self.bare_pods:
+        if self.bare_pods and self._bare(run):
+            # (An operator in the job mode may not delete pods: a run made of bare pods before
+            # a switch to it keeps them until the run goes, the garbage collector's work.)
             await self._delete_pods(run, await self._run_pods(run))
         children = [("services", api.service_name(name))]
         if (run.status.get("workload") or {}).get("configMap"):
