@@ -78,6 +78,8 @@ import threading
 import time
 from pathlib import Path
 
+from alpaca_operator import api as operator_api
+
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("hack_cluster", ROOT / "hack" / "cluster.py")
 hack_cluster = importlib.util.module_from_spec(_spec)
@@ -85,6 +87,11 @@ _spec.loader.exec_module(hack_cluster)
 
 NAMESPACE = "bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def bare_pods(report: dict) -> bool:
+    """Did the report's operator make each run's pods itself (its default), not a Job?"""
+    return report.get("eks_workload", "pods") == "pods"
 
 
 def log(msg: str) -> None:
@@ -167,7 +174,7 @@ class Observer:
         self.job_seen: dict[str, float] = {}     # run -> when its Job, or its first pod, was seen
         # Does the controller make a Job per run (ALPACA_EKS_WORKLOAD=job)? Else its pods are
         # its workload (the operator's default, and a PyTorchJob's).
-        self.jobs_made = runs == "alpacafinetunes" and env.get("ALPACA_EKS_WORKLOAD", "pods") == "job"
+        self.jobs_made = runs == "alpacafinetunes" and not operator_api.bare_pods_from_env(env)
         self.running_pods: dict[str, set[str]] = {}
         self.all_running: dict[str, float] = {}
         self.succeeded: dict[str, float] = {}
@@ -789,7 +796,7 @@ def main() -> int:
     report = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
               "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)], "results": results,
               "sagemaker": sagemaker, "kueue": kueue, "kubeflow": kubeflow,
-              "eks_workload": os.environ.get("ALPACA_EKS_WORKLOAD", "pods")}
+              "eks_workload": "pods" if operator_api.bare_pods_from_env() else "job"}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report) if results else ""
@@ -948,7 +955,7 @@ def kueue_markdown(report: dict) -> str:
         f"Kueue installed, no `queueName`: the {compare}-run case above (1 GPU per pod, every pod fits), "
         f"once per round on a control plane without Kueue and once with Kueue running ("
         + ("the runs' bare pods, which Kueue's Job integration does not see"
-           if report.get("eks_workload", "pods") == "pods" else "its webhooks see every Job")
+           if bare_pods(report) else "its webhooks see every Job")
         + f"), {len(rounds) // 2} round(s), the order alternating. Compared: first apply -> every "
         f"run's pods Running, median over the rounds. With Kueue {v['with_s']} s against {v['without_s']} s "
         f"without ({v['ratio']}x): {verdict}. The margin is the relative spread between the rounds without "
@@ -1193,7 +1200,7 @@ def kubeflow_markdown(report: dict) -> str:
         f"Kubeflow's training-operator {version}, built from its Go module (`hack/kubeflow`, "
         "`hack/build-kubeflow.sh`), runs beside the same local control plane as the operator, each on a "
         f"fresh one: {n} PyTorchJobs of one pod (its Master) against {n} AlpacaFineTunes of one pod ("
-        + ("the operator making each pod itself, `eksWorkload: pods`, its default" if report.get("eks_workload", "pods") == "pods"
+        + ("the operator making each pod itself, `eksWorkload: pods`, its default" if bare_pods(report)
            else "each a Job, `eksWorkload: job`") + "), both "
         f"{report['kubeflow']['shipped']['gpus_per_pod']} GPU(s) per pod on {INSTANCE_TYPE} nodes that fit every "
         f"pod at once ({report['kubeflow']['shipped']['gpu_nodes']} simulated), each pod running "
@@ -1373,7 +1380,7 @@ def markdown(report: dict) -> str:
         "come from /proc; its requests are counted by its own client (kopf's few watch streams "
         "come on top). "
         + ("The operator makes each run's pods itself (`eksWorkload: pods`, its default).\n\n"
-           if report.get("eks_workload", "pods") == "pods" else
+           if bare_pods(report) else
            "Each run's attempt is a Job (`eksWorkload: job`), whose pods kube-controller-manager makes.\n\n")
         + f"Measured {report['date']} on {report['machine']}; load average {load[0]} before, "
         f"{load[1]} after (a machine shared with other builds: the control plane and the "

@@ -19,7 +19,7 @@ from alpaca_operator.__main__ import priority_from_ip
 from alpaca_operator.status import parse_time
 from operator_harness import OperatorProcess, free_port, get_json, service_account_env, wait_for
 from test_chart import CHART, helm, values_file
-from test_operator_eks import apply, attempt_names, finetune, made_from, phase_is
+from test_operator_eks import apply, attempt_names, finetune, jobs, made_from, phase_is
 from test_operator_peering import reporters
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -297,8 +297,7 @@ def test_the_job_workload_runs_a_gang_under_the_charts_own_rbac(cluster, cluster
                                 on_timeout=lambda: op.tail(40))
                 assert body["status"]["phase"] == phase, body["status"]
             assert get_json(cluster, "aft", "flaky", "-n", ns)["status"]["attempts"] == 2
-            assert [j["metadata"]["name"] for j in get_json(cluster, "jobs", "-n", ns, "-l", "alpaca.dev/finetune=gang")[
-                "items"]] == ["gang-a1"]
+            assert [j["metadata"]["name"] for j in jobs(cluster, ns, "gang")] == ["gang-a1"]
             assert all(api.LABEL_JOB_NAME in p["metadata"]["labels"]
                        for p in get_json(cluster, "pods", "-n", ns)["items"])
             assert_no_forbidden(op)
