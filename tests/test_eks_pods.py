@@ -1,4 +1,4 @@
-"""The gang as bare pods (docs/design/eks-pods.md, not wired in yet): what observe_pods makes of
+"""The gang as bare pods (docs/design/eks-pods.md, the default EKS workload): what observe_pods makes of
 the pods render_pods describes, as observe_job does of a Job. Pure: no cluster."""
 from __future__ import annotations
 
