@@ -3,10 +3,12 @@ the pods render_pods describes, as observe_job does of a Job. Pure: no cluster."
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 from alpaca_operator.backends.base import FailureKind, WorkloadState
 from alpaca_operator.backends.eks import render
-from alpaca_operator.backends.eks.backend import observe_pods
+from alpaca_operator.backends.eks.backend import EksBackend, observe_pods
+from alpaca_operator.cache import Cache
 from test_render import MINIMAL, run_of
 
 GANG = run_of({**MINIMAL, "resources": {"nodes": 2}})
@@ -107,11 +109,6 @@ def test_a_run_keeps_the_workload_kind_it_started_with_whatever_the_mode_now():
     """An upgrade that changed the mode (the default became pods): a run whose Job runs must
     never get bare pods beside it, nor a run of bare pods a Job; only a run not yet launched
     follows the mode."""
-    from dataclasses import replace
-
-    from alpaca_operator.backends.eks.backend import EksBackend
-    from alpaca_operator.cache import Cache
-
     pods_mode, job_mode = EksBackend(None, Cache(), bare_pods=True), EksBackend(None, Cache(), bare_pods=False)
     as_job = replace(GANG, status={"attempts": 1, "workload": render.workload_names(GANG, 1)})
     as_pods = replace(GANG, status={"attempts": 1, "workload": render.workload_names(GANG, 1, bare=True)})
