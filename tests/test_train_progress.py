@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import threading
 import time
 
 from fixtures_train import python, run_cmd
@@ -101,5 +102,28 @@ def test_reports_are_throttled_to_one_per_interval():
     reporter.report(force=True, stage="done", step=50)
     reporter.close()
     steps = [b["status"]["progress"]["step"] for b in sent]
-    assert steps in ([0, 50], [50]), steps  # a report still queued is replaced by a newer one
+    assert steps in ([0, 50], [50]), steps  # a report still queued is merged into a newer one
     assert progress.hhmmss(3725.4) == "01:02:05"
+
+
+def test_a_report_still_queued_keeps_what_only_it_says():
+    """While a report is on its way, the next two wait in one: the training's last report
+    (its epoch and ETA) and the final "done" (steps only). Each is a merge patch, so the one
+    queued keeps the first's keys; replaced, the run's progress kept an early epoch and ETA
+    (a loaded machine, where the first report's PATCH outlasts the last steps)."""
+    sent, sending, gate = [], threading.Event(), threading.Event()
+
+    def patch(body):
+        sending.set()
+        assert gate.wait(10)
+        sent.append(body["status"]["progress"])
+    reporter = progress.ProgressReporter(patch)
+    reporter.report(force=True, stage="training", step=1, epoch=0.0833, eta="00:00:05")
+    assert sending.wait(10)
+    reporter.report(force=True, stage="training", step=6, epoch=0.5, eta="00:00:00", loss=1.5)
+    reporter.report(force=True, stage="done", step=6)
+    gate.set()
+    reporter.close()
+    assert [p["step"] for p in sent] == [1, 6] and reporter.sent == 2
+    assert {k: sent[1][k] for k in ("stage", "epoch", "eta", "loss")} == \
+        {"stage": "done", "epoch": 0.5, "eta": "00:00:00", "loss": 1.5}

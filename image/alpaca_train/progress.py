@@ -98,7 +98,8 @@ def _s3_writer(uri: str, extra: dict) -> Callable[[dict], None]:
 
 
 class ProgressReporter:
-    """Sends the newest progress to the API server; drops reports it could not send in time."""
+    """Sends the newest progress to the API server: a report still queued when the next one
+    comes is merged into it, and one not forced within the interval is dropped."""
 
     def __init__(self, patch: Callable[[dict], None], min_interval_s: float = MIN_INTERVAL_S):
         self._patch = patch
@@ -154,6 +155,11 @@ class ProgressReporter:
         progress = {k: v for k, v in progress.items() if v is not None or k in NULLABLE}
         progress["updatedAt"] = _now()
         with self._cv:
+            if self._pending is not None:
+                # Not sent yet (the one before it is still on its way): what only it says
+                # stays, as the two merge patches sent in turn would leave it. Replaced, the
+                # training's last epoch and ETA were lost under the final "done" report.
+                progress = {**self._pending["status"]["progress"], **progress}
             self._pending = {"status": {"progress": progress}}
             self._cv.notify()
 
