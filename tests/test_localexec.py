@@ -313,16 +313,20 @@ def test_cluster_down_leaves_no_process(tmp_path):
         spec = pod("stubborn", """
             import signal, subprocess, time
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            subprocess.Popen(["setsid", "sleep", "600"])  # escapes the process group
+            escaped = subprocess.Popen(["setsid", "sleep", "600"])  # escapes the process group
+            print("escaped", escaped.pid, flush=True)
             time.sleep(600)
         """, terminationGracePeriodSeconds=1)
         kubectl("-n", "w", "apply", "-f", "-", input=json.dumps(spec))
         records = wait_for("the pod's process", lambda: [
             procs.read_record(p) for p in (own.dir / "localexec").glob("pods/*/containers/main/0/container.json")])
         shims = [procs.read_record(p) for p in (own.dir / "localexec").glob("pods/*/containers/main/0/shim.json")]
-        time.sleep(1)
-        escaped = [int(pid) for pid in subprocess.run(["pgrep", "-f", "^sleep 600$"], capture_output=True,
-                                                      text=True).stdout.split()]
+        # This pod's own escapee, named for good by pid and start time (as the agent names
+        # its processes): a `sleep 600` found by name may be another test's or another run's.
+        escaped = wait_for("the escaped child's pid", lambda: next((
+            {"pid": int(line.split()[1]), "start": procs.start_time(int(line.split()[1]))}
+            for log in (own.dir / "localexec").glob("pods/*/containers/main/0/log")
+            for line in log.read_text().splitlines() if line.startswith("escaped ")), None))
         running = own.running()
     finally:
         own.down()
@@ -331,5 +335,16 @@ def test_cluster_down_leaves_no_process(tmp_path):
         assert not hack_cluster._alive(pid), f"{name} (pid {pid}) outlived cluster down"
     assert not any(procs.alive(r) for r in records + shims)
     if procs.cgroup_root():
-        assert not any(Path(f"/proc/{pid}").exists() and procs.start_time(pid) for pid in escaped), \
-            "a process that left the group survived"
+        assert escaped["start"] and not procs.alive(escaped), \
+            f"a process that left the group survived: {describe(escaped['pid'])}"
+
+
+def describe(pid: int) -> str:
+    """What a failure needs to say why a process lives: its state, parent and cgroups."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cgroups = Path(f"/proc/{pid}/cgroup").read_text().replace("\n", "; ")
+        cmdline = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError as e:
+        return f"pid {pid}: {e}"
+    return f"pid {pid} ({cmdline.strip()}), state {stat[0]}, parent {stat[1]}, cgroups {cgroups}"
