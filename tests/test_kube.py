@@ -8,7 +8,9 @@ hands out (like `aws eks get-token`): logins are counted by the plugin itself.
 - API Priority and Fairness rejecting our user (a FlowSchema sends it to a priority level
   with no seats, whose one request in flight another request of ours holds) answers 429
   with Retry-After: the client waits that long between tries, gives up after MAX_RETRIES,
-  and goes through once the server lets it.
+  and goes through once the server lets it;
+- kopf's own request, under the same 429s, is logged as the operator configures its logging:
+  each retry a WARNING, the request it gives up on an ERROR.
 """
 from __future__ import annotations
 
@@ -270,3 +272,85 @@ def test_429_retry_after_is_honoured(cluster, user, namespace, api_calls, monkey
     # Each try after a 429 came no sooner than the server asked (Retry-After is at least 1).
     gaps = [b[0] - a[0] for a, b in zip(attempts, attempts[1:])]
     assert min(gaps) >= 0.9, gaps
+
+
+@pytest.fixture
+def operator_logging():
+    """The operator's logging (alpaca_operator.__main__.configure_logging), its kopf handler
+    writing into a buffer; the root logger as it was afterwards."""
+    import io
+    import logging
+
+    from alpaca_operator.__main__ import configure_logging
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    configure_logging(verbose=False, debug=False)
+    out = io.StringIO()
+    for h in root.handlers:
+        if h not in handlers:
+            h.setStream(out)
+    try:
+        yield out
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def test_a_429_kopf_retries_is_a_warning_and_one_it_gives_up_on_an_error(cluster, user, namespace,
+                                                                          operator_logging):
+    """kopf logs each retried request at ERROR; the 429s the server sends while a just
+    installed CRD fills its watch cache ("storage is (re)initializing") made every fresh
+    `helm install` start with ERROR lines. Here the same 429, from the jail, through kopf's
+    own request (as its watch lists the runs)."""
+    import logging
+
+    from kopf._cogs.clients import api as kopf_api
+    token = user.issue("holder")
+    user.use(token)
+    name, level = _jail(cluster, namespace)
+    holder = SeatHolder(user, token)
+    logger = logging.getLogger("kopf._cogs.clients.watching")
+    url = f"/api/v1/namespaces/{namespace}/configmaps"
+    try:
+        deadline = time.monotonic() + 30
+        while user.get(token)[1].get("X-Kubernetes-PF-PriorityLevel-UID") != level:
+            assert time.monotonic() < deadline, "API Priority and Fairness did not take up the FlowSchema"
+            time.sleep(0.2)
+        holder.start()
+        time.sleep(0.5)
+        assert user.get(token)[0] == 429
+
+        async def scenario():
+            ca = base64.b64decode(json.loads(Path(cluster.kubeconfig).read_text())["clusters"][0]["cluster"][
+                "certificate-authority-data"])
+            context = kopf_api.auth.APIContext(kopf.ConnectionInfo(server=user.server, ca_data=ca, token=token))
+            settings = kopf.OperatorSettings()
+            try:
+                with pytest.raises(kopf_api.errors.APITooManyRequestsError):
+                    await kopf_api.request("GET", url, settings=settings, backoffs=[0.1], context=context,
+                                           logger=logger)
+                gave_up = operator_logging.getvalue()
+                pending = asyncio.ensure_future(kopf_api.request("GET", url, settings=settings, backoffs=[1] * 8,
+                                                                 context=context, logger=logger))
+                await asyncio.sleep(1.5)
+                holder.stopped.set()
+                answer = await pending
+                assert answer.status == 200
+                answer.release()
+            finally:
+                await context.session.close()
+            return gave_up, operator_logging.getvalue()[len(gave_up):]
+
+        gave_up, let_through = asyncio.run(scenario())
+    finally:
+        holder.stopped.set()
+        cluster.kubectl("delete", "flowschema", name, "--ignore-not-found")
+        cluster.kubectl("delete", "prioritylevelconfiguration", name, "--ignore-not-found")
+
+    def lines(text: str, level: str) -> list[str]:
+        return [ln for ln in text.splitlines() if f"[{level}" in ln and "Request attempt" in ln]
+    # kopf's own wording: if it changes, the filter must follow.
+    assert len(lines(gave_up, "WARNING")) == 1 and "will retry" in lines(gave_up, "WARNING")[0], gave_up
+    assert len(lines(gave_up, "ERROR")) == 1 and "escalating" in lines(gave_up, "ERROR")[0], gave_up
+    assert lines(let_through, "WARNING") and not lines(let_through, "ERROR"), let_through
+    assert all("APITooManyRequestsError" in ln for ln in lines(let_through, "WARNING"))

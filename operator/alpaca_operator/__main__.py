@@ -28,6 +28,31 @@ def priority_from_ip(ip: str | None) -> int | None:
         return None
 
 
+class AskedRetryIsAWarning(logging.Filter):
+    """kopf logs every request it retries at ERROR, even one the API server asked it to
+    retry: a 429 (API Priority and Fairness, or "storage is (re)initializing" while a CRD
+    just installed fills its watch cache, which every fresh `helm install` met). That is a
+    WARNING; a request kopf gives up on ("escalating") stays an ERROR, as do other retries."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and record.name.startswith("kopf."):
+            message = record.getMessage()
+            if "; will retry: " in message and "APITooManyRequestsError(" in message:
+                record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        return True
+
+
+def configure_logging(verbose: bool, debug: bool) -> None:
+    import kopf
+    kopf.configure(verbose=verbose, debug=debug)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(AskedRetryIsAWarning())
+    if not (verbose or debug):
+        # One line per watch event ("Handler ... succeeded") and per probe is noise at scale.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="alpaca-operator", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,11 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import handlers, metrics  # noqa: F401  (registers the handlers)
     metrics.serve(args.metrics_port)
 
-    kopf.configure(verbose=args.verbose, debug=args.debug)
-    if not (args.verbose or args.debug):
-        # One line per watch event ("Handler ... succeeded") and per probe is noise at scale.
-        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    configure_logging(args.verbose, args.debug)
     priority = args.priority if args.priority is not None else priority_from_ip(os.environ.get("POD_IP"))
     if args.peering and priority is None:
         priority = random.SystemRandom().randint(1, 1_000_000)
