@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import io
 import json
+import logging
 import ssl
 import sys
 import threading
@@ -30,8 +33,10 @@ from typing import Any
 import kopf
 import kubernetes.config.kube_config
 import pytest
+from kopf._cogs.clients import api as kopf_api
 
 from alpaca_operator import kube, metrics
+from alpaca_operator.__main__ import configure_logging
 
 SA = "kube-test"
 
@@ -54,8 +59,8 @@ class ServiceAccountUser:
         self.cluster, self.namespace, self.tmp = cluster, namespace, tmp
         admin = json.loads(Path(cluster.kubeconfig).read_text())
         self.server = admin["clusters"][0]["cluster"]["server"]
-        ca = base64.b64decode(admin["clusters"][0]["cluster"]["certificate-authority-data"])
-        self.ssl = ssl.create_default_context(cadata=ca.decode())
+        self.ca = base64.b64decode(admin["clusters"][0]["cluster"]["certificate-authority-data"])
+        self.ssl = ssl.create_default_context(cadata=self.ca.decode())
         self.token_file, self.logins_file = tmp / "token", tmp / "logins"
         self.logins_file.write_text("")
         plugin = tmp / "exec-plugin"
@@ -223,9 +228,10 @@ class SeatHolder(threading.Thread):
             self.user.get(self.token, "?resourceVersion=999999999&resourceVersionMatch=NotOlderThan")
 
 
-def test_429_retry_after_is_honoured(cluster, user, namespace, api_calls, monkeypatch):
-    token = user.issue("holder")
-    user.use(token)
+@contextlib.contextmanager
+def jailed(cluster, user: ServiceAccountUser, namespace: str, token: str):
+    """The ServiceAccount in the jail, once API Priority and Fairness has taken it up, with
+    its one seat held: every request of its answered 429 until the holder (yielded) stops."""
     name, level = _jail(cluster, namespace)
     holder = SeatHolder(user, token)
     try:
@@ -235,6 +241,17 @@ def test_429_retry_after_is_honoured(cluster, user, namespace, api_calls, monkey
             time.sleep(0.2)
         holder.start()
         time.sleep(0.5)
+        yield holder
+    finally:
+        holder.stopped.set()
+        cluster.kubectl("delete", "flowschema", name, "--ignore-not-found")
+        cluster.kubectl("delete", "prioritylevelconfiguration", name, "--ignore-not-found")
+
+
+def test_429_retry_after_is_honoured(cluster, user, namespace, api_calls, monkeypatch):
+    token = user.issue("holder")
+    user.use(token)
+    with jailed(cluster, user, namespace, token) as holder:
         code, headers = user.get(token)
         assert code == 429 and int(headers["Retry-After"]) >= 1
 
@@ -261,10 +278,6 @@ def test_429_retry_after_is_honoured(cluster, user, namespace, api_calls, monkey
                 await k.close()
 
         asyncio.run(scenario())
-    finally:
-        holder.stopped.set()
-        cluster.kubectl("delete", "flowschema", name, "--ignore-not-found")
-        cluster.kubectl("delete", "prioritylevelconfiguration", name, "--ignore-not-found")
 
     attempts = [(t, code) for t, _, _, code in api_calls[3:]]     # the request let through
     assert [code for _, code in attempts] == [429] * (len(attempts) - 1) + [200]
@@ -278,10 +291,6 @@ def test_429_retry_after_is_honoured(cluster, user, namespace, api_calls, monkey
 def operator_logging():
     """The operator's logging (alpaca_operator.__main__.configure_logging), its kopf handler
     writing into a buffer; the root logger as it was afterwards."""
-    import io
-    import logging
-
-    from alpaca_operator.__main__ import configure_logging
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     configure_logging(verbose=False, debug=False)
@@ -302,28 +311,15 @@ def test_a_429_kopf_retries_is_a_warning_and_one_it_gives_up_on_an_error(cluster
     installed CRD fills its watch cache ("storage is (re)initializing") made every fresh
     `helm install` start with ERROR lines. Here the same 429, from the jail, through kopf's
     own request (as its watch lists the runs)."""
-    import logging
-
-    from kopf._cogs.clients import api as kopf_api
     token = user.issue("holder")
     user.use(token)
-    name, level = _jail(cluster, namespace)
-    holder = SeatHolder(user, token)
     logger = logging.getLogger("kopf._cogs.clients.watching")
     url = f"/api/v1/namespaces/{namespace}/configmaps"
-    try:
-        deadline = time.monotonic() + 30
-        while user.get(token)[1].get("X-Kubernetes-PF-PriorityLevel-UID") != level:
-            assert time.monotonic() < deadline, "API Priority and Fairness did not take up the FlowSchema"
-            time.sleep(0.2)
-        holder.start()
-        time.sleep(0.5)
+    with jailed(cluster, user, namespace, token) as holder:
         assert user.get(token)[0] == 429
 
         async def scenario():
-            ca = base64.b64decode(json.loads(Path(cluster.kubeconfig).read_text())["clusters"][0]["cluster"][
-                "certificate-authority-data"])
-            context = kopf_api.auth.APIContext(kopf.ConnectionInfo(server=user.server, ca_data=ca, token=token))
+            context = kopf_api.auth.APIContext(kopf.ConnectionInfo(server=user.server, ca_data=user.ca, token=token))
             settings = kopf.OperatorSettings()
             try:
                 with pytest.raises(kopf_api.errors.APITooManyRequestsError):
@@ -342,10 +338,6 @@ def test_a_429_kopf_retries_is_a_warning_and_one_it_gives_up_on_an_error(cluster
             return gave_up, operator_logging.getvalue()[len(gave_up):]
 
         gave_up, let_through = asyncio.run(scenario())
-    finally:
-        holder.stopped.set()
-        cluster.kubectl("delete", "flowschema", name, "--ignore-not-found")
-        cluster.kubectl("delete", "prioritylevelconfiguration", name, "--ignore-not-found")
 
     def lines(text: str, level: str) -> list[str]:
         return [ln for ln in text.splitlines() if f"[{level}" in ln and "Request attempt" in ln]
