@@ -107,9 +107,10 @@ def sample(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-# An HTTP 403 in a log line, not the digits 403 inside a number (the harness's start lines
-# carry a Unix time with milliseconds: "start #1 at 1796506907.403").
-HTTP_403 = re.compile(r"(?<![\d.])403(?![\d.])")
+# An HTTP 403 in a log line, not the digits 403 inside a number: the harness's start lines
+# carry a Unix time with milliseconds ("start #1 at 1796506907.403"), and kopf's lines a
+# time with milliseconds after a comma ("[2026-12-08 00:08:20,403]").
+HTTP_403 = re.compile(r"(?<![\d.,])403(?![\d.])")
 
 
 def assert_no_forbidden(op: OperatorProcess) -> None:
