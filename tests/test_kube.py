@@ -290,19 +290,25 @@ def test_429_retry_after_is_honoured(cluster, user, namespace, api_calls, monkey
 @pytest.fixture
 def operator_logging():
     """The operator's logging (alpaca_operator.__main__.configure_logging), its kopf handler
-    writing into a buffer; the root logger as it was afterwards."""
+    writing into a buffer; every logger it sets, and the handlers it adds filters to, as they
+    were afterwards."""
     root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    loggers = [root] + [logging.getLogger(name) for name in ("asyncio", "kopf.objects", "aiohttp.access")]
+    saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
+    filters = [(h, list(h.filters)) for h in root.handlers]
     configure_logging(verbose=False, debug=False)
     out = io.StringIO()
     for h in root.handlers:
-        if h not in handlers:
+        if h not in dict(filters):
             h.setStream(out)
     try:
         yield out
     finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
+        for lg, handlers, level, propagate in saved:
+            lg.handlers[:], lg.propagate = handlers, propagate
+            lg.setLevel(level)
+        for h, fs in filters:
+            h.filters[:] = fs
 
 
 def test_a_429_kopf_retries_is_a_warning_and_one_it_gives_up_on_an_error(cluster, user, namespace,
