@@ -90,8 +90,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def bare_pods(report: dict) -> bool:
-    """Did the report's operator make each run's pods itself (its default), not a Job?"""
-    return report.get("eks_workload", "pods") == "pods"
+    """Did the report's operator make each run's pods itself, not a Job? (A report that does
+    not say measured the operator's default.)"""
+    return report.get("eks_workload", operator_api.DEFAULT_WORKLOAD) == operator_api.WORKLOAD_PODS
 
 
 def log(msg: str) -> None:
@@ -795,10 +796,10 @@ def main() -> int:
     for n in args.sagemaker:
         sagemaker.append(bench_sagemaker(n, args))
         log(json.dumps(sagemaker[-1]))
+    workload = operator_api.WORKLOAD_PODS if operator_api.bare_pods_from_env() else operator_api.WORKLOAD_JOB
     report = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
               "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)], "results": results,
-              "sagemaker": sagemaker, "kueue": kueue, "kubeflow": kubeflow,
-              "eks_workload": "pods" if operator_api.bare_pods_from_env() else "job"}
+              "sagemaker": sagemaker, "kueue": kueue, "kubeflow": kubeflow, "eks_workload": workload}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report) if results else ""

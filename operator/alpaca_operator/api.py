@@ -58,10 +58,12 @@ ENV_DEEPSPEED_CONFIG = "ALPACA_DEEPSPEED_CONFIG"
 # attempt, whose pods kube-controller-manager makes. Runs with queueName keep their Job
 # either way: Kueue admits Jobs. The chart's value eksWorkload sets it.
 WORKLOAD_ENV = "ALPACA_EKS_WORKLOAD"
+WORKLOAD_PODS, WORKLOAD_JOB = "pods", "job"
+DEFAULT_WORKLOAD = WORKLOAD_PODS
 
 
 def bare_pods_from_env(env: Mapping[str, str] = os.environ) -> bool:
-    return env.get(WORKLOAD_ENV, "pods") == "pods"
+    return env.get(WORKLOAD_ENV, DEFAULT_WORKLOAD) == WORKLOAD_PODS
 
 
 def job_name(name: str, attempt: int) -> str:
