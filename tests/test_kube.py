@@ -295,11 +295,12 @@ def operator_logging():
     root = logging.getLogger()
     loggers = [root] + [logging.getLogger(name) for name in ("asyncio", "kopf.objects", "aiohttp.access")]
     saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
-    filters = [(h, list(h.filters)) for h in root.handlers]
+    before = list(root.handlers)
+    filters = [(h, list(h.filters)) for h in before]
     configure_logging(verbose=False, debug=False)
     out = io.StringIO()
     for h in root.handlers:
-        if h not in dict(filters):
+        if h not in before:
             h.setStream(out)
     try:
         yield out

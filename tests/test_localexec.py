@@ -323,10 +323,14 @@ def test_cluster_down_leaves_no_process(tmp_path):
         shims = [procs.read_record(p) for p in (own.dir / "localexec").glob("pods/*/containers/main/0/shim.json")]
         # This pod's own escapee, named for good by pid and start time (as the agent names
         # its processes): a `sleep 600` found by name may be another test's or another run's.
-        escaped = wait_for("the escaped child's pid", lambda: next((
-            {"pid": int(line.split()[1]), "start": procs.start_time(int(line.split()[1]))}
-            for log in (own.dir / "localexec").glob("pods/*/containers/main/0/log")
-            for line in log.read_text().splitlines() if line.startswith("escaped ")), None))
+        def escaped_child() -> dict | None:
+            for log in (own.dir / "localexec").glob("pods/*/containers/main/0/log"):
+                for line in log.read_text().splitlines():
+                    if line.startswith("escaped "):
+                        pid = int(line.split()[1])
+                        return {"pid": pid, "start": procs.start_time(pid)}
+            return None
+        escaped = wait_for("the escaped child's pid", escaped_child)
         running = own.running()
     finally:
         own.down()
