@@ -1,16 +1,20 @@
 """The Kubeflow part of `bench/operator_bench.py` (issue 15) without a cluster: the rows (medians
 over the rounds), the verdict on each of issue 15's targets, how the audit log's requests are
 counted by client, what the PyTorchJobs ask for, and where --write-docs puts the "### Against
-Kubeflow" part of docs/benchmarks.md.
+Kubeflow" part of docs/benchmarks.md; and the floor against Kubeflow (--floor): the operator's
+writes it makes without the operator, and its part of the docs.
 """
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from alpaca_operator.manifest_validation import validate_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("operator_bench_kubeflow_under_test", ROOT / "bench" / "operator_bench.py")
@@ -194,3 +198,60 @@ def test_the_kubeflow_part_ends_the_operator_section_and_outlives_its_rewrite(tm
     # Rewritten again and again, the kept parts stay one blank line apart.
     ob.write_docs("## Operator\n\nnewer operator figures\n", "## Operator", docs)
     assert "\n\n\n" not in docs.read_text()
+
+
+def made_run(name: str = "bench-0007") -> dict:
+    doc = ob.finetune(7, "30s", 1, 1)
+    doc["metadata"].update(name=name, uid=f"uid-{name}", resourceVersion="41", generation=1)
+    return doc
+
+
+def test_the_floors_writes_are_the_operators_own_before_its_pods_run():
+    now = dt.datetime(2031, 7, 19, 8, 43, tzinfo=dt.timezone.utc)
+    writes = ob.floor_writes(made_run(), now)
+    # Two status writes and two Events (Launching, then Running), as the operator's state
+    # machine makes them: if it ever writes fewer before a run's pods run, the floor measured
+    # with its writes (docs/benchmarks.md) is to be measured again.
+    assert [(st["phase"], ev["reason"]) for st, ev in writes] == [("Launching", "Launching"), ("Running", "Running")]
+    assert writes[0][1]["message"] == "created bench-0007-a1-0; 0/1 pods of bench-0007-a1-0 running"
+    assert writes[0][0]["workload"] == {"pods": "bench-0007-a1-0", "serviceAccount": "alpaca-trainer"}
+    assert [c["type"] for c in writes[1][0]["conditions"]] == ["Created", "Preflight", "Running"]
+    assert all(ev["involvedObject"]["uid"] == "uid-bench-0007" for _, ev in writes)
+    assert len({ev["metadata"]["name"] for _, ev in writes + ob.floor_writes(made_run("bench-0008"), now)}) == 4
+    # What the API server would accept: the run with both writes merged, against the CRD's schema.
+    merged = {**made_run(), "status": {**writes[0][0], **writes[1][0]}}
+    assert validate_manifest(merged)["status"]["phase"] == "Running"
+
+
+def floor_report(pods: list[float], writes: list[float], theirs: list[float]) -> dict:
+    def case(controller: str, running: float) -> dict:
+        return {**result(controller, running), "client_cpu_s": 2.5,
+                "control_plane_cpu_s": {"kube-apiserver": 7.0, "etcd": 1.0, "kwok": 2.0}}
+    rounds = [case(ob.KUBEFLOW_UNTHROTTLED, t) for t in theirs] + \
+        [case(f"none ({ob.FLOOR_PODS})", t) for t in pods] + [case(f"none ({ob.FLOOR_WRITES})", t) for t in writes]
+    return {**report(), "floor": {"runs": 500, "parallel": 16, "rounds": rounds}}
+
+
+def test_the_floor_part_says_which_floor_is_under_the_target_kubeflow_gives():
+    text = ob.floor_markdown(floor_report(pods=[7.5, 7.8, 8.2], writes=[12.4, 13.0, 13.4], theirs=[11.0, 11.2, 10.9]))
+    assert text.startswith(ob.FLOOR_HEADING + "\n")
+    for figure in ("--floor 500 --floor-rounds 3", "2031-07-19 08:43 UTC", "0.8x Kubeflow's median: 8.8 s",
+                   "| none (pods) | 7.5 s, 7.8 s, 8.2 s | 7.8 s | yes | 8.0 s | 2.5 s |",
+                   "| none (pods+writes) | 12.4 s, 13.0 s, 13.4 s | 13.0 s | **no** |",
+                   "| training-operator-unthrottled | 11.0 s, 11.2 s, 10.9 s | 11.0 s | - |"):
+        assert figure in text, figure
+    # A round whose runs did not all run has no time, and its case no median.
+    lost = floor_report(pods=[7.5], writes=[12.0], theirs=[11.0])
+    lost["floor"]["rounds"][1]["all_running"] = 499
+    assert "| none (pods) | n/a | n/a | - |" in ob.floor_markdown(lost)
+
+
+def test_the_floor_part_outlives_a_rewrite_of_the_operator_section(tmp_path):
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text(DOC)
+    ob.write_docs(ob.kubeflow_markdown(report()), ob.KUBEFLOW_HEADING, docs)
+    ob.write_docs(ob.floor_markdown(floor_report([7.5], [12.0], [11.0])), ob.FLOOR_HEADING, docs)
+    ob.write_docs("## Operator\n\nnew operator figures\n", "## Operator", docs)
+    assert headings(docs) == ["# Benchmarks", "## Operator", "### Kubernetes client", "### Kueue",
+                              ob.KUBEFLOW_HEADING, ob.FLOOR_HEADING, "## Operator, SageMaker backend"]
+    assert "new operator figures" in docs.read_text() and "| none (pods) | 7.5 s |" in docs.read_text()

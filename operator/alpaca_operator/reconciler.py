@@ -533,30 +533,33 @@ class Reconciler:
 
     async def _post_event(self, body: Mapping[str, Any], ev: status.Event) -> None:
         meta = body["metadata"]
-        now = ev.time or status.fmt_time(self.clock())
-        event = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            # Named like kubelet's (object.hex-nanoseconds): listed, hence described, in order.
-            "metadata": {"name": ev.name or f"{meta['name']}.{time.time_ns():x}", "namespace": meta["namespace"]},
-            "involvedObject": {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": meta["name"],
-                               "namespace": meta["namespace"], "uid": meta["uid"],
-                               "resourceVersion": meta.get("resourceVersion")},
-            "reason": ev.reason,
-            "message": ev.message[:1024],
-            "type": ev.type,
-            "source": {"component": api.COMPONENT},
-            "reportingComponent": f"{api.GROUP}/operator",
-            "reportingInstance": self.instance,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
         try:
-            await self.kube.create(event)
+            await self.kube.create(render_event(meta, ev, self.instance, ev.time or status.fmt_time(self.clock())))
         except (ApiError, OSError, asyncio.TimeoutError) as e:
             log.warning("could not post event %s for %s/%s: %s", ev.reason, meta["namespace"],
                         meta["name"], e)
+
+
+def render_event(meta: Mapping[str, Any], ev: status.Event, instance: str, now: str) -> dict[str, Any]:
+    """The Event `ev` about the run whose metadata is `meta`, posted by operator `instance`."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        # Named like kubelet's (object.hex-nanoseconds): listed, hence described, in order.
+        "metadata": {"name": ev.name or f"{meta['name']}.{time.time_ns():x}", "namespace": meta["namespace"]},
+        "involvedObject": {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": meta["name"],
+                           "namespace": meta["namespace"], "uid": meta["uid"],
+                           "resourceVersion": meta.get("resourceVersion")},
+        "reason": ev.reason,
+        "message": ev.message[:1024],
+        "type": ev.type,
+        "source": {"component": api.COMPONENT},
+        "reportingComponent": f"{api.GROUP}/operator",
+        "reportingInstance": instance,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
 
 
 def _run(body: Mapping[str, Any], spec: Any) -> Run:
