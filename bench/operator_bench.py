@@ -1160,14 +1160,19 @@ def _measured(result: dict, key: str) -> float | None:
     return result.get(key)
 
 
+def _median_of(results: list[dict], key: str) -> float | None:
+    """The median of the results' figure, None where any round's figure is (_measured)."""
+    values = [_measured(r, key) for r in results]
+    return round(_median(values), 2) if values and None not in values else None
+
+
 def kubeflow_rows(shipped: dict, rounds: list[dict]) -> dict[str, dict]:
     """The table: each row's medians over its rounds (None where any round's figure is)."""
     def medians(results: list[dict]) -> dict:
         row = {"rounds": len(results), "succeeded": min((r["succeeded"] for r in results), default=0),
                "runs": results[0]["runs"] if results else 0}
         for key, _, _ in KUBEFLOW_METRICS:
-            values = [_measured(r, key) for r in results]
-            row[key] = round(_median(values), 2) if values and None not in values else None
+            row[key] = _median_of(results, key)
         return row
     return {"Kubeflow shipped": medians([shipped]),
             "Kubeflow unthrottled": medians([r for r in rounds if r["controller"] == KUBEFLOW_UNTHROTTLED]),
@@ -1205,20 +1210,25 @@ FLOOR_PODS, FLOOR_WRITES = "pods", "pods+writes"
 FLOOR_HEADING = "### The floor: no controller, against Kubeflow"
 
 
-def floor_writes(made: dict, now: dt.datetime) -> list[tuple[dict, dict]]:
-    """The status merge patches and the Events the operator writes for a run before its pods
-    run, from its own state machine (status.decide on its pods as observe_pods reads them:
-    made and pending, then running; its preflight as it passes without AWS credentials), and
-    the Events as it posts them (reconciler.render_event). `made`: the run as created."""
+def floor_run(made: dict) -> render.Run:
+    """The run as the operator reads it, from `made` (the run as created)."""
     meta = made["metadata"]
-    run = render.Run(meta["name"], meta["namespace"], meta["uid"], meta.get("generation", 1),
-                     parse_spec(made["spec"]), {})
-    pods = render.render_pods(run, 1)
+    return render.Run(meta["name"], meta["namespace"], meta["uid"], meta.get("generation", 1),
+                      parse_spec(made["spec"]))
+
+
+def floor_writes(run: render.Run, pods: list[dict], now: dt.datetime) -> list[tuple[dict, dict]]:
+    """The status merge patches and the Events the operator writes for `run` before its `pods`
+    (as render.render_pods made them) run: from its own state machine (status.decide on the
+    pods as observe_pods reads them, made and pending, then running; its preflight as it
+    passes without AWS credentials), and the Events as it posts them (reconciler.render_event;
+    their involvedObject's resourceVersion is the caller's to set)."""
+    meta = {"name": run.name, "namespace": run.namespace, "uid": run.uid}
     writes = []
     for pod_status in ({"phase": "Pending"}, {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}):
-        for pod in pods:
-            pod["metadata"]["creationTimestamp"], pod["status"] = status.fmt_time(now), pod_status
-        plan = status.decide(run, observe_pods(run, 1, pods, started=False, holding=False), now)
+        seen = [{**pod, "metadata": {**pod["metadata"], "creationTimestamp": status.fmt_time(now)},
+                 "status": pod_status} for pod in pods]
+        plan = status.decide(run, observe_pods(run, 1, seen, started=False, holding=False), now)
         if status.unrecorded_preflight(run):
             plan = status.preflight(run, plan, PreflightOutcome(notes=("no AWS credentials",)), now)
         writes += [(plan.patch, render_event(meta, ev, "floor", status.fmt_time(now))) for ev in plan.events]
@@ -1240,14 +1250,14 @@ def _floor_children(core, custom, made: dict, writes: bool) -> None:
     """What the operator would make for `made` (its pods, as render.render_pods renders them) and,
     with writes, its writes before they run: from the benchmark's thread, at once."""
     meta = made["metadata"]
-    run = render.Run(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"],
-                     generation=meta.get("generation", 1), spec=parse_spec(made["spec"]))
-    for pod in render.render_pods(run, 1):
+    run = floor_run(made)
+    pods = render.render_pods(run, 1)
+    for pod in pods:
         core.create_namespaced_pod(meta["namespace"], pod)
     if not writes:
         return
     rv = meta["resourceVersion"]
-    for st, event in floor_writes(made, dt.datetime.now(dt.timezone.utc)):
+    for st, event in floor_writes(run, pods, dt.datetime.now(dt.timezone.utc)):
         new = custom.patch_namespaced_custom_object_status(
             operator_api.GROUP, operator_api.VERSION, meta["namespace"], operator_api.PLURAL, meta["name"],
             {"metadata": {"resourceVersion": rv}, "status": st})
@@ -1278,13 +1288,12 @@ def floor_rows(floor: dict) -> dict[str, dict]:
         rows.setdefault(r["controller"], []).append(r)
     out = {}
     for name, rs in rows.items():
-        running = [_measured(r, "all_running_after_first_apply_s") for r in rs]
         server = [(r["control_plane_cpu_s"].get("kube-apiserver") or 0) + (r["control_plane_cpu_s"].get("etcd") or 0)
                   for r in rs]
-        out[name] = {"rounds": len(rs), "running": running,
-                     "running_median": None if None in running else _median(running),
+        out[name] = {"rounds": len(rs), "running": [_measured(r, "all_running_after_first_apply_s") for r in rs],
+                     "running_median": _median_of(rs, "all_running_after_first_apply_s"),
                      "server_cpu_median": round(_median(server), 1),
-                     "client_cpu_median": round(_median([r["client_cpu_s"] for r in rs]), 1)}
+                     "client_cpu_median": _median_of(rs, "client_cpu_s")}
     return out
 
 
